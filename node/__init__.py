@@ -1,0 +1,1 @@
+"""Hearth node: daemon, HTTP API, job journal, state machine, CLI."""

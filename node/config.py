@@ -1,0 +1,204 @@
+"""Node configuration: one TOML file (``node.toml``), validated once at start, with env overrides.
+
+Every limit, timeout and price the node uses is a named default here; nothing deeper reads the
+environment. ``HEARTH_<SECTION>__<KEY>=value`` overrides ``[section] key`` (values parsed as TOML
+scalars, falling back to a string), e.g. ``HEARTH_API__PORT=8080``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import ConfigError
+
+DEFAULT_PORT = 8787
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+DEFAULT_CLOCK_SKEW_SECONDS = 60
+DEFAULT_MAX_TOKEN_LIFETIME_SECONDS = 3600
+DEFAULT_QUOTE_TTL_SECONDS = 300
+DEFAULT_RETRY_BUDGET = 2
+DEFAULT_PRICING_SCRIPT_TIMEOUT_SECONDS = 2.0
+DEFAULT_PER_DID_CONCURRENCY = 4
+CONFIG_FILENAME = "node.toml"
+KEY_FILENAME = "node.key"
+
+Money = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,9})?$")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    """Who the node is and where it keeps its things (relative paths are under the node home)."""
+
+    name: str = Field(default="hearth-node", min_length=1, max_length=64)
+    key_file: str = KEY_FILENAME
+    state_dir: str = "state"
+    public_url: str | None = None
+
+
+class ApiSection(_Section):
+    """The HTTP listener and the limits applied before a request is parsed."""
+
+    host: str = DEFAULT_HOST
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, le=64 * 1024 * 1024)
+    clock_skew_seconds: int = Field(default=DEFAULT_CLOCK_SKEW_SECONDS, ge=0, le=600)
+    max_token_lifetime_seconds: int = Field(default=DEFAULT_MAX_TOKEN_LIFETIME_SECONDS, ge=10, le=86_400)
+    quote_ttl_seconds: int = Field(default=DEFAULT_QUOTE_TTL_SECONDS, ge=5, le=86_400)
+
+
+class SurgeSection(_Section):
+    """Prices rise linearly from ``threshold`` utilisation up to ``max_factor`` at full load."""
+
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    max_factor: float = Field(default=2.0, ge=1, le=100)
+
+
+class PricingScriptSection(_Section):
+    """An operator program: reads the bid context as JSON on stdin, prints a price; failure means no bid."""
+
+    path: str
+    timeout_seconds: float = Field(default=DEFAULT_PRICING_SCRIPT_TIMEOUT_SECONDS, gt=0, le=30)
+
+
+class PricingSection(_Section):
+    """Operator prices, in currency units (USDC), as decimal strings."""
+
+    currency: Literal["usdc"] = "usdc"
+    cpu_second: Money = "0.00002"
+    gpu_second: Money = "0.0005"
+    gpu_second_by_model: dict[str, Money] = Field(default_factory=dict)
+    output_mb: Money = "0.0001"
+    input_1k_tokens: Money = "0.0002"
+    output_1k_tokens: Money = "0.0006"
+    minimum_per_job: Money = "0.01"
+    surge: SurgeSection = Field(default_factory=SurgeSection)
+    script: PricingScriptSection | None = None
+
+    def dec(self, name: str) -> Decimal:
+        return Decimal(getattr(self, name))
+
+
+class PolicySection(_Section):
+    """Screening applied before any capacity is reserved. Empty allow list means everyone not denied."""
+
+    allow_dids: list[str] = Field(default_factory=list)
+    deny_dids: list[str] = Field(default_factory=list)
+    kinds: list[Literal["ffmpeg_transcode", "vllm_batch"]] = Field(
+        default_factory=lambda: ["ffmpeg_transcode", "vllm_batch"]
+    )
+    max_timeout_seconds: int = Field(default=3600, ge=1)
+    max_output_mb: int = Field(default=2048, ge=1)
+    max_cpus: float = Field(default=4, gt=0)
+    max_memory_mb: int = Field(default=8192, ge=64)
+    max_gpus: int = Field(default=1, ge=0)
+    per_did_concurrency: int = Field(default=DEFAULT_PER_DID_CONCURRENCY, ge=1)
+    retry_budget: int = Field(default=DEFAULT_RETRY_BUDGET, ge=0, le=10)
+
+
+class CapacitySection(_Section):
+    """What the node offers. ``auto`` reads the machine (psutil, NVML); numbers cap it."""
+
+    cpus: float | Literal["auto"] = "auto"
+    memory_mb: int | Literal["auto"] = "auto"
+    gpus: int | Literal["auto"] = "auto"
+    reserve_cpus: float = Field(default=0.0, ge=0, description="CPUs kept back for the host")
+    reserve_memory_mb: int = Field(default=512, ge=0)
+
+
+class JournalSection(_Section):
+    """The SQLite journal. ``normal`` survives a crash of the daemon; ``full`` also a power cut."""
+
+    filename: str = "journal.sqlite3"
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class NodeConfig(_Section):
+    """The whole of ``node.toml``."""
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    pricing: PricingSection = Field(default_factory=PricingSection)
+    policy: PolicySection = Field(default_factory=PolicySection)
+    capacity: CapacitySection = Field(default_factory=CapacitySection)
+    journal: JournalSection = Field(default_factory=JournalSection)
+
+    @field_validator("pricing")
+    @classmethod
+    def _gpu_models_priced(cls, v: PricingSection) -> PricingSection:
+        for model in v.gpu_second_by_model:
+            if not model.strip():
+                raise ValueError("gpu_second_by_model keys must be GPU model names")
+        return v
+
+
+def default_home() -> Path:
+    """``$HEARTH_HOME``, else ``/var/lib/hearth`` as root under systemd, else ``~/.hearth``."""
+    env = os.environ.get("HEARTH_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0 and os.environ.get("INVOCATION_ID"):
+        return Path("/var/lib/hearth")
+    return Path.home() / ".hearth"
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    for key, raw in environ.items():
+        if not key.startswith("HEARTH_") or "__" not in key:
+            continue
+        path = key[len("HEARTH_") :].lower().split("__")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError("bad_env_override", f"{key} overrides a value that is not a table")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def parse_config(data: dict[str, Any], *, source: str = "node.toml") -> NodeConfig:
+    """Validate decoded TOML, raising ``ConfigError`` that names each bad field."""
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ConfigError(
+            "invalid_config",
+            f"{source} is invalid: " + "; ".join(problems),
+            details={"problems": problems, "source": source},
+        ) from None
+
+
+def load_config(home: Path, *, environ: dict[str, str] | None = None) -> NodeConfig:
+    """Read ``home/node.toml`` (missing file = all defaults), apply env overrides, validate."""
+    path = home / CONFIG_FILENAME
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("invalid_toml", f"{path}: {exc}", details={"source": str(path)}) from None
+    data = _apply_env(data, dict(os.environ if environ is None else environ))
+    return parse_config(data, source=str(path))
+
+
+def resolve_path(home: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else home / p

@@ -1,0 +1,1 @@
+"""Hearth provider: capacity discovery, policy, work estimation and pricing."""

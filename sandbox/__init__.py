@@ -1,0 +1,1 @@
+"""Hearth sandbox: hardened container runner and workloads."""
