@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from node.errors import ConfigError
 
@@ -29,7 +29,18 @@ DEFAULT_PER_DID_CONCURRENCY = 4
 CONFIG_FILENAME = "node.toml"
 KEY_FILENAME = "node.key"
 
-Money = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,9})?$")]
+
+def _money_text(value: object) -> object:
+    """Accept TOML/env numbers for prices but keep them exact: 2e-05 -> "0.00002"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(Decimal(str(value)), "f")
+    return value
+
+
+JobKind = Literal["ffmpeg_transcode", "vllm_batch"]
+ALL_KINDS: tuple[JobKind, ...] = ("ffmpeg_transcode", "vllm_batch")
+
+Money = Annotated[str, BeforeValidator(_money_text), Field(pattern=r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,9})?$")]
 
 
 class _Section(BaseModel):
@@ -93,9 +104,7 @@ class PolicySection(_Section):
 
     allow_dids: list[str] = Field(default_factory=list)
     deny_dids: list[str] = Field(default_factory=list)
-    kinds: list[Literal["ffmpeg_transcode", "vllm_batch"]] = Field(
-        default_factory=lambda: ["ffmpeg_transcode", "vllm_batch"]
-    )
+    kinds: list[JobKind] = Field(default_factory=lambda: list(ALL_KINDS))
     max_timeout_seconds: int = Field(default=3600, ge=1)
     max_output_mb: int = Field(default=2048, ge=1)
     max_cpus: float = Field(default=4, gt=0)
@@ -113,6 +122,12 @@ class CapacitySection(_Section):
     gpus: int | Literal["auto"] = "auto"
     reserve_cpus: float = Field(default=0.0, ge=0, description="CPUs kept back for the host")
     reserve_memory_mb: int = Field(default=512, ge=0)
+    overcommit: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=1000.0,
+        description="sell up to this multiple of CPU and memory; excess queues",
+    )
 
 
 class JournalSection(_Section):

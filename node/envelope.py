@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from node.errors import RequestError
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION: Literal[1] = 1
 JOB_KINDS = ("ffmpeg_transcode", "vllm_batch")
 
 JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
@@ -180,6 +180,14 @@ class _EnvelopeDoc(BaseModel):
     job: Envelope
 
 
+def _problem(err: Any) -> dict[str, str]:
+    loc = [str(p) for p in err["loc"][1:]]
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        # the discriminator itself is at fault (e.g. an unknown kind): point at it
+        loc.append(str(err.get("ctx", {}).get("discriminator", "")).strip("'"))
+    return {"loc": ".".join(loc), "msg": err["msg"], "type": err["type"]}
+
+
 def parse_envelope(data: Any) -> FfmpegTranscodeEnvelope | VllmBatchEnvelope:
     """Validate ``data`` (decoded JSON) as an envelope or raise ``RequestError('invalid_envelope')``.
 
@@ -188,10 +196,7 @@ def parse_envelope(data: Any) -> FfmpegTranscodeEnvelope | VllmBatchEnvelope:
     try:
         return _EnvelopeDoc.model_validate({"job": data}).job
     except ValidationError as exc:
-        problems = [
-            {"loc": ".".join(str(p) for p in err["loc"][1:]), "msg": err["msg"], "type": err["type"]}
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
+        problems = [_problem(err) for err in exc.errors(include_url=False, include_input=False)]
         raise RequestError(
             "invalid_envelope",
             f"the job envelope is invalid ({len(problems)} problem(s))",

@@ -1,1 +1,42 @@
-"""Hearth provider: capacity discovery, policy, work estimation and pricing."""
+"""Hearth provider: capacity discovery, policy, work estimation and pricing.
+
+The order a bid takes (DESIGN §5): :func:`screen` the job against policy, :meth:`WorkEstimator.estimate`
+its work, :meth:`CapacityLedger.reserve` what it needs, then :meth:`Pricer.ask` and
+:func:`check_max_price`.
+"""
+
+from provider.capacity import CapacityLedger, GpuInfo, Hold, MachineInfo, Resources, discover
+from provider.estimate import (
+    ApproxTokenCounter,
+    BatchEstimator,
+    InputProbe,
+    MediaEstimator,
+    TokenCounter,
+    WorkEstimate,
+    WorkEstimator,
+    estimator_for,
+)
+from provider.policy import screen
+from provider.pricing import Bid, PriceBreakdown, Pricer, check_max_price
+
+__all__ = [
+    "ApproxTokenCounter",
+    "BatchEstimator",
+    "Bid",
+    "CapacityLedger",
+    "GpuInfo",
+    "Hold",
+    "InputProbe",
+    "MachineInfo",
+    "MediaEstimator",
+    "PriceBreakdown",
+    "Pricer",
+    "Resources",
+    "TokenCounter",
+    "WorkEstimate",
+    "WorkEstimator",
+    "check_max_price",
+    "discover",
+    "estimator_for",
+    "screen",
+]

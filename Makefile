@@ -1,0 +1,31 @@
+# Hearth. `make demo` runs the main job end to end on embedded defaults; `make test` runs every check.
+# Both install what they need first (scripts/setup.sh, idempotent).
+SHELL := /bin/bash
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@scripts/demo.sh
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: setup
+	.venv/bin/mypy
+
+unit: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench: setup
+	$(PY) bench/admission.py
+
+clean:
+	rm -rf .stamps .demo .mypy_cache .ruff_cache .pytest_cache

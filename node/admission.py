@@ -1,0 +1,419 @@
+"""Admission: the path from a signed request to a signed quote or an accepted job.
+
+Order matters and is fixed here: verify the DID-JWT (cheap checks first, replay cache last) -> parse the
+envelope -> idempotency (same submission, same job; a different body under a used job_id is a conflict)
+-> policy screening (before any capacity is held) -> work estimate -> price against ``max_price`` ->
+reserve capacity until the quote expires -> journal -> sign. A refusal at any step leaves nothing held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from node.config import NodeConfig
+from node.envelope import (
+    FfmpegTranscodeEnvelope,
+    VllmBatchEnvelope,
+    envelope_dict,
+    envelope_hash,
+    idempotency_key,
+    node_job_id,
+    parse_envelope,
+)
+from node.errors import AuthError, ConflictError, PricingError, RequestError
+from node.journal import JobRecord, Journal
+from node.metrics import Metrics
+from payments.jwt import RequestVerifier, VerifiedRequest, sign_jwt, verify_node_token
+from payments.keys import Signer
+from provider.capacity import CapacityLedger, Resources
+from provider.estimate import WorkEstimate, estimator_for
+from provider.policy import screen
+from provider.pricing import Bid, Pricer, check_max_price
+
+AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
+
+# States in which a job no longer takes a quote or an acceptance; re-submitting returns the job as it is.
+_PAST_ACCEPTANCE = frozenset(
+    {"accepted", "running", "completed", "validated", "settled", "disputed", "refunded", "failed"}
+)
+_CLOSED = frozenset({"rejected", "cancelled"})
+_CANCELLABLE = frozenset({"priced", "accepted", "running"})
+_DONE = frozenset({"completed", "validated", "settled", "disputed", "refunded"})
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """A signed quote and the job it prices."""
+
+    job: JobRecord
+    jwt: str
+    claims: dict[str, Any]
+    reused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """The outcome of POST /v1/jobs: the job, and whether this call accepted it (False: it already was)."""
+
+    job: JobRecord
+    accepted_now: bool
+
+
+def resources_of(env: AnyEnvelope) -> Resources:
+    return Resources(cpus=env.limits.cpus, memory_mb=env.limits.memory_mb, gpus=env.limits.gpus)
+
+
+class Admission:
+    """Turns signed requests into quotes and accepted jobs; owns the capacity ledger's job holds."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        signer: Signer,
+        journal: Journal,
+        ledger: CapacityLedger,
+        metrics: Metrics,
+        *,
+        home: Path,
+        gpu_model: str | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.signer = signer
+        self.journal = journal
+        self.ledger = ledger
+        self.metrics = metrics
+        self._home = home
+        self._gpu_model = gpu_model
+        self.pricer = Pricer(cfg.pricing, gpu_model=gpu_model, home=home)
+        self.verifier = RequestVerifier(
+            signer.did,
+            journal,
+            clock_skew_seconds=cfg.api.clock_skew_seconds,
+            max_lifetime_seconds=cfg.api.max_token_lifetime_seconds,
+            now=now,
+        )
+        self._now = now
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def reconfigure(self, cfg: NodeConfig) -> None:
+        """Take new prices and policy (SIGHUP); jobs and holds stay as they are."""
+        self.cfg = cfg
+        self.pricer = Pricer(cfg.pricing, gpu_model=self._gpu_model, home=self._home)
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def _verify(self, token: str) -> tuple[VerifiedRequest, AnyEnvelope]:
+        try:
+            request = self.verifier.verify(token)
+        except AuthError as exc:
+            self.metrics.auth_rejected(exc.code)
+            raise
+        job = request.payload.get("job")
+        if job is None:
+            raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
+        return request, parse_envelope(job)
+
+    @asynccontextmanager
+    async def _job_lock(self, job: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(job, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._locks.pop(job, None)
+
+    def _existing(self, request: VerifiedRequest, env: AnyEnvelope, key: str) -> JobRecord | None:
+        job = self.journal.find(request.iss, env.job_id)
+        if job is not None and job.idem_key != key:
+            raise ConflictError(
+                "job_id_conflict",
+                f"job_id {env.job_id!r} is already used by this requester with a different body",
+                details={"job": job.id, "job_id": env.job_id, "state": job.state},
+            )
+        return job
+
+    # -- quotes -----------------------------------------------------------------------------------------
+
+    async def quote(self, token: str) -> Quote:
+        """POST /v1/quotes: a signed quote, or a structured refusal carrying the node's ask."""
+        request, env = self._verify(token)
+        key = idempotency_key(request.iss, env)
+        job_key = node_job_id(request.iss, env.job_id)
+        async with self._job_lock(job_key):
+            existing = self._existing(request, env, key)
+            if existing is not None:
+                if existing.state == "priced" and (existing.quote_expires_at or 0) > self._now():
+                    self._check_price_within(existing, env)
+                    return self._reuse_quote(existing)
+                if existing.state in _PAST_ACCEPTANCE or existing.state in _CLOSED:
+                    raise ConflictError(
+                        "job_not_quotable",
+                        f"job {existing.id} is {existing.state}; it takes no new quote",
+                        details={"job": existing.id, "state": existing.state},
+                    )
+            return await self._price_and_hold(request, env, key, job_key, existing)
+
+    def _check_price_within(self, job: JobRecord, env: AnyEnvelope) -> None:
+        price = Decimal(job.price or "0")
+        if price > env.payment.max_price_decimal:
+            self.metrics.quote("refused", "price_above_max")
+            raise PricingError(
+                "price_above_max",
+                f"the node's ask {price} exceeds max_price {env.payment.max_price}",
+                details={"ask": str(price), "max_price": env.payment.max_price, "currency": "usdc"},
+            )
+
+    def _reuse_quote(self, job: JobRecord) -> Quote:
+        assert job.quote_jwt is not None
+        claims = verify_node_token(job.quote_jwt, self.signer.did, now=self._now)
+        self.metrics.quote("reused", "ok")
+        return Quote(job=job, jwt=job.quote_jwt, claims=claims, reused=True)
+
+    async def _price_and_hold(
+        self,
+        request: VerifiedRequest,
+        env: AnyEnvelope,
+        key: str,
+        job_key: str,
+        existing: JobRecord | None,
+    ) -> Quote:
+        now = self._now()
+        screen(env, request.iss, self.cfg.policy, active_for_did=self.journal.active_count(request.iss, now))
+        need = resources_of(env)
+        estimate = estimator_for(env.kind).estimate(env, None)
+        bid = await self.pricer.ask(env, estimate, self.ledger.utilisation(extra=need))
+        try:
+            check_max_price(bid, env.payment.max_price_decimal)
+        except PricingError:
+            self.metrics.quote("refused", "price_above_max")
+            raise
+        expires_at = int(now) + self.cfg.api.quote_ttl_seconds
+        self.ledger.reserve(job_key, need, expires_at)
+        try:
+            quote_id = "q_" + secrets.token_hex(12)
+            claims = self._quote_claims(request, env, key, job_key, quote_id, bid, estimate, now, expires_at)
+            quote_jwt = sign_jwt(self.signer, claims)
+            if existing is None:
+                job = self.journal.create_priced(
+                    id=job_key,
+                    iss=request.iss,
+                    job_id=env.job_id,
+                    kind=env.kind,
+                    idem_key=key,
+                    envelope_hash=envelope_hash(env),
+                    envelope=envelope_dict(env),
+                    price=str(bid.ask),
+                    quote_id=quote_id,
+                    quote_jwt=quote_jwt,
+                    quote_expires_at=float(expires_at),
+                    cpus=need.cpus,
+                    memory_mb=need.memory_mb,
+                    gpus=need.gpus,
+                    actor=request.iss,
+                    reason=f"quoted {bid.ask} {bid.currency}",
+                )
+            else:
+                job, _ = self.journal.transition(
+                    existing.id,
+                    "priced",
+                    actor=request.iss,
+                    reason=f"re-quoted {bid.ask} {bid.currency}",
+                    expect="expired",
+                    fields={
+                        "price": str(bid.ask),
+                        "quote_id": quote_id,
+                        "quote_jwt": quote_jwt,
+                        "quote_expires_at": float(expires_at),
+                    },
+                )
+        except BaseException:
+            self.ledger.release(job_key)
+            raise
+        self.metrics.quote("won", "ok")
+        return Quote(job=job, jwt=quote_jwt, claims=claims, reused=False)
+
+    def _quote_claims(
+        self,
+        request: VerifiedRequest,
+        env: AnyEnvelope,
+        key: str,
+        job_key: str,
+        quote_id: str,
+        bid: Bid,
+        estimate: WorkEstimate,
+        now: float,
+        expires_at: int,
+    ) -> dict[str, Any]:
+        return {
+            "iss": self.signer.did,
+            "aud": request.iss,
+            "iat": int(now),
+            "exp": expires_at,
+            "jti": quote_id,
+            "quote": {
+                "quote_id": quote_id,
+                "job": job_key,
+                "job_id": env.job_id,
+                "kind": env.kind,
+                "envelope_hash": envelope_hash(env),
+                "idempotency_key": key,
+                "price": str(bid.ask),
+                "currency": bid.currency,
+                "chain_id": env.payment.chain_id,
+                "expires_at": expires_at,
+                "surge_factor": str(bid.surge_factor),
+                "breakdown": bid.breakdown,
+                "estimate": {
+                    "cpu_seconds": round(estimate.cpu_seconds, 3),
+                    "gpu_seconds": round(estimate.gpu_seconds, 3),
+                    "output_mb": round(estimate.output_mb, 3),
+                    "input_tokens": estimate.input_tokens,
+                    "output_tokens": estimate.output_tokens,
+                    "basis": estimate.basis,
+                },
+                "reserved": {
+                    "cpus": env.limits.cpus,
+                    "memory_mb": env.limits.memory_mb,
+                    "gpus": env.limits.gpus,
+                },
+            },
+        }
+
+    # -- acceptance -------------------------------------------------------------------------------------
+
+    async def submit(self, token: str, quote_jwt: str | None) -> Submission:
+        """POST /v1/jobs: accept against a quote, or bid and accept in one step for a bare request."""
+        request, env = self._verify(token)
+        key = idempotency_key(request.iss, env)
+        job_key = node_job_id(request.iss, env.job_id)
+        async with self._job_lock(job_key):
+            existing = self._existing(request, env, key)
+            if existing is not None and existing.state in _PAST_ACCEPTANCE:
+                return Submission(job=existing, accepted_now=False)
+            if existing is not None and existing.state in _CLOSED:
+                raise ConflictError(
+                    "job_closed",
+                    f"job {existing.id} is {existing.state}",
+                    details={"job": existing.id, "state": existing.state},
+                )
+            if quote_jwt is not None:
+                job = self._job_for_quote(quote_jwt, request, env, key, existing)
+            elif existing is not None and existing.state == "priced" and self._quote_live(existing):
+                job = existing
+            else:
+                job = (await self._price_and_hold(request, env, key, job_key, existing)).job
+            self._check_price_within(job, env)
+            # The quote's hold becomes the job's, held until the job ends; should it have lapsed, hold anew.
+            if not self.ledger.set_expiry(job.id, None):
+                self.ledger.reserve(job.id, resources_of(env), None)
+            try:
+                accepted, _ = self.journal.transition(
+                    job.id,
+                    "accepted",
+                    actor=request.iss,
+                    reason=f"accepted at {job.price} usdc",
+                    expect="priced",
+                )
+            except BaseException:
+                self.ledger.set_expiry(job.id, job.quote_expires_at)
+                raise
+            self.metrics.accepted()
+            return Submission(job=accepted, accepted_now=True)
+
+    def _quote_live(self, job: JobRecord) -> bool:
+        return (job.quote_expires_at or 0) > self._now()
+
+    def _job_for_quote(
+        self,
+        quote_jwt: str,
+        request: VerifiedRequest,
+        env: AnyEnvelope,
+        key: str,
+        existing: JobRecord | None,
+    ) -> JobRecord:
+        try:
+            claims = verify_node_token(quote_jwt, self.signer.did, now=self._now)
+        except AuthError as exc:
+            if exc.code == "expired":
+                raise PricingError(
+                    "quote_expired",
+                    "the quote has expired; ask for a new one",
+                    http_status=409,
+                    retryable=True,
+                ) from None
+            raise AuthError(
+                "invalid_quote", f"the quote was not issued by this node: {exc.message}", details=exc.details
+            ) from None
+        quote = claims.get("quote")
+        if (
+            not isinstance(quote, dict)
+            or claims.get("aud") != request.iss
+            or quote.get("idempotency_key") != key
+        ):
+            raise AuthError("invalid_quote", "the quote is for another requester or another job")
+        if existing is None or existing.quote_id != quote.get("quote_id"):
+            raise ConflictError(
+                "quote_superseded",
+                "this quote is not the job's current quote",
+                details={"job": existing.id if existing else None},
+            )
+        if existing.state != "priced" or not self._quote_live(existing):
+            raise PricingError(
+                "quote_expired", "the quote has expired; ask for a new one", http_status=409, retryable=True
+            )
+        return existing
+
+    # -- cancel -----------------------------------------------------------------------------------------
+
+    async def cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
+        """Cancel for the job's requester: a signed request whose ``cancel`` claim names the job."""
+        try:
+            request = self.verifier.verify(token)
+        except AuthError as exc:
+            self.metrics.auth_rejected(exc.code)
+            raise
+        if request.payload.get("cancel") != job:
+            raise RequestError(
+                "invalid_cancel", "the signed request must carry {'cancel': <job id>}", http_status=422
+            )
+        async with self._job_lock(job):
+            record = self.journal.require(job)
+            if record.iss != request.iss:
+                raise AuthError("not_job_owner", "only the job's requester may cancel it", http_status=403)
+            if record.state == "cancelled":
+                return record, "cancelled"
+            if record.state in _DONE:
+                return record, "already_completed"
+            if record.state not in _CANCELLABLE:
+                raise ConflictError(
+                    "job_closed",
+                    f"job {job} is {record.state}",
+                    details={"job": job, "state": record.state},
+                )
+            updated, _ = self.journal.transition(
+                job, "cancelled", actor=request.iss, reason="cancelled by requester", expect=record.state
+            )
+            self.ledger.release(job)
+            return updated, "cancelled"
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+
+    def expire_quotes(self) -> int:
+        """Expire quotes past their time and release their holds; returns how many expired."""
+        now = self._now()
+        expired = self.journal.expire_quotes(now)
+        for job in expired:
+            self.ledger.release(job.id)
+        self.ledger.expire(now)
+        self.journal.prune_nonces(now - self.cfg.api.clock_skew_seconds)
+        return len(expired)

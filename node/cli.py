@@ -1,0 +1,454 @@
+"""The ``hearth`` command: one entry point, subcommands for operators, requesters and tools.
+
+Human-friendly output by default, ``--json`` for machines. Exit codes: 0 done, 1 the node refused
+(its structured error is printed), 2 bad usage or local input, 3 the node could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from node.client import NodeClient, NodeError, NodeUnreachable, sign_request
+from node.config import (
+    CONFIG_FILENAME,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    default_home,
+    load_config,
+    parse_config,
+    resolve_path,
+)
+from node.envelope import parse_envelope
+from node.errors import HearthError
+from payments.keys import Signer, load_key, new_ed25519, new_eth, public_summary, save_key
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class Out:
+    """Prints for people or for machines, chosen once by ``--json``."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.as_json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            human()
+
+    def error(self, exc: HearthError) -> None:
+        if self.as_json:
+            print(json.dumps(exc.to_dict(), indent=2, sort_keys=True))
+        else:
+            print(f"error [{exc.domain}/{exc.code}]: {exc.message}", file=sys.stderr)
+            for key, value in exc.details.items():
+                print(
+                    f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}", file=sys.stderr
+                )
+
+
+# -- node home ----------------------------------------------------------------------------------------
+
+
+def node_url(home: Path, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    env = os.environ.get("HEARTH_NODE_URL")
+    if env:
+        return env
+    cfg = load_config(home)
+    host = "127.0.0.1" if cfg.api.host in ("0.0.0.0", "::") else cfg.api.host
+    return f"http://{host}:{cfg.api.port}"
+
+
+NODE_TOML_TEMPLATE = """\
+# Hearth node configuration. Every key is optional; the values shown are the defaults unless noted.
+# Env overrides: HEARTH_<SECTION>__<KEY>=value (e.g. HEARTH_API__PORT=9000).
+
+[node]
+name = "{name}"
+key_file = "node.key"          # Ed25519 key of the node DID (mode 0600)
+state_dir = "state"            # journal lives here
+
+[api]
+host = "{host}"
+port = {port}
+max_body_bytes = 262144        # refused before parsing when larger
+clock_skew_seconds = 60
+max_token_lifetime_seconds = 3600
+quote_ttl_seconds = 300
+
+[pricing]                      # USDC, decimal strings
+cpu_second = "0.00002"
+gpu_second = "0.0005"
+output_mb = "0.0001"
+input_1k_tokens = "0.0002"
+output_1k_tokens = "0.0006"
+minimum_per_job = "0.01"
+
+[pricing.surge]
+threshold = 0.5                # utilisation where prices start to rise
+max_factor = 2.0               # multiplier at full load
+
+[policy]
+allow_dids = []                # empty: anyone not denied
+deny_dids = []
+kinds = ["ffmpeg_transcode", "vllm_batch"]
+max_timeout_seconds = 3600
+max_output_mb = 2048
+max_cpus = 4
+max_memory_mb = 8192
+max_gpus = 1
+per_did_concurrency = 4
+
+[capacity]
+cpus = "auto"
+memory_mb = "auto"
+gpus = "auto"
+
+[journal]
+synchronous = "normal"         # "full" also survives a power cut, at some cost in throughput
+"""
+
+
+def cmd_init(args: argparse.Namespace, out: Out) -> int:
+    home: Path = args.home
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg_path = home / CONFIG_FILENAME
+    if cfg_path.exists() and not args.force:
+        out.error(
+            HearthError(
+                "already_initialised", f"{cfg_path} exists; pass --force to overwrite", http_status=400
+            )
+        )
+        return EXIT_USAGE
+    text = NODE_TOML_TEMPLATE.format(name=args.name, host=args.host, port=args.port)
+    import tomllib
+
+    cfg = parse_config(tomllib.loads(text), source=str(cfg_path))
+    cfg_path.write_text(text)
+    key_path = resolve_path(home, cfg.node.key_file)
+    if not key_path.exists() or args.force:
+        save_key(new_ed25519(), key_path, overwrite=True)
+    signer = load_key(key_path)
+    data = {
+        "home": str(home),
+        "config": str(cfg_path),
+        "key_file": str(key_path),
+        "did": signer.did,
+        "url": f"http://{args.host}:{args.port}",
+    }
+    out.emit(
+        data,
+        lambda: print(
+            f"initialised {home}\n  node DID  {signer.did}\n  config    {cfg_path}\n"
+            f"  key       {key_path} (0600)\n  start it: hearth run --home {home}"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, out: Out) -> int:
+    from node.daemon import Node
+    from node.server import serve
+
+    logging.basicConfig(
+        level=os.environ.get("HEARTH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    node = Node.from_home(args.home)
+    host = args.host or node.cfg.api.host
+    port = node.cfg.api.port if args.port is None else args.port
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGHUP, node.reload)
+
+        def ready(bound: int) -> None:
+            msg = {"event": "ready", "did": node.did, "url": f"http://{host}:{bound}", "home": str(args.home)}
+            print(
+                json.dumps(msg)
+                if out.as_json
+                else f"hearth node {node.did} listening on http://{host}:{bound}",
+                flush=True,
+            )
+
+        await serve(node, host, port, on_ready=ready)
+
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        pass
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_keys_new(args: argparse.Namespace, out: Out) -> int:
+    signer = new_ed25519() if args.type == "ed25519" else new_eth(args.chain_id)
+    save_key(signer, args.out, overwrite=args.force)
+    data = {**public_summary(signer), "key_file": str(args.out)}
+    out.emit(data, lambda: print(f"{signer.did}\n  key file {args.out} (0600)"))
+    return EXIT_OK
+
+
+def cmd_keys_show(args: argparse.Namespace, out: Out) -> int:
+    signer = load_key(args.file)
+    data = public_summary(signer)
+    out.emit(data, lambda: print("\n".join(f"{k:8} {v}" for k, v in data.items())))
+    return EXIT_OK
+
+
+# -- requester commands -------------------------------------------------------------------------------
+
+
+def read_envelope(path: Path) -> dict[str, Any]:
+    """A YAML or JSON envelope file, checked locally so mistakes are caught before anything is sent."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise HearthError(
+            "unreadable_envelope", f"{path}: {exc}", http_status=400, domain="request"
+        ) from None
+    if isinstance(data, dict) and "job" in data and len(data) == 1:
+        data = data["job"]
+    parse_envelope(data)
+    assert isinstance(data, dict)
+    return data
+
+
+async def _request_token(args: argparse.Namespace, client: NodeClient) -> str:
+    if args.token:
+        return str(Path(args.token).read_text().strip())
+    if not args.envelope or not args.key:
+        raise HearthError(
+            "usage", "give an ENVELOPE file and --key, or --token FILE", http_status=400, domain="request"
+        )
+    signer = load_key(Path(args.key))
+    node_did = args.node_did or await client.node_did()
+    return sign_request(signer, node_did, {"job": read_envelope(Path(args.envelope))}, ttl_seconds=args.ttl)
+
+
+async def cmd_job_sign(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    token = await _request_token(args, client)
+    out.emit({"request": token}, lambda: print(token))
+    return EXIT_OK
+
+
+def _print_quote(body: dict[str, Any]) -> None:
+    q = body["quote"]
+    print(f"quote {q['quote_id']} for job {q['job']} ({q['job_id']})")
+    print(f"  price     {q['price']} {q['currency'].upper()}   (surge x{q['surge_factor']})")
+    print(f"  expires   {q['expires_at']}   estimate basis: {q['estimate']['basis']}")
+    for k, v in q["breakdown"].items():
+        print(f"    {k:16} {v}")
+
+
+async def cmd_job_quote(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    token = await _request_token(args, client)
+    body = await client.quote(token)
+    if args.save_quote:
+        Path(args.save_quote).write_text(body["jwt"])
+    out.emit(body, lambda: _print_quote(body))
+    return EXIT_OK
+
+
+def _print_status(body: dict[str, Any]) -> None:
+    job = body["job"]
+    print(f"job {job['id']} ({job['job_id']})  {job['kind']}")
+    print(f"  state     {job['state']}")
+    print(f"  price     {job['price']} USDC")
+    print(f"  requester {job['requester']}")
+    if job.get("failure"):
+        f = job["failure"]
+        print(f"  failure   {f['domain']}/{f['code']} retryable={f['retryable']}: {f['message']}")
+    if "outcome" in body:
+        print(f"  outcome   {body['outcome']}")
+
+
+async def cmd_job_submit(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    token = await _request_token(args, client)
+    quote = Path(args.quote).read_text().strip() if args.quote else None
+    body = await client.submit(token, quote)
+
+    def human() -> None:
+        print("accepted" if body.get("accepted_now") else "already accepted")
+        _print_status(body)
+
+    out.emit(body, human)
+    return EXIT_OK
+
+
+async def cmd_job_status(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    body = await client.status(args.id)
+    out.emit(body, lambda: _print_status(body))
+    return EXIT_OK
+
+
+async def cmd_job_result(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    body = await client.result(args.id)
+    out.emit(body, lambda: print(json.dumps(body["result"], indent=2)))
+    return EXIT_OK
+
+
+async def cmd_job_cancel(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    signer = load_key(Path(args.key))
+    node_did = args.node_did or await client.node_did()
+    body = await client.cancel(args.id, sign_request(signer, node_did, {"cancel": args.id}))
+    out.emit(body, lambda: _print_status(body))
+    return EXIT_OK
+
+
+async def cmd_job_events(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    async for event in client.events(args.id, follow=args.follow):
+        if out.as_json:
+            print(json.dumps(event, sort_keys=True), flush=True)
+        else:
+            move = (
+                f"{event['from'] or '-'} -> {event['to']}" if event["type"] == "transition" else event["type"]
+            )
+            print(
+                f"#{event['seq']:<4} {event['at']:.3f}  {move:24} {event['actor']}: {event['reason']}",
+                flush=True,
+            )
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--home", type=Path, default=None, help="node home (default $HEARTH_HOME or ~/.hearth)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _client_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--node", help="node URL (default: from --home's node.toml, or $HEARTH_NODE_URL)")
+    p.add_argument("--node-did", help="the node's DID (default: read from GET /v1/capacity)")
+    return p
+
+
+def _request_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("envelope", nargs="?", help="job envelope, YAML or JSON")
+    p.add_argument("--key", help="requester key file (from `hearth keys new`)")
+    p.add_argument("--token", help="send this already signed request (file) instead of signing one")
+    p.add_argument("--ttl", type=int, default=300, help="request lifetime in seconds (default 300)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common, client, request = _common(), _client_opts(), _request_opts()
+    parser = argparse.ArgumentParser(prog="hearth", description="Hearth provider node", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", parents=[common], help="write a validated node.toml and the node key")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--name", default="hearth-node")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config and key")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("run", parents=[common], help="run the node daemon")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None)
+    p.set_defaults(func=cmd_run)
+
+    keys = sub.add_parser("keys", help="create and inspect keys").add_subparsers(
+        dest="keys_cmd", required=True
+    )
+    p = keys.add_parser("new", parents=[common], help="a new did:key (Ed25519) or Ethereum key (did:pkh)")
+    p.add_argument("--type", choices=["ed25519", "eth"], default="ed25519")
+    p.add_argument("--chain-id", type=int, default=31337)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_keys_new)
+    p = keys.add_parser("show", parents=[common], help="the DID and public key of a key file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_keys_show)
+
+    job = sub.add_parser("job", help="requester commands").add_subparsers(dest="job_cmd", required=True)
+    p = job.add_parser("sign", parents=[common, client, request], help="print a signed request (JWT)")
+    p.set_defaults(afunc=cmd_job_sign)
+    p = job.add_parser("quote", parents=[common, client, request], help="ask the node for a signed quote")
+    p.add_argument("--save-quote", help="write the quote JWT to this file")
+    p.set_defaults(afunc=cmd_job_quote)
+    p = job.add_parser("submit", parents=[common, client, request], help="submit a job (against --quote)")
+    p.add_argument("--quote", help="quote JWT file from `hearth job quote --save-quote`")
+    p.set_defaults(afunc=cmd_job_submit)
+    for name, fn, text in (
+        ("status", cmd_job_status, "job status"),
+        ("result", cmd_job_result, "job result"),
+    ):
+        p = job.add_parser(name, parents=[common, client], help=text)
+        p.add_argument("id")
+        p.set_defaults(afunc=fn)
+    p = job.add_parser("events", parents=[common, client], help="the job's events (SSE)")
+    p.add_argument("id")
+    p.add_argument("--follow", action="store_true", help="keep streaming live events")
+    p.set_defaults(afunc=cmd_job_events)
+    p = job.add_parser("cancel", parents=[common, client], help="cancel a job (signed by its requester)")
+    p.add_argument("id")
+    p.add_argument("--key", required=True)
+    p.set_defaults(afunc=cmd_job_cancel)
+    return parser
+
+
+def _run_async(
+    args: argparse.Namespace, out: Out, fn: Callable[[argparse.Namespace, Out, NodeClient], Awaitable[int]]
+) -> int:
+    async def go() -> int:
+        async with NodeClient(node_url(args.home, args.node)) as client:
+            return await fn(args, out, client)
+
+    return asyncio.run(go())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.home is None:
+        args.home = default_home()
+    out = Out(args.json)
+    try:
+        if hasattr(args, "afunc"):
+            return _run_async(args, out, args.afunc)
+        result: int = args.func(args, out)
+        return result
+    except NodeUnreachable as exc:
+        out.error(exc)
+        return EXIT_UNREACHABLE
+    except NodeError as exc:
+        out.error(exc)
+        return EXIT_REFUSED
+    except HearthError as exc:
+        out.error(exc)
+        return EXIT_USAGE
+    except OSError as exc:
+        out.error(HearthError("os_error", str(exc), http_status=400, domain="request"))
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Signer", "build_parser", "main"]

@@ -1,0 +1,151 @@
+"""The node as one object with a lifetime: config, identity, journal, capacity ledger, admission.
+
+``Node.start()`` opens the journal, rebuilds the capacity holds from it and starts the housekeeping
+task; ``Node.stop()`` stops it and closes the journal. Nothing is lost in between: jobs, quotes,
+holds and the replay cache all live in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from node.admission import Admission
+from node.config import NodeConfig, load_config, resolve_path
+from node.errors import ConfigError
+from node.journal import Journal
+from node.metrics import Metrics
+from payments.keys import Signer, load_key
+from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
+
+log = logging.getLogger("hearth.node")
+
+HOUSEKEEPING_INTERVAL_SECONDS = 1.0
+
+
+class Node:
+    """Everything one running node holds; the HTTP layer and the CLI talk to it."""
+
+    def __init__(
+        self,
+        home: Path,
+        cfg: NodeConfig,
+        signer: Signer,
+        *,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.home = home
+        self.cfg = cfg
+        self.signer = signer
+        self.now = now
+        self.metrics = Metrics()
+        self.machine: MachineInfo = discover(cfg.capacity)
+        offered = self.machine.offered
+        self.ledger = CapacityLedger(
+            Resources(
+                cpus=offered.cpus * cfg.capacity.overcommit,
+                memory_mb=int(offered.memory_mb * cfg.capacity.overcommit),
+                gpus=offered.gpus,
+            )
+        )
+        self._journal: Journal | None = None
+        self._admission: Admission | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.ready = False
+        self.started_at = 0.0
+
+    @classmethod
+    def from_home(cls, home: Path) -> Node:
+        cfg = load_config(home)
+        key_path = resolve_path(home, cfg.node.key_file)
+        if not key_path.exists():
+            raise ConfigError(
+                "missing_node_key",
+                f"no node key at {key_path}; run `hearth init --home {home}` first",
+                details={"path": str(key_path)},
+            )
+        return cls(home, cfg, load_key(key_path))
+
+    @property
+    def did(self) -> str:
+        return self.signer.did
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise RuntimeError("node not started")
+        return self._journal
+
+    @property
+    def admission(self) -> Admission:
+        if self._admission is None:
+            raise RuntimeError("node not started")
+        return self._admission
+
+    @property
+    def state_dir(self) -> Path:
+        return resolve_path(self.home, self.cfg.node.state_dir)
+
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        journal = Journal.open(
+            self.state_dir / self.cfg.journal.filename, synchronous=self.cfg.journal.synchronous, now=self.now
+        )
+        self._journal = journal
+        now = self.now()
+        journal.expire_quotes(now)
+        self.ledger.load(
+            (job, Resources(cpus=cpus, memory_mb=mem, gpus=gpus), quote_exp)
+            for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
+        )
+        self.metrics.watch_journal(journal.count_by_state)
+        self._admission = Admission(
+            self.cfg,
+            self.signer,
+            journal,
+            self.ledger,
+            self.metrics,
+            home=self.home,
+            gpu_model=self.machine.gpu_model,
+            now=self.now,
+        )
+        self._housekeeping = asyncio.create_task(self._housekeep(), name="hearth-housekeeping")
+        self.ready = True
+        self.metrics.ready.set(1)
+        self.started_at = time.time()
+        log.info(
+            "node ready",
+            extra={"did": self.did, "startup_ms": round((time.perf_counter() - t0) * 1000, 1)},
+        )
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def reload(self) -> None:
+        """Re-read node.toml: new prices and policy apply to new quotes; jobs are untouched."""
+        cfg = load_config(self.home)
+        self.cfg = cfg
+        self.admission.reconfigure(cfg)
+        log.info("configuration reloaded")
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_SECONDS)
+            try:
+                self.admission.expire_quotes()
+            except Exception:  # keep the loop alive; the next round retries
+                log.exception("housekeeping failed")

@@ -1,0 +1,960 @@
+"""The job journal: SQLite (WAL) record of every job and every state change; the lifecycle's source of truth.
+
+Each fact is committed here *before* the node acts on it (DESIGN §4), so after a crash the journal says what
+was decided and nothing more. Three rules hold by construction:
+
+- The allowed transitions live in one mapping, :data:`TRANSITIONS`. Python checks it before writing, and the
+  database checks it again: a ``transitions`` table is filled from the mapping and a trigger aborts any
+  ``UPDATE`` of ``jobs.state`` whose (from, to) pair is absent, so not even raw SQL can write an illegal move.
+- The ``events`` table is append-only (triggers abort ``UPDATE`` and ``DELETE``); replaying a job's
+  ``transition`` events in ``seq`` order always ends at its current state.
+- Every write is one short ``BEGIN IMMEDIATE ... COMMIT``; a crash leaves each transaction whole or absent.
+
+Capacity is not stored separately: a job holds its ``cpus``/``memory_mb``/``gpus`` while it is ``priced``
+with a live quote, ``accepted`` or ``running``; :meth:`Journal.held_resources` derives the ledger from that.
+
+The :class:`Journal` is synchronous and owns one connection; it is meant to be called from the event loop
+thread, each call costing tens of microseconds. No ``sqlite3`` exception leaves this module: they become
+:class:`~node.errors.JournalError` (``journal_write_failed``, retryable) at the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Literal, TypedDict, cast, get_args
+
+from node.errors import DOMAINS, ConflictError, Domain, IllegalTransitionError, JournalError, NotFoundError
+
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT_MS",
+    "EVENT_TYPES",
+    "HOLDING_STATES",
+    "JOB_STATES",
+    "SCHEMA_VERSION",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "Event",
+    "EventType",
+    "HeldResources",
+    "JobFields",
+    "JobRecord",
+    "JobState",
+    "Journal",
+    "Listener",
+    "is_allowed",
+]
+
+logger = logging.getLogger(__name__)
+
+JobState = Literal[
+    "created",
+    "priced",
+    "accepted",
+    "running",
+    "completed",
+    "validated",
+    "settled",
+    "disputed",
+    "refunded",
+    "rejected",
+    "expired",
+    "cancelled",
+    "failed",
+]
+JOB_STATES: tuple[JobState, ...] = get_args(JobState)
+
+EventType = Literal["transition", "progress", "note"]
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
+
+TRANSITIONS: Mapping[JobState, frozenset[JobState]] = MappingProxyType(
+    {
+        "created": frozenset({"priced", "rejected"}),
+        "priced": frozenset({"accepted", "expired", "rejected", "cancelled"}),
+        "accepted": frozenset({"running", "cancelled", "failed", "expired"}),
+        "running": frozenset({"completed", "failed", "cancelled"}),
+        "completed": frozenset({"validated", "disputed"}),
+        "validated": frozenset({"settled"}),
+        "disputed": frozenset({"refunded"}),
+        # A retry, only while the failure is retryable and attempts < the caller's retry budget.
+        "failed": frozenset({"accepted"}),
+        # A re-quote, only of a quote that expired before it was ever accepted.
+        "expired": frozenset({"priced"}),
+    }
+)
+"""Every allowed state change, and the only place they are defined. States absent here have no way out."""
+
+TERMINAL_STATES: frozenset[JobState] = frozenset(s for s in JOB_STATES if not TRANSITIONS.get(s))
+"""States no transition leaves. ``failed`` and ``expired`` are final too once no retry or re-quote remains."""
+
+HOLDING_STATES: tuple[JobState, ...] = ("priced", "accepted", "running")
+"""States in which a job holds its resources (``priced`` only while its quote is live)."""
+
+SCHEMA_VERSION: Final = 1
+DEFAULT_BUSY_TIMEOUT_MS: Final = 2000
+# Keeps the WAL file from growing without bound after a burst of writes.
+_JOURNAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024
+_PRICE_RE: Final = re.compile(r"^(0|[1-9][0-9]{0,17})(\.[0-9]{1,18})?$")
+_FAILED: Final = "failed"
+
+
+def is_allowed(src: str, dst: str) -> bool:
+    """Whether the lifecycle connects ``src`` to ``dst`` (ignoring the retry and re-quote conditions)."""
+    return dst in TRANSITIONS.get(cast(JobState, src), frozenset())
+
+
+class JobFields(TypedDict, total=False):
+    """The job columns a transition may change besides ``state``; anything else is fixed at creation."""
+
+    price: str | None
+    quote_id: str | None
+    quote_jwt: str | None
+    quote_expires_at: float | None
+    attempts: int
+    failure_domain: Domain | None
+    failure_code: str | None
+    failure_message: str | None
+    failure_retryable: bool | None
+    result_json: Mapping[str, Any] | str | None
+
+
+_MUTABLE_FIELDS: Final = frozenset(JobFields.__annotations__)
+_QUOTE_FIELDS: Final = ("price", "quote_id", "quote_jwt", "quote_expires_at")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One row of ``jobs`` as it was when read. Immutable; read again to see later changes."""
+
+    id: str
+    iss: str
+    job_id: str
+    kind: str
+    idem_key: str
+    envelope_hash: str
+    envelope_json: str
+    state: JobState
+    price: str | None
+    quote_id: str | None
+    quote_jwt: str | None
+    quote_expires_at: float | None
+    cpus: float
+    memory_mb: int
+    gpus: int
+    attempts: int
+    failure_domain: str | None
+    failure_code: str | None
+    failure_message: str | None
+    failure_retryable: bool | None
+    result_json: str | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The recorded envelope, parsed afresh on each access (callers may mutate their copy)."""
+        return cast(dict[str, Any], json.loads(self.envelope_json))
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The recorded result document, if any, parsed afresh on each access."""
+        return None if self.result_json is None else cast(dict[str, Any], json.loads(self.result_json))
+
+    @property
+    def resources(self) -> tuple[float, int, int]:
+        """``(cpus, memory_mb, gpus)`` this job holds while it holds capacity."""
+        return (self.cpus, self.memory_mb, self.gpus)
+
+    def holds_capacity(self, now: float) -> bool:
+        """Whether this job counts against capacity at ``now`` (live quote, accepted or running)."""
+        if self.state == "priced":
+            return self.quote_expires_at is not None and self.quote_expires_at > now
+        return self.state in ("accepted", "running")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One row of the append-only ``events`` log: a transition, or a progress/note entry (no state change)."""
+
+    seq: int
+    job: str
+    at: float
+    type: EventType
+    from_state: JobState | None
+    to_state: JobState | None
+    actor: str
+    reason: str
+    domain: str | None
+    retryable: bool | None
+    data_json: str | None
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        return None if self.data_json is None else cast(dict[str, Any], json.loads(self.data_json))
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view, e.g. for the SSE stream of ``GET /v1/jobs/{id}/events``."""
+        return {
+            "seq": self.seq,
+            "job": self.job,
+            "at": self.at,
+            "type": self.type,
+            "from": self.from_state,
+            "to": self.to_state,
+            "actor": self.actor,
+            "reason": self.reason,
+            "domain": self.domain,
+            "retryable": self.retryable,
+            "data": self.data,
+        }
+
+
+Listener = Callable[[Event], None]
+HeldResources = tuple[str, float, int, int, float | None]
+"""``(job id, cpus, memory_mb, gpus, expires_at)``: one hold of the capacity ledger."""
+
+# --------------------------------------------------------------------------------------------- schema
+
+_JOB_COLUMNS: Final = (
+    "id, iss, job_id, kind, idem_key, envelope_hash, envelope_json, state, price, quote_id, quote_jwt, "
+    "quote_expires_at, cpus, memory_mb, gpus, attempts, failure_domain, failure_code, failure_message, "
+    "failure_retryable, result_json, created_at, updated_at"
+)
+_EVENT_COLUMNS: Final = (
+    "seq, job, at, type, from_state, to_state, actor, reason, domain, retryable, data_json"
+)
+
+
+def _sql_list(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+_SCHEMA: Final = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE transitions (
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        PRIMARY KEY (from_state, to_state)
+    ) WITHOUT ROWID""",
+    f"""CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        iss TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        idem_key TEXT NOT NULL,
+        envelope_hash TEXT NOT NULL,
+        envelope_json TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_sql_list(JOB_STATES)})),
+        price TEXT,
+        quote_id TEXT,
+        quote_jwt TEXT,
+        quote_expires_at REAL,
+        cpus REAL NOT NULL CHECK (cpus >= 0),
+        memory_mb INTEGER NOT NULL CHECK (memory_mb >= 0),
+        gpus INTEGER NOT NULL CHECK (gpus >= 0),
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        failure_domain TEXT,
+        failure_code TEXT,
+        failure_message TEXT,
+        failure_retryable INTEGER CHECK (failure_retryable IN (0, 1)),
+        result_json TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (iss, job_id)
+    )""",
+    # (state, quote_expires_at) serves every lookup by state and the live-quote range of held_resources.
+    "CREATE INDEX jobs_state ON jobs (state, quote_expires_at)",
+    "CREATE INDEX jobs_iss_state ON jobs (iss, state, quote_expires_at)",
+    # No AUTOINCREMENT: rows are never deleted (see the triggers), so the rowid already only grows, and
+    # AUTOINCREMENT would add a write to sqlite_sequence to every transaction.
+    f"""CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        job TEXT NOT NULL REFERENCES jobs (id),
+        at REAL NOT NULL,
+        type TEXT NOT NULL CHECK (type IN ({_sql_list(EVENT_TYPES)})),
+        from_state TEXT,
+        to_state TEXT,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        domain TEXT,
+        retryable INTEGER CHECK (retryable IN (0, 1)),
+        data_json TEXT
+    )""",
+    "CREATE INDEX events_job ON events (job, seq)",
+    """CREATE TABLE nonces (
+        iss TEXT NOT NULL,
+        jti TEXT NOT NULL,
+        exp REAL NOT NULL,
+        PRIMARY KEY (iss, jti)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX nonces_exp ON nonces (exp)",
+    """CREATE TRIGGER jobs_insert_created BEFORE INSERT ON jobs
+    WHEN NEW.state IS NOT 'created'
+    BEGIN SELECT RAISE(ABORT, 'illegal_transition: a job starts as created'); END""",
+    """CREATE TRIGGER jobs_transition_guard BEFORE UPDATE OF state ON jobs
+    WHEN NEW.state IS NOT OLD.state AND NOT EXISTS (
+        SELECT 1 FROM transitions WHERE from_state = OLD.state AND to_state = NEW.state
+    )
+    BEGIN SELECT RAISE(ABORT, 'illegal_transition'); END""",
+    """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'events_append_only'); END""",
+    """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'events_append_only'); END""",
+)
+
+_SQL_GET: Final = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
+_SQL_FIND: Final = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE iss = ? AND job_id = ?"
+_SQL_STATE: Final = "SELECT state FROM jobs WHERE id = ?"
+_SQL_INSERT_JOB: Final = (
+    "INSERT INTO jobs (id, iss, job_id, kind, idem_key, envelope_hash, envelope_json, state, "
+    "cpus, memory_mb, gpus, attempts, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'created', ?, ?, ?, 0, ?, ?)"
+)
+_SQL_INSERT_EVENT: Final = (
+    "INSERT INTO events (job, at, type, from_state, to_state, actor, reason, domain, retryable, data_json) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_EVENTS: Final = f"SELECT {_EVENT_COLUMNS} FROM events WHERE job = ? AND seq > ? ORDER BY seq LIMIT ?"
+_SQL_LAST_EXPIRY_SOURCE: Final = (
+    "SELECT from_state FROM events WHERE job = ? AND type = 'transition' AND to_state = 'expired' "
+    "ORDER BY seq DESC LIMIT 1"
+)
+_SQL_DUE_QUOTES: Final = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'priced' AND quote_expires_at <= ?"
+# Two indexed ranges joined, rather than one OR that could fall back to scanning every job.
+_SQL_HELD: Final = (
+    "SELECT id, cpus, memory_mb, gpus, NULL FROM jobs WHERE state IN ('accepted', 'running') "
+    "UNION ALL SELECT id, cpus, memory_mb, gpus, quote_expires_at FROM jobs "
+    "WHERE state = 'priced' AND quote_expires_at > ?"
+)
+_SQL_HOLDING: Final = (
+    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('accepted', 'running') "
+    f"UNION ALL SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'priced' AND quote_expires_at > ?"
+)
+_SQL_ACTIVE_COUNT: Final = (
+    "SELECT (SELECT COUNT(*) FROM jobs WHERE iss = ?1 AND state IN ('accepted', 'running')) "
+    "+ (SELECT COUNT(*) FROM jobs WHERE iss = ?1 AND state = 'priced' AND quote_expires_at > ?2)"
+)
+_SQL_COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
+_SQL_NONCE_INSERT: Final = "INSERT OR IGNORE INTO nonces (iss, jti, exp) VALUES (?, ?, ?)"
+_SQL_NONCE_PRUNE: Final = "DELETE FROM nonces WHERE exp < ?"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _with_flag(row: tuple[Any, ...], at: int) -> list[Any]:
+    """``row`` with the 0/1 column at index ``at`` turned into a bool (NULL stays None)."""
+    values = list(row)
+    if values[at] is not None:
+        values[at] = bool(values[at])
+    return values
+
+
+def _job(row: tuple[Any, ...]) -> JobRecord:
+    return JobRecord(*_with_flag(row, -4))  # failure_retryable
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    return Event(*_with_flag(row, -2))  # retryable
+
+
+def _check_state(state: str) -> None:
+    if state not in JOB_STATES:
+        raise ValueError(f"unknown job state {state!r}")
+
+
+def _check_price(price: str | None) -> None:
+    if price is not None and not (isinstance(price, str) and _PRICE_RE.match(price)):
+        raise ValueError(f"price must be a plain decimal string, not {price!r}")
+
+
+def _check_time(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+
+
+def _check_domain(domain: str | None) -> None:
+    if domain is not None and domain not in DOMAINS:
+        raise ValueError(f"unknown failure domain {domain!r}; one of {', '.join(DOMAINS)}")
+
+
+def _column_values(fields: JobFields) -> dict[str, Any]:
+    """Validate ``fields`` and turn them into column values (JSON text, 0/1 flags)."""
+    unknown = set(fields) - _MUTABLE_FIELDS
+    if unknown:
+        raise ValueError(f"fields not changeable by a transition: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = dict(fields)
+    if "price" in fields:
+        _check_price(fields["price"])
+    if "quote_expires_at" in fields:
+        _check_time("quote_expires_at", fields["quote_expires_at"])
+    if "attempts" in fields:
+        attempts = fields["attempts"]
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+            raise ValueError(f"attempts must be a non-negative int, not {attempts!r}")
+    if "failure_domain" in fields:
+        _check_domain(fields["failure_domain"])
+    if "failure_retryable" in fields:
+        flag = fields["failure_retryable"]
+        values["failure_retryable"] = None if flag is None else int(bool(flag))
+    if "result_json" in fields:
+        result = fields["result_json"]
+        if isinstance(result, str):
+            json.loads(result)  # refuse text that is not JSON before it is recorded
+        elif result is not None:
+            values["result_json"] = _dumps(result)
+    return values
+
+
+def _write_error(exc: sqlite3.Error) -> JournalError:
+    message = str(exc)
+    if message.startswith("illegal_transition"):
+        return IllegalTransitionError("illegal_transition", f"the database refused the change: {message}")
+    return JournalError("journal_write_failed", f"the journal could not record the change: {message}")
+
+
+@dataclass(slots=True)
+class _Txn:
+    conn: sqlite3.Connection
+    events: list[Event] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """The durable job journal. Open with :meth:`open`; close with :meth:`close` or a ``with`` block.
+
+    All methods are synchronous and short (one indexed query or one small transaction). They are safe to
+    call from several threads, but are designed for the event loop thread.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, now: Callable[[], float]) -> None:
+        """Use :meth:`open`; this wraps an already configured connection."""
+        self._conn: sqlite3.Connection | None = conn
+        self._path = path
+        self._now = now
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+
+    # ----------------------------------------------------------------------------------------- lifetime
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        now: Callable[[], float] = time.time,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> Journal:
+        """Open (creating if needed) the journal at ``path``.
+
+        ``synchronous="normal"`` survives a crash of the daemon; ``"full"`` also survives a power cut, at the
+        cost of an fsync per commit. ``busy_timeout_ms`` bounds how long a write waits for another process
+        holding the database (e.g. an operator's sqlite3 shell) before it fails as ``journal_write_failed``;
+        the wait blocks the calling thread. Opening reads no job rows, so it stays fast however large the
+        journal. Raises :class:`JournalError`: ``journal_open_failed`` when the file is not a usable SQLite
+        database, ``journal_schema_mismatch`` when it was written by another schema version.
+        """
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+        conn: sqlite3.Connection | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                path,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
+                check_same_thread=False,
+                cached_statements=256,
+            )
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise JournalError("journal_open_failed", f"{path}: cannot use WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT_BYTES}")
+            _prepare_schema(conn, path)
+        except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                conn.close()
+            raise JournalError(
+                "journal_open_failed", f"cannot open the journal at {path}: {exc}", retryable=False
+            ) from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return cls(conn, path, now)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def close(self) -> None:
+        """Close the connection; later calls raise ``journal_closed``. Closing twice is harmless."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------- listeners
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call ``callback(event)`` after each commit, once per new event, in ``seq`` order.
+
+        A listener runs on the writer's thread and must be quick; an exception it raises is logged and
+        swallowed so that a broken subscriber can never undo or block a recorded fact.
+        """
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        with suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _notify(self, events: list[Event]) -> None:
+        for event in events:
+            for listener in tuple(self._listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    logger.exception("journal listener %r failed on event %d", listener, event.seq)
+
+    # ----------------------------------------------------------------------------------------- plumbing
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise JournalError("journal_closed", "the journal is closed", retryable=False)
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[_Txn]:
+        """One ``BEGIN IMMEDIATE ... COMMIT``; rolled back whole on any error; listeners told after commit."""
+        with self._lock:
+            txn = _Txn(self._connection())
+            try:
+                txn.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _write_error(exc) from exc
+            try:
+                yield txn
+                txn.conn.execute("COMMIT")
+            except BaseException as exc:
+                if txn.conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        txn.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _write_error(exc) from exc
+                raise
+        self._notify(txn.events)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise JournalError("journal_read_failed", f"the journal could not be read: {exc}") from exc
+
+    def _append(
+        self,
+        txn: _Txn,
+        job: str,
+        at: float,
+        type: EventType,
+        from_state: JobState | None,
+        to_state: JobState | None,
+        actor: str,
+        reason: str,
+        domain: str | None = None,
+        retryable: bool | None = None,
+        data_json: str | None = None,
+    ) -> Event:
+        flag = None if retryable is None else int(retryable)
+        cur = txn.conn.execute(
+            _SQL_INSERT_EVENT, (job, at, type, from_state, to_state, actor, reason, domain, flag, data_json)
+        )
+        seq = cur.lastrowid
+        assert seq is not None
+        event = Event(seq, job, at, type, from_state, to_state, actor, reason, domain, retryable, data_json)
+        txn.events.append(event)
+        return event
+
+    @staticmethod
+    def _fetch_job(conn: sqlite3.Connection, id: str) -> JobRecord | None:
+        row = conn.execute(_SQL_GET, (id,)).fetchone()
+        return None if row is None else _job(row)
+
+    # ----------------------------------------------------------------------------------------- replay cache
+
+    def check_and_record(self, iss: str, jti: str, exp: float) -> bool:
+        """Record the nonce ``(iss, jti)`` until ``exp``; ``False`` if it was already recorded (a replay).
+
+        Committed before returning, so a replay is refused even across a restart.
+        """
+        _check_time("exp", exp)
+        with self._write() as txn:
+            return txn.conn.execute(_SQL_NONCE_INSERT, (iss, jti, exp)).rowcount == 1
+
+    def prune_nonces(self, now: float | None = None) -> int:
+        """Forget nonces whose ``exp`` is before ``now`` (their tokens are refused as expired anyway)."""
+        cutoff = self._now() if now is None else now
+        with self._write() as txn:
+            return txn.conn.execute(_SQL_NONCE_PRUNE, (cutoff,)).rowcount
+
+    # ----------------------------------------------------------------------------------------- writes
+
+    def create_priced(
+        self,
+        *,
+        id: str,
+        iss: str,
+        job_id: str,
+        kind: str,
+        idem_key: str,
+        envelope_hash: str,
+        envelope: Mapping[str, Any],
+        price: str,
+        quote_id: str,
+        quote_jwt: str,
+        quote_expires_at: float,
+        cpus: float,
+        memory_mb: int,
+        gpus: int,
+        actor: str,
+        reason: str,
+    ) -> JobRecord:
+        """Record a new job and its quote: ``created`` then ``priced``, two events, one transaction.
+
+        Raises :class:`ConflictError` (``job_exists``) if the id or ``(iss, job_id)`` is already recorded;
+        then nothing is written. Looking the job up first (:meth:`find`) is the caller's idempotency path.
+        """
+        _check_price(price)
+        _check_time("quote_expires_at", quote_expires_at)
+        if cpus < 0 or memory_mb < 0 or gpus < 0:
+            raise ValueError("resources must be non-negative")
+        envelope_json = _dumps(envelope)
+        try:
+            with self._write() as txn:
+                at = self._now()
+                txn.conn.execute(
+                    _SQL_INSERT_JOB,
+                    (
+                        id,
+                        iss,
+                        job_id,
+                        kind,
+                        idem_key,
+                        envelope_hash,
+                        envelope_json,
+                        cpus,
+                        memory_mb,
+                        gpus,
+                        at,
+                        at,
+                    ),
+                )
+                self._append(txn, id, at, "transition", None, "created", actor, reason)
+                txn.conn.execute(
+                    "UPDATE jobs SET state = 'priced', price = ?, quote_id = ?, quote_jwt = ?, "
+                    "quote_expires_at = ?, updated_at = ? WHERE id = ?",
+                    (price, quote_id, quote_jwt, quote_expires_at, at, id),
+                )
+                self._append(txn, id, at, "transition", "created", "priced", actor, reason)
+                record = self._fetch_job(txn.conn, id)
+        except JournalError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError) and "UNIQUE" in str(exc.__cause__):
+                raise ConflictError(
+                    "job_exists",
+                    f"job {job_id!r} of {iss} is already recorded",
+                    details={"id": id, "iss": iss, "job_id": job_id},
+                ) from None
+            raise
+        assert record is not None
+        return record
+
+    def transition(
+        self,
+        id: str,
+        to: JobState,
+        *,
+        actor: str,
+        reason: str,
+        domain: Domain | None = None,
+        retryable: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+        expect: JobState | Iterable[JobState] | None = None,
+        fields: JobFields | None = None,
+        retry_budget: int | None = None,
+    ) -> tuple[JobRecord, Event]:
+        """Move job ``id`` to ``to`` and append the event, in one transaction; return the new row and event.
+
+        - ``expect``: the state(s) the caller believes the job is in; otherwise :class:`ConflictError`
+          (``state_changed``), nothing written. Use it to make check-then-act sequences race-free.
+        - ``to="failed"`` requires ``domain`` and ``retryable`` (``ValueError`` otherwise); they are stored
+          on the job (``failure_domain``/``failure_retryable``) as well as on the event.
+        - ``failed -> accepted`` (a retry) requires ``retry_budget``; it is refused unless the failure was
+          retryable and ``attempts < retry_budget``. ``attempts`` becomes ``attempts + 1`` unless ``fields``
+          sets it.
+        - ``expired -> priced`` (a re-quote) requires the new ``price``/``quote_id``/``quote_jwt``/
+          ``quote_expires_at`` in ``fields`` and is refused if the job had ever been accepted.
+        - ``fields`` may change only the columns of :class:`JobFields`.
+
+        Raises :class:`NotFoundError` (``job_not_found``) and :class:`IllegalTransitionError`
+        (``illegal_transition``, ``retry_budget_exhausted``, ``failure_not_retryable``,
+        ``requote_after_accept``) with ``details["from"]``/``["to"]``; in every such case nothing is written.
+        """
+        _check_state(to)
+        _check_domain(domain)
+        if to == _FAILED and (domain is None or retryable is None):
+            raise ValueError("a transition to 'failed' needs a failure domain and a retryable flag")
+        values = _column_values(fields or {})
+        if to == _FAILED:
+            values["failure_domain"] = domain
+            values["failure_retryable"] = int(bool(retryable))
+        expected = None if expect is None else {expect} if isinstance(expect, str) else set(expect)
+        data_json = None if data is None else _dumps(data)
+        with self._write() as txn:
+            current = self._fetch_job(txn.conn, id)
+            if current is None:
+                raise NotFoundError("job_not_found", f"no job {id!r}", details={"id": id})
+            if expected is not None and current.state not in expected:
+                raise ConflictError(
+                    "state_changed",
+                    f"job {id} is {current.state}, not {' or '.join(sorted(expected))}",
+                    details={"id": id, "state": current.state, "expected": sorted(expected)},
+                )
+            self._check_move(txn.conn, current, to, values, retry_budget)
+            return self._move(txn, current, to, values, actor, reason, domain, retryable, data_json)
+
+    def _check_move(
+        self,
+        conn: sqlite3.Connection,
+        current: JobRecord,
+        to: JobState,
+        values: dict[str, Any],
+        retry_budget: int | None,
+    ) -> None:
+        """Refuse a move the lifecycle forbids, including the conditions on retries and re-quotes."""
+        src = current.state
+        details = {"id": current.id, "from": src, "to": to}
+        if not is_allowed(src, to):
+            raise IllegalTransitionError(
+                "illegal_transition", f"a job cannot go from {src} to {to}", details=details
+            )
+        if src == _FAILED:
+            if retry_budget is None:
+                raise ValueError("a retry (failed -> accepted) needs the retry_budget")
+            if not current.failure_retryable:
+                raise IllegalTransitionError(
+                    "failure_not_retryable", f"job {current.id} failed for good; no retry", details=details
+                )
+            if current.attempts >= retry_budget:
+                raise IllegalTransitionError(
+                    "retry_budget_exhausted",
+                    f"job {current.id} has used {current.attempts} of {retry_budget} retries",
+                    details={**details, "attempts": current.attempts, "retry_budget": retry_budget},
+                )
+            values.setdefault("attempts", current.attempts + 1)
+        elif src == "expired":
+            missing = [name for name in _QUOTE_FIELDS if values.get(name) is None]
+            if missing:
+                raise ValueError(f"a re-quote needs new {', '.join(missing)} in fields")
+            row = conn.execute(_SQL_LAST_EXPIRY_SOURCE, (current.id,)).fetchone()
+            if row is None or row[0] != "priced":
+                raise IllegalTransitionError(
+                    "requote_after_accept",
+                    f"job {current.id} expired after it was accepted; it cannot be re-quoted",
+                    details=details,
+                )
+
+    def _move(
+        self,
+        txn: _Txn,
+        current: JobRecord,
+        to: JobState,
+        values: Mapping[str, Any],
+        actor: str,
+        reason: str,
+        domain: str | None,
+        retryable: bool | None,
+        data_json: str | None,
+    ) -> tuple[JobRecord, Event]:
+        at = self._now()
+        names = sorted(values)  # a stable column order keeps the statement cache small
+        assignments = "".join(f", {name} = ?" for name in names)
+        txn.conn.execute(
+            f"UPDATE jobs SET state = ?, updated_at = ?{assignments} WHERE id = ?",
+            (to, at, *(values[name] for name in names), current.id),
+        )
+        event = self._append(
+            txn, current.id, at, "transition", current.state, to, actor, reason, domain, retryable, data_json
+        )
+        record = self._fetch_job(txn.conn, current.id)
+        assert record is not None
+        return record, event
+
+    def append_event(
+        self,
+        id: str,
+        type: Literal["progress", "note"],
+        reason: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        actor: str = "node",
+    ) -> Event:
+        """Append a progress or note event to job ``id`` without changing its state."""
+        if type not in ("progress", "note"):
+            raise ValueError(f"append_event records progress or note events, not {type!r}")
+        data_json = None if data is None else _dumps(data)
+        with self._write() as txn:
+            if txn.conn.execute(_SQL_STATE, (id,)).fetchone() is None:
+                raise NotFoundError("job_not_found", f"no job {id!r}", details={"id": id})
+            return self._append(txn, id, self._now(), type, None, None, actor, reason, data_json=data_json)
+
+    def expire_quotes(self, now: float | None = None) -> list[JobRecord]:
+        """Move every ``priced`` job whose quote expired by ``now`` to ``expired``, in one transaction."""
+        cutoff = self._now() if now is None else now
+        with self._write() as txn:
+            due = [_job(row) for row in txn.conn.execute(_SQL_DUE_QUOTES, (cutoff,)).fetchall()]
+            return [
+                self._move(txn, job, "expired", {}, "node", "quote expired", None, None, None)[0]
+                for job in due
+            ]
+
+    # ----------------------------------------------------------------------------------------- reads
+
+    def get(self, id: str) -> JobRecord | None:
+        with self._read() as conn:
+            return self._fetch_job(conn, id)
+
+    def require(self, id: str) -> JobRecord:
+        """Like :meth:`get`, but raises :class:`NotFoundError` (``job_not_found``) for an unknown id."""
+        record = self.get(id)
+        if record is None:
+            raise NotFoundError("job_not_found", f"no job {id!r}", details={"id": id})
+        return record
+
+    def find(self, iss: str, job_id: str) -> JobRecord | None:
+        """The job the requester ``iss`` named ``job_id``, if recorded."""
+        with self._read() as conn:
+            row = conn.execute(_SQL_FIND, (iss, job_id)).fetchone()
+            return None if row is None else _job(row)
+
+    def events(self, id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
+        """Job ``id``'s events with ``seq > after_seq``, oldest first, at most ``limit``."""
+        with self._read() as conn:
+            return [_event(row) for row in conn.execute(_SQL_EVENTS, (id, after_seq, limit)).fetchall()]
+
+    def holding(self, now: float | None = None) -> list[JobRecord]:
+        """The jobs holding resources at ``now``: live quotes, accepted and running jobs."""
+        cutoff = self._now() if now is None else now
+        with self._read() as conn:
+            return [_job(row) for row in conn.execute(_SQL_HOLDING, (cutoff,)).fetchall()]
+
+    def held_resources(self, now: float | None = None) -> list[HeldResources]:
+        """``(id, cpus, memory_mb, gpus, expires_at)`` of each job holding resources at ``now``.
+
+        This is the capacity ledger, rebuilt at start. ``expires_at`` is when the hold lapses by itself: the
+        quote's expiry for a ``priced`` job, ``None`` for an accepted or running one (held until it moves).
+        """
+        cutoff = self._now() if now is None else now
+        with self._read() as conn:
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in conn.execute(_SQL_HELD, (cutoff,)).fetchall()]
+
+    def active_count(self, iss: str, now: float | None = None) -> int:
+        """How many of ``iss``'s jobs hold resources at ``now`` (for the per-DID concurrency policy)."""
+        cutoff = self._now() if now is None else now
+        with self._read() as conn:
+            return int(conn.execute(_SQL_ACTIVE_COUNT, (iss, cutoff)).fetchone()[0])
+
+    def count_by_state(self) -> dict[str, int]:
+        """The number of jobs in every state (zero included), e.g. for metrics."""
+        counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
+        with self._read() as conn:
+            for state, count in conn.execute(_SQL_COUNT_BY_STATE).fetchall():
+                counts[state] = count
+        return counts
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        iss: str | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+    ) -> list[JobRecord]:
+        """Jobs ordered by id, optionally filtered; to page, pass the last id of the previous page."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        if iss is not None:
+            clauses.append("iss = ?")
+            params.append(iss)
+        if after_id is not None:
+            clauses.append("id > ?")
+            params.append(after_id)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY id LIMIT ?"
+        with self._read() as conn:
+            return [_job(row) for row in conn.execute(sql, (*params, limit)).fetchall()]
+
+
+def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema on first open; check its version and re-derive the transitions table otherwise.
+
+    The ``transitions`` table is a copy of :data:`TRANSITIONS` (the one definition), refreshed on every open
+    so the database guard and the Python check can never disagree. Reads a handful of rows, never the jobs.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if exists is None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        else:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = None if row is None else int(row[0])
+            if version != SCHEMA_VERSION:
+                raise JournalError(
+                    "journal_schema_mismatch",
+                    f"{path} has journal schema {version}, this node reads {SCHEMA_VERSION}",
+                    retryable=False,
+                )
+        wanted = {(src, dst) for src, dsts in TRANSITIONS.items() for dst in dsts}
+        stored = set(conn.execute("SELECT from_state, to_state FROM transitions").fetchall())
+        if stored != wanted:
+            conn.execute("DELETE FROM transitions")
+            conn.executemany("INSERT INTO transitions (from_state, to_state) VALUES (?, ?)", sorted(wanted))
+        conn.execute("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,77 @@
+"""Prometheus metrics for one node, on a registry of its own (tests build many nodes in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _JobStates(Collector):
+    """Jobs by state, read from the journal at scrape time so the figure can never drift."""
+
+    def __init__(self, count_by_state: Callable[[], dict[str, int]]) -> None:
+        self._count = count_by_state
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily("hearth_jobs", "Jobs in the journal by lifecycle state", labels=["state"])
+        for state, n in sorted(self._count().items()):
+            family.add_metric([state], n)
+        return [family]
+
+
+class Metrics:
+    """The node's counters and histograms; methods name the events the rest of the code reports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "hearth_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.quotes = Counter(
+            "hearth_quotes",
+            "Quote outcomes: won, reused or refused, with reason",
+            ["outcome", "reason"],
+            registry=r,
+        )
+        self.auth_rejections = Counter(
+            "hearth_auth_rejections", "Signed requests refused, by error code", ["code"], registry=r
+        )
+        self.errors = Counter(
+            "hearth_errors", "Error responses by domain and code", ["domain", "code"], registry=r
+        )
+        self.jobs_accepted = Counter("hearth_jobs_accepted", "Jobs accepted", registry=r)
+        self.admission_seconds = Histogram(
+            "hearth_admission_seconds",
+            "Time spent in the admission path (verify, policy, price, journal)",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+            registry=r,
+        )
+        self.capacity_free = Gauge(
+            "hearth_capacity_free", "Free capacity by resource", ["resource"], registry=r
+        )
+        self.ready = Gauge("hearth_ready", "1 when the node accepts work", registry=r)
+
+    def watch_journal(self, count_by_state: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_JobStates(count_by_state))
+
+    def quote(self, outcome: str, reason: str) -> None:
+        self.quotes.labels(outcome, reason).inc()
+
+    def auth_rejected(self, code: str) -> None:
+        self.auth_rejections.labels(code).inc()
+
+    def accepted(self) -> None:
+        self.jobs_accepted.inc()
+
+    def error(self, domain: str, code: str) -> None:
+        self.errors.labels(domain, code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

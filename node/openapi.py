@@ -1,0 +1,292 @@
+"""The OpenAPI 3.1 document served at /openapi.json, describing every route of the API.
+
+The envelope schema comes from the pydantic models themselves, so the document cannot drift from
+what the node validates. Signed requests are compact JWS strings (``application/jwt``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from node.envelope import Envelope
+
+JWT_SCHEMA = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$",
+    "description": "compact JWS (DID-JWT) signed by the requester's DID; "
+    "payload {iss, aud, iat, exp, jti, job}",
+}
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "domain", "message", "retryable", "details"],
+            "properties": {
+                "code": {"type": "string"},
+                "domain": {"type": "string"},
+                "message": {"type": "string"},
+                "retryable": {"type": "boolean"},
+                "details": {"type": "object"},
+            },
+        }
+    },
+}
+
+JOB_SCHEMA = {
+    "type": "object",
+    "required": ["id", "job_id", "requester", "kind", "state"],
+    "properties": {
+        "id": {"type": "string", "description": "the node's id: hj_ + base32(sha256(iss \\n job_id))[:26]"},
+        "job_id": {"type": "string"},
+        "requester": {"type": "string"},
+        "kind": {"type": "string", "enum": ["ffmpeg_transcode", "vllm_batch"]},
+        "state": {"type": "string"},
+        "price": {"type": ["string", "null"]},
+        "currency": {"type": "string"},
+        "quote_id": {"type": ["string", "null"]},
+        "quote_expires_at": {"type": ["number", "null"]},
+        "envelope_hash": {"type": "string"},
+        "attempts": {"type": "integer"},
+        "failure": {"type": ["object", "null"]},
+        "created_at": {"type": "number"},
+        "updated_at": {"type": "number"},
+    },
+}
+
+
+def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
+    if isinstance(schema, str):
+        schema = {"$ref": f"#/components/schemas/{schema}"}
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    descriptions = {
+        400: "malformed request or token",
+        401: "signature or claims refused",
+        402: "the node's ask exceeds max_price (details.ask)",
+        403: "refused by policy or audience",
+        404: "not found",
+        409: "conflict: replayed jti, job_id re-used, wrong state",
+        413: "body over the node's cap",
+        415: "unsupported content type",
+        422: "invalid envelope or body",
+        429: "per-requester concurrency limit",
+        503: "no capacity, or not ready",
+    }
+    return {str(s): {"description": descriptions[s], **_json("Error")} for s in statuses}
+
+
+_SIGNED_BODY = {
+    "required": True,
+    "content": {"application/jwt": {"schema": {"$ref": "#/components/schemas/Jwt"}}},
+}
+_AUTH_ERRORS = (400, 401, 403, 409, 413, 415, 422)
+_JOB_PARAM = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}]
+
+
+def _signed_doc(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [key, "jwt"],
+        "properties": {key: schema, "jwt": {"$ref": "#/components/schemas/Jwt"}},
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    envelope_schema = TypeAdapter(Envelope).json_schema(ref_template="#/components/schemas/{model}")
+    defs = envelope_schema.pop("$defs", {})
+    status_doc = _signed_doc("job", {"$ref": "#/components/schemas/Job"})
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Hearth provider node",
+            "version": "1",
+            "description": "Signed job requests (DID-JWT), quotes, job status and events. "
+            "Every error is {error: {code, domain, message, retryable, details}}.",
+        },
+        "paths": {
+            "/v1/quotes": {
+                "post": {
+                    "operationId": "createQuote",
+                    "summary": "Price a signed job request; returns a signed quote or a refusal with the ask",
+                    "requestBody": _SIGNED_BODY,
+                    "responses": {
+                        "200": {"description": "the job's live quote, re-issued", **_json("QuoteResponse")},
+                        "201": {"description": "a new signed quote", **_json("QuoteResponse")},
+                        **_errors(*_AUTH_ERRORS, 402, 429, 503),
+                    },
+                }
+            },
+            "/v1/jobs": {
+                "post": {
+                    "operationId": "submitJob",
+                    "summary": "Accept a job against its quote, or bid and accept a bare request in one step",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/jwt": {"schema": {"$ref": "#/components/schemas/Jwt"}},
+                            "application/json": {"schema": {"$ref": "#/components/schemas/SubmitBody"}},
+                        },
+                    },
+                    "responses": {
+                        "200": {"description": "already accepted (idempotent)", **_json(status_doc)},
+                        "201": {"description": "accepted", **_json(status_doc)},
+                        **_errors(*_AUTH_ERRORS, 402, 429, 503),
+                    },
+                }
+            },
+            "/v1/jobs/{id}": {
+                "get": {
+                    "operationId": "getJob",
+                    "summary": "Job status, signed by the node",
+                    "parameters": _JOB_PARAM,
+                    "responses": {"200": {"description": "status", **_json(status_doc)}, **_errors(404)},
+                }
+            },
+            "/v1/jobs/{id}/result": {
+                "get": {
+                    "operationId": "getResult",
+                    "summary": "The signed result once the job completed",
+                    "parameters": _JOB_PARAM,
+                    "responses": {
+                        "200": {"description": "result", **_json(_signed_doc("result", {"type": "object"}))},
+                        **_errors(404, 409),
+                    },
+                }
+            },
+            "/v1/jobs/{id}/events": {
+                "get": {
+                    "operationId": "jobEvents",
+                    "summary": "Server-sent events: transitions and progress (resume with Last-Event-ID)",
+                    "parameters": [
+                        *_JOB_PARAM,
+                        {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(400, 404),
+                    },
+                }
+            },
+            "/v1/jobs/{id}/cancel": {
+                "post": {
+                    "operationId": "cancelJob",
+                    "summary": "Cancel: a request signed by the job's requester with claim {cancel: <id>}",
+                    "parameters": _JOB_PARAM,
+                    "requestBody": _SIGNED_BODY,
+                    "responses": {
+                        "200": {
+                            "description": "cancelled | already_completed",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "required": ["job", "outcome", "jwt"],
+                                    "properties": {
+                                        "job": {"$ref": "#/components/schemas/Job"},
+                                        "outcome": {
+                                            "type": "string",
+                                            "enum": ["cancelled", "already_completed"],
+                                        },
+                                        "jwt": {"$ref": "#/components/schemas/Jwt"},
+                                    },
+                                }
+                            ),
+                        },
+                        **_errors(*_AUTH_ERRORS, 404),
+                    },
+                }
+            },
+            "/v1/capacity": {
+                "get": {
+                    "operationId": "getCapacity",
+                    "summary": "The node's signed offer: resources free/total, kinds, models, prices",
+                    "responses": {
+                        "200": {
+                            "description": "offer",
+                            **_json({"type": "object", "required": ["node", "jwt"]}),
+                        }
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "Liveness",
+                    "responses": {"200": {"description": "alive", **_json({"type": "object"})}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Readiness: 503 while starting or draining",
+                    "responses": {
+                        "200": {"description": "ready", **_json({"type": "object"})},
+                        **_errors(503),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI", **_json({"type": "object"})}},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Jwt": JWT_SCHEMA,
+                "Error": ERROR_SCHEMA,
+                "Job": JOB_SCHEMA,
+                "Envelope": envelope_schema,
+                **defs,
+                "SubmitBody": {
+                    "type": "object",
+                    "required": ["request"],
+                    "properties": {
+                        "request": {"$ref": "#/components/schemas/Jwt"},
+                        "quote": {"$ref": "#/components/schemas/Jwt"},
+                        "funding": {
+                            "type": "object",
+                            "description": "funding proof (escrow); see the payments docs",
+                        },
+                    },
+                },
+                "QuoteResponse": {
+                    "type": "object",
+                    "required": ["quote", "jwt", "job", "reused"],
+                    "properties": {
+                        "quote": {
+                            "type": "object",
+                            "description": "the quote's claims (price, expiry, estimate)",
+                        },
+                        "jwt": {"$ref": "#/components/schemas/Jwt"},
+                        "job": {"$ref": "#/components/schemas/Job"},
+                        "reused": {"type": "boolean"},
+                    },
+                },
+            }
+        },
+    }

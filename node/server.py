@@ -1,0 +1,466 @@
+"""The HTTP API of DESIGN §9 (aiohttp).
+
+Errors leave in one shape, made in one place (:func:`error_middleware`): ``{"error": {code, domain,
+message, retryable, details}}`` with the status the error names. Bodies are capped before they are
+read; signed requests arrive as ``application/jwt`` (or JSON wrapping the token for POST /v1/jobs).
+Documents others rely on (quotes, status, results, the capacity offer) are signed by the node DID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from node.daemon import Node
+from node.errors import HearthError, NotFoundError, RequestError
+from node.journal import TERMINAL_STATES, Event, JobRecord
+from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from node.openapi import openapi_document
+from payments.jwt import sign_jwt
+
+log = logging.getLogger("hearth.http")
+
+NODE: web.AppKey[Node] = web.AppKey("node", Node)
+SSE_HEARTBEAT_SECONDS = 15.0
+SIGNED_DOCUMENT_TTL_SECONDS = 3600
+# An event stream ends where the job rests: a terminal state, or an expired quote (re-quoting starts anew).
+STREAM_END_STATES = TERMINAL_STATES | {"expired"}
+_JSON_DUMPS = json.dumps
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=_JSON_DUMPS(data, separators=(",", ":")).encode(), status=status, content_type="application/json"
+    )
+
+
+def _http_error(exc: web.HTTPException) -> HearthError:
+    codes = {
+        404: ("not_found", "no such route"),
+        405: ("method_not_allowed", "method not allowed on this route"),
+        413: ("body_too_large", "the request body exceeds the node's cap"),
+    }
+    code, message = codes.get(exc.status, ("http_error", exc.reason))
+    domain_status = exc.status if 400 <= exc.status < 600 else 400
+    return RequestError(code, message, http_status=domain_status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    node = request.app[NODE]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        response = await handler(request)
+    except HearthError as exc:
+        response = _error_response(node, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _error_response(node, _http_error(exc))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = _error_response(
+            node, HearthError("internal_error", "the node failed to handle the request")
+        )
+    node.metrics.http_requests.labels(route, str(response.status)).inc()
+    return response
+
+
+def _error_response(node: Node, exc: HearthError) -> web.Response:
+    node.metrics.error(exc.domain, exc.code)
+    return json_response(exc.to_dict(), status=exc.http_status)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, refused with 413 from Content-Length before a byte is read when it is over the cap."""
+    cap = request.app[NODE].cfg.api.max_body_bytes
+    if request.content_length is not None and request.content_length > cap:
+        raise RequestError(
+            "body_too_large",
+            f"the body is {request.content_length} bytes; this node accepts at most {cap}",
+            http_status=413,
+            details={"max_bytes": cap},
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestError(
+            "body_too_large", f"the body exceeds {cap} bytes", http_status=413, details={"max_bytes": cap}
+        ) from None
+
+
+def _token_from_text(raw: bytes) -> str:
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise RequestError("malformed_body", "a JWT body must be ASCII") from None
+    if not token:
+        raise RequestError("empty_body", "the request body is empty; send a signed request (JWT)")
+    return token
+
+
+async def read_signed(request: web.Request) -> tuple[str, dict[str, Any]]:
+    """The signed request token and, for JSON bodies, the rest of the object (quote, funding)."""
+    raw = await read_body(request)
+    if request.content_type == "application/json":
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError("malformed_json", "the body is not valid JSON") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("request"), str):
+            raise RequestError(
+                "malformed_body", "a JSON body must be an object with a 'request' JWT string", http_status=422
+            )
+        for field in ("quote",):
+            if field in doc and doc[field] is not None and not isinstance(doc[field], str):
+                raise RequestError("malformed_body", f"'{field}' must be a JWT string", http_status=422)
+        return doc["request"], doc
+    if request.content_type in ("application/jwt", "text/plain", "application/octet-stream", ""):
+        return _token_from_text(raw), {}
+    raise RequestError(
+        "unsupported_media_type",
+        f"send application/jwt or application/json, not {request.content_type}",
+        http_status=415,
+    )
+
+
+# -- views --------------------------------------------------------------------------------------------
+
+
+def job_view(job: JobRecord) -> dict[str, Any]:
+    failure = None
+    if job.failure_domain is not None:
+        failure = {
+            "domain": job.failure_domain,
+            "code": job.failure_code,
+            "message": job.failure_message,
+            "retryable": job.failure_retryable,
+        }
+    return {
+        "id": job.id,
+        "job_id": job.job_id,
+        "requester": job.iss,
+        "kind": job.kind,
+        "state": job.state,
+        "price": job.price,
+        "currency": "usdc",
+        "quote_id": job.quote_id,
+        "quote_expires_at": job.quote_expires_at,
+        "envelope_hash": job.envelope_hash,
+        "attempts": job.attempts,
+        "failure": failure,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
+
+
+def event_view(event: Event) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "job": event.job,
+        "type": event.type,
+        "at": event.at,
+        "from": event.from_state,
+        "to": event.to_state,
+        "actor": event.actor,
+        "reason": event.reason,
+        "domain": event.domain,
+        "retryable": event.retryable,
+        "data": event.data,
+    }
+
+
+def signed(node: Node, kind: str, subject: str, document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` plus ``jwt``: the same document signed by the node DID under the claim ``kind``."""
+    now = int(node.now())
+    claims = {
+        "iss": node.did,
+        "sub": subject,
+        "iat": now,
+        "exp": now + SIGNED_DOCUMENT_TTL_SECONDS,
+        "jti": f"{kind}-{secrets.token_hex(8)}",
+        kind: document,
+    }
+    token = sign_jwt(node.signer, claims)
+    return {**document, "jwt": token}
+
+
+# -- handlers -----------------------------------------------------------------------------------------
+
+
+async def post_quote(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    token, _ = await read_signed(request)
+    with node.metrics.admission_seconds.labels("quote").time():
+        quote = await node.admission.quote(token)
+    return json_response(
+        {
+            "quote": quote.claims["quote"],
+            "jwt": quote.jwt,
+            "job": job_view(quote.job),
+            "reused": quote.reused,
+        },
+        status=200 if quote.reused else 201,
+    )
+
+
+async def post_job(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    token, doc = await read_signed(request)
+    with node.metrics.admission_seconds.labels("submit").time():
+        result = await node.admission.submit(token, doc.get("quote"))
+    body = signed(
+        node, "status", result.job.id, {"job": job_view(result.job), "accepted_now": result.accepted_now}
+    )
+    return json_response(body, status=201 if result.accepted_now else 200)
+
+
+def _job(request: web.Request) -> JobRecord:
+    node = request.app[NODE]
+    job_key = request.match_info["id"]
+    job = node.journal.get(job_key)
+    if job is None:
+        raise NotFoundError("job_not_found", f"no job {job_key} on this node", details={"job": job_key})
+    return job
+
+
+async def get_job(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    job = _job(request)
+    return json_response(signed(node, "status", job.id, {"job": job_view(job)}))
+
+
+async def get_result(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    job = _job(request)
+    if job.result_json is None:
+        raise RequestError(
+            "result_not_ready",
+            f"job {job.id} is {job.state}; it has no result yet",
+            http_status=409,
+            retryable=job.state not in STREAM_END_STATES,
+            details={"job": job.id, "state": job.state},
+        )
+    return json_response(signed(node, "result", job.id, {"result": json.loads(job.result_json)}))
+
+
+async def post_cancel(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    job_key = request.match_info["id"]
+    token, _ = await read_signed(request)
+    job, outcome = await node.admission.cancel(job_key, token)
+    return json_response(signed(node, "status", job.id, {"job": job_view(job), "outcome": outcome}))
+
+
+def _after_seq(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RequestError("invalid_query", "'after' / Last-Event-ID must be an integer") from None
+    if value < 0:
+        raise RequestError("invalid_query", "'after' / Last-Event-ID must be >= 0")
+    return value
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the job's past events after ``after``/Last-Event-ID, then live ones."""
+    node = request.app[NODE]
+    job = _job(request)
+    after = _after_seq(request)
+    follow = request.query.get("follow", "true").lower() not in ("0", "false", "no")
+    hub = request.app[EVENT_HUB]
+    queue = hub.subscribe(job.id)
+    try:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        last = after
+        for event in node.journal.events(job.id, after_seq=after):
+            await _send_event(response, event)
+            last = event.seq
+        state = node.journal.require(job.id).state
+        while follow and state not in STREAM_END_STATES:
+            try:
+                event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT_SECONDS)
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+                continue
+            if event.seq <= last:
+                continue
+            await _send_event(response, event)
+            last = event.seq
+            if event.to_state is not None:
+                state = event.to_state
+        await response.write_eof()
+        return response
+    finally:
+        hub.unsubscribe(job.id, queue)
+
+
+async def _send_event(response: web.StreamResponse, event: Event) -> None:
+    data = _JSON_DUMPS(event_view(event), separators=(",", ":"))
+    await response.write(f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode())
+
+
+async def get_capacity(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return json_response(signed(node, "offer", node.did, offer_document(node)))
+
+
+def offer_document(node: Node) -> dict[str, Any]:
+    cfg = node.cfg
+    pricing = cfg.pricing
+    ledger = node.ledger.snapshot()
+    return {
+        "node": node.did,
+        "name": cfg.node.name,
+        "endpoint": cfg.node.public_url,
+        "kinds": list(cfg.policy.kinds),
+        "models": [],
+        "resources": ledger,
+        "machine": node.machine.to_dict(),
+        "limits": {
+            "max_timeout_seconds": cfg.policy.max_timeout_seconds,
+            "max_output_mb": cfg.policy.max_output_mb,
+            "max_cpus": cfg.policy.max_cpus,
+            "max_memory_mb": cfg.policy.max_memory_mb,
+            "max_gpus": cfg.policy.max_gpus,
+            "max_body_bytes": cfg.api.max_body_bytes,
+            "quote_ttl_seconds": cfg.api.quote_ttl_seconds,
+        },
+        "prices": {
+            "currency": pricing.currency,
+            "cpu_second": pricing.cpu_second,
+            "gpu_second": pricing.gpu_second,
+            "gpu_second_by_model": dict(pricing.gpu_second_by_model),
+            "output_mb": pricing.output_mb,
+            "input_1k_tokens": pricing.input_1k_tokens,
+            "output_1k_tokens": pricing.output_1k_tokens,
+            "minimum_per_job": pricing.minimum_per_job,
+            "surge": {"threshold": pricing.surge.threshold, "max_factor": pricing.surge.max_factor},
+        },
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    if not node.ready:
+        raise HearthError("not_ready", "the node is starting or draining", http_status=503, retryable=True)
+    return json_response({"status": "ready", "node": node.did})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    free = node.ledger.free()
+    node.metrics.capacity_free.labels("cpus").set(free.cpus)
+    node.metrics.capacity_free.labels("memory_mb").set(free.memory_mb)
+    node.metrics.capacity_free.labels("gpus").set(free.gpus)
+    return web.Response(body=node.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(request.app[OPENAPI])
+
+
+# -- events fan-out -----------------------------------------------------------------------------------
+
+
+class EventHub:
+    """Fans journal events out to the SSE streams watching each job."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, set[asyncio.Queue[Event]]] = {}
+
+    def subscribe(self, job: str) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=1000)
+        self._subs.setdefault(job, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, job: str, queue: asyncio.Queue[Event]) -> None:
+        subs = self._subs.get(job)
+        if subs is not None:
+            subs.discard(queue)
+            if not subs:
+                del self._subs[job]
+
+    def publish(self, event: Event) -> None:
+        for queue in self._subs.get(event.job, ()):
+            with contextlib.suppress(asyncio.QueueFull):  # a stalled reader resumes from the journal
+                queue.put_nowait(event)
+
+
+EVENT_HUB: web.AppKey[EventHub] = web.AppKey("event_hub", EventHub)
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+
+
+def build_app(node: Node, *, manage_node: bool = True) -> web.Application:
+    """The aiohttp application; with ``manage_node`` its lifetime starts and stops the node."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=node.cfg.api.max_body_bytes)
+    app[NODE] = node
+    app[EVENT_HUB] = EventHub()
+    app[OPENAPI] = openapi_document()
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        if manage_node:
+            await node.start()
+        node.journal.add_listener(app[EVENT_HUB].publish)
+        yield
+        if manage_node:
+            await node.stop()
+
+    app.cleanup_ctx.append(lifetime)
+    r = app.router
+    r.add_post("/v1/quotes", post_quote)
+    r.add_post("/v1/jobs", post_job)
+    r.add_get("/v1/jobs/{id}", get_job)
+    r.add_get("/v1/jobs/{id}/result", get_result)
+    r.add_get("/v1/jobs/{id}/events", get_events)
+    r.add_post("/v1/jobs/{id}/cancel", post_cancel)
+    r.add_get("/v1/capacity", get_capacity)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    return app
+
+
+async def serve(node: Node, host: str, port: int, *, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run the API until cancelled (SIGINT/SIGTERM handled by the caller)."""
+    app = build_app(node)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = port
+    for address in runner.addresses:  # the port actually bound (port 0 picks a free one)
+        bound = int(address[1])
+        break
+    if on_ready is not None:
+        on_ready(bound)
+    log.info("listening", extra={"host": host, "port": bound, "t": time.time()})
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

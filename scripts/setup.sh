@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what Hearth needs on a Debian machine (root), idempotently: system packages, the Python
+# virtual environment with Hearth and its dev tools, and the npm packages the interop tests use.
+# Each step is skipped when its inputs have not changed (stamps in .stamps/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAMPS=.stamps
+mkdir -p "$STAMPS"
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v gcc >/dev/null || need_apt+=(build-essential python3-dev)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
+command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
+if ((${#need_apt[@]})); then
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"Hearth needs Python 3.11+, found {sys.version.split()[0]}")
+PY
+
+py_stamp="$STAMPS/venv.$(sha256sum pyproject.toml | cut -c1-16)"
+if [[ ! -x .venv/bin/python || ! -f "$py_stamp" ]]; then
+  log "python venv (.venv) with hearth[dev]"
+  [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  rm -f "$STAMPS"/venv.*; touch "$py_stamp"
+fi
+
+npm_stamp="$STAMPS/npm.$(cat package.json package-lock.json | sha256sum | cut -c1-16)"
+if [[ ! -d node_modules || ! -f "$npm_stamp" ]]; then
+  log "npm packages (interop tools)"
+  npm ci --no-audit --no-fund --loglevel=error
+  rm -f "$STAMPS"/npm.*; touch "$npm_stamp"
+fi
+log "ready"
