@@ -9,6 +9,7 @@ reserve capacity until the quote expires -> journal -> sign. A refusal at any st
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +48,18 @@ _PAST_ACCEPTANCE = frozenset(
 _CLOSED = frozenset({"rejected", "cancelled"})
 _CANCELLABLE = frozenset({"priced", "accepted", "running"})
 _DONE = frozenset({"completed", "validated", "settled", "disputed", "refunded"})
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A verified request, its envelope, canonical hash, idempotency key and job id: computed once."""
+
+    request: VerifiedRequest
+    env: AnyEnvelope
+    doc: dict[str, Any]
+    hash: str
+    key: str
+    job_key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +124,7 @@ class Admission:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def _verify(self, token: str) -> tuple[VerifiedRequest, AnyEnvelope]:
+    def _verify(self, token: str) -> Incoming:
         try:
             request = self.verifier.verify(token)
         except AuthError as exc:
@@ -120,7 +133,16 @@ class Admission:
         job = request.payload.get("job")
         if job is None:
             raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
-        return request, parse_envelope(job)
+        env = parse_envelope(job)
+        doc = envelope_dict(env)
+        return Incoming(
+            request=request,
+            env=env,
+            doc=doc,
+            hash=envelope_hash(doc),
+            key=idempotency_key(request.iss, doc),
+            job_key=node_job_id(request.iss, env.job_id),
+        )
 
     @asynccontextmanager
     async def _job_lock(self, job: str) -> AsyncIterator[None]:
@@ -132,9 +154,10 @@ class Admission:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._locks.pop(job, None)
 
-    def _existing(self, request: VerifiedRequest, env: AnyEnvelope, key: str) -> JobRecord | None:
-        job = self.journal.find(request.iss, env.job_id)
-        if job is not None and job.idem_key != key:
+    def _existing(self, inc: Incoming) -> JobRecord | None:
+        env = inc.env
+        job = self.journal.get(inc.job_key)
+        if job is not None and job.idem_key != inc.key:
             raise ConflictError(
                 "job_id_conflict",
                 f"job_id {env.job_id!r} is already used by this requester with a different body",
@@ -146,14 +169,12 @@ class Admission:
 
     async def quote(self, token: str) -> Quote:
         """POST /v1/quotes: a signed quote, or a structured refusal carrying the node's ask."""
-        request, env = self._verify(token)
-        key = idempotency_key(request.iss, env)
-        job_key = node_job_id(request.iss, env.job_id)
-        async with self._job_lock(job_key):
-            existing = self._existing(request, env, key)
+        inc = self._verify(token)
+        async with self._job_lock(inc.job_key):
+            existing = self._existing(inc)
             if existing is not None:
-                if existing.state == "priced" and (existing.quote_expires_at or 0) > self._now():
-                    self._check_price_within(existing, env)
+                if existing.state == "priced" and self._quote_live(existing):
+                    self._check_price_within(existing, inc.env)
                     return self._reuse_quote(existing)
                 if existing.state in _PAST_ACCEPTANCE or existing.state in _CLOSED:
                     raise ConflictError(
@@ -161,7 +182,7 @@ class Admission:
                         f"job {existing.id} is {existing.state}; it takes no new quote",
                         details={"job": existing.id, "state": existing.state},
                     )
-            return await self._price_and_hold(request, env, key, job_key, existing)
+            return await self._price_and_hold(inc, existing)
 
     def _check_price_within(self, job: JobRecord, env: AnyEnvelope) -> None:
         price = Decimal(job.price or "0")
@@ -179,14 +200,8 @@ class Admission:
         self.metrics.quote("reused", "ok")
         return Quote(job=job, jwt=job.quote_jwt, claims=claims, reused=True)
 
-    async def _price_and_hold(
-        self,
-        request: VerifiedRequest,
-        env: AnyEnvelope,
-        key: str,
-        job_key: str,
-        existing: JobRecord | None,
-    ) -> Quote:
+    async def _price_and_hold(self, inc: Incoming, existing: JobRecord | None) -> Quote:
+        request, env, job_key = inc.request, inc.env, inc.job_key
         now = self._now()
         screen(env, request.iss, self.cfg.policy, active_for_did=self.journal.active_count(request.iss, now))
         need = resources_of(env)
@@ -201,7 +216,7 @@ class Admission:
         self.ledger.reserve(job_key, need, expires_at)
         try:
             quote_id = "q_" + secrets.token_hex(12)
-            claims = self._quote_claims(request, env, key, job_key, quote_id, bid, estimate, now, expires_at)
+            claims = self._quote_claims(inc, quote_id, bid, estimate, now, expires_at)
             quote_jwt = sign_jwt(self.signer, claims)
             if existing is None:
                 job = self.journal.create_priced(
@@ -209,9 +224,9 @@ class Admission:
                     iss=request.iss,
                     job_id=env.job_id,
                     kind=env.kind,
-                    idem_key=key,
-                    envelope_hash=envelope_hash(env),
-                    envelope=envelope_dict(env),
+                    idem_key=inc.key,
+                    envelope_hash=inc.hash,
+                    envelope=inc.doc,
                     price=str(bid.ask),
                     quote_id=quote_id,
                     quote_jwt=quote_jwt,
@@ -243,30 +258,22 @@ class Admission:
         return Quote(job=job, jwt=quote_jwt, claims=claims, reused=False)
 
     def _quote_claims(
-        self,
-        request: VerifiedRequest,
-        env: AnyEnvelope,
-        key: str,
-        job_key: str,
-        quote_id: str,
-        bid: Bid,
-        estimate: WorkEstimate,
-        now: float,
-        expires_at: int,
+        self, inc: Incoming, quote_id: str, bid: Bid, estimate: WorkEstimate, now: float, expires_at: int
     ) -> dict[str, Any]:
+        env = inc.env
         return {
             "iss": self.signer.did,
-            "aud": request.iss,
+            "aud": inc.request.iss,
             "iat": int(now),
             "exp": expires_at,
             "jti": quote_id,
             "quote": {
                 "quote_id": quote_id,
-                "job": job_key,
+                "job": inc.job_key,
                 "job_id": env.job_id,
                 "kind": env.kind,
-                "envelope_hash": envelope_hash(env),
-                "idempotency_key": key,
+                "envelope_hash": inc.hash,
+                "idempotency_key": inc.key,
                 "price": str(bid.ask),
                 "currency": bid.currency,
                 "chain_id": env.payment.chain_id,
@@ -293,11 +300,10 @@ class Admission:
 
     async def submit(self, token: str, quote_jwt: str | None) -> Submission:
         """POST /v1/jobs: accept against a quote, or bid and accept in one step for a bare request."""
-        request, env = self._verify(token)
-        key = idempotency_key(request.iss, env)
-        job_key = node_job_id(request.iss, env.job_id)
-        async with self._job_lock(job_key):
-            existing = self._existing(request, env, key)
+        inc = self._verify(token)
+        request, env = inc.request, inc.env
+        async with self._job_lock(inc.job_key):
+            existing = self._existing(inc)
             if existing is not None and existing.state in _PAST_ACCEPTANCE:
                 return Submission(job=existing, accepted_now=False)
             if existing is not None and existing.state in _CLOSED:
@@ -307,11 +313,11 @@ class Admission:
                     details={"job": existing.id, "state": existing.state},
                 )
             if quote_jwt is not None:
-                job = self._job_for_quote(quote_jwt, request, env, key, existing)
+                job = self._job_for_quote(quote_jwt, inc, existing)
             elif existing is not None and existing.state == "priced" and self._quote_live(existing):
                 job = existing
             else:
-                job = (await self._price_and_hold(request, env, key, job_key, existing)).job
+                job = (await self._price_and_hold(inc, existing)).job
             self._check_price_within(job, env)
             # The quote's hold becomes the job's, held until the job ends; should it have lapsed, hold anew.
             if not self.ledger.set_expiry(job.id, None):
@@ -333,14 +339,22 @@ class Admission:
     def _quote_live(self, job: JobRecord) -> bool:
         return (job.quote_expires_at or 0) > self._now()
 
-    def _job_for_quote(
-        self,
-        quote_jwt: str,
-        request: VerifiedRequest,
-        env: AnyEnvelope,
-        key: str,
-        existing: JobRecord | None,
-    ) -> JobRecord:
+    def _job_for_quote(self, quote_jwt: str, inc: Incoming, existing: JobRecord | None) -> JobRecord:
+        """The job a quote JWT accepts. The node's own current quote is recognised by equality with the
+        journal's copy (no signature check needed); anything else is verified to say precisely why not."""
+        if (
+            existing is not None
+            and existing.quote_jwt is not None
+            and hmac.compare_digest(existing.quote_jwt.encode(), quote_jwt.encode())
+        ):
+            if existing.state != "priced" or not self._quote_live(existing):
+                raise PricingError(
+                    "quote_expired",
+                    "the quote has expired; ask for a new one",
+                    http_status=409,
+                    retryable=True,
+                )
+            return existing
         try:
             claims = verify_node_token(quote_jwt, self.signer.did, now=self._now)
         except AuthError as exc:
@@ -357,21 +371,15 @@ class Admission:
         quote = claims.get("quote")
         if (
             not isinstance(quote, dict)
-            or claims.get("aud") != request.iss
-            or quote.get("idempotency_key") != key
+            or claims.get("aud") != inc.request.iss
+            or quote.get("idempotency_key") != inc.key
         ):
             raise AuthError("invalid_quote", "the quote is for another requester or another job")
-        if existing is None or existing.quote_id != quote.get("quote_id"):
-            raise ConflictError(
-                "quote_superseded",
-                "this quote is not the job's current quote",
-                details={"job": existing.id if existing else None},
-            )
-        if existing.state != "priced" or not self._quote_live(existing):
-            raise PricingError(
-                "quote_expired", "the quote has expired; ask for a new one", http_status=409, retryable=True
-            )
-        return existing
+        raise ConflictError(
+            "quote_superseded",
+            "this quote is not the job's current quote; ask for a new one",
+            details={"job": inc.job_key, "state": existing.state if existing else None},
+        )
 
     # -- cancel -----------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -205,9 +206,56 @@ def parse_envelope(data: Any) -> FfmpegTranscodeEnvelope | VllmBatchEnvelope:
         ) from None
 
 
+_MAX_SAFE_INT = 2**53 - 1
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` rewritten so that ``json.dumps(sort_keys=True)`` emits its exact JCS form, or ``_NOT_PLAIN``.
+
+    That holds for ASCII keys (code-point order = UTF-16 order), integers within IEEE-754 range, and
+    floats whose shortest repr Python and ECMAScript both write in plain decimal notation (1e-4 <= |x| <
+    1e16; integral ones become ints, as JCS writes them). Anything else takes the full RFC 8785 path.
+    """
+    if isinstance(obj, str) or obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int):
+        return obj if -_MAX_SAFE_INT <= obj <= _MAX_SAFE_INT else _NOT_PLAIN
+    if isinstance(obj, float):
+        if obj.is_integer():
+            return int(obj) if abs(obj) <= _MAX_SAFE_INT else _NOT_PLAIN
+        return obj if 1e-4 <= abs(obj) < 1e16 else _NOT_PLAIN
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            if not isinstance(key, str) or not key.isascii():
+                return _NOT_PLAIN
+            v = _plain(value)
+            if v is _NOT_PLAIN:
+                return _NOT_PLAIN
+            out[key] = v
+        return out
+    if isinstance(obj, list | tuple):
+        items = [_plain(v) for v in obj]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
 def canonical_json(obj: Any) -> bytes:
-    """RFC 8785 (JCS) canonical bytes of a JSON value."""
-    return rfc8785.dumps(obj)
+    """RFC 8785 (JCS) canonical bytes of a JSON value.
+
+    Envelopes take a fast path through the C JSON encoder where its output is provably identical to
+    JCS (see :func:`_plain`); everything else goes through the ``rfc8785`` reference implementation.
+    A property test checks the two agree.
+    """
+    plain = _plain(obj)
+    if plain is _NOT_PLAIN:
+        return rfc8785.dumps(obj)
+    return json.dumps(
+        plain, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+    ).encode()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -219,19 +267,21 @@ def envelope_dict(env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> dict[str,
     return env.model_dump(mode="json")
 
 
-def envelope_hash(env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> str:
-    """``sha256(JCS(envelope))`` as hex (DESIGN §2)."""
-    return sha256_hex(canonical_json(envelope_dict(env)))
+def envelope_hash(env: FfmpegTranscodeEnvelope | VllmBatchEnvelope | dict[str, Any]) -> str:
+    """``sha256(JCS(envelope))`` as hex (DESIGN §2); takes the model or its :func:`envelope_dict`."""
+    doc = env if isinstance(env, dict) else envelope_dict(env)
+    return sha256_hex(canonical_json(doc))
 
 
-def idempotency_key(iss: str, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> str:
+def idempotency_key(iss: str, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope | dict[str, Any]) -> str:
     """``sha256(JCS({iss, job_id, kind, input, output_spec}))``: same submission, same job (DESIGN §3)."""
+    d = env if isinstance(env, dict) else envelope_dict(env)
     doc = {
         "iss": iss,
-        "job_id": env.job_id,
-        "kind": env.kind,
-        "input": {"uri": env.input_uri, "sha256": env.input_sha256},
-        "output_spec": env.output_spec.model_dump(mode="json"),
+        "job_id": d["job_id"],
+        "kind": d["kind"],
+        "input": {"uri": d["input_uri"], "sha256": d["input_sha256"]},
+        "output_spec": d["output_spec"],
     }
     return sha256_hex(canonical_json(doc))
 

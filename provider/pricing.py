@@ -36,9 +36,13 @@ _THOUSAND = Decimal(1000)
 _STDERR_LOG_CHARS = 500
 
 
+# Estimated quantities (seconds, MB, tokens) are kept to a millionth of their unit: finer is float noise.
+QUANTITY_DIGITS = 6
+
+
 def _dec(value: float) -> Decimal:
     # repr gives the shortest string that round-trips, so 0.1 becomes Decimal("0.1"), not its binary noise.
-    return Decimal(repr(value))
+    return Decimal(repr(round(value, QUANTITY_DIGITS)))
 
 
 def _s(value: Decimal) -> str:

@@ -7,6 +7,9 @@ import hashlib
 import json
 
 import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.envelope import (
     canonical_json,
@@ -113,3 +116,42 @@ def test_node_job_id_is_stable_and_per_requester() -> None:
     assert a == node_job_id("did:key:z6MkA", "clip-1")
     assert a != node_job_id("did:key:z6MkB", "clip-1")
     assert a.startswith("hj_") and len(a) == 29
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+@settings(max_examples=400, deadline=None)
+def test_canonical_json_fast_path_equals_rfc8785(value: object) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1e-7,
+        1e16,
+        1e21,
+        123.0,
+        9007199254740994.0,
+        2.0**60,
+        -0.0,
+        2**53 - 1,
+        -(2**53) + 1,
+        {"é": 1, "z": 2},
+        {"\U0001f600": 1, "\ue000": 2},
+    ],
+)
+def test_canonical_json_edge_values(value: object) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
