@@ -140,10 +140,14 @@ async def load(url: str, pairs: list[tuple[str, str]], concurrency: int) -> tupl
         return time.perf_counter() - t0, errors
 
 
+REQUESTERS = 64  # a population of agents, each with its own DID, taking turns
+
+
 def tokens(node_did: str, n: int, tag: str) -> list[tuple[str, str]]:
-    requester = new_ed25519()
+    requesters = [new_ed25519() for _ in range(REQUESTERS)]
     pairs = []
     for i in range(n):
+        requester = requesters[i % REQUESTERS]
         env = envelope(f"{tag}-{i}")
         pairs.append(
             (

@@ -203,7 +203,9 @@ class Admission:
     async def _price_and_hold(self, inc: Incoming, existing: JobRecord | None) -> Quote:
         request, env, job_key = inc.request, inc.env, inc.job_key
         now = self._now()
-        screen(env, request.iss, self.cfg.policy, active_for_did=self.journal.active_count(request.iss, now))
+        policy = self.cfg.policy
+        active = self.journal.active_count(request.iss, now, limit=policy.per_did_concurrency)
+        screen(env, request.iss, policy, active_for_did=active)
         need = resources_of(env)
         estimate = estimator_for(env.kind).estimate(env, None)
         bid = await self.pricer.ask(env, estimate, self.ledger.utilisation(extra=need))

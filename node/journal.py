@@ -340,9 +340,11 @@ _SQL_HOLDING: Final = (
     f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('accepted', 'running') "
     f"UNION ALL SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'priced' AND quote_expires_at > ?"
 )
+# Counting stops at ?3: the concurrency policy only asks whether a requester reached its limit, and a
+# requester with thousands of queued jobs must not make every one of its requests scan them all.
 _SQL_ACTIVE_COUNT: Final = (
-    "SELECT (SELECT COUNT(*) FROM jobs WHERE iss = ?1 AND state IN ('accepted', 'running')) "
-    "+ (SELECT COUNT(*) FROM jobs WHERE iss = ?1 AND state = 'priced' AND quote_expires_at > ?2)"
+    "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE iss = ?1 AND ("
+    "state IN ('accepted', 'running') OR (state = 'priced' AND quote_expires_at > ?2)) LIMIT ?3)"
 )
 _SQL_COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
 _SQL_NONCE_INSERT: Final = "INSERT OR IGNORE INTO nonces (iss, jti, exp) VALUES (?, ?, ?)"
@@ -886,11 +888,14 @@ class Journal:
         with self._read() as conn:
             return [(r[0], r[1], r[2], r[3], r[4]) for r in conn.execute(_SQL_HELD, (cutoff,)).fetchall()]
 
-    def active_count(self, iss: str, now: float | None = None) -> int:
-        """How many of ``iss``'s jobs hold resources at ``now`` (for the per-DID concurrency policy)."""
+    def active_count(self, iss: str, now: float | None = None, *, limit: int = -1) -> int:
+        """How many of ``iss``'s jobs hold resources at ``now`` (for the per-DID concurrency policy).
+
+        With ``limit`` >= 0 counting stops there: the answer is ``min(count, limit)``.
+        """
         cutoff = self._now() if now is None else now
         with self._read() as conn:
-            return int(conn.execute(_SQL_ACTIVE_COUNT, (iss, cutoff)).fetchone()[0])
+            return int(conn.execute(_SQL_ACTIVE_COUNT, (iss, cutoff, limit)).fetchone()[0])
 
     def count_by_state(self) -> dict[str, int]:
         """The number of jobs in every state (zero included), e.g. for metrics."""
