@@ -125,15 +125,20 @@ class Admission:
     # -- requests ---------------------------------------------------------------------------------------
 
     def _verify(self, token: str) -> Incoming:
+        parsed: list[AnyEnvelope] = []
+
+        def parse_job(payload: dict[str, Any]) -> None:
+            # before the jti is recorded: a malformed envelope is refused without a trace
+            if "job" not in payload:
+                raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
+            parsed.append(parse_envelope(payload["job"]))
+
         try:
-            request = self.verifier.verify(token)
+            request = self.verifier.verify(token, before_record=parse_job)
         except AuthError as exc:
             self.metrics.auth_rejected(exc.code)
             raise
-        job = request.payload.get("job")
-        if job is None:
-            raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
-        env = parse_envelope(job)
+        env = parsed[0]
         doc = envelope_dict(env)
         return Incoming(
             request=request,

@@ -387,8 +387,13 @@ class RequestVerifier:
         self._max_lifetime = max_lifetime_seconds
         self._now = now
 
-    def verify(self, token: str) -> VerifiedRequest:
+    def verify(
+        self, token: str, *, before_record: Callable[[dict[str, Any]], None] | None = None
+    ) -> VerifiedRequest:
         """Verify ``token`` and record its ``jti``; raise :class:`~node.errors.AuthError` if any check fails.
+
+        ``before_record(payload)`` runs after every signature and claim check but before the ``jti`` is
+        recorded, so a caller's own refusal of the payload (a malformed envelope) leaves no trace either.
 
         In order: shape (``malformed_jwt``/``unsupported_alg``, 400); claims iss, aud, iat, exp, jti
         (``missing_claim``/``malformed_jwt``, 400); the issuer's DID method (400); ``kid_mismatch``,
@@ -423,6 +428,8 @@ class RequestVerifier:
                 http_status=403,
             )
         self._check_times(iat, exp, nbf)
+        if before_record is not None:
+            before_record(payload)
 
         canonical_iss = canonical_did(iss)
         if not self._replay.check_and_record(canonical_iss, jti, exp + self._skew):

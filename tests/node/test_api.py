@@ -371,3 +371,17 @@ async def test_expired_quote_frees_capacity_and_can_be_requoted(tmp_path: Path, 
             assert q2["quote"]["quote_id"] != q["quote"]["quote_id"]
             done = await c.submit(ln.sign(requester, {"job": make_envelope()}, now=clock[0]), q2["jwt"])
             assert done["job"]["state"] == "accepted"
+
+
+async def test_malformed_envelope_leaves_no_replay_record(live_node: LiveNode, requester: Signer) -> None:
+    import base64
+
+    bad = make_envelope()
+    bad["kind"] = "shell"
+    token = live_node.sign(requester, {"job": bad})
+    status, _ = await post(live_node, "/v1/quotes", token)
+    assert status == 422
+    p = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+    # nothing was recorded for the refused request: its jti is still unused
+    assert live_node.node.journal.check_and_record(requester.did, claims["jti"], claims["exp"] + 60) is True
