@@ -30,9 +30,9 @@ from node.envelope import (
     parse_envelope,
 )
 from node.errors import AuthError, ConflictError, PricingError, RequestError
-from node.journal import JobRecord, Journal
+from node.journal import HOLDING_STATES, JobRecord, Journal
 from node.metrics import Metrics
-from payments.jwt import RequestVerifier, VerifiedRequest, sign_jwt, verify_node_token
+from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
 from provider.capacity import CapacityLedger, Resources
 from provider.estimate import WorkEstimate, estimator_for
@@ -46,7 +46,7 @@ _PAST_ACCEPTANCE = frozenset(
     {"accepted", "running", "completed", "validated", "settled", "disputed", "refunded", "failed"}
 )
 _CLOSED = frozenset({"rejected", "cancelled"})
-_CANCELLABLE = frozenset({"priced", "accepted", "running"})
+_CANCELLABLE = frozenset(HOLDING_STATES)
 _DONE = frozenset({"completed", "validated", "settled", "disputed", "refunded"})
 
 
@@ -78,6 +78,12 @@ class Submission:
 
     job: JobRecord
     accepted_now: bool
+
+
+def _quote_expired() -> PricingError:
+    return PricingError(
+        "quote_expired", "the quote has expired; ask for a new one", http_status=409, retryable=True
+    )
 
 
 def resources_of(env: AnyEnvelope) -> Resources:
@@ -133,11 +139,7 @@ class Admission:
                 raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
             parsed.append(parse_envelope(payload["job"]))
 
-        try:
-            request = self.verifier.verify(token, before_record=parse_job)
-        except AuthError as exc:
-            self.metrics.auth_rejected(exc.code)
-            raise
+        request = self._verify_token(token, parse_job)
         env = parsed[0]
         doc = envelope_dict(env)
         return Incoming(
@@ -148,6 +150,14 @@ class Admission:
             key=idempotency_key(request.iss, doc),
             job_key=node_job_id(request.iss, env.job_id),
         )
+
+    def _verify_token(self, token: str, before_record: Callable[[dict[str, Any]], None]) -> VerifiedRequest:
+        """Verify a signed request; ``before_record`` refuses its payload before the jti is recorded."""
+        try:
+            return self.verifier.verify(token, before_record=before_record)
+        except AuthError as exc:
+            self.metrics.auth_rejected(exc.code)
+            raise
 
     @asynccontextmanager
     async def _job_lock(self, job: str) -> AsyncIterator[None]:
@@ -178,7 +188,7 @@ class Admission:
         async with self._job_lock(inc.job_key):
             existing = self._existing(inc)
             if existing is not None:
-                if existing.state == "priced" and self._quote_live(existing):
+                if self._quote_live(existing):
                     self._check_price_within(existing, inc.env)
                     return self._reuse_quote(existing)
                 if existing.state in _PAST_ACCEPTANCE or existing.state in _CLOSED:
@@ -201,7 +211,7 @@ class Admission:
 
     def _reuse_quote(self, job: JobRecord) -> Quote:
         assert job.quote_jwt is not None
-        claims = verify_node_token(job.quote_jwt, self.signer.did, now=self._now)
+        _, claims, _, _ = decode_unverified(job.quote_jwt)  # the journal's own copy: signed by us
         self.metrics.quote("reused", "ok")
         return Quote(job=job, jwt=job.quote_jwt, claims=claims, reused=True)
 
@@ -321,7 +331,7 @@ class Admission:
                 )
             if quote_jwt is not None:
                 job = self._job_for_quote(quote_jwt, inc, existing)
-            elif existing is not None and existing.state == "priced" and self._quote_live(existing):
+            elif existing is not None and self._quote_live(existing):
                 job = existing
             else:
                 job = (await self._price_and_hold(inc, existing)).job
@@ -344,7 +354,8 @@ class Admission:
             return Submission(job=accepted, accepted_now=True)
 
     def _quote_live(self, job: JobRecord) -> bool:
-        return (job.quote_expires_at or 0) > self._now()
+        """The job is priced and its quote has not expired."""
+        return job.state == "priced" and (job.quote_expires_at or 0) > self._now()
 
     def _job_for_quote(self, quote_jwt: str, inc: Incoming, existing: JobRecord | None) -> JobRecord:
         """The job a quote JWT accepts. The node's own current quote is recognised by equality with the
@@ -354,24 +365,14 @@ class Admission:
             and existing.quote_jwt is not None
             and hmac.compare_digest(existing.quote_jwt.encode(), quote_jwt.encode())
         ):
-            if existing.state != "priced" or not self._quote_live(existing):
-                raise PricingError(
-                    "quote_expired",
-                    "the quote has expired; ask for a new one",
-                    http_status=409,
-                    retryable=True,
-                )
+            if not self._quote_live(existing):
+                raise _quote_expired()
             return existing
         try:
             claims = verify_node_token(quote_jwt, self.signer.did, now=self._now)
         except AuthError as exc:
             if exc.code == "expired":
-                raise PricingError(
-                    "quote_expired",
-                    "the quote has expired; ask for a new one",
-                    http_status=409,
-                    retryable=True,
-                ) from None
+                raise _quote_expired() from None
             raise AuthError(
                 "invalid_quote", f"the quote was not issued by this node: {exc.message}", details=exc.details
             ) from None
@@ -392,15 +393,14 @@ class Admission:
 
     async def cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
         """Cancel for the job's requester: a signed request whose ``cancel`` claim names the job."""
-        try:
-            request = self.verifier.verify(token)
-        except AuthError as exc:
-            self.metrics.auth_rejected(exc.code)
-            raise
-        if request.payload.get("cancel") != job:
-            raise RequestError(
-                "invalid_cancel", "the signed request must carry {'cancel': <job id>}", http_status=422
-            )
+
+        def names_job(payload: dict[str, Any]) -> None:
+            if payload.get("cancel") != job:
+                raise RequestError(
+                    "invalid_cancel", "the signed request must carry {'cancel': <job id>}", http_status=422
+                )
+
+        request = self._verify_token(token, names_job)
         async with self._job_lock(job):
             record = self.journal.require(job)
             if record.iss != request.iss:

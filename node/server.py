@@ -123,9 +123,8 @@ async def read_signed(request: web.Request) -> tuple[str, dict[str, Any]]:
             raise RequestError(
                 "malformed_body", "a JSON body must be an object with a 'request' JWT string", http_status=422
             )
-        for field in ("quote",):
-            if field in doc and doc[field] is not None and not isinstance(doc[field], str):
-                raise RequestError("malformed_body", f"'{field}' must be a JWT string", http_status=422)
+        if doc.get("quote") is not None and not isinstance(doc["quote"], str):
+            raise RequestError("malformed_body", "'quote' must be a JWT string", http_status=422)
         return doc["request"], doc
     if request.content_type in ("application/jwt", "text/plain", "application/octet-stream", ""):
         return _token_from_text(raw), {}

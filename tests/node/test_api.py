@@ -385,3 +385,29 @@ async def test_malformed_envelope_leaves_no_replay_record(live_node: LiveNode, r
     claims = json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
     # nothing was recorded for the refused request: its jti is still unused
     assert live_node.node.journal.check_and_record(requester.did, claims["jti"], claims["exp"] + 60) is True
+
+
+async def test_cancel_naming_another_job_is_refused_without_a_trace(
+    live_node: LiveNode, requester: Signer
+) -> None:
+    import base64
+
+    _, body = await post(live_node, "/v1/jobs", live_node.sign(requester, {"job": make_envelope()}))
+    job = body["job"]["id"]
+    token = live_node.sign(requester, {"cancel": "hj_other"})
+    status, err = await post(live_node, f"/v1/jobs/{job}/cancel", token)
+    assert status == 422
+    assert_error(err, "invalid_cancel")
+    assert live_node.node.journal.require(job).state == "accepted"
+    p = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+    assert live_node.node.journal.check_and_record(requester.did, claims["jti"], claims["exp"] + 60) is True
+
+
+async def test_live_quote_is_returned_again_not_repriced(live_node: LiveNode, requester: Signer) -> None:
+    s1, first = await post(live_node, "/v1/quotes", live_node.sign(requester, {"job": make_envelope()}))
+    s2, again = await post(live_node, "/v1/quotes", live_node.sign(requester, {"job": make_envelope()}))
+    assert (s1, s2) == (201, 200)
+    assert again["reused"] is True
+    assert again["jwt"] == first["jwt"] and again["quote"] == first["quote"]
+    assert live_node.node.ledger.used().cpus == pytest.approx(0.5)  # held once
