@@ -12,6 +12,9 @@
     ├── CapacityError                not enough free capacity right now (retryable, 503/429)
     ├── JournalError                 the journal could not record a fact (500, retryable)
     │   └── IllegalTransitionError   a state change the lifecycle forbids (never written)
+    ├── StorageError                 a blob, block or input could not be stored, fetched or verified
+    ├── ExecutionError               the workload failed in its sandbox (OOM, timeout, output cap, exit)
+    ├── OutputValidationError        the output does not pass the envelope's checks
     └── ConfigError                  node.toml or the environment is invalid (raised at start)
 
 Every error carries ``code`` (a stable snake_case identifier agents can switch on), ``domain`` (one of the
@@ -161,6 +164,33 @@ class IllegalTransitionError(JournalError):
 
     http_status = 409
     retryable = False
+
+
+class StorageError(HearthError):
+    """Raised when content cannot be stored, fetched or verified: a CID or sha256 mismatch, a gateway down.
+
+    A mismatch is never retryable (the bytes are wrong); an unreachable gateway is.
+    """
+
+    domain: Domain = "storage"
+    http_status = 502
+
+
+class ExecutionError(HearthError):
+    """Raised when a workload fails inside its sandbox; ``code`` says how (``oom_killed``, ``timeout``, ...).
+
+    Differs from :class:`OutputValidationError` in that the workload did not finish; the output is not judged.
+    """
+
+    domain: Domain = "execution"
+    http_status = 500
+
+
+class OutputValidationError(HearthError):
+    """Raised when a finished workload's output fails the envelope's checks (duration, streams, size)."""
+
+    domain: Domain = "validation"
+    http_status = 422
 
 
 class ConfigError(HearthError):
