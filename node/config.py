@@ -26,6 +26,11 @@ DEFAULT_QUOTE_TTL_SECONDS = 300
 DEFAULT_RETRY_BUDGET = 2
 DEFAULT_PRICING_SCRIPT_TIMEOUT_SECONDS = 2.0
 DEFAULT_PER_DID_CONCURRENCY = 4
+DEFAULT_MAX_BLOB_MB = 2048
+DEFAULT_MAX_INPUT_MB = 4096
+DEFAULT_FETCH_TIMEOUT_SECONDS = 600.0
+DEFAULT_PIDS_LIMIT = 256
+DEFAULT_TMPFS_MB = 256
 CONFIG_FILENAME = "node.toml"
 KEY_FILENAME = "node.key"
 
@@ -137,6 +142,26 @@ class JournalSection(_Section):
     synchronous: Literal["normal", "full"] = "normal"
 
 
+class StorageSection(_Section):
+    """The local blockstore, the blob upload cap and the IPFS gateways inputs are fetched from."""
+
+    blocks_dir: str = "blocks"
+    max_blob_mb: int = Field(default=DEFAULT_MAX_BLOB_MB, ge=1, le=1_000_000)
+    max_input_mb: int = Field(default=DEFAULT_MAX_INPUT_MB, ge=1, le=1_000_000)
+    gateways: list[str] = Field(default_factory=list, description="trustless gateways for ipfs:// inputs")
+    fetch_timeout_seconds: float = Field(default=DEFAULT_FETCH_TIMEOUT_SECONDS, gt=0, le=3600)
+
+
+class SandboxSection(_Section):
+    """The Docker engine and the per-container controls every workload runs under (DESIGN §6)."""
+
+    docker_url: str = "unix:///var/run/docker.sock"
+    ffmpeg_image: str = "hearth/ffmpeg:latest"
+    pids_limit: int = Field(default=DEFAULT_PIDS_LIMIT, ge=8, le=65_536)
+    tmpfs_mb: int = Field(default=DEFAULT_TMPFS_MB, ge=1, le=65_536)
+    work_dir: str = "work"
+
+
 class NodeConfig(_Section):
     """The whole of ``node.toml``."""
 
@@ -146,6 +171,8 @@ class NodeConfig(_Section):
     policy: PolicySection = Field(default_factory=PolicySection)
     capacity: CapacitySection = Field(default_factory=CapacitySection)
     journal: JournalSection = Field(default_factory=JournalSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    sandbox: SandboxSection = Field(default_factory=SandboxSection)
 
     @field_validator("pricing")
     @classmethod
