@@ -86,6 +86,21 @@ def _quote_expired() -> PricingError:
     )
 
 
+class _CommittedWithTheAnswer:
+    """The journal's replay cache, with each admitted nonce committed in the request's own write.
+
+    A quote or an acceptance then costs one commit, not two. Every public :class:`Admission` method
+    flushes what is still pending before it returns or raises, so no answer leaves the node before the
+    nonce of its request is durable.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def check_and_record(self, iss: str, jti: str, exp: int) -> bool:
+        return self._journal.reserve_nonce(iss, jti, exp)
+
+
 def resources_of(env: AnyEnvelope) -> Resources:
     return Resources(cpus=env.limits.cpus, memory_mb=env.limits.memory_mb, gpus=env.limits.gpus)
 
@@ -115,7 +130,7 @@ class Admission:
         self.pricer = Pricer(cfg.pricing, gpu_model=gpu_model, home=home)
         self.verifier = RequestVerifier(
             signer.did,
-            journal,
+            _CommittedWithTheAnswer(journal),
             clock_skew_seconds=cfg.api.clock_skew_seconds,
             max_lifetime_seconds=cfg.api.max_token_lifetime_seconds,
             now=now,
@@ -184,6 +199,12 @@ class Admission:
 
     async def quote(self, token: str) -> Quote:
         """POST /v1/quotes: a signed quote, or a structured refusal carrying the node's ask."""
+        try:
+            return await self._quote(token)
+        finally:
+            self.journal.flush_nonces()
+
+    async def _quote(self, token: str) -> Quote:
         inc = self._verify(token)
         async with self._job_lock(inc.job_key):
             existing = self._existing(inc)
@@ -317,6 +338,12 @@ class Admission:
 
     async def submit(self, token: str, quote_jwt: str | None) -> Submission:
         """POST /v1/jobs: accept against a quote, or bid and accept in one step for a bare request."""
+        try:
+            return await self._submit(token, quote_jwt)
+        finally:
+            self.journal.flush_nonces()
+
+    async def _submit(self, token: str, quote_jwt: str | None) -> Submission:
         inc = self._verify(token)
         request, env = inc.request, inc.env
         async with self._job_lock(inc.job_key):
@@ -393,6 +420,12 @@ class Admission:
 
     async def cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
         """Cancel for the job's requester: a signed request whose ``cancel`` claim names the job."""
+        try:
+            return await self._cancel(job, token)
+        finally:
+            self.journal.flush_nonces()
+
+    async def _cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
 
         def names_job(payload: dict[str, Any]) -> None:
             if payload.get("cancel") != job:

@@ -349,6 +349,7 @@ _SQL_ACTIVE_COUNT: Final = (
 _SQL_COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
 _SQL_NONCE_INSERT: Final = "INSERT OR IGNORE INTO nonces (iss, jti, exp) VALUES (?, ?, ?)"
 _SQL_NONCE_PRUNE: Final = "DELETE FROM nonces WHERE exp < ?"
+_SQL_NONCE_SEEN: Final = "SELECT 1 FROM nonces WHERE iss = ? AND jti = ?"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -452,6 +453,8 @@ class Journal:
         self._now = now
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
+        # nonces admitted by reserve_nonce(), committed with the next write or by flush_nonces()
+        self._pending_nonces: dict[tuple[str, str], float] = {}
 
     # ----------------------------------------------------------------------------------------- lifetime
 
@@ -509,8 +512,11 @@ class Journal:
         return self._path
 
     def close(self) -> None:
-        """Close the connection; later calls raise ``journal_closed``. Closing twice is harmless."""
+        """Commit reserved nonces and close; later calls raise ``journal_closed``. Closing twice is harmless."""
         with self._lock:
+            if self._conn is not None:
+                with suppress(JournalError):
+                    self.flush_nonces()
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -561,9 +567,14 @@ class Journal:
                 txn.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _write_error(exc) from exc
+            nonces = dict(self._pending_nonces)
             try:
+                if nonces:
+                    txn.conn.executemany(_SQL_NONCE_INSERT, [(i, j, e) for (i, j), e in nonces.items()])
                 yield txn
                 txn.conn.execute("COMMIT")
+                for key in nonces:
+                    self._pending_nonces.pop(key, None)
             except BaseException as exc:
                 if txn.conn.in_transaction:
                     with suppress(sqlite3.Error):
@@ -621,6 +632,29 @@ class Journal:
         _check_time("exp", exp)
         with self._write() as txn:
             return txn.conn.execute(_SQL_NONCE_INSERT, (iss, jti, exp)).rowcount == 1
+
+    def reserve_nonce(self, iss: str, jti: str, exp: float) -> bool:
+        """Like :meth:`check_and_record`, but the nonce is committed with the next write transaction.
+
+        For a request whose handling ends in a write (a quote, an acceptance), the nonce then costs no
+        commit of its own. The caller must call :meth:`flush_nonces` before it answers the request, so
+        that nothing is acknowledged whose nonce is not durable.
+        """
+        _check_time("exp", exp)
+        key = (iss, jti)
+        if key in self._pending_nonces:
+            return False
+        with self._read() as conn:
+            if conn.execute(_SQL_NONCE_SEEN, key).fetchone() is not None:
+                return False
+        self._pending_nonces[key] = exp
+        return True
+
+    def flush_nonces(self) -> None:
+        """Commit the nonces :meth:`reserve_nonce` admitted that no write has committed yet."""
+        if self._pending_nonces:
+            with self._write():
+                pass
 
     def prune_nonces(self, now: float | None = None) -> int:
         """Forget nonces whose ``exp`` is before ``now`` (their tokens are refused as expired anyway)."""

@@ -411,3 +411,22 @@ async def test_live_quote_is_returned_again_not_repriced(live_node: LiveNode, re
     assert again["reused"] is True
     assert again["jwt"] == first["jwt"] and again["quote"] == first["quote"]
     assert live_node.node.ledger.used().cpus == pytest.approx(0.5)  # held once
+
+
+@pytest.mark.parametrize("max_price", ["5.00", "0.000001"])
+async def test_a_request_is_answered_only_once_its_nonce_is_committed(
+    live_node: LiveNode, requester: Signer, max_price: str
+) -> None:
+    import base64
+    import sqlite3
+
+    token = live_node.sign(requester, {"job": make_envelope(max_price=max_price)})
+    status, _ = await post(live_node, "/v1/quotes", token)
+    assert status == (201 if max_price == "5.00" else 402)  # with a write, and without one
+    p = token.split(".")[1]
+    jti = json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))["jti"]
+    conn = sqlite3.connect(live_node.node.journal.path)  # sees only what is committed
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM nonces WHERE jti = ?", (jti,)).fetchone()[0] == 1
+    finally:
+        conn.close()

@@ -655,6 +655,41 @@ def test_replay_cache_survives_restart_and_prunes(path: Path, clock: Clock) -> N
             j.check_and_record(ISS, "nonce-3", float("nan"))
 
 
+def _nonce_rows(path: Path, jti: str) -> int:
+    """Nonce rows as another connection sees them: only what is committed."""
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM nonces WHERE jti = ?", (jti,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_reserved_nonce_is_seen_at_once_and_committed_with_the_next_write(path: Path, clock: Clock) -> None:
+    with Journal.open(path, now=clock) as j:
+        assert j.reserve_nonce(ISS, "jti-r1", T0 + 60) is True
+        assert j.reserve_nonce(ISS, "jti-r1", T0 + 60) is False  # pending already counts as seen
+        assert j.check_and_record(ISS, "jti-r1", T0 + 60) is False
+        assert j.reserve_nonce(ISS, "jti-r2", T0 + 60) is True
+        j.flush_nonces()  # the check_and_record above already committed r1; r2 needed this
+        assert _nonce_rows(path, "jti-r1") == _nonce_rows(path, "jti-r2") == 1
+        assert j.reserve_nonce(ISS, "jti-r3", T0 + 60) is True
+        assert _nonce_rows(path, "jti-r3") == 0
+        make_job(j, 1)  # any write carries the pending nonce
+        assert _nonce_rows(path, "jti-r3") == 1
+        assert j.reserve_nonce(ISS, "jti-r3", T0 + 60) is False
+
+
+def test_reserved_nonce_survives_a_failed_write_and_is_flushed_on_close(path: Path, clock: Clock) -> None:
+    with Journal.open(path, now=clock) as j:
+        make_job(j, 1)
+        assert j.reserve_nonce(ISS, "jti-f1", T0 + 60) is True
+        with pytest.raises(ConflictError):
+            make_job(j, 1)  # rolled back whole, nonce included ...
+        assert _nonce_rows(path, "jti-f1") == 0
+        assert j.reserve_nonce(ISS, "jti-f1", T0 + 60) is False  # ... but still pending
+    assert _nonce_rows(path, "jti-f1") == 1  # close() committed it
+
+
 # --------------------------------------------------------------------------------------------- restart
 
 
