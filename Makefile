@@ -4,10 +4,13 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup images demo test lint typecheck unit bench clean
 
 setup:
 	@scripts/setup.sh
+
+images:
+	@scripts/docker.sh
 
 demo: setup
 	@scripts/demo.sh

@@ -512,7 +512,7 @@ class Journal:
         return self._path
 
     def close(self) -> None:
-        """Commit reserved nonces and close; later calls raise ``journal_closed``. Closing twice is harmless."""
+        """Commit reserved nonces, then close; later calls raise ``journal_closed``; twice is harmless."""
         with self._lock:
             if self._conn is not None:
                 with suppress(JournalError):

@@ -43,4 +43,5 @@ if [[ ! -d node_modules || ! -f "$npm_stamp" ]]; then
   npm ci --no-audit --no-fund --loglevel=error
   rm -f "$STAMPS"/npm.*; touch "$npm_stamp"
 fi
+scripts/docker.sh  # the Docker engine and the sandbox images (DESIGN §6)
 log "ready"
