@@ -1,0 +1,318 @@
+"""The scheduler: runs accepted jobs up to the node's capacity, FIFO with per-requester fairness.
+
+Every step is journalled before it is acted on (DESIGN §4): ``accepted -> running`` before a container
+starts, ``running -> completed`` (with the result) or ``running -> failed`` (with its domain) after it
+ends. A retryable failure goes back to ``accepted`` while the retry budget lasts; a permanent one fails
+once. A cancel (``running -> cancelled``, written by admission) stops the job's task, which stops its
+container.
+
+Fairness: each requester DID has its own FIFO queue; the next job comes from the requester served
+longest ago. When that job does not fit the free capacity the scheduler waits rather than letting
+smaller jobs overtake it, so a large job is never starved.
+
+Recovery: a job found ``running`` at start belonged to a daemon that died. Its containers are removed
+(the executor finds them by label), the attempt is recorded as failed (retryable, ``node_restarted``)
+and retried within the budget. Nothing it produced was published: a result is recorded only once its
+artifact is stored whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from node.errors import ConflictError, HearthError, IllegalTransitionError
+from node.journal import Event, JobRecord, Journal
+from provider.capacity import CapacityLedger, Resources
+
+log = logging.getLogger("hearth.scheduler")
+
+ACTOR = "scheduler"
+# Progress events are journalled at most this often per job (the SSE stream reads them from the journal).
+PROGRESS_INTERVAL_SECONDS = 1.0
+# The message of a failure is kept short in the journal; details stay in the event.
+_MESSAGE_CHARS = 500
+
+ProgressReport = Callable[[Mapping[str, Any]], None]
+
+
+class Executor(Protocol):
+    """Runs one attempt of one job and returns its result document (DESIGN §3), or raises HearthError."""
+
+    async def execute(self, job: JobRecord, report: ProgressReport) -> dict[str, Any]: ...
+
+    async def recover(self, running: list[JobRecord]) -> None:
+        """Remove what attempts of these jobs (and any other orphan of this node) left behind."""
+        ...
+
+
+class Scheduler:
+    """Owns the queue of accepted jobs and the tasks running them."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        executor: Executor,
+        ledger: CapacityLedger,
+        capacity: Resources,
+        *,
+        retry_budget: int,
+        progress_interval: float = PROGRESS_INTERVAL_SECONDS,
+    ) -> None:
+        self._journal = journal
+        self._executor = executor
+        self._ledger = ledger
+        self._capacity = capacity
+        self._retry_budget = retry_budget
+        self._progress_interval = progress_interval
+        # requester DID -> its queued job ids; ordered by when the requester was last served
+        self._queues: OrderedDict[str, deque[str]] = OrderedDict()
+        self._queued: set[str] = set()
+        self._running: dict[str, tuple[asyncio.Task[None], Resources]] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- lifetime -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover from a crash, load the queue from the journal, and start dispatching."""
+        await self._recover()
+        for job in sorted(self._journal.list_jobs(state="accepted", limit=1_000_000), key=_acceptance):
+            self._enqueue(job.id, job.iss)
+        self._journal.add_listener(self._on_event)
+        self._loop_task = asyncio.create_task(self._loop(), name="hearth-scheduler")
+        self._wake.set()
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop dispatching; running jobs get ``grace`` seconds to finish, then are stopped.
+
+        A stopped job stays ``running`` in the journal and is retried by the next start (see recovery).
+        """
+        self._journal.remove_listener(self._on_event)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        tasks = [task for task, _ in self._running.values()]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- views ----------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queued)
+
+    def used(self) -> Resources:
+        total = Resources(cpus=0.0, memory_mb=0, gpus=0)
+        for _, need in self._running.values():
+            total = total + need
+        return total
+
+    # -- queue ----------------------------------------------------------------------------------------
+
+    def _enqueue(self, job: str, iss: str) -> None:
+        # A job still in _running here is being retried by its own finishing task; queue it again.
+        if job in self._queued:
+            return
+        self._queues.setdefault(iss, deque()).append(job)
+        self._queued.add(job)
+        self._wake.set()
+
+    def _on_event(self, event: Event) -> None:
+        if event.type != "transition":
+            return
+        if event.to_state == "accepted":
+            record = self._journal.get(event.job)
+            if record is not None:
+                self._enqueue(record.id, record.iss)
+        elif event.to_state == "cancelled" and event.job in self._running:
+            task, _ = self._running[event.job]
+            task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._dispatch()
+            except Exception:  # keep dispatching; the journal is the truth and the next wake retries
+                log.exception("dispatch failed")
+
+    def _dispatch(self) -> None:
+        while self._queues:
+            iss, queue = next(iter(self._queues.items()))
+            job_id = queue[0]
+            job = self._journal.get(job_id)
+            if job is None or job.state != "accepted":  # cancelled or expired while queued
+                self._pop(iss)
+                continue
+            need = Resources(cpus=job.cpus, memory_mb=job.memory_mb, gpus=job.gpus)
+            if not need.fits(self._capacity):
+                self._pop(iss)
+                self._fail_unrunnable(job, need)
+                continue
+            if not need.fits(self._capacity - self.used()):
+                return  # wait for a running job to end; nothing overtakes the head of the line
+            self._pop(iss)
+            if iss in self._queues:
+                self._queues.move_to_end(iss)  # served now: the others go first next time
+            task = asyncio.create_task(self._run(job), name=f"hearth-job-{job.id}")
+            self._running[job.id] = (task, need)
+
+    def _pop(self, iss: str) -> None:
+        queue = self._queues[iss]
+        self._queued.discard(queue.popleft())
+        if not queue:
+            del self._queues[iss]
+
+    def _fail_unrunnable(self, job: JobRecord, need: Resources) -> None:
+        with contextlib.suppress(ConflictError, IllegalTransitionError):
+            self._journal.transition(
+                job.id,
+                "failed",
+                actor=ACTOR,
+                reason=f"needs {need.to_dict()}, more than this node has ({self._capacity.to_dict()})",
+                domain="scheduling",
+                retryable=False,
+                expect="accepted",
+                fields={"failure_code": "exceeds_capacity", "failure_message": "the job can never fit"},
+            )
+        self._ledger.release(job.id)
+
+    # -- one job --------------------------------------------------------------------------------------
+
+    async def _run(self, job: JobRecord) -> None:
+        try:
+            try:
+                running, _ = self._journal.transition(
+                    job.id, "running", actor=ACTOR, reason=f"attempt {job.attempts + 1}", expect="accepted"
+                )
+            except (ConflictError, IllegalTransitionError):
+                return  # cancelled between dispatch and start
+            try:
+                result = await self._executor.execute(running, self._reporter(job.id))
+            except asyncio.CancelledError:
+                self._after_cancel(job.id)
+                raise
+            except HearthError as exc:
+                self._failed(running, exc)
+            except Exception as exc:  # a bug, not the job's fault: fail it visibly, retryable
+                log.exception("job %s: executor crashed", job.id)
+                self._failed(
+                    running,
+                    HearthError(
+                        "executor_crashed", f"the node failed running the job: {exc}", retryable=True
+                    ),
+                )
+            else:
+                self._completed(running, result)
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+
+    def _reporter(self, job: str) -> ProgressReport:
+        last = [0.0]
+
+        def report(data: Mapping[str, Any]) -> None:
+            now = time.monotonic()
+            if now - last[0] < self._progress_interval and not data.get("done"):
+                return
+            last[0] = now
+            percent = data.get("percent")
+            reason = f"{percent:.0f}%" if isinstance(percent, int | float) else str(data.get("stage", ""))
+            with contextlib.suppress(HearthError):
+                self._journal.append_event(job, "progress", reason or "progress", dict(data), actor=ACTOR)
+
+        return report
+
+    def _completed(self, job: JobRecord, result: dict[str, Any]) -> None:
+        try:
+            self._journal.transition(
+                job.id,
+                "completed",
+                actor=ACTOR,
+                reason=f"artifact {result.get('artifact_uri')}",
+                expect="running",
+                fields={"result_json": result},
+            )
+        except (ConflictError, IllegalTransitionError):
+            log.info("job %s ended as %s; result dropped", job.id, self._state(job.id))
+        self._ledger.release(job.id)
+
+    def _failed(self, job: JobRecord, exc: HearthError) -> None:
+        try:
+            self._journal.transition(
+                job.id,
+                "failed",
+                actor=ACTOR,
+                reason=f"{exc.code}: {exc.message}"[:_MESSAGE_CHARS],
+                domain=exc.domain,
+                retryable=exc.retryable,
+                expect="running",
+                data={"code": exc.code, "details": exc.details},
+                fields={"failure_code": exc.code, "failure_message": exc.message[:_MESSAGE_CHARS]},
+            )
+        except (ConflictError, IllegalTransitionError):
+            return  # cancelled meanwhile
+        if not self._retry(job.id, f"retry after {exc.code}"):
+            self._ledger.release(job.id)
+
+    def _retry(self, job: str, reason: str) -> bool:
+        """``failed -> accepted`` while the failure is retryable and the budget lasts; True if retried."""
+        try:
+            self._journal.transition(
+                job, "accepted", actor=ACTOR, reason=reason, retry_budget=self._retry_budget, expect="failed"
+            )
+        except (ConflictError, IllegalTransitionError):
+            return False
+        return True
+
+    def _after_cancel(self, job: str) -> None:
+        """The task was cancelled: by a requester's cancel (already journalled) or by the node stopping."""
+        if self._state(job) == "cancelled":
+            self._ledger.release(job)
+
+    def _state(self, job: str) -> str | None:
+        record = self._journal.get(job)
+        return None if record is None else record.state
+
+    # -- recovery -------------------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        running = self._journal.list_jobs(state="running", limit=1_000_000)
+        await self._executor.recover(running)
+        for job in running:
+            try:
+                self._journal.transition(
+                    job.id,
+                    "failed",
+                    actor=ACTOR,
+                    reason="node_restarted: the node stopped while the job ran; its container was removed",
+                    domain="execution",
+                    retryable=True,
+                    expect="running",
+                    fields={"failure_code": "node_restarted", "failure_message": "the node stopped mid-run"},
+                )
+            except (ConflictError, IllegalTransitionError):
+                continue
+            if not self._retry(job.id, "retry after node restart"):
+                self._ledger.release(job.id)
+            log.warning("job %s was running when the node stopped; recovered", job.id)
+
+
+def _acceptance(job: JobRecord) -> tuple[float, str]:
+    return (job.updated_at, job.id)
