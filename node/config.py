@@ -29,8 +29,16 @@ DEFAULT_PER_DID_CONCURRENCY = 4
 DEFAULT_MAX_BLOB_MB = 2048
 DEFAULT_MAX_INPUT_MB = 4096
 DEFAULT_FETCH_TIMEOUT_SECONDS = 600.0
+DEFAULT_FETCH_CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_FETCH_READ_TIMEOUT_SECONDS = 60.0
 DEFAULT_PIDS_LIMIT = 256
 DEFAULT_TMPFS_MB = 256
+DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+DEFAULT_SANDBOX_USER = "10001:10001"  # the fixed non-root uid:gid the images in sandbox/images/ create
+DEFAULT_DOCKER_API_TIMEOUT_SECONDS = 30.0
+DEFAULT_OUTPUT_POLL_SECONDS = 0.25
+DEFAULT_STDERR_TAIL_BYTES = 8192
+DEFAULT_DRAIN_GRACE_SECONDS = 30.0
 CONFIG_FILENAME = "node.toml"
 KEY_FILENAME = "node.key"
 
@@ -149,17 +157,49 @@ class StorageSection(_Section):
     max_blob_mb: int = Field(default=DEFAULT_MAX_BLOB_MB, ge=1, le=1_000_000)
     max_input_mb: int = Field(default=DEFAULT_MAX_INPUT_MB, ge=1, le=1_000_000)
     gateways: list[str] = Field(default_factory=list, description="trustless gateways for ipfs:// inputs")
-    fetch_timeout_seconds: float = Field(default=DEFAULT_FETCH_TIMEOUT_SECONDS, gt=0, le=3600)
+    fetch_timeout_seconds: float = Field(
+        default=DEFAULT_FETCH_TIMEOUT_SECONDS, gt=0, le=3600, description="whole fetch of one input"
+    )
+    connect_timeout_seconds: float = Field(default=DEFAULT_FETCH_CONNECT_TIMEOUT_SECONDS, gt=0, le=300)
+    read_timeout_seconds: float = Field(
+        default=DEFAULT_FETCH_READ_TIMEOUT_SECONDS, gt=0, le=3600, description="longest stall mid-download"
+    )
+    verify_reads: bool = Field(default=True, description="re-hash every block read from disk")
+
+    @field_validator("gateways")
+    @classmethod
+    def _gateway_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("https://", "http://")) or len(url) > 2048:
+                raise ValueError(f"gateway {url[:80]!r} must be an http(s):// URL")
+        return [url.rstrip("/") for url in v]
 
 
 class SandboxSection(_Section):
     """The Docker engine and the per-container controls every workload runs under (DESIGN §6)."""
 
-    docker_url: str = "unix:///var/run/docker.sock"
-    ffmpeg_image: str = "hearth/ffmpeg:latest"
+    docker_url: str = DEFAULT_DOCKER_URL
+    ffmpeg_image: str = Field(default="hearth/ffmpeg:latest", description="tag; the node runs its image ID")
     pids_limit: int = Field(default=DEFAULT_PIDS_LIMIT, ge=8, le=65_536)
     tmpfs_mb: int = Field(default=DEFAULT_TMPFS_MB, ge=1, le=65_536)
     work_dir: str = "work"
+    user: str = Field(
+        default=DEFAULT_SANDBOX_USER,
+        pattern=r"^[1-9][0-9]{0,9}:[0-9]{1,10}$",
+        description="numeric uid:gid inside the container; never root",
+    )
+    docker_timeout_seconds: float = Field(default=DEFAULT_DOCKER_API_TIMEOUT_SECONDS, gt=0, le=600)
+    output_poll_seconds: float = Field(
+        default=DEFAULT_OUTPUT_POLL_SECONDS, ge=0.01, le=10, description="how often the output cap is checked"
+    )
+    stderr_tail_bytes: int = Field(default=DEFAULT_STDERR_TAIL_BYTES, ge=256, le=1024 * 1024)
+
+
+class SchedulerSection(_Section):
+    """How accepted jobs are run. ``paused`` keeps accepting and queueing but starts nothing new."""
+
+    paused: bool = False
+    drain_grace_seconds: float = Field(default=DEFAULT_DRAIN_GRACE_SECONDS, ge=0, le=86_400)
 
 
 class NodeConfig(_Section):
@@ -173,6 +213,7 @@ class NodeConfig(_Section):
     journal: JournalSection = Field(default_factory=JournalSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
 
     @field_validator("pricing")
     @classmethod

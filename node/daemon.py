@@ -17,10 +17,15 @@ from pathlib import Path
 from node.admission import Admission
 from node.config import NodeConfig, load_config, resolve_path
 from node.errors import ConfigError
+from node.executor import TranscodeExecutor
 from node.journal import Journal
 from node.metrics import Metrics
+from node.scheduler import Scheduler
 from payments.keys import Signer, load_key
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
+from provider.pricing import Pricer
+from sandbox.runner import SandboxRunner
+from storage import Blockstore, open_blockstore
 
 log = logging.getLogger("hearth.node")
 
@@ -54,6 +59,10 @@ class Node:
         )
         self._journal: Journal | None = None
         self._admission: Admission | None = None
+        self.store: Blockstore = open_blockstore(home, cfg.storage)
+        self.runner = SandboxRunner.from_config(cfg.sandbox, node=signer.did)
+        self._executor: TranscodeExecutor | None = None
+        self._scheduler: Scheduler | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.ready = False
         self.started_at = 0.0
@@ -87,6 +96,17 @@ class Node:
         return self._admission
 
     @property
+    def executor(self) -> TranscodeExecutor:
+        if self._executor is None:
+            raise RuntimeError("node not started")
+        return self._executor
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The scheduler, or None while ``[scheduler] paused`` keeps jobs queued."""
+        return self._scheduler
+
+    @property
     def state_dir(self) -> Path:
         return resolve_path(self.home, self.cfg.node.state_dir)
 
@@ -114,6 +134,26 @@ class Node:
             gpu_model=self.machine.gpu_model,
             now=self.now,
         )
+        swept = await asyncio.to_thread(self.store.sweep_temp_files)
+        if swept:
+            log.warning("removed %d half-written block file(s) left by a previous run", swept)
+        self._executor = TranscodeExecutor(
+            self.cfg,
+            runner=self.runner,
+            store=self.store,
+            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
+            pricer=Pricer(self.cfg.pricing, gpu_model=self.machine.gpu_model, home=self.home),
+            node_did=self.did,
+        )
+        if not self.cfg.scheduler.paused:
+            self._scheduler = Scheduler(
+                journal,
+                self._executor,
+                self.ledger,
+                self.machine.offered,
+                retry_budget=self.cfg.policy.retry_budget,
+            )
+            await self._scheduler.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hearth-housekeeping")
         self.ready = True
         self.metrics.ready.set(1)
@@ -123,9 +163,14 @@ class Node:
             extra={"did": self.did, "startup_ms": round((time.perf_counter() - t0) * 1000, 1)},
         )
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
         self.ready = False
         self.metrics.ready.set(0)
+        if self._scheduler is not None:
+            await self._scheduler.stop(grace)
+            self._scheduler = None
+        self.runner.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -140,6 +185,7 @@ class Node:
         cfg = load_config(self.home)
         self.cfg = cfg
         self.admission.reconfigure(cfg)
+        self.executor.reconfigure(cfg, Pricer(cfg.pricing, gpu_model=self.machine.gpu_model, home=self.home))
         log.info("configuration reloaded")
 
     async def _housekeep(self) -> None:

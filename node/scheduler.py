@@ -225,13 +225,15 @@ class Scheduler:
             self._wake.set()
 
     def _reporter(self, job: str) -> ProgressReport:
-        last = [0.0]
+        last: dict[str, Any] = {"at": 0.0, "stage": None}
 
         def report(data: Mapping[str, Any]) -> None:
+            # A new stage is always recorded; within a stage, at most one report per interval.
             now = time.monotonic()
-            if now - last[0] < self._progress_interval and not data.get("done"):
+            same_stage = data.get("stage") == last["stage"]
+            if same_stage and now - last["at"] < self._progress_interval and not data.get("done"):
                 return
-            last[0] = now
+            last["at"], last["stage"] = now, data.get("stage")
             percent = data.get("percent")
             reason = f"{percent:.0f}%" if isinstance(percent, int | float) else str(data.get("stage", ""))
             with contextlib.suppress(HearthError):
@@ -294,7 +296,10 @@ class Scheduler:
 
     async def _recover(self) -> None:
         running = self._journal.list_jobs(state="running", limit=1_000_000)
-        await self._executor.recover(running)
+        try:
+            await self._executor.recover(running)
+        except HearthError as exc:  # e.g. the engine is down: jobs still go back to the queue
+            log.error("recovery could not clean up after the previous run: %s", exc.message)
         for job in running:
             try:
                 self._journal.transition(

@@ -25,6 +25,7 @@ from node.journal import TERMINAL_STATES, Event, JobRecord
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.openapi import openapi_document
 from payments.jwt import sign_jwt
+from storage import add_routes as add_storage_routes
 
 log = logging.getLogger("hearth.http")
 
@@ -442,6 +443,7 @@ def build_app(node: Node, *, manage_node: bool = True) -> web.Application:
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", openapi)
+    add_storage_routes(app, node.store, node.cfg.storage)
     return app
 
 

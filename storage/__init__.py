@@ -1,0 +1,51 @@
+"""Content-addressed storage (DESIGN §7): UnixFS import, a crash-safe blockstore, CAR, the gateway, inputs.
+
+- :func:`import_path` / :func:`import_stream` / :func:`import_bytes` build UnixFS DAGs under the IPIP-499
+  ``unixfs-v1-2025`` profile (CIDs equal to ``ipfs-car``'s) and store them in a :class:`Blockstore`.
+- :func:`write_car` / :func:`read_car` / :class:`CarReader` speak CAR v1, verifying every block read.
+- :class:`Gateway` (or :func:`add_routes`) serves ``/ipfs/{cid}`` as a Trustless Gateway and takes
+  uploads on ``PUT /v1/blobs``.
+- :func:`fetch_input` brings a job's input (``ipfs://``, ``https://`` with sha256, or a local blob CID)
+  to a local file, verified.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node.config import StorageSection, resolve_path
+from storage._blockstore import BlockBatch, Blockstore, StoreStats
+from storage._car import CarReader, read_car, write_car
+from storage._cid import CID, DAG_PB, RAW
+from storage._dag import ExportedFile, export_file
+from storage._fetch import FetchedInput, fetch_input
+from storage._gateway import Gateway, add_routes
+from storage._importer import ImportResult, import_bytes, import_path, import_stream
+
+__all__ = [
+    "CID",
+    "DAG_PB",
+    "RAW",
+    "BlockBatch",
+    "Blockstore",
+    "CarReader",
+    "ExportedFile",
+    "FetchedInput",
+    "Gateway",
+    "ImportResult",
+    "StoreStats",
+    "add_routes",
+    "export_file",
+    "fetch_input",
+    "import_bytes",
+    "import_path",
+    "import_stream",
+    "open_blockstore",
+    "read_car",
+    "write_car",
+]
+
+
+def open_blockstore(home: Path, config: StorageSection) -> Blockstore:
+    """The node's blockstore: ``[storage] blocks_dir`` (relative to the node home), as configured."""
+    return Blockstore.open(resolve_path(home, config.blocks_dir), verify_reads=config.verify_reads)

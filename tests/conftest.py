@@ -87,7 +87,9 @@ def write_home(home: Path, config: dict[str, Any] | None = None, *, port: int = 
     from payments.keys import save_key
 
     home.mkdir(parents=True, exist_ok=True)
-    cfg = {"api": {"host": "127.0.0.1", "port": port}, **(config or {})}
+    # Jobs stay queued unless a test asks for execution: admission tests watch states the scheduler
+    # would otherwise move on.
+    cfg = {"api": {"host": "127.0.0.1", "port": port}, "scheduler": {"paused": True}, **(config or {})}
     parse_config(cfg)  # fail here, not in the node, on a bad test config
     lines: list[str] = []
     for section, values in cfg.items():
@@ -205,3 +207,33 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         yield d
     finally:
         d.stop()
+
+
+SANDBOX_SETUP_TIMEOUT_SECONDS = 1800  # a fresh machine runs debootstrap and an apt-get build
+
+
+@pytest.fixture(scope="session")
+def sandbox_images() -> dict[str, str]:
+    """Tag -> image ID of every image ``scripts/docker.sh`` provides, after making sure they exist.
+
+    Seconds when the engine runs and the images are built; minutes on a fresh machine, which it sets up.
+    """
+    import docker
+
+    from node.config import DEFAULT_DOCKER_URL
+
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "docker.sh")],
+        capture_output=True,
+        text=True,
+        timeout=SANDBOX_SETUP_TIMEOUT_SECONDS,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/docker.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    client = docker.DockerClient(base_url=DEFAULT_DOCKER_URL)
+    try:
+        tags = ("hearth/ffmpeg:latest", "hearth/base:bookworm")
+        return {tag: str(client.images.get(tag).id) for tag in tags}
+    finally:
+        client.close()

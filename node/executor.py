@@ -1,0 +1,373 @@
+"""The transcode pipeline: one attempt of one ``ffmpeg_transcode`` job, from input to published artifact.
+
+fetch the input (verified: CID or sha256; a mismatch fails in ``storage`` before any container starts)
+-> probe it with ffprobe in a sandbox (hostile files are refused there) -> compile the preset to argv
+-> run ffmpeg in a sandbox, streaming progress -> check the outputs (ffprobe, sizes, hashes) -> publish
+them to the blockstore (a CID is recorded only once every block is stored) -> the result document.
+
+Every container runs under the controls of DESIGN §6 (see :mod:`sandbox.runner`); the attempt's folder
+holds the input and the outputs and is removed when the attempt ends, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+from node.config import NodeConfig
+from node.envelope import FfmpegTranscodeEnvelope, canonical_json, parse_envelope
+from node.errors import ExecutionError, HearthError, StorageError
+from node.journal import JobRecord
+from node.scheduler import ProgressReport
+from payments.jwt import decode_unverified
+from provider.estimate import MIB, InputProbe, WorkEstimate
+from provider.pricing import ASK_QUANTUM, Pricer
+from sandbox.ffmpeg import (
+    CONTAINER_INPUT_PATH,
+    CONTAINER_OUTPUT_DIR,
+    MediaInfo,
+    Plan,
+    ProgressParser,
+    check_output,
+    collect_outputs,
+    parse_probe,
+    probe_argv,
+    probe_refusal,
+    raise_for_checks,
+    transcode_argv,
+)
+from sandbox.runner import Mount, RunSpec, SandboxRunner
+from storage import Blockstore, FetchedInput, fetch_input, import_path
+
+log = logging.getLogger("hearth.executor")
+
+# ffprobe reads headers only: it gets a small, fixed share of the job's limits.
+PROBE_TIMEOUT_SECONDS = 60.0
+PROBE_MEMORY_MB = 256
+PROBE_MAX_OUTPUT_BYTES = 1024 * 1024
+MAX_FFMPEG_THREADS = 16
+_MB = Decimal(MIB)
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """What an attempt published: the root CID, the files under it and their checks."""
+
+    cid: str
+    size: int
+    sha256: str
+    files: list[dict[str, Any]]
+
+
+def ffmpeg_threads(cpus: float) -> int:
+    """The encoder thread count for a job's CPU limit; fixed per job so a replay makes the same bytes."""
+    return max(1, min(MAX_FFMPEG_THREADS, math.ceil(cpus)))
+
+
+class TranscodeExecutor:
+    """Runs ``ffmpeg_transcode`` attempts for the scheduler (see :class:`node.scheduler.Executor`)."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        *,
+        runner: SandboxRunner,
+        store: Blockstore,
+        work_dir: Path,
+        pricer: Pricer,
+        node_did: str,
+    ) -> None:
+        self._cfg = cfg
+        self._runner = runner
+        self._store = store
+        self._work = work_dir
+        self._pricer = pricer
+        self._did = node_did
+        self._image: str | None = None
+        self._tool_versions: dict[str, str] | None = None
+
+    def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
+        self._cfg = cfg
+        self._pricer = pricer
+
+    # -- the scheduler's interface --------------------------------------------------------------------
+
+    async def execute(self, job: JobRecord, report: ProgressReport) -> dict[str, Any]:
+        env = _transcode_envelope(job)
+        attempt = self._attempt_dir(job)
+        try:
+            started = time.monotonic()
+            report({"stage": "fetching", "percent": 0.0})
+            fetched = await self._fetch(env, attempt)
+            report({"stage": "probing", "percent": 0.0})
+            info = await self.probe(fetched.path, job_id=job.id, attempt=job.attempts)
+            plan = transcode_argv(env.output_spec, info=info, threads=ffmpeg_threads(env.limits.cpus))
+            run = await self._transcode(job, env, plan, fetched, attempt / "out", report)
+            report({"stage": "checking", "percent": 100.0})
+            checks, artifact = await self._check_and_publish(env, plan, attempt / "out", store=True)
+            runtime = time.monotonic() - started
+            return {
+                "job_id": env.job_id,
+                "job": job.id,
+                "status": "completed",
+                "artifact_uri": f"ipfs://{artifact.cid}",
+                "artifact_cid": artifact.cid,
+                "artifact_sha256": artifact.sha256,
+                "artifact_size": artifact.size,
+                "files": artifact.files,
+                "runtime_seconds": round(runtime, 3),
+                "container_seconds": round(run, 3),
+                "cost": self._cost(job, env, run, artifact.size),
+                "currency": "usdc",
+                "checks": checks,
+                "provenance": {
+                    "node_did": self._did,
+                    "image_digest": await self._image_id(),
+                    "tool_versions": await self._tools(),
+                    "argv_hash": plan.argv_hash,
+                    "threads": plan.threads,
+                    "input_cid": str(fetched.cid),
+                    "input_sha256": fetched.sha256,
+                    "input_size": fetched.size,
+                    "attempt": job.attempts + 1,
+                },
+            }
+        finally:
+            await asyncio.to_thread(shutil.rmtree, attempt, True)
+
+    async def recover(self, running: list[JobRecord]) -> None:
+        """Remove every container of this node (none can be live at start) and every attempt folder."""
+        removed = await self._runner.remove_containers()
+        if removed:
+            log.warning("removed %d orphan container(s) left by a previous run", len(removed))
+        if self._work.exists():
+            await asyncio.to_thread(shutil.rmtree, self._work, True)
+
+    async def replay(self, job: JobRecord) -> dict[str, Any]:
+        """Run a completed job again from its records and say whether the artifact CID comes out the same.
+
+        Uses the recorded envelope, input CID and thread count; the artifact is computed, not stored.
+        """
+        env = _transcode_envelope(job)
+        recorded = job.result or {}
+        provenance = recorded.get("provenance") or {}
+        attempt = self._work / job.id / "replay"
+        await asyncio.to_thread(shutil.rmtree, attempt, True)
+        (attempt / "in").mkdir(parents=True)
+        try:
+            uri = str(provenance.get("input_cid") or env.input_uri)
+            fetched = await fetch_input(
+                uri, attempt / "in" / "input", store=self._store, config=self._cfg.storage, sha256=None
+            )
+            info = await self.probe(fetched.path, job_id=job.id, attempt=job.attempts)
+            threads = int(provenance.get("threads") or ffmpeg_threads(env.limits.cpus))
+            plan = transcode_argv(env.output_spec, info=info, threads=threads)
+            await self._transcode(job, env, plan, fetched, attempt / "out", lambda _: None)
+            checks, artifact = await self._check_and_publish(env, plan, attempt / "out", store=False)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, attempt, True)
+        return {
+            "job": job.id,
+            "recorded_cid": recorded.get("artifact_cid"),
+            "replay_cid": artifact.cid,
+            "match": artifact.cid == recorded.get("artifact_cid"),
+            "argv_hash_match": plan.argv_hash == provenance.get("argv_hash"),
+            "image_match": (await self._image_id()) == provenance.get("image_digest"),
+            "checks": checks,
+        }
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def _attempt_dir(self, job: JobRecord) -> Path:
+        path = self._work / job.id / f"attempt-{job.attempts + 1}"
+        shutil.rmtree(path, ignore_errors=True)
+        (path / "in").mkdir(parents=True)
+        return path
+
+    async def _fetch(self, env: FfmpegTranscodeEnvelope, attempt: Path) -> FetchedInput:
+        fetched = await fetch_input(
+            env.input_uri,
+            attempt / "in" / "input",
+            store=self._store,
+            config=self._cfg.storage,
+            sha256=env.input_sha256,
+        )
+        # An ipfs:// or blob input is verified by its CID; a sha256 the requester added binds it too.
+        if env.input_sha256 is not None and fetched.sha256 != env.input_sha256:
+            raise StorageError(
+                "sha256_mismatch",
+                f"the input has sha256 {fetched.sha256}, not the envelope's input_sha256",
+                details={"expected": env.input_sha256, "actual": fetched.sha256, "cid": str(fetched.cid)},
+                retryable=False,
+            )
+        return fetched
+
+    async def probe(self, path: Path, *, job_id: str, attempt: int = 0) -> MediaInfo:
+        """ffprobe ``path`` inside a sandbox (the file is untrusted) and parse what it says, or refuse it."""
+        lines: list[str] = []
+        out = path.parent.parent / "probe"
+        try:
+            await self._probe_run(path, out, job_id, attempt, lines)
+        except ExecutionError as exc:
+            if exc.code != "nonzero_exit":
+                raise
+            raise probe_refusal(str(exc.details.get("stderr_tail", "")).encode()) from None
+        return parse_probe("\n".join(lines))
+
+    async def _probe_run(self, path: Path, out: Path, job_id: str, attempt: int, lines: list[str]) -> None:
+        await self._runner.run(
+            RunSpec(
+                image=await self._image_id(),
+                argv=tuple(probe_argv(CONTAINER_INPUT_PATH)),
+                job_id=job_id,
+                attempt=attempt,
+                output_dir=out,
+                inputs=(Mount(host=path, target=CONTAINER_INPUT_PATH),),
+                cpus=1.0,
+                memory_mb=PROBE_MEMORY_MB,
+                timeout_seconds=PROBE_TIMEOUT_SECONDS,
+                max_output_bytes=PROBE_MAX_OUTPUT_BYTES,
+                pids_limit=self._cfg.sandbox.pids_limit,
+                tmpfs_mb=min(self._cfg.sandbox.tmpfs_mb, 64),
+                user=self._cfg.sandbox.user,
+            ),
+            on_stdout=lines.append,
+        )
+
+    async def input_probe(self, path: Path, *, job_id: str) -> InputProbe:
+        """What pricing needs of an input: duration and frame size, from a sandboxed ffprobe."""
+        info = await self.probe(path, job_id=job_id)
+        return InputProbe(duration_seconds=info.duration_seconds, width=info.width, height=info.height)
+
+    async def _transcode(
+        self,
+        job: JobRecord,
+        env: FfmpegTranscodeEnvelope,
+        plan: Plan,
+        fetched: FetchedInput,
+        out: Path,
+        report: ProgressReport,
+    ) -> float:
+        parser = ProgressParser(plan.expected_duration_seconds)
+
+        def on_line(line: str) -> None:
+            progress = parser.feed(line)
+            if progress is not None:
+                report(
+                    {
+                        "stage": "transcoding",
+                        "percent": progress.percent,
+                        "fps": progress.fps,
+                        "speed": progress.speed,
+                        "out_time_seconds": progress.out_time_seconds,
+                        "done": progress.done,
+                    }
+                )
+
+        result = await self._runner.run(
+            RunSpec(
+                image=await self._image_id(),
+                argv=plan.argv,
+                job_id=job.id,
+                attempt=job.attempts,
+                output_dir=out,
+                inputs=(Mount(host=fetched.path, target=CONTAINER_INPUT_PATH),),
+                cpus=env.limits.cpus,
+                memory_mb=env.limits.memory_mb,
+                timeout_seconds=env.limits.timeout_seconds,
+                max_output_bytes=env.limits.max_output_mb * MIB,
+                pids_limit=self._cfg.sandbox.pids_limit,
+                tmpfs_mb=self._cfg.sandbox.tmpfs_mb,
+                workdir=CONTAINER_OUTPUT_DIR,
+                user=self._cfg.sandbox.user,
+            ),
+            on_stdout=on_line,
+        )
+        return result.wall_seconds
+
+    async def _check_and_publish(
+        self, env: FfmpegTranscodeEnvelope, plan: Plan, out: Path, *, store: bool
+    ) -> tuple[Mapping[str, Any], Artifact]:
+        files = await asyncio.to_thread(collect_outputs, plan, out)
+        checks = check_output(files, plan=plan, validation=env.validation, limits=env.limits)
+        raise_for_checks(checks)
+        listed = [{"name": f.name, "size": f.size_bytes, "sha256": f.sha256} for f in files]
+        if len(files) == 1:
+            target, digest = out / files[0].name, files[0].sha256
+        else:
+            target = out
+            digest = hashlib.sha256(canonical_json({f.name: f.sha256 for f in files})).hexdigest()
+        imported = await asyncio.to_thread(import_path, target, self._store if store else None)
+        artifact = Artifact(cid=str(imported.cid), size=imported.size, sha256=digest, files=listed)
+        return dict(checks), artifact
+
+    def _cost(self, job: JobRecord, env: FfmpegTranscodeEnvelope, wall: float, size: int) -> str:
+        """What the node will claim: measured work at the quote's rates and surge, never above the quote."""
+        used = WorkEstimate(
+            cpu_seconds=wall * env.limits.cpus,
+            gpu_seconds=wall * env.limits.gpus,
+            output_mb=float(Decimal(size) / _MB),
+            input_tokens=0,
+            output_tokens=0,
+            basis="ffprobe",
+        )
+        surge = Decimal(1)
+        if job.quote_jwt:
+            with contextlib.suppress(HearthError, ArithmeticError, TypeError, KeyError):
+                surge = Decimal(decode_unverified(job.quote_jwt)[1]["quote"]["surge_factor"])
+        measured = (self._pricer.base_price(env, used).base * surge).quantize(ASK_QUANTUM, rounding=ROUND_UP)
+        quoted = Decimal(job.price or "0")
+        return format(min(measured, quoted), "f")
+
+    async def _image_id(self) -> str:
+        if self._image is None:
+            self._image = await self._runner.image_digest(self._cfg.sandbox.ffmpeg_image)
+        return self._image
+
+    async def _tools(self) -> dict[str, str]:
+        """The ffmpeg version inside the image, asked once per daemon run."""
+        if self._tool_versions is None:
+            lines: list[str] = []
+            out = self._work / "tool-versions"
+            try:
+                await self._runner.run(
+                    RunSpec(
+                        image=await self._image_id(),
+                        argv=("ffmpeg", "-hide_banner", "-version"),
+                        job_id="tool-versions",
+                        output_dir=out,
+                        cpus=0.5,
+                        memory_mb=PROBE_MEMORY_MB,
+                        timeout_seconds=PROBE_TIMEOUT_SECONDS,
+                        max_output_bytes=PROBE_MAX_OUTPUT_BYTES,
+                        user=self._cfg.sandbox.user,
+                    ),
+                    on_stdout=lines.append,
+                )
+            finally:
+                await asyncio.to_thread(shutil.rmtree, out, True)
+            first = lines[0] if lines else ""
+            self._tool_versions = {"ffmpeg": first.split(" ")[2] if first.count(" ") >= 2 else first}
+        return self._tool_versions
+
+
+def _transcode_envelope(job: JobRecord) -> FfmpegTranscodeEnvelope:
+    env = parse_envelope(job.envelope)
+    if not isinstance(env, FfmpegTranscodeEnvelope):
+        raise ExecutionError(
+            "kind_not_runnable",
+            f"this node does not run {env.kind} jobs yet",
+            details={"kind": env.kind},
+            retryable=False,
+        )
+    return env

@@ -1,0 +1,237 @@
+"""Walking DAGs in the blockstore: DFS block order, path resolution, file bytes, completeness.
+
+Only what UnixFS v1 files and plain directories need: raw blocks and dag-pb nodes. A HAMT-sharded
+directory met while resolving a path is refused with a clear error rather than misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from node.errors import NotFoundError, StorageError
+from storage._blockstore import Blockstore
+from storage._cid import CID, DAG_PB, RAW
+from storage._dagpb import PBLink, UnixFSData, UnixFSType, decode_node, decode_unixfs
+
+DagScope = Literal["all", "entity", "block"]
+EntityKind = Literal["file", "directory", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    links: list[PBLink]
+    unixfs: UnixFSData | None
+
+
+def _malformed(cid: CID, exc: Exception) -> StorageError:
+    return StorageError(
+        "malformed_block", f"block {cid} is not valid dag-pb/UnixFS: {exc}", details={"cid": str(cid)}
+    )
+
+
+def _decode(cid: CID, block: bytes) -> _Node:
+    try:
+        links, data = decode_node(block)
+        return _Node(links, decode_unixfs(data) if data is not None else None)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _malformed(cid, exc) from None
+
+
+def _unsupported_codec(cid: CID) -> StorageError:
+    return StorageError(
+        "unsupported_codec",
+        f"{cid} uses codec 0x{cid.codec:x}; only raw and dag-pb (UnixFS) DAGs are supported",
+        details={"cid": str(cid)},
+        http_status=501,
+    )
+
+
+def entity_kind(store: Blockstore, cid: CID) -> EntityKind:
+    """Whether ``cid`` names a UnixFS file (raw blocks count), a directory, or something else."""
+    if cid.codec == RAW:
+        return "file"
+    if cid.codec != DAG_PB:
+        return "other"
+    node = _decode(cid, store.get(cid))
+    if node.unixfs is None:
+        return "other"
+    if node.unixfs.type in (UnixFSType.FILE, UnixFSType.RAW):
+        return "file"
+    return "directory" if _is_directory(node) else "other"
+
+
+def resolve_path(store: Blockstore, root: CID, segments: Sequence[str]) -> tuple[CID, list[CID]]:
+    """The CID at ``root/segments…`` and the CIDs of the directories passed on the way."""
+    cid = root
+    passed: list[CID] = []
+    for depth, segment in enumerate(segments):
+        here = "/".join(segments[:depth]) or "/"
+        if cid.codec != DAG_PB:
+            raise _path_not_found(root, segments, f"{here} is not a directory")
+        node = _decode(cid, store.get(cid))
+        kind = node.unixfs.type if node.unixfs is not None else None
+        if kind == UnixFSType.HAMT_SHARD:
+            raise StorageError(
+                "unsupported_hamt_directory",
+                f"{here} under {root} is a HAMT-sharded directory, which this node does not traverse",
+                details={"cid": str(cid)},
+                http_status=501,
+            )
+        if kind != UnixFSType.DIRECTORY:
+            raise _path_not_found(root, segments, f"{here} is not a directory")
+        match = next((link for link in node.links if link.name == segment), None)
+        if match is None:
+            raise _path_not_found(root, segments, f"no entry {segment!r} in {here}")
+        passed.append(cid)
+        cid = match.cid
+    return cid, passed
+
+
+def _path_not_found(root: CID, segments: Sequence[str], why: str) -> NotFoundError:
+    path = "/".join(segments)
+    return NotFoundError(
+        "path_not_found", f"/ipfs/{root}/{path}: {why}", details={"cid": str(root), "path": path}
+    )
+
+
+def iter_blocks(store: Blockstore, root: CID, scope: DagScope = "all") -> Iterator[tuple[CID, bytes]]:
+    """The DAG's blocks in depth-first order (parent first, links in order), each block once.
+
+    ``scope`` follows the trustless gateway's ``dag-scope``: ``all`` is the whole DAG, ``block`` the
+    root block only, ``entity`` the whole DAG of a file but only the node of a directory.
+    """
+    seen: set[CID] = set()
+    stack = [root]
+    while stack:
+        cid = stack.pop()
+        key = cid.v1()
+        if key in seen:
+            continue
+        seen.add(key)
+        block = store.get(cid)
+        yield cid, block
+        if scope == "block" or cid.codec == RAW:
+            continue
+        if cid.codec != DAG_PB:
+            raise _unsupported_codec(cid)
+        node = _decode(cid, block)
+        if scope == "entity" and cid == root and _is_directory(node):
+            continue
+        stack.extend(link.cid for link in reversed(node.links))
+
+
+def _is_directory(node: _Node) -> bool:
+    return node.unixfs is not None and node.unixfs.type in (UnixFSType.DIRECTORY, UnixFSType.HAMT_SHARD)
+
+
+def first_missing(store: Blockstore, root: CID) -> CID | None:
+    """The first block of the DAG (depth-first) that the store lacks, or ``None`` when it is complete.
+
+    Raw leaves are only checked for presence; dag-pb nodes are read to find their children.
+    """
+    stack = [root]
+    seen: set[CID] = set()
+    while stack:
+        cid = stack.pop()
+        if cid.v1() in seen:
+            continue
+        seen.add(cid.v1())
+        if cid.codec != DAG_PB:
+            if not store.has(cid):
+                return cid
+            continue
+        try:
+            block = store.get(cid)
+        except NotFoundError:
+            return cid
+        stack.extend(link.cid for link in reversed(_decode(cid, block).links))
+    return None
+
+
+def file_size(store: Blockstore, cid: CID) -> int:
+    """The content length of the UnixFS file ``cid`` (from its root block alone)."""
+    if cid.codec == RAW:
+        size = store.size(cid)
+        if size is None:
+            raise NotFoundError(
+                "block_not_found", f"block {cid} is not on this node", details={"cid": str(cid)}
+            )
+        return size
+    unixfs = _file_root(cid, store.get(cid)).unixfs
+    assert unixfs is not None  # _file_root checked it
+    if unixfs.filesize is not None:
+        return unixfs.filesize
+    return len(unixfs.data) + sum(unixfs.blocksizes)
+
+
+def _file_root(cid: CID, block: bytes) -> _Node:
+    if cid.codec != DAG_PB:
+        raise _unsupported_codec(cid)
+    node = _decode(cid, block)
+    if node.unixfs is None or node.unixfs.type not in (UnixFSType.FILE, UnixFSType.RAW):
+        raise StorageError(
+            "not_a_file", f"{cid} is not a UnixFS file", details={"cid": str(cid)}, http_status=422
+        )
+    return node
+
+
+def iter_file(store: Blockstore, cid: CID) -> Iterator[bytes]:
+    """The bytes of the UnixFS file ``cid``, in order, a block's worth at a time."""
+    stack: list[CID | bytes] = [cid]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bytes):
+            yield item
+            continue
+        block = store.get(item)
+        if item.codec == RAW:
+            yield block
+            continue
+        node = _file_root(item, block)
+        stack.extend(link.cid for link in reversed(node.links))
+        assert node.unixfs is not None
+        if node.unixfs.data:
+            stack.append(node.unixfs.data)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedFile:
+    """A file written out of the store: where, how many bytes, and their sha256."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def export_file(store: Blockstore, cid: CID, dest: Path, *, max_bytes: int | None = None) -> ExportedFile:
+    """Write the file ``cid`` to ``dest`` (via a temporary name, then renamed into place)."""
+    digest = hashlib.sha256()
+    size = 0
+    temp = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
+    try:
+        with open(temp, "wb") as out:
+            for piece in iter_file(store, cid):
+                size += len(piece)
+                if max_bytes is not None and size > max_bytes:
+                    raise StorageError(
+                        "input_too_large",
+                        f"{cid} is larger than the {max_bytes}-byte input cap",
+                        details={"cid": str(cid), "max_bytes": max_bytes},
+                        http_status=413,
+                    )
+                digest.update(piece)
+                out.write(piece)
+        os.replace(temp, dest)
+    except OSError as exc:
+        raise StorageError(
+            "export_failed", f"cannot write {dest}: {exc.strerror or exc}", details={"path": str(dest)}
+        ) from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return ExportedFile(dest, size, digest.hexdigest())

@@ -1,0 +1,395 @@
+"""Fetching a job's input to a local file, verified end to end.
+
+- ``ipfs://CID[/path]``: served from the local blockstore when its DAG is complete there; otherwise
+  fetched as a CAR from each configured trustless gateway in turn. Every block is checked against its
+  CID, and must be one the DAG so far links to (a gateway cannot fill the disk with other blocks),
+  before it is stored; blocks become visible only once the whole CAR is in. The file is then put
+  together from the local store.
+- ``https://…``: needs the expected sha256; streamed to disk with a size cap, checked, then imported
+  into the store so the input has a CID for replay.
+- a bare CID: a blob uploaded to this node (``PUT /v1/blobs``), read from the local store only.
+
+Failures are :class:`~node.errors.StorageError`: ``cid_mismatch``, ``sha256_mismatch``,
+``unexpected_block``, ``malformed_car`` and ``input_too_large`` are not retryable (the bytes are wrong or
+too many); ``gateway_unreachable`` and ``gateways_unavailable`` are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import secrets
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote
+
+import aiohttp
+
+from node.config import StorageSection
+from node.errors import NotFoundError, RequestError, StorageError
+from storage._blockstore import BlockBatch, Blockstore
+from storage._car import MAX_BLOCK_BYTES, CarReader
+from storage._cid import CID, DAG_PB
+from storage._dag import entity_kind, export_file, file_size, first_missing, resolve_path
+from storage._dagpb import UnixFSType, decode_node, decode_unixfs
+from storage._gateway import CAR_CONTENT_TYPE, CAR_MEDIA_TYPE, MIB
+from storage._importer import import_path
+
+log = logging.getLogger("hearth.storage")
+
+IPFS_SCHEME = "ipfs://"
+HTTPS_SCHEME = "https://"
+FETCH_PIECE_BYTES = 1024 * 1024  # downloaded bytes gathered before one hop to a worker thread
+# A CAR carries the file's bytes plus its dag-pb nodes and framing: allow that much over the input cap.
+CAR_OVERHEAD_ALLOWANCE = 1 / 64
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedInput:
+    """An input on local disk: its path, size, sha256, CID and where it came from."""
+
+    path: Path
+    size: int
+    sha256: str
+    cid: CID
+    source: str  # "local", the gateway's URL, or the https URL
+
+
+def _too_large(subject: str, cap: int) -> StorageError:
+    return StorageError(
+        "input_too_large",
+        f"{subject} is larger than the input cap of {cap} bytes",
+        details={"max_bytes": cap},
+        http_status=413,
+    )
+
+
+def _segments(path: str) -> list[str]:
+    segments = [s for s in path.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise RequestError("invalid_input_uri", "an ipfs:// path may not contain '.' or '..'")
+    return segments
+
+
+async def fetch_input(
+    uri: str,
+    dest: Path,
+    *,
+    store: Blockstore,
+    config: StorageSection,
+    sha256: str | None = None,
+    session: aiohttp.ClientSession | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> FetchedInput:
+    """Fetch ``uri`` (``ipfs://``, ``https://`` or a bare CID) to ``dest``, verified.
+
+    ``session`` lets a caller share connections; ``ssl_context`` replaces the system trust store
+    (tests use it to trust a self-signed certificate; production leaves it out).
+    """
+    if uri.startswith(IPFS_SCHEME):
+        cid_text, _, path = uri[len(IPFS_SCHEME) :].partition("/")
+        root, segments = CID.parse(cid_text), _segments(path)
+    elif uri.startswith(HTTPS_SCHEME):
+        root, segments = None, []
+    elif "://" in uri:
+        raise RequestError(
+            "unsupported_scheme",
+            f"input {uri[:80]!r}: only ipfs://, https:// and bare CIDs are fetched",
+            details={"uri": uri[:200]},
+        )
+    else:
+        return await _from_store(store, CID.parse(uri), dest, config.max_input_mb * MIB)
+    own_session = session is None
+    client = session if session is not None else aiohttp.ClientSession()
+    try:
+        fetcher = _Fetcher(store, config, client, ssl_context)
+        if root is None:
+            return await fetcher.https(uri, dest, sha256)
+        return await fetcher.ipfs(root, segments, dest)
+    finally:
+        if own_session:
+            await client.close()
+
+
+async def _from_local(
+    store: Blockstore, root: CID, segments: list[str], dest: Path, cap: int
+) -> FetchedInput | None:
+    """The input exported from the local store, or ``None`` when its DAG is not all here."""
+    return await asyncio.to_thread(_export_if_complete, store, root, segments, dest, cap)
+
+
+async def _from_store(store: Blockstore, cid: CID, dest: Path, cap: int) -> FetchedInput:
+    """A blob uploaded to this node: only the local store is asked."""
+    exported = await _from_local(store, cid, [], dest, cap)
+    if exported is None:
+        raise StorageError(
+            "blob_not_found",
+            f"{cid} is not stored on this node; upload it with PUT /v1/blobs or use ipfs://",
+            details={"cid": str(cid)},
+            http_status=404,
+        )
+    return exported
+
+
+def _export_if_complete(
+    store: Blockstore, root: CID, segments: list[str], dest: Path, cap: int
+) -> FetchedInput | None:
+    try:
+        target, _passed = resolve_path(store, root, segments)
+    except NotFoundError as exc:
+        if exc.code == "block_not_found":
+            return None
+        raise
+    if first_missing(store, target) is not None:
+        return None
+    if entity_kind(store, target) != "file":
+        raise StorageError(
+            "not_a_file", f"input {target} is not a file", details={"cid": str(target)}, http_status=422
+        )
+    if file_size(store, target) > cap:
+        raise _too_large(f"input {target}", cap)
+    exported = export_file(store, target, dest, max_bytes=cap)
+    return FetchedInput(dest, exported.size, exported.sha256, target, "local")
+
+
+class _Fetcher:
+    def __init__(
+        self,
+        store: Blockstore,
+        config: StorageSection,
+        session: aiohttp.ClientSession,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.session = session
+        self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self.cap = config.max_input_mb * MIB
+        self.timeout = aiohttp.ClientTimeout(
+            total=config.fetch_timeout_seconds,
+            sock_connect=config.connect_timeout_seconds,
+            sock_read=config.read_timeout_seconds,
+        )
+
+    # -- ipfs:// --------------------------------------------------------------------------------------
+
+    async def ipfs(self, root: CID, segments: list[str], dest: Path) -> FetchedInput:
+        local = await _from_local(self.store, root, segments, dest, self.cap)
+        if local is not None:
+            return local
+        if not self.config.gateways:
+            raise StorageError(
+                "no_gateways",
+                f"{root} is not on this node and no IPFS gateways are configured ([storage] gateways)",
+                details={"cid": str(root)},
+            )
+        failures: list[tuple[str, StorageError]] = []
+        for gateway in self.config.gateways:
+            try:
+                await self._car_from(gateway, root, segments)
+                fetched = await _from_local(self.store, root, segments, dest, self.cap)
+                if fetched is not None:
+                    return FetchedInput(fetched.path, fetched.size, fetched.sha256, fetched.cid, gateway)
+                raise StorageError(
+                    "incomplete_dag", f"{gateway} sent only part of {root}'s DAG", retryable=True
+                )
+            except StorageError as exc:
+                log.warning("gateway fetch failed", extra={"gateway": gateway, "code": exc.code})
+                failures.append((gateway, exc))
+        raise _all_failed(root, failures)
+
+    async def _car_from(self, gateway: str, root: CID, segments: list[str]) -> None:
+        url = "/".join([f"{gateway}/ipfs/{root}", *(quote(s, safe="") for s in segments)])
+        headers = {"Accept": CAR_CONTENT_TYPE}
+        params = {"format": "car", "dag-scope": "all"}
+        batch = self.store.batch()
+        try:
+            async with self.session.get(
+                url, headers=headers, params=params, timeout=self.timeout, ssl=self.ssl
+            ) as response:
+                _check_status(gateway, response.status)
+                if response.content_type != CAR_MEDIA_TYPE:
+                    raise StorageError(
+                        "gateway_bad_response",
+                        f"{gateway} answered {response.content_type}, not a CAR",
+                        details={"gateway": gateway},
+                        retryable=True,
+                    )
+                await self._ingest(response, root, batch)
+            await asyncio.to_thread(batch.commit)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StorageError(
+                "gateway_unreachable",
+                f"{gateway}: {type(exc).__name__}: {exc}",
+                details={"gateway": gateway},
+                retryable=True,
+            ) from None
+        finally:
+            batch.abort()  # a no-op once committed; otherwise no block of a failed fetch is kept
+
+    async def _ingest(self, response: aiohttp.ClientResponse, root: CID, batch: BlockBatch) -> None:
+        ingest = _CarIngest(root, batch, self.cap)
+        pieces: list[bytes] = []
+        held = 0
+        async for piece in response.content.iter_any():
+            if ingest.reader.bytes_read + held + len(piece) > ingest.byte_limit:
+                raise _too_large(f"the CAR for {root}", self.cap)
+            pieces.append(piece)
+            held += len(piece)
+            if held >= FETCH_PIECE_BYTES:
+                await asyncio.to_thread(ingest.feed, pieces)
+                pieces, held = [], 0
+        await asyncio.to_thread(ingest.feed, pieces)
+        ingest.finish()
+
+    # -- https:// -------------------------------------------------------------------------------------
+
+    async def https(self, url: str, dest: Path, sha256: str | None) -> FetchedInput:
+        if sha256 is None or not _SHA256_HEX.fullmatch(sha256):
+            raise RequestError(
+                "input_sha256_required",
+                "an https:// input needs input_sha256: 64 lowercase hex digits",
+                details={"uri": url[:200]},
+            )
+        temp = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
+        try:
+            actual, size = await self._download(url, temp)
+            if actual != sha256:
+                raise StorageError(
+                    "sha256_mismatch",
+                    f"{url[:200]} has sha256 {actual}, not the expected {sha256}",
+                    details={"uri": url[:200], "expected": sha256, "actual": actual},
+                )
+            await asyncio.to_thread(os.replace, temp, dest)
+        except OSError as exc:
+            raise StorageError(
+                "input_write_failed", f"cannot write {dest}: {exc.strerror or exc}", retryable=True
+            ) from None
+        finally:
+            await asyncio.to_thread(temp.unlink, missing_ok=True)
+        imported = await asyncio.to_thread(import_path, dest, self.store)
+        return FetchedInput(dest, size, actual, imported.cid, url)
+
+    async def _download(self, url: str, temp: Path) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        out = await asyncio.to_thread(open, temp, "wb")
+        try:
+            async with self.session.get(url, timeout=self.timeout, ssl=self.ssl) as response:
+                _check_status(url[:200], response.status)
+                if response.content_length is not None and response.content_length > self.cap:
+                    raise _too_large(url[:200], self.cap)
+                pieces: list[bytes] = []
+                held = 0
+                async for piece in response.content.iter_any():
+                    size += len(piece)
+                    if size > self.cap:
+                        raise _too_large(url[:200], self.cap)
+                    pieces.append(piece)
+                    held += len(piece)
+                    if held >= FETCH_PIECE_BYTES:
+                        await asyncio.to_thread(_write_hashed, out, pieces, digest)
+                        pieces, held = [], 0
+                await asyncio.to_thread(_write_hashed, out, pieces, digest)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StorageError(
+                "input_unreachable",
+                f"{url[:200]}: {type(exc).__name__}: {exc}",
+                details={"uri": url[:200]},
+                retryable=True,
+            ) from None
+        finally:
+            await asyncio.to_thread(out.close)
+        return digest.hexdigest(), size
+
+
+def _write_hashed(out: BinaryIO, pieces: list[bytes], digest: hashlib._Hash) -> None:
+    for piece in pieces:
+        digest.update(piece)
+        out.write(piece)
+
+
+class _CarIngest:
+    """Verified blocks of one gateway's CAR into a batch, refusing any block the DAG does not link to.
+
+    Blocks arrive in DFS order, parents first, so every block must already be linked from one before
+    it. A UnixFS file node whose ``filesize`` is over the cap ends the fetch as soon as it arrives.
+    """
+
+    def __init__(self, root: CID, batch: BlockBatch, cap: int) -> None:
+        self.root = root
+        self.batch = batch
+        self.cap = cap
+        self.reader = CarReader()
+        self.expected = {root.v1()}
+        self.byte_limit = int(cap * (1 + CAR_OVERHEAD_ALLOWANCE)) + MAX_BLOCK_BYTES
+
+    def feed(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            for cid, block in self.reader.feed(piece):
+                if cid.v1() not in self.expected:
+                    raise StorageError(
+                        "unexpected_block",
+                        f"the gateway sent block {cid}, which the requested DAG does not link to",
+                        details={"cid": str(cid)},
+                    )
+                if cid.codec == DAG_PB:
+                    self._follow(cid, block)
+                self.batch.put(cid, block)
+
+    def _follow(self, cid: CID, block: bytes) -> None:
+        try:
+            links, data = decode_node(block)
+            unixfs = decode_unixfs(data) if data is not None else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StorageError(
+                "malformed_block", f"block {cid} is not valid dag-pb: {exc}", details={"cid": str(cid)}
+            ) from None
+        if unixfs is not None and unixfs.type == UnixFSType.FILE and (unixfs.filesize or 0) > self.cap:
+            raise _too_large(f"input {cid} ({unixfs.filesize} bytes)", self.cap)
+        self.expected.update(link.cid.v1() for link in links)
+
+    def finish(self) -> None:
+        self.reader.finish()
+        roots = {r.v1() for r in self.reader.roots or []}
+        if roots and self.root.v1() not in roots:
+            raise StorageError(
+                "car_root_mismatch",
+                f"the CAR's roots {sorted(str(r) for r in roots)} do not include {self.root}",
+                details={"cid": str(self.root)},
+            )
+
+
+def _check_status(source: str, status: int) -> None:
+    if status == 200:
+        return
+    retryable = status in _RETRY_STATUSES
+    code = "input_not_found" if status == 404 else "input_unavailable" if retryable else "input_refused"
+    raise StorageError(
+        code,
+        f"{source} answered HTTP {status}",
+        details={"source": source, "status": status},
+        retryable=retryable,
+    )
+
+
+def _all_failed(root: CID, failures: list[tuple[str, StorageError]]) -> StorageError:
+    attempts = [{"gateway": g, "code": e.code, "message": e.message} for g, e in failures]
+    if all(not e.retryable for _g, e in failures):
+        first = failures[0][1]
+        first.details = {**first.details, "attempts": attempts}
+        return first
+    return StorageError(
+        "gateways_unavailable",
+        f"no configured gateway delivered {root}: "
+        + "; ".join(f"{a['gateway']}: {a['code']}" for a in attempts),
+        details={"cid": str(root), "attempts": attempts},
+        retryable=True,
+    )
