@@ -103,6 +103,7 @@ def write_home(home: Path, port: int) -> str:
         f'[api]\nhost = "127.0.0.1"\nport = {port}\n'
         "[capacity]\novercommit = 1000.0\n"
         "[policy]\nper_did_concurrency = 1000000\nmax_cpus = 4\n"
+        "[scheduler]\npaused = true\n"  # admission only: accepted jobs queue
     )
     return signer.did
 
