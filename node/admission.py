@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -35,11 +35,13 @@ from node.metrics import Metrics
 from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
 from provider.capacity import CapacityLedger, Resources
-from provider.estimate import WorkEstimate, estimator_for
+from provider.estimate import InputProbe, WorkEstimate, estimator_for
 from provider.policy import screen
 from provider.pricing import Bid, Pricer, check_max_price
 
 AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
+Prober = Callable[[AnyEnvelope], Awaitable[InputProbe | None]]
+"""Finds what pricing needs of a job's input (ffprobe's duration and size), or None to price on limits."""
 
 # States in which a job no longer takes a quote or an acceptance; re-submitting returns the job as it is.
 _PAST_ACCEPTANCE = frozenset(
@@ -119,6 +121,7 @@ class Admission:
         home: Path,
         gpu_model: str | None = None,
         now: Callable[[], float] = time.time,
+        prober: Prober | None = None,
     ) -> None:
         self.cfg = cfg
         self.signer = signer
@@ -136,6 +139,7 @@ class Admission:
             now=now,
         )
         self._now = now
+        self._prober = prober
         self._locks: dict[str, asyncio.Lock] = {}
 
     def reconfigure(self, cfg: NodeConfig) -> None:
@@ -243,7 +247,8 @@ class Admission:
         active = self.journal.active_count(request.iss, now, limit=policy.per_did_concurrency)
         screen(env, request.iss, policy, active_for_did=active)
         need = resources_of(env)
-        estimate = estimator_for(env.kind).estimate(env, None)
+        probe = await self._prober(env) if self._prober is not None else None
+        estimate = estimator_for(env.kind).estimate(env, probe)
         bid = await self.pricer.ask(env, estimate, self.ledger.utilisation(extra=need))
         try:
             check_max_price(bid, env.payment.max_price_decimal)

@@ -330,6 +330,64 @@ async def cmd_job_events(args: argparse.Namespace, out: Out, client: NodeClient)
     return EXIT_OK
 
 
+async def cmd_blob_put(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    body = await client.put_blob(Path(args.file))
+    out.emit(body, lambda: print(f"{body['cid']}  ({body['size']} bytes)"))
+    return EXIT_OK
+
+
+def cmd_job_replay(args: argparse.Namespace, out: Out) -> int:
+    """Re-run a completed job from this node's journal and blockstore; compare the artifact CID."""
+    import tempfile
+
+    from node.daemon import Node
+    from node.errors import ConflictError, NotFoundError
+    from node.executor import TranscodeExecutor
+    from node.journal import Journal
+    from provider.pricing import Pricer
+
+    node = Node.from_home(args.home)
+
+    async def go() -> dict[str, Any]:
+        journal = Journal.open(
+            node.state_dir / node.cfg.journal.filename, synchronous=node.cfg.journal.synchronous
+        )
+        try:
+            job = journal.get(args.id)
+            if job is None:
+                raise NotFoundError("job_not_found", f"no job {args.id} in this node's journal")
+            if job.result is None:
+                raise ConflictError(
+                    "job_not_completed", f"job {job.id} is {job.state}; only a completed job can be replayed"
+                )
+            with tempfile.TemporaryDirectory(prefix="hearth-replay-") as work:
+                executor = TranscodeExecutor(
+                    node.cfg,
+                    runner=node.runner,
+                    store=node.store,
+                    work_dir=Path(work),
+                    pricer=Pricer(node.cfg.pricing, home=node.home),
+                    node_did=node.did,
+                )
+                return await executor.replay(job)
+        finally:
+            journal.close()
+            node.runner.close()
+
+    report = asyncio.run(go())
+
+    def human() -> None:
+        verdict = "MATCH" if report["match"] else "DIFFERENT"
+        print(f"{verdict}  recorded {report['recorded_cid']}\n         replayed {report['replay_cid']}")
+        print(
+            f"argv {'same' if report['argv_hash_match'] else 'changed'}, "
+            f"image {'same' if report['image_match'] else 'changed'}"
+        )
+
+    out.emit(report, human)
+    return EXIT_OK if report["match"] else EXIT_REFUSED
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 
@@ -406,6 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--follow", action="store_true", help="keep streaming live events")
     p.set_defaults(afunc=cmd_job_events)
+    p = job.add_parser("replay", parents=[common], help="re-run a completed job here; does the CID match?")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_job_replay)
+    blob = sub.add_parser("blob", help="content-addressed inputs").add_subparsers(
+        dest="blob_cmd", required=True
+    )
+    p = blob.add_parser("put", parents=[common, client], help="upload a file; prints its CID")
+    p.add_argument("file")
+    p.set_defaults(afunc=cmd_blob_put)
     p = job.add_parser("cancel", parents=[common, client], help="cancel a job (signed by its requester)")
     p.add_argument("id")
     p.add_argument("--key", required=True)

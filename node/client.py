@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -89,7 +90,7 @@ class NodeClient:
         return self._session
 
     async def _call(
-        self, method: str, path: str, *, data: bytes | None = None, content_type: str | None = None
+        self, method: str, path: str, *, data: Any = None, content_type: str | None = None
     ) -> tuple[int, dict[str, Any]]:
         headers = {"Content-Type": content_type} if content_type else {}
         url = self.base_url + path
@@ -127,6 +128,11 @@ class NodeClient:
             doc = json.dumps({"request": token, "quote": quote_jwt}).encode()
             _, body = await self._call("POST", "/v1/jobs", data=doc, content_type="application/json")
         return body
+
+    async def put_blob(self, path: Path) -> dict[str, Any]:
+        """Upload a file as a blob (streamed); ``{"cid", "size"}``. A job names it by its CID."""
+        with path.open("rb") as f:
+            return (await self._call("PUT", "/v1/blobs", data=f, content_type="application/octet-stream"))[1]
 
     async def status(self, job: str) -> dict[str, Any]:
         return (await self._call("GET", f"/v1/jobs/{job}"))[1]

@@ -31,6 +31,7 @@ DEFAULT_MAX_INPUT_MB = 4096
 DEFAULT_FETCH_TIMEOUT_SECONDS = 600.0
 DEFAULT_FETCH_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_FETCH_READ_TIMEOUT_SECONDS = 60.0
+DEFAULT_QUOTE_FETCH_TIMEOUT_SECONDS = 20.0
 DEFAULT_PIDS_LIMIT = 256
 DEFAULT_TMPFS_MB = 256
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
@@ -165,6 +166,12 @@ class StorageSection(_Section):
         default=DEFAULT_FETCH_READ_TIMEOUT_SECONDS, gt=0, le=3600, description="longest stall mid-download"
     )
     verify_reads: bool = Field(default=True, description="re-hash every block read from disk")
+    quote_fetch_timeout_seconds: float = Field(
+        default=DEFAULT_QUOTE_FETCH_TIMEOUT_SECONDS,
+        gt=0,
+        le=600,
+        description="how long a quote waits for its input to probe it; past that it prices on limits",
+    )
 
     @field_validator("gateways")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from node.admission import Admission
 from node.config import NodeConfig, load_config, resolve_path
+from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
 from node.errors import ConfigError
 from node.executor import TranscodeExecutor
 from node.journal import Journal
@@ -23,6 +24,7 @@ from node.metrics import Metrics
 from node.scheduler import Scheduler
 from payments.keys import Signer, load_key
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
+from provider.estimate import InputProbe
 from provider.pricing import Pricer
 from sandbox.runner import SandboxRunner
 from storage import Blockstore, open_blockstore
@@ -124,6 +126,14 @@ class Node:
             for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
         )
         self.metrics.watch_journal(journal.count_by_state)
+        self._executor = TranscodeExecutor(
+            self.cfg,
+            runner=self.runner,
+            store=self.store,
+            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
+            pricer=Pricer(self.cfg.pricing, gpu_model=self.machine.gpu_model, home=self.home),
+            node_did=self.did,
+        )
         self._admission = Admission(
             self.cfg,
             self.signer,
@@ -133,17 +143,7 @@ class Node:
             home=self.home,
             gpu_model=self.machine.gpu_model,
             now=self.now,
-        )
-        swept = await asyncio.to_thread(self.store.sweep_temp_files)
-        if swept:
-            log.warning("removed %d half-written block file(s) left by a previous run", swept)
-        self._executor = TranscodeExecutor(
-            self.cfg,
-            runner=self.runner,
-            store=self.store,
-            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
-            pricer=Pricer(self.cfg.pricing, gpu_model=self.machine.gpu_model, home=self.home),
-            node_did=self.did,
+            prober=self._probe_input,
         )
         if not self.cfg.scheduler.paused:
             self._scheduler = Scheduler(
@@ -162,6 +162,11 @@ class Node:
             "node ready",
             extra={"did": self.did, "startup_ms": round((time.perf_counter() - t0) * 1000, 1)},
         )
+
+    async def _probe_input(self, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> InputProbe | None:
+        if isinstance(env, FfmpegTranscodeEnvelope):
+            return await self.executor.quote_probe(env)
+        return None
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
@@ -189,6 +194,14 @@ class Node:
         log.info("configuration reloaded")
 
     async def _housekeep(self) -> None:
+        # After ready, not before: a large store takes a while to sweep, and only files of an earlier
+        # process are removed, so uploads may run meanwhile.
+        try:
+            swept = await asyncio.to_thread(self.store.sweep_temp_files)
+            if swept:
+                log.warning("removed %d half-written block file(s) left by a previous run", swept)
+        except Exception:
+            log.exception("sweeping the blockstore failed")
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_SECONDS)
             try:

@@ -17,7 +17,9 @@ import hashlib
 import logging
 import math
 import shutil
+import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_UP, Decimal
@@ -47,7 +49,7 @@ from sandbox.ffmpeg import (
     transcode_argv,
 )
 from sandbox.runner import Mount, RunSpec, SandboxRunner
-from storage import Blockstore, FetchedInput, fetch_input, import_path
+from storage import CID, Blockstore, FetchedInput, fetch_input, import_path
 
 log = logging.getLogger("hearth.executor")
 
@@ -56,6 +58,7 @@ PROBE_TIMEOUT_SECONDS = 60.0
 PROBE_MEMORY_MB = 256
 PROBE_MAX_OUTPUT_BYTES = 1024 * 1024
 MAX_FFMPEG_THREADS = 16
+QUOTE_PROBE_CACHE_SIZE = 1024
 _MB = Decimal(MIB)
 
 
@@ -94,6 +97,7 @@ class TranscodeExecutor:
         self._pricer = pricer
         self._did = node_did
         self._image: str | None = None
+        self._probes: OrderedDict[str, InputProbe] = OrderedDict()
         self._tool_versions: dict[str, str] | None = None
 
     def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
@@ -195,9 +199,12 @@ class TranscodeExecutor:
         return path
 
     async def _fetch(self, env: FfmpegTranscodeEnvelope, attempt: Path) -> FetchedInput:
+        return await self._fetch_for(env, attempt / "in" / "input")
+
+    async def _fetch_for(self, env: FfmpegTranscodeEnvelope, dest: Path) -> FetchedInput:
         fetched = await fetch_input(
             env.input_uri,
-            attempt / "in" / "input",
+            dest,
             store=self._store,
             config=self._cfg.storage,
             sha256=env.input_sha256,
@@ -244,10 +251,49 @@ class TranscodeExecutor:
             on_stdout=lines.append,
         )
 
-    async def input_probe(self, path: Path, *, job_id: str) -> InputProbe:
-        """What pricing needs of an input: duration and frame size, from a sandboxed ffprobe."""
-        info = await self.probe(path, job_id=job_id)
-        return InputProbe(duration_seconds=info.duration_seconds, width=info.width, height=info.height)
+    async def quote_probe(self, env: FfmpegTranscodeEnvelope) -> InputProbe | None:
+        """Duration and frame size of a job's input for its quote, or None to price on the envelope.
+
+        The input is probed when the node can get it: already in the blockstore (an uploaded blob, or an
+        ipfs:// input fetched before) or from a configured gateway, within the quote-time budget. Answers
+        are cached by input. A file that is not usable media is refused here, before any bid.
+        """
+        key = env.input_uri
+        if key in self._probes:
+            self._probes.move_to_end(key)
+            return self._probes[key]
+        if not self._reachable(env.input_uri):
+            return None
+        with tempfile.TemporaryDirectory(dir=self._quote_dir()) as tmp:
+            dest = Path(tmp) / "in" / "input"
+            dest.parent.mkdir()
+            try:
+                async with asyncio.timeout(self._cfg.storage.quote_fetch_timeout_seconds):
+                    fetched = await self._fetch_for(env, dest)
+            except (StorageError, TimeoutError) as exc:
+                log.info("quote for %s priced on its limits: input not fetched (%s)", env.job_id, exc)
+                return None
+            info = await self.probe(fetched.path, job_id=f"quote-{env.job_id}")
+        probe = InputProbe(duration_seconds=info.duration_seconds, width=info.width, height=info.height)
+        self._probes[key] = probe
+        if len(self._probes) > QUOTE_PROBE_CACHE_SIZE:
+            self._probes.popitem(last=False)
+        return probe
+
+    def _reachable(self, uri: str) -> bool:
+        """Worth trying at quote time: gateways to ask, or the input's root block already here."""
+        if uri.startswith("https://") or (uri.startswith("ipfs://") and self._cfg.storage.gateways):
+            return True
+        text = uri.removeprefix("ipfs://").split("/", 1)[0]
+        try:
+            return self._store.has(CID.parse(text))
+        except HearthError:
+            return False
+
+    def _quote_dir(self) -> Path:
+        path = self._work / "quotes"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     async def _transcode(
         self,

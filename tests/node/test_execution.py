@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from node.config import DEFAULT_DOCKER_URL
 from payments.keys import Signer
 from sandbox.ffmpeg import make_test_clip
 from sandbox.runner import LABEL_JOB_ID
-from storage import read_car
+from storage import import_bytes, import_path, read_car
 from tests.conftest import (
     REPO,
     DaemonProcess,
@@ -149,8 +150,23 @@ async def test_a_transcode_runs_and_its_artifact_verifies_with_an_independent_ip
     assert [e["to"] for e in seen if e["type"] == "transition"][-2:] == ["running", "completed"]
     assert containers_of(job) == []  # every container removed after its run
 
-    # the same job, run again from its records, gives the same CID (bit-exact presets)
-    replay = await runner_node.node.executor.replay(runner_node.node.journal.require(job))
+    # `hearth job replay` runs the job again from its records: the same CID (bit-exact presets)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "node.cli",
+        "job",
+        "replay",
+        job,
+        "--home",
+        str(runner_node.node.home),
+        "--json",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 120)
+    replay = json.loads(stdout)
+    assert proc.returncode == 0, replay
     assert replay["match"] is True and replay["replay_cid"] == artifact and replay["argv_hash_match"]
 
 
@@ -158,7 +174,22 @@ async def test_hls_output_is_published_as_a_directory(
     runner_node: LiveNode, requester: Signer, clip: Path
 ) -> None:
     url = runner_node.url
-    cid = await upload(url, clip.read_bytes())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "node.cli",
+        "blob",
+        "put",
+        str(clip),
+        "--node",
+        url,
+        "--json",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    cid = json.loads(stdout)["cid"]
+    assert cid == str(import_path(clip).cid)  # `hearth blob put` uploads; the CID is the file's own
     env = transcode(cid, "hls-1", format="hls", renditions=["360p"], segment_seconds=2)
     del env["output_spec"]["resolution"]
     job = await submit(url, runner_node.did, requester, env)
@@ -173,16 +204,21 @@ async def test_hls_output_is_published_as_a_directory(
 
 
 async def test_a_hostile_input_fails_once_in_validation_and_leaves_nothing(
-    runner_node: LiveNode, requester: Signer
+    tmp_path: Path, requester: Signer, sandbox_images: dict[str, str]
 ) -> None:
-    url = runner_node.url
+    # The job is accepted before its input is uploaded, so no quote-time probe stands in the way: the
+    # run itself meets the hostile file.
     playlist = b"#EXTM3U\n#EXTINF:10,\nfile:///etc/passwd\n"
-    cid = await upload(url, playlist)
-    job = await submit(url, runner_node.did, requester, transcode(cid, "hostile-1"))
-    view = await wait_state(url, job, FINISHED)
-    assert view["state"] == "failed" and view["failure"]["domain"] == "validation"
-    assert view["failure"]["retryable"] is False and view["attempts"] == 0
-    assert "root:" not in json.dumps(await events(url, job))  # nothing of the host file comes back
+    cid = str(import_bytes(playlist).cid)
+    home = write_home(tmp_path / "home", {"scheduler": {"paused": True}})
+    async with live(home) as ln:
+        job = await submit(ln.url, ln.did, requester, transcode(cid, "hostile-1"))
+        assert await upload(ln.url, playlist) == cid
+    async with live(write_home(home, RUN_CONFIG)) as ln:
+        view = await wait_state(ln.url, job, FINISHED)
+        assert view["state"] == "failed" and view["failure"]["domain"] == "validation"
+        assert view["failure"]["retryable"] is False and view["attempts"] == 0
+        assert "root:" not in json.dumps(await events(ln.url, job))  # nothing of the host file comes back
     assert containers_of(job) == []
 
 
@@ -281,3 +317,26 @@ def test_kill_9_mid_run_then_restart_retries_cleanly(
         assert not list((daemon.home / "state" / "work").glob(f"{job}/*"))
     finally:
         daemon.stop()
+
+
+async def test_the_quote_probes_the_input_and_refuses_what_is_not_media(
+    runner_node: LiveNode, requester: Signer, clip: Path
+) -> None:
+    url = runner_node.url
+    cid = await upload(url, clip.read_bytes())
+    async with aiohttp.ClientSession() as s:
+        token = sign_request(requester, runner_node.did, {"job": transcode(cid, "probe-1")})
+        async with s.post(f"{url}/v1/quotes", data=token, headers={"Content-Type": "application/jwt"}) as r:
+            body = await r.json()
+            assert r.status == 201, body
+        estimate = body["quote"]["estimate"]
+        assert estimate["basis"] == "ffprobe"  # priced on the input's real 3 s, not the envelope's limits
+        assert 0 < estimate["cpu_seconds"] < 3 * 0.5 * 2
+
+        junk = await upload(url, b"this is not a video at all\n" * 100)
+        token = sign_request(requester, runner_node.did, {"job": transcode(junk, "probe-2")})
+        async with s.post(f"{url}/v1/quotes", data=token, headers={"Content-Type": "application/jwt"}) as r:
+            err = (await r.json())["error"]
+            assert r.status == 422 and err["domain"] == "validation"
+            assert err["code"] in ("input_not_media", "input_format_not_allowed")
+    assert runner_node.node.journal.find(requester.did, "probe-2") is None  # refused: nothing recorded
