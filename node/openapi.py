@@ -72,6 +72,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         402: "the node's ask exceeds max_price (details.ask)",
         403: "refused by policy or audience",
         404: "not found",
+        406: "a directory asked for without a format (raw or car)",
         409: "conflict: replayed jti, job_id re-used, wrong state",
         413: "body over the node's cap",
         415: "unsupported content type",
@@ -88,6 +89,28 @@ _SIGNED_BODY = {
 }
 _AUTH_ERRORS = (400, 401, 403, 409, 413, 415, 422)
 _JOB_PARAM = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}]
+
+
+_CID_PARAM = {"name": "cid", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+_FORMAT_PARAM = {
+    "name": "format",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["raw", "car"]},
+    "description": "or Accept: application/vnd.ipld.raw | application/vnd.ipld.car",
+}
+_GATEWAY_RESPONSES = {
+    "200": {
+        "description": "verified content",
+        "content": {
+            "application/vnd.ipld.raw": {"schema": {"type": "string", "format": "binary"}},
+            "application/vnd.ipld.car": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "304": {"description": "not modified (ETag)"},
+    **_errors(400, 404, 406),
+}
 
 
 def _signed_doc(key: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -204,6 +227,58 @@ def openapi_document() -> dict[str, Any]:
                         },
                         **_errors(*_AUTH_ERRORS, 404),
                     },
+                }
+            },
+            "/v1/blobs": {
+                "put": {
+                    "operationId": "putBlob",
+                    "summary": "Upload an input (streamed, size-capped); a job names it by the returned CID",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                        },
+                    },
+                    "responses": {
+                        "201": {
+                            "description": "stored as a UnixFS file (CIDv1, raw leaves, 1 MiB chunks)",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "required": ["cid", "size"],
+                                    "properties": {"cid": {"type": "string"}, "size": {"type": "integer"}},
+                                }
+                            ),
+                        },
+                        **_errors(413),
+                    },
+                }
+            },
+            "/ipfs/{cid}": {
+                "get": {
+                    "operationId": "getIpfs",
+                    "summary": "IPFS Trustless Gateway: one block (raw) or the whole DAG (CAR v1); "
+                    "without a format, a file's bytes",
+                    "parameters": [_CID_PARAM, _FORMAT_PARAM],
+                    "responses": _GATEWAY_RESPONSES,
+                },
+                "head": {
+                    "operationId": "headIpfs",
+                    "summary": "As GET, headers only",
+                    "parameters": [_CID_PARAM, _FORMAT_PARAM],
+                    "responses": {"200": {"description": "present"}, **_errors(400, 404, 406)},
+                },
+            },
+            "/ipfs/{cid}/{path}": {
+                "get": {
+                    "operationId": "getIpfsPath",
+                    "summary": "A file or directory inside a UnixFS directory, by path",
+                    "parameters": [
+                        _CID_PARAM,
+                        {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
+                        _FORMAT_PARAM,
+                    ],
+                    "responses": _GATEWAY_RESPONSES,
                 }
             },
             "/v1/capacity": {
