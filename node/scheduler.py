@@ -235,9 +235,10 @@ class Scheduler:
                 return
             last["at"], last["stage"] = now, data.get("stage")
             percent = data.get("percent")
-            reason = f"{percent:.0f}%" if isinstance(percent, int | float) else str(data.get("stage", ""))
+            stage = str(data.get("stage") or "progress")
+            reason = f"{stage} {percent:.0f}%" if isinstance(percent, int | float) else stage
             with contextlib.suppress(HearthError):
-                self._journal.append_event(job, "progress", reason or "progress", dict(data), actor=ACTOR)
+                self._journal.append_event(job, "progress", reason, dict(data), actor=ACTOR)
 
         return report
 

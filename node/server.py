@@ -32,8 +32,10 @@ log = logging.getLogger("hearth.http")
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 SSE_HEARTBEAT_SECONDS = 15.0
 SIGNED_DOCUMENT_TTL_SECONDS = 3600
-# An event stream ends where the job rests: a terminal state, or an expired quote (re-quoting starts anew).
-STREAM_END_STATES = TERMINAL_STATES | {"expired"}
+# An event stream ends where the job rests: a terminal state, an expired quote (re-quoting starts anew), a
+# completed job (its result is ready; validation and settlement are later, separate steps) or a failure
+# that is not being retried.
+STREAM_END_STATES = TERMINAL_STATES | {"expired", "completed", "failed"}
 _JSON_DUMPS = json.dumps
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -307,10 +309,13 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 continue
             await _send_event(response, event)
             last = event.seq
-            if event.to_state is not None:
-                state = event.to_state
+            if event.to_state is not None and queue.empty():
+                # caught up: the journal says whether the job rests (a failure may already be retried)
+                state = node.journal.require(job.id).state
         await response.write_eof()
         return response
+    except ConnectionResetError:  # the client went away; nothing to answer
+        return web.Response(status=499)
     finally:
         hub.unsubscribe(job.id, queue)
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Hearth demo on embedded defaults: start a node, then, with the CLI, show a quote accepted, a quote
-# refused for a low max_price (with the node's ask), a tampered request refused, a replay refused,
-# and the job's status and events. Everything lives in .demo/ and the node stops at the end.
+# Hearth demo on embedded defaults: start a node, upload a generated test clip, then, with the CLI, show a
+# quote accepted, a quote refused for a low max_price (with the node's ask), a tampered request refused,
+# a replay refused, and the transcode running in its sandbox with live progress; finally the artifact's
+# CID, its checks and its gateway URL, fetched and verified with an independent IPFS client (ipfs-car).
+# Everything lives in .demo/ and the node stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -35,14 +37,19 @@ echo "node ready at $NODE"
 step "A requester identity (did:key, Ed25519)"
 show hearth keys new --out "$DEMO/requester.key"
 
+step "A 10 s 720p test clip, uploaded to the node: its CID is the job's input"
+python -c 'import sys; from sandbox.ffmpeg import make_test_clip; make_test_clip(__import__("pathlib").Path(sys.argv[1]), seconds=10, width=1280, height=720, fps=30)' "$DEMO/clip.mp4"
+show hearth blob put "$DEMO/clip.mp4" --node "$NODE"
+INPUT=$(hearth blob put "$DEMO/clip.mp4" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
+
 envelope() {  # envelope FILE JOB_ID MAX_PRICE
   cat >"$1" <<YAML
 job_id: $2
 kind: ffmpeg_transcode
-input_uri: ipfs://bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi
-output_spec: {format: mp4, resolution: 720p, codec: h264, audio_codec: aac, clip: {start_seconds: 0, duration_seconds: 30}}
+input_uri: $INPUT
+output_spec: {format: mp4, resolution: 480p, codec: h264, audio_codec: aac, clip: {start_seconds: 1, duration_seconds: 8}}
 limits: {timeout_seconds: 600, max_output_mb: 200, cpus: 1, memory_mb: 1024, gpus: 0}
-validation: {min_duration_seconds: 29, required_streams: [video, audio]}
+validation: {min_duration_seconds: 7.5, max_duration_seconds: 8.5, required_streams: [video, audio]}
 payment:
   max_price: "$3"
   currency: usdc
@@ -57,7 +64,7 @@ envelope "$DEMO/cheap.yaml" demo-clip-2 0.000001
 envelope "$DEMO/other.yaml" demo-clip-3 2.50
 envelope "$DEMO/replay.yaml" demo-clip-4 2.50
 
-step "1. Quote within max_price: the node signs a quote"
+step "1. Quote within max_price: the node probes the input (ffprobe, sandboxed) and signs a quote"
 show hearth job quote "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --save-quote "$DEMO/quote.jwt"
 step "   ... and the requester accepts it"
 show hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --quote "$DEMO/quote.jwt"
@@ -83,10 +90,39 @@ show hearth job quote --token "$DEMO/replay.jwt" --node "$NODE"
 expect_refusal hearth job quote --token "$DEMO/replay.jwt" --node "$NODE"
 
 JOB=$(hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["job"]["id"])')
-step "5. The accepted job's status and events (it waits in the queue: execution comes next)"
+step "5. The accepted job runs in a hardened container: its events, live, until it completes"
+show hearth job events "$JOB" --node "$NODE" --follow
 show hearth job status "$JOB" --node "$NODE"
-show hearth job events "$JOB" --node "$NODE"
-show hearth job status "$JOB" --node "$NODE" --json
+
+step "6. The signed result: artifact CID, checks, provenance"
+hearth job result "$JOB" --node "$NODE" --json >"$DEMO/result.json"
+python - "$DEMO/result.json" "$NODE" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))["result"]
+if result["status"] != "completed" or not result["checks"]["passed"]:
+    sys.exit(f"the job did not complete cleanly: {json.dumps(result, indent=2)}")
+print(f"artifact    {result['artifact_uri']}  ({result['artifact_size']} bytes, sha256 {result['artifact_sha256'][:16]}...)")
+print("checks      " + ", ".join(f"{c['name']} {'ok' if c['passed'] else 'FAILED'}" for c in result["checks"]["checks"]))
+print(f"cost        {result['cost']} {result['currency']} (runtime {result['runtime_seconds']} s)")
+print(f"image       {result['provenance']['image_digest']}")
+print(f"gateway URL {sys.argv[2]}/ipfs/{result['artifact_cid']}")
+open(sys.argv[1] + ".cid", "w").write(result["artifact_cid"])
+PY
+CID=$(cat "$DEMO/result.json.cid")
+
+step "7. Fetch the artifact as a CAR from the gateway and verify it with an independent IPFS client"
+printf '\033[2m$ GET %s  (Accept: application/vnd.ipld.car) > artifact.car\033[0m\n' "$NODE/ipfs/$CID"
+python -c 'import sys, urllib.request; r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Accept": "application/vnd.ipld.car"})); open(sys.argv[2], "wb").write(r.read())' "$NODE/ipfs/$CID" "$DEMO/artifact.car"
+show node_modules/.bin/ipfs-car roots "$DEMO/artifact.car"
+show node_modules/.bin/ipfs-car unpack "$DEMO/artifact.car" --output "$DEMO/artifact.mp4"
+python - "$DEMO/artifact.mp4" "$DEMO/result.json" <<'PY'
+import hashlib, json, sys
+got = hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()
+want = json.load(open(sys.argv[2]))["result"]["artifact_sha256"]
+if got != want:
+    sys.exit(f"sha256 mismatch: {got} != {want}")
+print(f"verified: ipfs-car unpacked {sys.argv[1]} from the CAR, every block checked; sha256 matches the signed result")
+PY
 
 step "Demo complete"
 echo "node log: $DEMO/node.log"

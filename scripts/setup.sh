@@ -15,6 +15,8 @@ command -v gcc >/dev/null || need_apt+=(build-essential python3-dev)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
+command -v ffprobe >/dev/null || need_apt+=(ffmpeg)  # host ffmpeg: test clips; ffprobe reads our own outputs
+command -v openssl >/dev/null || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

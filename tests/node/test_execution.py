@@ -80,8 +80,9 @@ async def wait_state(url: str, job: str, states: set[str], limit: float = 180) -
             await asyncio.sleep(0.1)
 
 
-async def events(url: str, job: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/jobs/{job}/events?follow=false") as r:
+async def events(url: str, job: str, *, follow: bool = False) -> list[dict[str, Any]]:
+    query = "true" if follow else "false"
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/jobs/{job}/events?follow={query}") as r:
         text = await r.text()
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
 
@@ -110,6 +111,9 @@ async def test_a_transcode_runs_and_its_artifact_verifies_with_an_independent_ip
     url = runner_node.url
     cid = await upload(url, clip.read_bytes())
     job = await submit(url, runner_node.did, requester, transcode(cid, "mp4-1"))
+    # a live event stream follows the job and ends by itself once the result is ready
+    streamed = await asyncio.wait_for(events(url, job, follow=True), 180)
+    assert streamed[-1]["to"] == "completed"
     view = await wait_state(url, job, FINISHED)
     assert view["state"] == "completed", view
 

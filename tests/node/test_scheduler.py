@@ -299,7 +299,7 @@ async def test_progress_reports_become_journal_events(journal: Journal) -> None:
         await until(lambda: "p" in ex.running_now())
         progress = [e for e in journal.events(key) if e.type == "progress"]
         assert progress and progress[0].data == {"stage": "running", "percent": 10.0}
-        assert progress[0].reason == "10%"
+        assert progress[0].reason == "running 10%"
         ex.finish("p")
     finally:
         await sched.stop()
