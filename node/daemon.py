@@ -152,6 +152,7 @@ class Node:
                 self.ledger,
                 self.machine.offered,
                 retry_budget=self.cfg.policy.retry_budget,
+                on_attempt=self.metrics.attempt_ended,
             )
             await self._scheduler.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hearth-housekeeping")

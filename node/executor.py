@@ -97,7 +97,8 @@ class TranscodeExecutor:
         self._pricer = pricer
         self._did = node_did
         self._image: str | None = None
-        self._probes: OrderedDict[str, InputProbe] = OrderedDict()
+        # ffprobe's answer per input content (CID) and image: the quote's probe serves the run too
+        self._probes: OrderedDict[tuple[str, str], MediaInfo] = OrderedDict()
         self._tool_versions: dict[str, str] | None = None
 
     def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
@@ -114,7 +115,7 @@ class TranscodeExecutor:
             report({"stage": "fetching", "percent": 0.0})
             fetched = await self._fetch(env, attempt)
             report({"stage": "probing", "percent": 0.0})
-            info = await self.probe(fetched.path, job_id=job.id, attempt=job.attempts)
+            info = await self._probe_cached(fetched, job_id=job.id, attempt=job.attempts)
             plan = transcode_argv(env.output_spec, info=info, threads=ffmpeg_threads(env.limits.cpus))
             run = await self._transcode(job, env, plan, fetched, attempt / "out", report)
             report({"stage": "checking", "percent": 100.0})
@@ -255,13 +256,13 @@ class TranscodeExecutor:
         """Duration and frame size of a job's input for its quote, or None to price on the envelope.
 
         The input is probed when the node can get it: already in the blockstore (an uploaded blob, or an
-        ipfs:// input fetched before) or from a configured gateway, within the quote-time budget. Answers
-        are cached by input. A file that is not usable media is refused here, before any bid.
+        ipfs:// input fetched before) or from a configured gateway, within the quote-time budget. The
+        answer is cached by content, so the run does not probe again. A file that is not usable media is
+        refused here, before any bid.
         """
-        key = env.input_uri
-        if key in self._probes:
-            self._probes.move_to_end(key)
-            return self._probes[key]
+        known = self._known_probe(env.input_uri)
+        if known is not None:
+            return InputProbe(duration_seconds=known.duration_seconds, width=known.width, height=known.height)
         if not self._reachable(env.input_uri):
             return None
         with tempfile.TemporaryDirectory(dir=self._quote_dir()) as tmp:
@@ -273,12 +274,32 @@ class TranscodeExecutor:
             except (StorageError, TimeoutError) as exc:
                 log.info("quote for %s priced on its limits: input not fetched (%s)", env.job_id, exc)
                 return None
-            info = await self.probe(fetched.path, job_id=f"quote-{env.job_id}")
-        probe = InputProbe(duration_seconds=info.duration_seconds, width=info.width, height=info.height)
-        self._probes[key] = probe
+            info = await self._probe_cached(fetched, job_id=f"quote-{env.job_id}")
+        return InputProbe(duration_seconds=info.duration_seconds, width=info.width, height=info.height)
+
+    async def _probe_cached(self, fetched: FetchedInput, *, job_id: str, attempt: int = 0) -> MediaInfo:
+        """The probe of this exact content (its CID, verified on fetch) under this image, once."""
+        key = (str(fetched.cid), await self._image_id())
+        info = self._probes.get(key)
+        if info is not None:
+            self._probes.move_to_end(key)
+            return info
+        info = await self.probe(fetched.path, job_id=job_id, attempt=attempt)
+        self._probes[key] = info
         if len(self._probes) > QUOTE_PROBE_CACHE_SIZE:
             self._probes.popitem(last=False)
-        return probe
+        return info
+
+    def _known_probe(self, uri: str) -> MediaInfo | None:
+        """A cached probe for an input named by its CID alone, without fetching it again."""
+        text = uri.removeprefix("ipfs://")
+        if "/" in text or self._image is None or text.startswith("https:"):
+            return None
+        try:
+            key = (str(CID.parse(text)), self._image)
+        except HearthError:
+            return None
+        return self._probes.get(key)
 
     def _reachable(self, uri: str) -> bool:
         """Worth trying at quote time: gateways to ask, or the input's root block already here."""

@@ -57,6 +57,21 @@ class Metrics:
             "hearth_capacity_free", "Free capacity by resource", ["resource"], registry=r
         )
         self.ready = Gauge("hearth_ready", "1 when the node accepts work", registry=r)
+        self.job_runs = Counter(
+            "hearth_job_runs",
+            "Job attempts that ended, by outcome and failure domain",
+            ["outcome", "domain"],
+            registry=r,
+        )
+        self.job_run_seconds = Histogram(
+            "hearth_job_run_seconds",
+            "Wall time of one attempt, fetch to publish",
+            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.queue_depth = Gauge("hearth_queue_depth", "Accepted jobs waiting to run", registry=r)
+        self.jobs_running = Gauge("hearth_jobs_running", "Jobs running now", registry=r)
+        self.stored = Gauge("hearth_blockstore", "Content in the local blockstore", ["unit"], registry=r)
 
     def watch_journal(self, count_by_state: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobStates(count_by_state))
@@ -69,6 +84,10 @@ class Metrics:
 
     def accepted(self) -> None:
         self.jobs_accepted.inc()
+
+    def attempt_ended(self, outcome: str, domain: str, seconds: float) -> None:
+        self.job_runs.labels(outcome, domain).inc()
+        self.job_run_seconds.observe(seconds)
 
     def error(self, domain: str, code: str) -> None:
         self.errors.labels(domain, code).inc()

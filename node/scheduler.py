@@ -39,6 +39,8 @@ PROGRESS_INTERVAL_SECONDS = 1.0
 _MESSAGE_CHARS = 500
 
 ProgressReport = Callable[[Mapping[str, Any]], None]
+AttemptObserver = Callable[[str, str, float], None]
+"""Told of each attempt that ended: ``(outcome, failure domain or "", seconds)``; e.g. for metrics."""
 
 
 class Executor(Protocol):
@@ -63,6 +65,7 @@ class Scheduler:
         *,
         retry_budget: int,
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
+        on_attempt: AttemptObserver | None = None,
     ) -> None:
         self._journal = journal
         self._executor = executor
@@ -70,6 +73,7 @@ class Scheduler:
         self._capacity = capacity
         self._retry_budget = retry_budget
         self._progress_interval = progress_interval
+        self._on_attempt = on_attempt
         # requester DID -> its queued job ids; ordered by when the requester was last served
         self._queues: OrderedDict[str, deque[str]] = OrderedDict()
         self._queued: set[str] = set()
@@ -203,13 +207,16 @@ class Scheduler:
                 )
             except (ConflictError, IllegalTransitionError):
                 return  # cancelled between dispatch and start
+            started = time.monotonic()
             try:
                 result = await self._executor.execute(running, self._reporter(job.id))
             except asyncio.CancelledError:
                 self._after_cancel(job.id)
+                self._observe("cancelled", "", started)
                 raise
             except HearthError as exc:
                 self._failed(running, exc)
+                self._observe("failed", exc.domain, started)
             except Exception as exc:  # a bug, not the job's fault: fail it visibly, retryable
                 log.exception("job %s: executor crashed", job.id)
                 self._failed(
@@ -218,11 +225,17 @@ class Scheduler:
                         "executor_crashed", f"the node failed running the job: {exc}", retryable=True
                     ),
                 )
+                self._observe("failed", "internal", started)
             else:
                 self._completed(running, result)
+                self._observe("completed", "", started)
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
+
+    def _observe(self, outcome: str, domain: str, started: float) -> None:
+        if self._on_attempt is not None:
+            self._on_attempt(outcome, domain, time.monotonic() - started)
 
     def _reporter(self, job: str) -> ProgressReport:
         last: dict[str, Any] = {"at": 0.0, "stage": None}

@@ -382,6 +382,12 @@ async def metrics(request: web.Request) -> web.Response:
     node.metrics.capacity_free.labels("cpus").set(free.cpus)
     node.metrics.capacity_free.labels("memory_mb").set(free.memory_mb)
     node.metrics.capacity_free.labels("gpus").set(free.gpus)
+    scheduler = node.scheduler
+    node.metrics.queue_depth.set(scheduler.queue_depth if scheduler is not None else 0)
+    node.metrics.jobs_running.set(len(scheduler.running) if scheduler is not None else 0)
+    stats = await asyncio.to_thread(node.store.stats)
+    node.metrics.stored.labels("bytes").set(stats.bytes)
+    node.metrics.stored.labels("blocks").set(stats.blocks)
     return web.Response(body=node.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
