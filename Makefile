@@ -28,7 +28,8 @@ unit: setup
 test: lint typecheck unit
 
 bench: setup
-	$(PY) bench/admission.py
+	$(PY) bench/admission.py; a=$$?; $(PY) bench/cid.py; c=$$?; $(PY) bench/transcode.py; t=$$?; \
+	exit $$((a || c || t))
 
 clean:
 	rm -rf .stamps .demo .mypy_cache .ruff_cache .pytest_cache
