@@ -152,6 +152,7 @@ class Node:
                 self.ledger,
                 self.machine.offered,
                 retry_budget=self.cfg.policy.retry_budget,
+                gpu_ids=tuple(str(gpu.index) for gpu in self.machine.gpus),
                 on_attempt=self.metrics.attempt_ended,
             )
             await self._scheduler.start()

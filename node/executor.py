@@ -107,7 +107,9 @@ class TranscodeExecutor:
 
     # -- the scheduler's interface --------------------------------------------------------------------
 
-    async def execute(self, job: JobRecord, report: ProgressReport) -> dict[str, Any]:
+    async def execute(
+        self, job: JobRecord, report: ProgressReport, *, gpu_ids: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         env = _transcode_envelope(job)
         attempt = self._attempt_dir(job)
         try:
@@ -117,7 +119,7 @@ class TranscodeExecutor:
             report({"stage": "probing", "percent": 0.0})
             info = await self._probe_cached(fetched, job_id=job.id, attempt=job.attempts)
             plan = transcode_argv(env.output_spec, info=info, threads=ffmpeg_threads(env.limits.cpus))
-            run = await self._transcode(job, env, plan, fetched, attempt / "out", report)
+            run = await self._transcode(job, env, plan, fetched, attempt / "out", report, gpu_ids)
             report({"stage": "checking", "percent": 100.0})
             checks, artifact = await self._check_and_publish(env, plan, attempt / "out", store=True)
             runtime = time.monotonic() - started
@@ -177,7 +179,7 @@ class TranscodeExecutor:
             info = await self.probe(fetched.path, job_id=job.id, attempt=job.attempts)
             threads = int(provenance.get("threads") or ffmpeg_threads(env.limits.cpus))
             plan = transcode_argv(env.output_spec, info=info, threads=threads)
-            await self._transcode(job, env, plan, fetched, attempt / "out", lambda _: None)
+            await self._transcode(job, env, plan, fetched, attempt / "out", lambda _: None, ())
             checks, artifact = await self._check_and_publish(env, plan, attempt / "out", store=False)
         finally:
             await asyncio.to_thread(shutil.rmtree, attempt, True)
@@ -324,6 +326,7 @@ class TranscodeExecutor:
         fetched: FetchedInput,
         out: Path,
         report: ProgressReport,
+        gpu_ids: tuple[str, ...],
     ) -> float:
         parser = ProgressParser(plan.expected_duration_seconds)
 
@@ -357,6 +360,7 @@ class TranscodeExecutor:
                 tmpfs_mb=self._cfg.sandbox.tmpfs_mb,
                 workdir=CONTAINER_OUTPUT_DIR,
                 user=self._cfg.sandbox.user,
+                gpu_ids=gpu_ids,
             ),
             on_stdout=on_line,
         )

@@ -46,7 +46,11 @@ AttemptObserver = Callable[[str, str, float], None]
 class Executor(Protocol):
     """Runs one attempt of one job and returns its result document (DESIGN §3), or raises HearthError."""
 
-    async def execute(self, job: JobRecord, report: ProgressReport) -> dict[str, Any]: ...
+    async def execute(
+        self, job: JobRecord, report: ProgressReport, *, gpu_ids: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """``gpu_ids``: the devices this attempt is pinned to (as many as the job asked for)."""
+        ...
 
     async def recover(self, running: list[JobRecord]) -> None:
         """Remove what attempts of these jobs (and any other orphan of this node) left behind."""
@@ -64,6 +68,7 @@ class Scheduler:
         capacity: Resources,
         *,
         retry_budget: int,
+        gpu_ids: tuple[str, ...] = (),
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
         on_attempt: AttemptObserver | None = None,
     ) -> None:
@@ -74,6 +79,8 @@ class Scheduler:
         self._retry_budget = retry_budget
         self._progress_interval = progress_interval
         self._on_attempt = on_attempt
+        # devices not pinned to a running job; capacity.gpus may offer fewer than the machine has
+        self._free_gpus: list[str] = list(gpu_ids[: capacity.gpus])
         # requester DID -> its queued job ids; ordered by when the requester was last served
         self._queues: OrderedDict[str, deque[str]] = OrderedDict()
         self._queued: set[str] = set()
@@ -174,7 +181,9 @@ class Scheduler:
             self._pop(iss)
             if iss in self._queues:
                 self._queues.move_to_end(iss)  # served now: the others go first next time
-            task = asyncio.create_task(self._run(job), name=f"hearth-job-{job.id}")
+            pinned = tuple(self._free_gpus[: need.gpus])
+            del self._free_gpus[: need.gpus]
+            task = asyncio.create_task(self._run(job, pinned), name=f"hearth-job-{job.id}")
             self._running[job.id] = (task, need)
 
     def _pop(self, iss: str) -> None:
@@ -199,7 +208,7 @@ class Scheduler:
 
     # -- one job --------------------------------------------------------------------------------------
 
-    async def _run(self, job: JobRecord) -> None:
+    async def _run(self, job: JobRecord, gpu_ids: tuple[str, ...]) -> None:
         try:
             try:
                 running, _ = self._journal.transition(
@@ -209,7 +218,7 @@ class Scheduler:
                 return  # cancelled between dispatch and start
             started = time.monotonic()
             try:
-                result = await self._executor.execute(running, self._reporter(job.id))
+                result = await self._executor.execute(running, self._reporter(job.id), gpu_ids=gpu_ids)
             except asyncio.CancelledError:
                 self._after_cancel(job.id)
                 self._observe("cancelled", "", started)
@@ -231,6 +240,7 @@ class Scheduler:
                 self._observe("completed", "", started)
         finally:
             self._running.pop(job.id, None)
+            self._free_gpus.extend(gpu_ids)
             self._wake.set()
 
     def _observe(self, outcome: str, domain: str, started: float) -> None:

@@ -29,11 +29,15 @@ class ScriptedExecutor:
         self.started: list[str] = []
         self.cancelled: list[str] = []
         self.recovered: list[str] = []
+        self.pinned: dict[str, tuple[str, ...]] = {}
         self._gates: dict[str, asyncio.Future[Any]] = {}
         self.fail_with: dict[str, Exception] = {}
 
-    async def execute(self, job: JobRecord, report: ProgressReport) -> dict[str, Any]:
+    async def execute(
+        self, job: JobRecord, report: ProgressReport, *, gpu_ids: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         self.started.append(job.job_id)
+        self.pinned[job.job_id] = gpu_ids
         if job.job_id in self.fail_with:
             raise self.fail_with[job.job_id]
         gate = self._gates.setdefault(job.job_id, asyncio.get_running_loop().create_future())
@@ -82,7 +86,9 @@ def journal(tmp_path: Path) -> Any:
 _count = [0]
 
 
-def accept(j: Journal, ledger: CapacityLedger, job_id: str, *, iss: str = A, cpus: float = 1.0) -> str:
+def accept(
+    j: Journal, ledger: CapacityLedger, job_id: str, *, iss: str = A, cpus: float = 1.0, gpus: int = 0
+) -> str:
     _count[0] += 1
     n = _count[0]
     key = f"hj_{n:026d}"
@@ -100,11 +106,11 @@ def accept(j: Journal, ledger: CapacityLedger, job_id: str, *, iss: str = A, cpu
         quote_expires_at=time.time() + 300,
         cpus=cpus,
         memory_mb=256,
-        gpus=0,
+        gpus=gpus,
         actor=iss,
         reason="quoted",
     )
-    ledger.reserve(key, Resources(cpus=cpus, memory_mb=256, gpus=0), None)
+    ledger.reserve(key, Resources(cpus=cpus, memory_mb=256, gpus=gpus), None)
     j.transition(key, "accepted", actor=iss, reason="accepted", expect="priced")
     return key
 
@@ -323,3 +329,30 @@ async def test_stop_leaves_running_jobs_for_the_next_start(journal: Journal) -> 
         await until(lambda: journal.require(key).state == "completed")
     finally:
         await sched2.stop()
+
+
+async def test_gpu_jobs_are_pinned_to_distinct_devices_and_wait_for_a_free_one(journal: Journal) -> None:
+    ex = ScriptedExecutor()
+    ledger = CapacityLedger(Resources(cpus=100, memory_mb=100_000, gpus=8))
+    capacity = Resources(cpus=8, memory_mb=8192, gpus=2)
+    sched = Scheduler(journal, ex, ledger, capacity, retry_budget=0, gpu_ids=("0", "1", "2"))
+    accept(journal, ledger, "g1", gpus=1)
+    accept(journal, ledger, "g2", gpus=1)
+    accept(journal, ledger, "g3", gpus=1)
+    accept(journal, ledger, "cpu", gpus=0)
+    await sched.start()
+    try:
+        await until(lambda: {"g1", "g2"} <= ex.running_now())
+        await settle()
+        # two GPUs offered (the third device is not): g3 waits, and holds the line
+        assert ex.pinned["g1"] != ex.pinned["g2"] and {*ex.pinned["g1"], *ex.pinned["g2"]} == {"0", "1"}
+        assert "g3" not in ex.running_now()
+        ex.finish("g1")
+        await until(lambda: "g3" in ex.running_now())
+        assert ex.pinned["g3"] == ex.pinned["g1"]  # the device g1 gave back
+        await until(lambda: "cpu" in ex.running_now())
+        assert ex.pinned["cpu"] == ()
+        for job in ("g2", "g3", "cpu"):
+            ex.finish(job)
+    finally:
+        await sched.stop()
