@@ -285,14 +285,10 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "true").lower() not in ("0", "false", "no")
     hub = request.app[EVENT_HUB]
     queue = hub.subscribe(job.id)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     try:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
         await response.prepare(request)
         last = after
         for event in node.journal.events(job.id, after_seq=after):
@@ -314,8 +310,8 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 state = node.journal.require(job.id).state
         await response.write_eof()
         return response
-    except ConnectionResetError:  # the client went away; nothing to answer
-        return web.Response(status=499)
+    except ConnectionResetError:  # the client went away: the stream simply ends
+        return response
     finally:
         hub.unsubscribe(job.id, queue)
 

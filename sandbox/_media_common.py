@@ -69,3 +69,16 @@ def seconds_arg(value: float) -> str:
     """``value`` seconds as an ffmpeg time argument: fixed microsecond precision, no exponent, no noise."""
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return text or "0"
+
+
+# Per-output options without which the same input and argv would not give the same bytes.
+BITEXACT_OUTPUT: tuple[str, ...] = (
+    "-fflags",
+    "+bitexact",
+    "-flags:v",
+    "+bitexact",
+    "-flags:a",
+    "+bitexact",
+    "-map_metadata",
+    "-1",
+)

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Final
 
 from node.errors import ExecutionError
-from sandbox._media_common import DEFAULT_TOOL_TIMEOUT_SECONDS, FFMPEG, ToolTimeout, run_tool, seconds_arg
+from sandbox._media_common import (
+    BITEXACT_OUTPUT,
+    DEFAULT_TOOL_TIMEOUT_SECONDS,
+    FFMPEG,
+    ToolTimeout,
+    run_tool,
+    seconds_arg,
+)
 from sandbox._media_plan import Plan
 from sandbox._media_progress import Progress, ProgressParser
 
@@ -102,14 +109,7 @@ def synthetic_clip_argv(
         *codecs,
         "-threads",
         "1",
-        "-fflags",
-        "+bitexact",
-        "-flags:v",
-        "+bitexact",
-        "-flags:a",
-        "+bitexact",
-        "-map_metadata",
-        "-1",
+        *BITEXACT_OUTPUT,
         "-f",
         "mp4",
         str(path),

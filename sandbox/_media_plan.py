@@ -16,7 +16,14 @@ from fractions import Fraction
 from typing import Final, Literal
 
 from node.envelope import AudioSpec, Clip, HlsSpec, Mp4Spec, Resolution, ThumbnailsSpec, canonical_json
-from sandbox._media_common import CONTAINER_INPUT_PATH, CONTAINER_OUTPUT_DIR, FFMPEG, bad_input, seconds_arg
+from sandbox._media_common import (
+    BITEXACT_OUTPUT,
+    CONTAINER_INPUT_PATH,
+    CONTAINER_OUTPUT_DIR,
+    FFMPEG,
+    bad_input,
+    seconds_arg,
+)
 from sandbox._media_probe import (
     DEFAULT_PROBE_LIMITS,
     INPUT_DEMUXERS,
@@ -430,14 +437,7 @@ class _Job:
         return [
             "-threads",
             str(self.threads),
-            "-fflags",
-            "+bitexact",
-            "-flags:v",
-            "+bitexact",
-            "-flags:a",
-            "+bitexact",
-            "-map_metadata",
-            "-1",
+            *BITEXACT_OUTPUT,
             "-map_chapters",
             "-1",
             "-protocol_whitelist",
