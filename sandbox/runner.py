@@ -37,10 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
-import docker
-import docker.errors
-import docker.types
-
 from node.config import (
     DEFAULT_DOCKER_API_TIMEOUT_SECONDS,
     DEFAULT_DOCKER_URL,
@@ -69,6 +65,18 @@ _RESERVED_TARGETS = (OUTPUT_MOUNT, TMP_MOUNT, "/dev", "/proc", "/sys")
 _NVIDIA_DRIVER = "nvidia"
 
 _T = TypeVar("_T")
+
+
+@functools.cache
+def _sdk() -> Any:
+    """The docker SDK, imported on first use: it is slow to import, and a node starts without it."""
+    import docker
+    import docker.errors
+    import docker.types
+
+    return docker
+
+
 _StopReason = Literal["timeout", "output_cap_exceeded"]
 
 
@@ -251,7 +259,7 @@ class SandboxRunner:
             with self._errors():
                 # Version negotiation talks to the engine, hence a thread; no fixed API version is assumed.
                 client = await asyncio.to_thread(
-                    docker.DockerClient, base_url=self._url, timeout=self._api_timeout
+                    _sdk().DockerClient, base_url=self._url, timeout=self._api_timeout
                 )
             if self._client is None:
                 self._client = client
@@ -338,7 +346,7 @@ class SandboxRunner:
     def _discard(self, client: Any, container_id: str) -> None:
         try:
             _remove(client, container_id)
-        except (docker.errors.DockerException, OSError) as exc:
+        except (_sdk().errors.DockerException, OSError) as exc:
             # Not fatal to the run's outcome: the labels let recovery find and remove it later.
             log.warning("could not remove sandbox container %s: %s", container_id[:12], exc)
 
@@ -347,13 +355,13 @@ class SandboxRunner:
         """Translate the docker SDK's (and its HTTP stack's) errors into ExecutionError."""
         try:
             yield
-        except docker.errors.ImageNotFound as exc:
+        except _sdk().errors.ImageNotFound as exc:
             raise ExecutionError(
                 "image_missing",
                 f"image {context.get('image')!r} is not on this node (scripts/docker.sh builds the images)",
                 details=context,
             ) from exc
-        except docker.errors.APIError as exc:
+        except _sdk().errors.APIError as exc:
             status = int(exc.status_code or 500)
             raise ExecutionError(
                 "docker_error",
@@ -361,7 +369,7 @@ class SandboxRunner:
                 details={**context, "status": status},
                 retryable=status >= 500,
             ) from exc
-        except (docker.errors.DockerException, OSError) as exc:
+        except (_sdk().errors.DockerException, OSError) as exc:
             # requests' errors (connection refused, read timeouts) are OSErrors, as is asyncio's TimeoutError.
             raise ExecutionError(
                 "docker_unavailable",
@@ -402,9 +410,9 @@ def _spec_problems(spec: RunSpec) -> Iterable[str]:
 
 def _create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[str, Any]:
     """Everything ``containers.create`` is told: the controls of DESIGN §6 for this spec."""
-    mounts = [docker.types.Mount(OUTPUT_MOUNT, str(spec.output_dir.resolve()), type="bind", read_only=False)]
+    mounts = [_sdk().types.Mount(OUTPUT_MOUNT, str(spec.output_dir.resolve()), type="bind", read_only=False)]
     mounts += [
-        docker.types.Mount(m.target, str(m.host.resolve()), type="bind", read_only=True) for m in spec.inputs
+        _sdk().types.Mount(m.target, str(m.host.resolve()), type="bind", read_only=True) for m in spec.inputs
     ]
     kwargs: dict[str, Any] = {
         "entrypoint": [spec.argv[0]],
@@ -423,9 +431,9 @@ def _create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[st
         "mem_limit": f"{spec.memory_mb}m",
         "memswap_limit": f"{spec.memory_mb}m",  # equal to the memory limit: no swap
         "nano_cpus": round(spec.cpus * 1e9),
-        "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
+        "ulimits": [_sdk().types.Ulimit(name="core", soft=0, hard=0)],
         "init": True,  # a real PID 1 reaps the workload's children and forwards signals
-        "log_config": docker.types.LogConfig(type="none"),  # output is read live; nothing piles up on disk
+        "log_config": _sdk().types.LogConfig(type="none"),  # output is read live; nothing piles up on disk
         "stdin_open": False,
         "tty": False,
     }
@@ -437,7 +445,7 @@ def _create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[st
         kwargs["ipc_mode"] = "none"
     if spec.gpu_ids:
         kwargs["device_requests"] = [
-            docker.types.DeviceRequest(
+            _sdk().types.DeviceRequest(
                 driver=_NVIDIA_DRIVER, device_ids=list(spec.gpu_ids), capabilities=[["gpu"]]
             )
         ]
@@ -491,13 +499,13 @@ def _container_from_row(row: dict[str, Any]) -> SandboxContainer:
 
 
 def _remove(client: Any, container_id: str) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
+    with contextlib.suppress(_sdk().errors.NotFound):
         client.api.remove_container(container_id, force=True, v=True)
 
 
 def _kill(client: Any, container_id: str) -> None:
     # 404/409: it exited (or went) on its own meanwhile, which is what killing it was for.
-    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+    with contextlib.suppress(_sdk().errors.NotFound, _sdk().errors.APIError):
         client.api.kill(container_id)
 
 
