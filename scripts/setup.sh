@@ -42,7 +42,9 @@ fi
 npm_stamp="$STAMPS/npm.$(cat package.json package-lock.json | sha256sum | cut -c1-16)"
 if [[ ! -d node_modules || ! -f "$npm_stamp" ]]; then
   log "npm packages (interop tools)"
-  npm ci --no-audit --no-fund --loglevel=error
+  # `npm install` from the lock file, not `npm ci`: npm leaves other platforms' optional packages (anvil's
+  # per-OS binaries) out of the lock, and `npm ci` then refuses it as out of sync. --no-save keeps the lock.
+  npm install --no-save --no-audit --no-fund --loglevel=error
   rm -f "$STAMPS"/npm.*; touch "$npm_stamp"
 fi
 scripts/docker.sh  # the Docker engine and the sandbox images (DESIGN §6)

@@ -1,0 +1,206 @@
+"""A real local chain for contract tests: anvil as a subprocess, web3.py on top, signing with eth-account."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from payments.escrow_build import (
+    ARTIFACTS_DIR,
+    authorization_nonce,
+    load_artifact,
+    receipt_typed_data,
+    receive_authorization_typed_data,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
+COMPILE_SCRIPT = ROOT / "payments" / "contracts" / "compile.mjs"
+TEST_SOURCES = Path(__file__).resolve().parent
+CHAIN_ID = 31337
+ANVIL_START_TIMEOUT_SECONDS = 20.0
+COMPILE_TIMEOUT_SECONDS = 120
+TOKEN_NAME = "Test USDC"
+USDC = 10**6  # one token in base units (6 decimals)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def compile_contracts(out: Path, *source_dirs: Path) -> None:
+    """Runs ``compile.mjs`` into ``out``; fails the test with solc's messages if it does not compile."""
+    proc = subprocess.run(
+        ["node", str(COMPILE_SCRIPT), "--out", str(out), *map(str, source_dirs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=COMPILE_TIMEOUT_SECONDS,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"compile.mjs failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+class Chain:
+    """A web3 connection to a running anvil, with deploy/transact helpers and clock control."""
+
+    def __init__(self, url: str) -> None:
+        self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
+        self.accounts: list[str] = []  # anvil's unlocked, funded accounts, once it answers
+        self.deployer = ""
+
+    def deploy(self, name: str, *args: Any, artifacts_dir: Path = ARTIFACTS_DIR) -> Contract:
+        art = load_artifact(name, artifacts_dir)
+        factory = self.w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
+        tx = factory.constructor(*args).transact({"from": self.deployer})
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx)
+        assert receipt["status"] == 1, f"deploying {name} failed"
+        return cast(Contract, self.w3.eth.contract(address=receipt["contractAddress"], abi=art.abi))
+
+    def transact(self, call: Any, sender: str) -> TxReceipt:
+        """Sends a contract call from an unlocked anvil account and waits for a successful receipt."""
+        tx = call.transact({"from": sender})
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx)
+        assert receipt["status"] == 1
+        return receipt
+
+    def now(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def advance(self, seconds: int) -> None:
+        self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
+        self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+
+@contextmanager
+def anvil() -> Iterator[Chain]:
+    """A fresh anvil on a free port for the duration of the block; killed afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ANVIL), "--port", str(port), "--chain-id", str(CHAIN_ID), "--silent"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        chain = Chain(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + ANVIL_START_TIMEOUT_SECONDS
+        while not _connected(chain):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                pytest.fail(f"anvil exited ({proc.returncode}): {err}")
+            if time.monotonic() > deadline:
+                pytest.fail("anvil did not answer RPC in time")
+            time.sleep(0.05)
+        chain.accounts = list(chain.w3.eth.accounts)
+        chain.deployer = chain.accounts[0]
+        yield chain
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def _connected(chain: Chain) -> bool:
+    try:
+        return bool(chain.w3.is_connected()) and chain.w3.eth.chain_id == CHAIN_ID
+    except Exception:  # connection refused while anvil starts
+        return False
+
+
+def selector(signature: str) -> str:
+    """The 4-byte selector of a custom error such as ``JobNotOpen(bytes32)``, as 0x-hex."""
+    return "0x" + keccak(text=signature)[:4].hex()
+
+
+@contextmanager
+def reverts(error_signature: str) -> Iterator[None]:
+    """Asserts the block raises a revert carrying exactly the custom error ``error_signature``."""
+    with pytest.raises((ContractCustomError, ContractLogicError)) as info:
+        yield
+    data = info.value.data
+    data_hex = data if isinstance(data, str) else repr(data)
+    assert data_hex.startswith(selector(error_signature)), f"expected {error_signature}, got {data_hex!r}"
+
+
+def sign_receipt(
+    validator: LocalAccount,
+    *,
+    escrow: str,
+    job_id: bytes,
+    result_digest: bytes,
+    passed: bool,
+    amount: int,
+    provider: str,
+    chain_id: int = CHAIN_ID,
+) -> bytes:
+    data = receipt_typed_data(
+        chain_id=chain_id,
+        escrow=escrow,
+        job_id=job_id,
+        result_digest=result_digest,
+        passed=passed,
+        amount=amount,
+        provider=provider,
+    )
+    return bytes(validator.sign_typed_data(full_message=data).signature)
+
+
+def sign_funding_authorization(
+    payer: LocalAccount,
+    *,
+    token: str,
+    escrow: str,
+    job_id: bytes,
+    provider: str,
+    validator: str,
+    amount: int,
+    deadline: int,
+    valid_after: int,
+    valid_before: int,
+) -> tuple[int, bytes, bytes]:
+    """The payer's ReceiveWithAuthorization for one job's terms, as (v, r, s)."""
+    data = receive_authorization_typed_data(
+        chain_id=CHAIN_ID,
+        token=token,
+        token_name=TOKEN_NAME,
+        payer=payer.address,
+        escrow=escrow,
+        amount=amount,
+        valid_after=valid_after,
+        valid_before=valid_before,
+        nonce=authorization_nonce(job_id, provider, validator, amount, deadline),
+    )
+    signed = payer.sign_typed_data(full_message=data)
+    return signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")
+
+
+def new_account() -> LocalAccount:
+    account: LocalAccount = Account.create()
+    return account
+
+
+def events(contract: Contract, name: str, receipt: TxReceipt) -> list[dict[str, Any]]:
+    """The ``name`` events ``contract`` emitted in ``receipt``; other contracts' logs are skipped."""
+    return [
+        dict(e["args"]) for e in getattr(contract.events, name)().process_receipt(receipt, errors=DISCARD)
+    ]
