@@ -25,7 +25,6 @@ from node.scheduler import Scheduler
 from payments.keys import Signer, load_key
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
 from provider.estimate import InputProbe
-from provider.pricing import Pricer
 from sandbox.runner import SandboxRunner
 from storage import Blockstore, open_blockstore
 
@@ -126,14 +125,6 @@ class Node:
             for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
         )
         self.metrics.watch_journal(journal.count_by_state)
-        self._executor = TranscodeExecutor(
-            self.cfg,
-            runner=self.runner,
-            store=self.store,
-            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
-            pricer=Pricer(self.cfg.pricing, gpu_model=self.machine.gpu_model, home=self.home),
-            node_did=self.did,
-        )
         self._admission = Admission(
             self.cfg,
             self.signer,
@@ -144,6 +135,14 @@ class Node:
             gpu_model=self.machine.gpu_model,
             now=self.now,
             prober=self._probe_input,
+        )
+        self._executor = TranscodeExecutor(
+            self.cfg,
+            runner=self.runner,
+            store=self.store,
+            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
+            pricer=self._admission.pricer,
+            node_did=self.did,
         )
         if not self.cfg.scheduler.paused:
             self._scheduler = Scheduler(
@@ -166,6 +165,7 @@ class Node:
         )
 
     async def _probe_input(self, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> InputProbe | None:
+        """Admission's prober: the executor probes transcode inputs; other kinds price on the envelope."""
         if isinstance(env, FfmpegTranscodeEnvelope):
             return await self.executor.quote_probe(env)
         return None
@@ -192,7 +192,7 @@ class Node:
         cfg = load_config(self.home)
         self.cfg = cfg
         self.admission.reconfigure(cfg)
-        self.executor.reconfigure(cfg, Pricer(cfg.pricing, gpu_model=self.machine.gpu_model, home=self.home))
+        self.executor.reconfigure(cfg, self.admission.pricer)
         log.info("configuration reloaded")
 
     async def _housekeep(self) -> None:
