@@ -115,7 +115,7 @@ class TranscodeExecutor:
         try:
             started = time.monotonic()
             report({"stage": "fetching", "percent": 0.0})
-            fetched = await self._fetch(env, attempt)
+            fetched = await self._fetch_for(env, attempt / "in" / "input")
             report({"stage": "probing", "percent": 0.0})
             info = await self._probe_cached(fetched, job_id=job.id, attempt=job.attempts)
             plan = transcode_argv(env.output_spec, info=info, threads=ffmpeg_threads(env.limits.cpus))
@@ -200,9 +200,6 @@ class TranscodeExecutor:
         shutil.rmtree(path, ignore_errors=True)
         (path / "in").mkdir(parents=True)
         return path
-
-    async def _fetch(self, env: FfmpegTranscodeEnvelope, attempt: Path) -> FetchedInput:
-        return await self._fetch_for(env, attempt / "in" / "input")
 
     async def _fetch_for(self, env: FfmpegTranscodeEnvelope, dest: Path) -> FetchedInput:
         fetched = await fetch_input(
