@@ -22,6 +22,7 @@ import yaml
 from node.client import NodeClient, NodeError, NodeUnreachable, sign_request
 from node.config import (
     CONFIG_FILENAME,
+    DEFAULT_DEVNET_PORT,
     DEFAULT_HOST,
     DEFAULT_PORT,
     default_home,
@@ -212,6 +213,41 @@ def cmd_keys_show(args: argparse.Namespace, out: Out) -> int:
     signer = load_key(args.file)
     data = public_summary(signer)
     out.emit(data, lambda: print("\n".join(f"{k:8} {v}" for k, v in data.items())))
+    return EXIT_OK
+
+
+def cmd_devnet(args: argparse.Namespace, out: Out) -> int:
+    from payments import devnet
+
+    if args.stop:
+        pid = devnet.stop(args.home)
+        out.emit(
+            {"stopped": pid is not None, "pid": pid},
+            lambda: print(f"stopped the devnet anvil (pid {pid})" if pid else "no devnet anvil was running"),
+        )
+        return EXIT_OK
+    net = devnet.up(args.home, port=args.port)
+
+    def human() -> None:
+        state = "started" if net.started else "already running"
+        print(f"devnet {net.rpc_url} (chain {net.chain_id}, anvil pid {net.pid}, {state})")
+        print(f"  token   {net.token}\n  escrow  {net.escrow}{'  (reused)' if net.reused else ''}")
+        for account in net.accounts:
+            print(f"  {account.role:9} {account.did}\n            key {account.key_file} (0600)")
+        print(f"  [chain] written to {net.config}")
+        if args.detach or not net.started:
+            print(f"  stop it: hearth devnet --home {args.home} --stop")
+        else:
+            print("  Ctrl-C stops it")
+
+    out.emit(net.to_dict(), human)
+    sys.stdout.flush()
+    if args.detach or not net.started:
+        return EXIT_OK  # an anvil this call did not start is not this call's to stop
+    try:
+        devnet.hold(net.pid)
+    finally:
+        devnet.stop(args.home)
     return EXIT_OK
 
 
@@ -443,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("show", parents=[common], help="the DID and public key of a key file")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_keys_show)
+
+    p = sub.add_parser("devnet", parents=[common], help="a local chain with the contracts, for development")
+    p.add_argument("--port", type=int, default=DEFAULT_DEVNET_PORT, help="anvil's RPC port on 127.0.0.1")
+    p.add_argument("--detach", action="store_true", help="leave anvil running in the background")
+    p.add_argument("--stop", action="store_true", help="stop the anvil a --detach run left running")
+    p.set_defaults(func=cmd_devnet)
 
     job = sub.add_parser("job", help="requester commands").add_subparsers(dest="job_cmd", required=True)
     p = job.add_parser("sign", parents=[common, client, request], help="print a signed request (JWT)")

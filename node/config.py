@@ -209,6 +209,31 @@ class SchedulerSection(_Section):
     drain_grace_seconds: float = Field(default=DEFAULT_DRAIN_GRACE_SECONDS, ge=0, le=86_400)
 
 
+DEFAULT_CHAIN_CONFIRMATIONS = 3
+DEFAULT_WALLET_KEY_FILE = "wallet.key"
+DEFAULT_DEVNET_PORT = 8545
+ETH_ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+
+
+class ChainSection(_Section):
+    """The settlement chain: where the escrow and token live and which key pays gas for ``release``.
+
+    ``hearth devnet`` writes this for a local anvil; pointing the node at a real chain means changing
+    ``rpc_url``, ``chain_id`` and the two addresses here.
+    """
+
+    rpc_url: str = Field(pattern=r"^(https?|wss?)://", max_length=2048)
+    chain_id: int = Field(ge=1)
+    escrow: str = Field(pattern=ETH_ADDRESS_PATTERN, description="HearthEscrow contract address")
+    token: str = Field(pattern=ETH_ADDRESS_PATTERN, description="the USDC (ERC-20) contract address")
+    confirmations: int = Field(
+        default=DEFAULT_CHAIN_CONFIRMATIONS, ge=0, le=1000, description="blocks before a tx counts as final"
+    )
+    wallet_key_file: str = Field(
+        default=DEFAULT_WALLET_KEY_FILE, min_length=1, description="the node's Ethereum key (mode 0600)"
+    )
+
+
 class NodeConfig(_Section):
     """The whole of ``node.toml``."""
 
@@ -221,6 +246,7 @@ class NodeConfig(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    chain: ChainSection | None = None
 
     @field_validator("pricing")
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
+from payments.devnet import DEVNET_CHAIN_ID, connect, spawn_anvil
 from payments.escrow_build import (
     ARTIFACTS_DIR,
     authorization_nonce,
@@ -28,11 +28,9 @@ from payments.escrow_build import (
 )
 
 ROOT = Path(__file__).resolve().parents[3]
-ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
 COMPILE_SCRIPT = ROOT / "payments" / "contracts" / "compile.mjs"
 TEST_SOURCES = Path(__file__).resolve().parent
-CHAIN_ID = 31337
-ANVIL_START_TIMEOUT_SECONDS = 20.0
+CHAIN_ID = DEVNET_CHAIN_ID
 COMPILE_TIMEOUT_SECONDS = 120
 TOKEN_NAME = "Test USDC"
 USDC = 10**6  # one token in base units (6 decimals)
@@ -95,36 +93,17 @@ class Chain:
 def anvil() -> Iterator[Chain]:
     """A fresh anvil on a free port for the duration of the block; killed afterwards."""
     port = free_port()
-    proc = subprocess.Popen(
-        [str(ANVIL), "--port", str(port), "--chain-id", str(CHAIN_ID), "--silent"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    url = f"http://127.0.0.1:{port}"
+    proc = spawn_anvil(port)
     try:
-        chain = Chain(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + ANVIL_START_TIMEOUT_SECONDS
-        while not _connected(chain):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                pytest.fail(f"anvil exited ({proc.returncode}): {err}")
-            if time.monotonic() > deadline:
-                pytest.fail("anvil did not answer RPC in time")
-            time.sleep(0.05)
+        connect(url, pid=proc.pid)  # waits for the RPC; raises if anvil exits or never answers
+        chain = Chain(url)
         chain.accounts = list(chain.w3.eth.accounts)
         chain.deployer = chain.accounts[0]
         yield chain
     finally:
         proc.kill()
         proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
-def _connected(chain: Chain) -> bool:
-    try:
-        return bool(chain.w3.is_connected()) and chain.w3.eth.chain_id == CHAIN_ID
-    except Exception:  # connection refused while anvil starts
-        return False
 
 
 def selector(signature: str) -> str:
