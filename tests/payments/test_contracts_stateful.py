@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from web3.contract import Contract
 
+from payments.devnet import TOKEN_NAME, USDC
 from tests.payments.contracts.chain import (
-    TOKEN_NAME,
-    USDC,
     Chain,
     anvil,
     new_account,

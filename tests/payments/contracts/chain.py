@@ -18,7 +18,7 @@ from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from payments.devnet import DEVNET_CHAIN_ID, connect, spawn_anvil
+from payments.devnet import DEVNET_CHAIN_ID, TOKEN_NAME, connect, spawn_anvil
 from payments.escrow_build import (
     ARTIFACTS_DIR,
     authorization_nonce,
@@ -26,22 +26,13 @@ from payments.escrow_build import (
     receipt_typed_data,
     receive_authorization_typed_data,
 )
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPILE_SCRIPT = ROOT / "payments" / "contracts" / "compile.mjs"
 TEST_SOURCES = Path(__file__).resolve().parent
 CHAIN_ID = DEVNET_CHAIN_ID
 COMPILE_TIMEOUT_SECONDS = 120
-TOKEN_NAME = "Test USDC"
-USDC = 10**6  # one token in base units (6 decimals)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def compile_contracts(out: Path, *source_dirs: Path) -> None:
