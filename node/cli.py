@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -33,6 +33,9 @@ from node.config import (
 from node.envelope import parse_envelope
 from node.errors import HearthError
 from payments.keys import Signer, load_key, new_ed25519, new_eth, public_summary, save_key
+
+if TYPE_CHECKING:
+    from payments.devnet import Devnet
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -226,8 +229,23 @@ def cmd_devnet(args: argparse.Namespace, out: Out) -> int:
             lambda: print(f"stopped the devnet anvil (pid {pid})" if pid else "no devnet anvil was running"),
         )
         return EXIT_OK
-    net = devnet.up(args.home, port=args.port)
+    if args.detach:
+        _show_devnet(args, out, devnet.up(args.home, port=args.port))
+        return EXIT_OK
+    with devnet.stop_requested() as stopping:
+        net = devnet.up(args.home, port=args.port)
+        if not net.started:  # an anvil this call did not start is not this call's to stop
+            _show_devnet(args, out, net)
+            return EXIT_OK
+        try:
+            _show_devnet(args, out, net)
+            devnet.hold(net.pid, stopping)
+        finally:
+            devnet.stop(args.home)
+    return EXIT_OK
 
+
+def _show_devnet(args: argparse.Namespace, out: Out, net: Devnet) -> None:
     def human() -> None:
         state = "started" if net.started else "already running"
         print(f"devnet {net.rpc_url} (chain {net.chain_id}, anvil pid {net.pid}, {state})")
@@ -242,13 +260,6 @@ def cmd_devnet(args: argparse.Namespace, out: Out) -> int:
 
     out.emit(net.to_dict(), human)
     sys.stdout.flush()
-    if args.detach or not net.started:
-        return EXIT_OK  # an anvil this call did not start is not this call's to stop
-    try:
-        devnet.hold(net.pid)
-    finally:
-        devnet.stop(args.home)
-    return EXIT_OK
 
 
 # -- requester commands -------------------------------------------------------------------------------

@@ -217,8 +217,13 @@ def stop(home: Path) -> int | None:
     return pid
 
 
-def hold(pid: int) -> None:
-    """Block until SIGINT or SIGTERM arrives or the anvil ``pid`` exits (the foreground mode)."""
+@contextlib.contextmanager
+def stop_requested() -> Iterator[threading.Event]:
+    """While the block runs, SIGINT and SIGTERM set the yielded event instead of ending the process.
+
+    Entered before anvil starts, so a signal at any moment (even while deploying) still lets the caller
+    stop what it started.
+    """
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -226,11 +231,16 @@ def hold(pid: int) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stopping.wait(HOLD_POLL_SECONDS) and _alive(pid):
-            pass
+        yield stopping
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def hold(pid: int, stopping: threading.Event) -> None:
+    """Block until ``stopping`` is set (see :func:`stop_requested`) or the anvil ``pid`` exits."""
+    while not stopping.wait(HOLD_POLL_SECONDS) and _alive(pid):
+        pass
 
 
 def running_pid(home: Path) -> int | None:
@@ -284,7 +294,7 @@ def spawn_anvil(
         argv += ["--state", str(state_file)]
     try:
         with open(log if log is not None else os.devnull, "ab") as sink:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, start_new_session=True
             )
     except OSError as exc:
@@ -293,6 +303,8 @@ def spawn_anvil(
             f"cannot start anvil ({exc.strerror}); run `make setup`",
             details={"path": str(anvil)},
         ) from None
+    _CHILDREN[proc.pid] = proc  # reaped (and never warned about) while this process lives
+    return proc
 
 
 def connect(
@@ -435,7 +447,6 @@ def _answers(w3: Web3) -> bool:
 
 def _spawn_detached(folder: Path, port: int) -> int:
     proc = spawn_anvil(port, state_file=folder / STATE_FILENAME, log=folder / LOG_FILENAME)
-    _CHILDREN[proc.pid] = proc  # so it is reaped (and never warned about) while this process lives
     _write_atomically(folder / PID_FILENAME, f"{proc.pid}\n")
     return proc.pid
 
@@ -469,7 +480,11 @@ def _recorded_deployment(folder: Path) -> dict[str, Any]:
 def _alive(pid: int) -> bool:
     """Whether ``pid`` is a running (not zombie) anvil; reaps it first if this process started it."""
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None:
+        # Our own child: its exit status is the truth. Its cmdline is not, right after the fork: until
+        # the exec it still reads as this Python process.
+        if child.poll() is None:
+            return True
         del _CHILDREN[pid]
         return False
     try:
