@@ -29,11 +29,13 @@ from node.envelope import (
     node_job_id,
     parse_envelope,
 )
-from node.errors import AuthError, ConflictError, PricingError, RequestError
+from node.errors import AuthError, ConflictError, FundingError, PricingError, RequestError
 from node.journal import HOLDING_STATES, JobRecord, Journal
 from node.metrics import Metrics
 from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
+from payments.receipts import Authorization, FundingTerms
+from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, Resources
 from provider.estimate import InputProbe, WorkEstimate, estimator_for
 from provider.policy import screen
@@ -122,8 +124,10 @@ class Admission:
         gpu_model: str | None = None,
         now: Callable[[], float] = time.time,
         prober: Prober | None = None,
+        settlement: Settlement | None = None,
     ) -> None:
         self.cfg = cfg
+        self.settlement = settlement
         self.signer = signer
         self.journal = journal
         self.ledger = ledger
@@ -246,6 +250,8 @@ class Admission:
         policy = self.cfg.policy
         active = self.journal.active_count(request.iss, now, limit=policy.per_did_concurrency)
         screen(env, request.iss, policy, active_for_did=active)
+        if self.settlement is not None:
+            self.settlement.check_payment_terms(env)
         need = resources_of(env)
         probe = await self._prober(env) if self._prober is not None else None
         estimate = estimator_for(env.kind).estimate(env, probe)
@@ -304,7 +310,7 @@ class Admission:
         self, inc: Incoming, quote_id: str, bid: Bid, estimate: WorkEstimate, now: float, expires_at: int
     ) -> dict[str, Any]:
         env = inc.env
-        return {
+        claims: dict[str, Any] = {
             "iss": self.signer.did,
             "aud": inc.request.iss,
             "iat": int(now),
@@ -338,22 +344,36 @@ class Admission:
                 },
             },
         }
+        if self.settlement is not None:
+            terms = self.settlement.terms_for(inc.job_key, env, str(bid.ask), expires_at)
+            claims["quote"]["funding_terms"] = terms.to_json()
+        return claims
 
     # -- acceptance -------------------------------------------------------------------------------------
 
-    async def submit(self, token: str, quote_jwt: str | None) -> Submission:
-        """POST /v1/jobs: accept against a quote, or bid and accept in one step for a bare request."""
+    async def submit(self, token: str, quote_jwt: str | None, funding: Any = None) -> Submission:
+        """POST /v1/jobs: accept against a quote, or bid and accept in one step for a bare request.
+
+        ``funding``: the payer's EIP-3009 authorization for the quote's escrow terms (gasless funding),
+        checked before the job is accepted; without it the payer funds the escrow itself.
+        """
         try:
-            return await self._submit(token, quote_jwt)
+            return await self._submit(token, quote_jwt, funding)
         finally:
             self.journal.flush_nonces()
 
-    async def _submit(self, token: str, quote_jwt: str | None) -> Submission:
+    async def _submit(self, token: str, quote_jwt: str | None, funding: Any) -> Submission:
         inc = self._verify(token)
         request, env = inc.request, inc.env
+        if funding is not None and self.settlement is None:
+            raise FundingError(
+                "payments_not_configured", "this node has no chain configured; send the job without 'funding'"
+            )
         async with self._job_lock(inc.job_key):
             existing = self._existing(inc)
             if existing is not None and existing.state in _PAST_ACCEPTANCE:
+                if funding is not None and existing.state == "accepted":
+                    await self._open_payment(existing, funding)  # a retry that brings the authorization
                 return Submission(job=existing, accepted_now=False)
             if existing is not None and existing.state in _CLOSED:
                 raise ConflictError(
@@ -368,6 +388,7 @@ class Admission:
             else:
                 job = (await self._price_and_hold(inc, existing)).job
             self._check_price_within(job, env)
+            payment = await self._payment_terms(job, funding)
             # The quote's hold becomes the job's, held until the job ends; should it have lapsed, hold anew.
             if not self.ledger.set_expiry(job.id, None):
                 self.ledger.reserve(job.id, resources_of(env), None)
@@ -382,8 +403,29 @@ class Admission:
             except BaseException:
                 self.ledger.set_expiry(job.id, job.quote_expires_at)
                 raise
+            if self.settlement is not None and payment is not None:
+                self.settlement.open_payment(accepted, *payment)
             self.metrics.accepted()
             return Submission(job=accepted, accepted_now=True)
+
+    async def _payment_terms(
+        self, job: JobRecord, funding: Any
+    ) -> tuple[FundingTerms, Authorization | None] | None:
+        """The job's escrow terms and checked authorization (None when the node takes no payments)."""
+        if self.settlement is None:
+            return None
+        terms = self.settlement.terms_of(job)
+        if terms is None:
+            raise FundingError(
+                "quote_without_terms", "the job's quote names no escrow terms; ask for a new quote"
+            )
+        auth = None if funding is None else await self.settlement.check_authorization(terms, funding)
+        return terms, auth
+
+    async def _open_payment(self, job: JobRecord, funding: Any) -> None:
+        payment = await self._payment_terms(job, funding)
+        if self.settlement is not None and payment is not None:
+            self.settlement.open_payment(job, *payment)
 
     def _quote_live(self, job: JobRecord) -> bool:
         """The job is priced and its quote has not expired."""

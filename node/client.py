@@ -119,15 +119,25 @@ class NodeClient:
             1
         ]
 
-    async def submit(self, token: str, quote_jwt: str | None = None) -> dict[str, Any]:
-        if quote_jwt is None:
+    async def submit(
+        self, token: str, quote_jwt: str | None = None, funding: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Accept a job: a bare request, or against ``quote_jwt``; ``funding``: an EIP-3009 authorization."""
+        if quote_jwt is None and funding is None:
             _, body = await self._call(
                 "POST", "/v1/jobs", data=token.encode(), content_type="application/jwt"
             )
         else:
-            doc = json.dumps({"request": token, "quote": quote_jwt}).encode()
+            doc = json.dumps({"request": token, "quote": quote_jwt, "funding": funding}).encode()
             _, body = await self._call("POST", "/v1/jobs", data=doc, content_type="application/json")
         return body
+
+    async def post_receipt(self, job: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a validator's receipt (``{"receipt", "signature", "credential"?}``); the signed status."""
+        data = json.dumps(body).encode()
+        return (
+            await self._call("POST", f"/v1/jobs/{job}/receipt", data=data, content_type="application/json")
+        )[1]
 
     async def put_blob(self, path: Path) -> dict[str, Any]:
         """Upload a file as a blob (streamed); ``{"cid", "size"}``. A job names it by its CID."""

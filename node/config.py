@@ -212,6 +212,11 @@ class SchedulerSection(_Section):
 DEFAULT_CHAIN_CONFIRMATIONS = 3
 DEFAULT_WALLET_KEY_FILE = "wallet.key"
 DEFAULT_DEVNET_PORT = 8545
+DEFAULT_FUNDING_TIMEOUT_SECONDS = 600
+DEFAULT_SETTLEMENT_WINDOW_SECONDS = 86_400
+DEFAULT_CHAIN_POLL_SECONDS = 2.0
+DEFAULT_RPC_TIMEOUT_SECONDS = 10.0
+DEFAULT_RPC_BACKOFF_MAX_SECONDS = 10.0
 ETH_ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 
 
@@ -226,11 +231,39 @@ class ChainSection(_Section):
     chain_id: int = Field(ge=1)
     escrow: str = Field(pattern=ETH_ADDRESS_PATTERN, description="HearthEscrow contract address")
     token: str = Field(pattern=ETH_ADDRESS_PATTERN, description="the USDC (ERC-20) contract address")
+    token_name: str = Field(
+        default="USD Coin",
+        min_length=1,
+        max_length=128,
+        description="the token's EIP-712 domain name, which payers sign EIP-3009 authorizations under",
+    )
     confirmations: int = Field(
         default=DEFAULT_CHAIN_CONFIRMATIONS, ge=0, le=1000, description="blocks before a tx counts as final"
     )
     wallet_key_file: str = Field(
         default=DEFAULT_WALLET_KEY_FILE, min_length=1, description="the node's Ethereum key (mode 0600)"
+    )
+    funding_timeout_seconds: int = Field(
+        default=DEFAULT_FUNDING_TIMEOUT_SECONDS,
+        ge=1,
+        le=7 * 86_400,
+        description="how long an accepted job waits for its escrow funding before it expires",
+    )
+    settlement_window_seconds: int = Field(
+        default=DEFAULT_SETTLEMENT_WINDOW_SECONDS,
+        ge=60,
+        le=365 * 86_400,
+        description="time for validation and release after the job's last possible run (escrow deadline)",
+    )
+    poll_seconds: float = Field(
+        default=DEFAULT_CHAIN_POLL_SECONDS, ge=0.05, le=600, description="how often funding and txs are read"
+    )
+    rpc_timeout_seconds: float = Field(default=DEFAULT_RPC_TIMEOUT_SECONDS, gt=0, le=300)
+    rpc_backoff_max_seconds: float = Field(
+        default=DEFAULT_RPC_BACKOFF_MAX_SECONDS,
+        gt=0,
+        le=3600,
+        description="the longest wait between retries while the RPC is down",
     )
 
 

@@ -22,7 +22,8 @@ from node.executor import TranscodeExecutor
 from node.journal import Journal
 from node.metrics import Metrics
 from node.scheduler import Scheduler
-from payments.keys import Signer, load_key
+from payments.keys import EthSigner, Signer, load_key
+from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
 from provider.estimate import InputProbe
 from sandbox.runner import SandboxRunner
@@ -64,6 +65,7 @@ class Node:
         self.runner = SandboxRunner.from_config(cfg.sandbox, node=signer.did)
         self._executor: TranscodeExecutor | None = None
         self._scheduler: Scheduler | None = None
+        self._settlement: Settlement | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.ready = False
         self.started_at = 0.0
@@ -108,6 +110,30 @@ class Node:
         return self._scheduler
 
     @property
+    def settlement(self) -> Settlement | None:
+        """Payments (escrow funding and settlement), or None when node.toml has no ``[chain]``."""
+        return self._settlement
+
+    def _wallet(self) -> EthSigner:
+        assert self.cfg.chain is not None
+        path = resolve_path(self.home, self.cfg.chain.wallet_key_file)
+        if not path.exists():
+            raise ConfigError(
+                "missing_wallet_key",
+                f"[chain] is configured but there is no wallet key at {path}; run `hearth devnet` or "
+                f"`hearth keys new --type eth --out {path}`",
+                details={"path": str(path)},
+            )
+        wallet = load_key(path)
+        if not isinstance(wallet, EthSigner):
+            raise ConfigError(
+                "wallet_key_not_ethereum",
+                f"{path} holds a {wallet.key_type} key; the wallet must be an Ethereum (secp256k1) key",
+                details={"path": str(path)},
+            )
+        return wallet
+
+    @property
     def state_dir(self) -> Path:
         return resolve_path(self.home, self.cfg.node.state_dir)
 
@@ -125,6 +151,22 @@ class Node:
             for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
         )
         self.metrics.watch_journal(journal.count_by_state)
+        if self.cfg.chain is not None:
+            settlement = Settlement(
+                self.cfg.chain,
+                journal,
+                self._wallet(),
+                self.did,
+                retry_budget=self.cfg.policy.retry_budget,
+                on_funded=self._funded,
+                on_closed=self.ledger.release,
+                now=self.now,
+            )
+            self._settlement = settlement
+            self.metrics.watch_payments(journal.payment_totals, lambda: settlement.chain_up)
+            await settlement.start()
+        else:
+            log.warning("no [chain] in node.toml: jobs run unpaid (run `hearth devnet` to take payments)")
         self._admission = Admission(
             self.cfg,
             self.signer,
@@ -135,6 +177,7 @@ class Node:
             gpu_model=self.machine.gpu_model,
             now=self.now,
             prober=self._probe_input,
+            settlement=self._settlement,
         )
         self._executor = TranscodeExecutor(
             self.cfg,
@@ -153,6 +196,7 @@ class Node:
                 retry_budget=self.cfg.policy.retry_budget,
                 gpu_ids=tuple(str(gpu.index) for gpu in self.machine.gpus),
                 on_attempt=self.metrics.attempt_ended,
+                runnable=None if self._settlement is None else self._settlement.is_funded,
             )
             await self._scheduler.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hearth-housekeeping")
@@ -170,6 +214,10 @@ class Node:
             return await self.executor.quote_probe(env)
         return None
 
+    def _funded(self, job: str) -> None:
+        if self._scheduler is not None:
+            self._scheduler.admit(job)
+
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
         self.ready = False
@@ -177,6 +225,9 @@ class Node:
         if self._scheduler is not None:
             await self._scheduler.stop(grace)
             self._scheduler = None
+        if self._settlement is not None:
+            await self._settlement.stop()
+            self._settlement = None
         self.runner.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()

@@ -198,3 +198,32 @@ class ConfigError(HearthError):
 
     domain: Domain = "config"
     http_status = 500
+
+
+class FundingError(HearthError):
+    """Raised when a job's funding is unusable: terms the node cannot accept, a bad EIP-3009 authorization,
+    an escrow entry with other terms than the quote's. Nothing is held or sent when it is raised.
+    """
+
+    domain: Domain = "funding"
+    http_status = 422
+
+
+class SettlementError(HearthError):
+    """Raised when a validator receipt cannot settle the job: a wrong signer, digest, amount or provider,
+    or a release the escrow would revert in simulation. The job stays as it was.
+    """
+
+    domain: Domain = "settlement"
+    http_status = 422
+
+
+class ChainError(HearthError):
+    """Raised when the chain's RPC cannot be reached or answers nonsense; the action is retried later.
+
+    Differs from :class:`SettlementError` in that nothing is wrong with the request, only with the chain.
+    """
+
+    domain: Domain = "settlement"
+    http_status = 503
+    retryable = True

@@ -52,6 +52,10 @@ __all__ = [
     "JobState",
     "Journal",
     "Listener",
+    "PaymentRecord",
+    "TxPurpose",
+    "TxRecord",
+    "TxState",
     "is_allowed",
 ]
 
@@ -100,7 +104,7 @@ TERMINAL_STATES: frozenset[JobState] = frozenset(s for s in JOB_STATES if not TR
 HOLDING_STATES: tuple[JobState, ...] = ("priced", "accepted", "running")
 """States in which a job holds its resources (``priced`` only while its quote is live)."""
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_BUSY_TIMEOUT_MS: Final = 2000
 # Keeps the WAL file from growing without bound after a burst of writes.
 _JOURNAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024
@@ -220,6 +224,80 @@ class Event:
 
 
 Listener = Callable[[Event], None]
+
+FundingState = Literal["awaiting", "funded", "refused"]
+TxPurpose = Literal["fund", "release", "refund"]
+TxState = Literal["signed", "sent", "mined", "confirmed", "reverted", "dropped"]
+TX_OPEN_STATES: Final[tuple[TxState, ...]] = ("signed", "sent", "mined")
+"""A transaction in one of these may still land: it is resolved by hash before anything else is sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    """One job's escrow terms and where its funding and settlement stand (``payments`` table)."""
+
+    job: str
+    escrow_job_id: str
+    terms_json: str
+    authorization_json: str | None
+    funding: FundingState
+    wait_until: float
+    receipt_json: str | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def terms(self) -> dict[str, Any]:
+        return cast(dict[str, Any], json.loads(self.terms_json))
+
+    @property
+    def authorization(self) -> dict[str, Any] | None:
+        return (
+            None
+            if self.authorization_json is None
+            else cast(dict[str, Any], json.loads(self.authorization_json))
+        )
+
+    @property
+    def receipt(self) -> dict[str, Any] | None:
+        return None if self.receipt_json is None else cast(dict[str, Any], json.loads(self.receipt_json))
+
+
+@dataclass(frozen=True, slots=True)
+class TxRecord:
+    """One transaction the node signed (``chain_txs``): recorded before broadcast, resolved by hash after."""
+
+    id: int
+    job: str
+    purpose: TxPurpose
+    sender: str
+    nonce: int
+    hash: str
+    raw: str
+    state: TxState
+    block_number: int | None
+    block_hash: str | None
+    gas_used: int | None
+    gas_price: int | None
+    error: str | None
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The public view (no raw bytes)."""
+        return {
+            "purpose": self.purpose,
+            "hash": self.hash,
+            "nonce": self.nonce,
+            "state": self.state,
+            "block_number": self.block_number,
+            "gas_used": self.gas_used,
+            "gas_price": self.gas_price,
+            "error": self.error,
+            "created_at": self.created_at,
+        }
+
+
 HeldResources = tuple[str, float, int, int, float | None]
 """``(job id, cpus, memory_mb, gpus, expires_at)``: one hold of the capacity ledger."""
 
@@ -311,6 +389,57 @@ _SCHEMA: Final = (
     """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'events_append_only'); END""",
 )
+
+# Schema 2: escrow terms and funding per job, and every transaction the node signs. Applied on creation
+# and as the migration from schema 1.
+_SCHEMA_PAYMENTS: Final = (
+    """CREATE TABLE payments (
+        job TEXT PRIMARY KEY REFERENCES jobs (id),
+        escrow_job_id TEXT NOT NULL UNIQUE,
+        terms_json TEXT NOT NULL,
+        authorization_json TEXT,
+        funding TEXT NOT NULL CHECK (funding IN ('awaiting', 'funded', 'refused')),
+        wait_until REAL NOT NULL,
+        receipt_json TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX payments_funding ON payments (funding)",
+    """CREATE TABLE chain_txs (
+        id INTEGER PRIMARY KEY,
+        job TEXT NOT NULL REFERENCES jobs (id),
+        purpose TEXT NOT NULL CHECK (purpose IN ('fund', 'release', 'refund')),
+        sender TEXT NOT NULL,
+        nonce INTEGER NOT NULL CHECK (nonce >= 0),
+        hash TEXT NOT NULL UNIQUE,
+        raw TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('signed', 'sent', 'mined', 'confirmed', 'reverted', 'dropped')),
+        block_number INTEGER,
+        block_hash TEXT,
+        gas_used INTEGER,
+        gas_price INTEGER,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    # One nonce, one transaction (a dropped one gave its nonce back); one live transaction per job and
+    # purpose: the database itself refuses a second release while the first may still land.
+    "CREATE UNIQUE INDEX chain_txs_nonce ON chain_txs (sender, nonce) WHERE state != 'dropped'",
+    "CREATE UNIQUE INDEX chain_txs_purpose ON chain_txs (job, purpose) "
+    "WHERE state NOT IN ('dropped', 'reverted')",
+    "CREATE INDEX chain_txs_state ON chain_txs (state)",
+    """CREATE TRIGGER chain_txs_no_delete BEFORE DELETE ON chain_txs
+    BEGIN SELECT RAISE(ABORT, 'chain_txs_append_only'); END""",
+)
+_PAYMENT_COLUMNS: Final = (
+    "job, escrow_job_id, terms_json, authorization_json, funding, wait_until, receipt_json, "
+    "created_at, updated_at"
+)
+_TX_COLUMNS: Final = (
+    "id, job, purpose, sender, nonce, hash, raw, state, block_number, block_hash, gas_used, gas_price, "
+    "error, created_at, updated_at"
+)
+_TX_FIELDS: Final = frozenset({"state", "block_number", "block_hash", "gas_used", "gas_price", "error"})
 
 _SQL_GET: Final = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
 _SQL_FIND: Final = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE iss = ? AND job_id = ?"
@@ -964,6 +1093,234 @@ class Journal:
         with self._read() as conn:
             return [_job(row) for row in conn.execute(sql, (*params, limit)).fetchall()]
 
+    # ----------------------------------------------------------------------------------------- payments
+
+    def open_payment(
+        self,
+        job: str,
+        *,
+        escrow_job_id: str,
+        terms: Mapping[str, Any],
+        wait_until: float,
+        authorization: Mapping[str, Any] | None = None,
+    ) -> PaymentRecord:
+        """Record job ``job``'s escrow terms (awaiting funding until ``wait_until``); idempotent.
+
+        A second call keeps the first terms and deadline; it only adds an ``authorization`` the row lacks.
+        """
+        _check_time("wait_until", wait_until)
+        auth_json = None if authorization is None else _dumps(authorization)
+        with self._write() as txn:
+            at = self._now()
+            txn.conn.execute(
+                f"INSERT INTO payments ({_PAYMENT_COLUMNS}) VALUES (?, ?, ?, ?, 'awaiting', ?, NULL, ?, ?) "
+                "ON CONFLICT (job) DO UPDATE SET "
+                "authorization_json = coalesce(payments.authorization_json, excluded.authorization_json), "
+                "updated_at = CASE WHEN payments.authorization_json IS NULL AND excluded.authorization_json "
+                "IS NOT NULL THEN excluded.updated_at ELSE payments.updated_at END",
+                (job, escrow_job_id, _dumps(terms), auth_json, wait_until, at, at),
+            )
+            record = self._fetch_payment(txn.conn, job)
+        assert record is not None
+        return record
+
+    def payment(self, job: str) -> PaymentRecord | None:
+        with self._read() as conn:
+            return self._fetch_payment(conn, job)
+
+    def payments_awaiting(self) -> list[PaymentRecord]:
+        """Payments still waiting for funding, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE funding = 'awaiting' ORDER BY created_at"
+            ).fetchall()
+        return [PaymentRecord(*row) for row in rows]
+
+    def set_funding(
+        self, job: str, funding: FundingState, *, reason: str, data: Mapping[str, Any] | None = None
+    ) -> PaymentRecord:
+        """Move job ``job``'s funding out of ``awaiting`` and note why, in one transaction.
+
+        Raises :class:`ConflictError` (``funding_decided``) if it is no longer awaiting.
+        """
+        if funding not in ("funded", "refused"):
+            raise ValueError(f"funding moves to funded or refused, not {funding!r}")
+        with self._write() as txn:
+            at = self._now()
+            changed = txn.conn.execute(
+                "UPDATE payments SET funding = ?, updated_at = ? WHERE job = ? AND funding = 'awaiting'",
+                (funding, at, job),
+            ).rowcount
+            if changed != 1:
+                raise ConflictError(
+                    "funding_decided", f"job {job}'s funding is not awaiting", details={"id": job}
+                )
+            self._append(
+                txn,
+                job,
+                at,
+                "note",
+                None,
+                None,
+                "settlement",
+                reason,
+                data_json=_dumps({"funding": funding, **(data or {})}),
+            )
+            record = self._fetch_payment(txn.conn, job)
+        assert record is not None
+        return record
+
+    def record_verdict(
+        self,
+        job: str,
+        to: Literal["validated", "disputed"],
+        receipt: Mapping[str, Any],
+        *,
+        actor: str,
+        reason: str,
+    ) -> tuple[JobRecord, Event]:
+        """``completed -> validated | disputed`` and the validator's receipt, in one transaction.
+
+        Raises like :meth:`transition` (``state_changed`` unless the job is ``completed``; nothing written).
+        """
+        receipt_json = _dumps(receipt)
+        with self._write() as txn:
+            current = self._fetch_job(txn.conn, job)
+            if current is None:
+                raise NotFoundError("job_not_found", f"no job {job!r}", details={"id": job})
+            if current.state != "completed":
+                raise ConflictError(
+                    "state_changed",
+                    f"job {job} is {current.state}, not completed",
+                    details={"id": job, "state": current.state, "expected": ["completed"]},
+                )
+            changed = txn.conn.execute(
+                "UPDATE payments SET receipt_json = ?, updated_at = ? WHERE job = ? AND receipt_json IS NULL",
+                (receipt_json, self._now(), job),
+            ).rowcount
+            if changed != 1:
+                raise ConflictError(
+                    "receipt_recorded", f"job {job} has a receipt already", details={"id": job}
+                )
+            self._check_move(txn.conn, current, to, {}, None)
+            return self._move(txn, current, to, {}, actor, reason, None, None, None)
+
+    def payment_totals(self) -> dict[str, int]:
+        """Base units earned (receipt amounts of settled jobs) and wei of gas spent per tx purpose."""
+        totals: dict[str, int] = {"earned": 0, "gas_fund": 0, "gas_release": 0, "gas_refund": 0}
+        with self._read() as conn:
+            for (amount,) in conn.execute(
+                "SELECT json_extract(p.receipt_json, '$.receipt.amount') FROM payments p "
+                "JOIN jobs j ON j.id = p.job WHERE j.state = 'settled'"
+            ):
+                totals["earned"] += int(amount or 0)
+            for purpose, gas in conn.execute(
+                "SELECT purpose, SUM(gas_used * gas_price) FROM chain_txs "
+                "WHERE gas_used IS NOT NULL AND gas_price IS NOT NULL GROUP BY purpose"
+            ):
+                totals[f"gas_{purpose}"] = int(gas or 0)
+        return totals
+
+    # ----------------------------------------------------------------------------------------- chain txs
+
+    def record_tx(
+        self, job: str, purpose: TxPurpose, *, sender: str, nonce: int, hash: str, raw: str
+    ) -> TxRecord:
+        """Record a signed transaction *before* it is broadcast, so a crash after sending still knows it.
+
+        Raises :class:`ConflictError` (``tx_exists``) if the nonce is taken or the job already has a live
+        transaction for ``purpose``: the database refuses to let one payment be sent twice.
+        """
+        with self._write() as txn:
+            at = self._now()
+            try:
+                cur = txn.conn.execute(
+                    "INSERT INTO chain_txs (job, purpose, sender, nonce, hash, raw, state, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'signed', ?, ?)",
+                    (job, purpose, sender, nonce, hash, raw, at, at),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ConflictError(
+                    "tx_exists",
+                    f"job {job} already has a live {purpose} transaction, or nonce {nonce} is taken",
+                    details={"id": job, "purpose": purpose, "nonce": nonce},
+                ) from exc
+            self._append(
+                txn,
+                job,
+                at,
+                "note",
+                None,
+                None,
+                "settlement",
+                f"{purpose} transaction signed",
+                data_json=_dumps({"tx": hash, "purpose": purpose, "nonce": nonce}),
+            )
+            row = txn.conn.execute(
+                f"SELECT {_TX_COLUMNS} FROM chain_txs WHERE id = ?", (cur.lastrowid,)
+            ).fetchone()
+        return TxRecord(*row)
+
+    def update_tx(self, hash: str, *, note: str | None = None, **fields: Any) -> TxRecord:
+        """Change a recorded transaction's state and block/gas facts; ``note`` also logs it on the job."""
+        unknown = set(fields) - _TX_FIELDS
+        if unknown:
+            raise ValueError(f"not transaction fields: {', '.join(sorted(unknown))}")
+        names = sorted(fields)
+        with self._write() as txn:
+            at = self._now()
+            assignments = "".join(f", {name} = ?" for name in names)
+            txn.conn.execute(
+                f"UPDATE chain_txs SET updated_at = ?{assignments} WHERE hash = ?",
+                (at, *(fields[n] for n in names), hash),
+            )
+            row = txn.conn.execute(f"SELECT {_TX_COLUMNS} FROM chain_txs WHERE hash = ?", (hash,)).fetchone()
+            if row is None:
+                raise NotFoundError("tx_not_found", f"no transaction {hash}", details={"hash": hash})
+            record = TxRecord(*row)
+            if note is not None:
+                self._append(
+                    txn,
+                    record.job,
+                    at,
+                    "note",
+                    None,
+                    None,
+                    "settlement",
+                    note,
+                    data_json=_dumps({"tx": hash, "purpose": record.purpose, "state": record.state}),
+                )
+        return record
+
+    def txs(self, job: str | None = None, *, states: Iterable[TxState] | None = None) -> list[TxRecord]:
+        """Recorded transactions, oldest first: of one job and/or in the given states."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if job is not None:
+            clauses.append("job = ?")
+            params.append(job)
+        if states is not None:
+            wanted = list(states)
+            clauses.append(f"state IN ({', '.join('?' for _ in wanted)})")
+            params.extend(wanted)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_TX_COLUMNS} FROM chain_txs{where} ORDER BY id", params).fetchall()
+        return [TxRecord(*row) for row in rows]
+
+    def next_nonce(self, sender: str) -> int:
+        """One past the highest nonce ``sender`` holds in a recorded, not dropped, transaction (0 if none)."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT MAX(nonce) FROM chain_txs WHERE sender = ? AND state != 'dropped'", (sender,)
+            ).fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    @staticmethod
+    def _fetch_payment(conn: sqlite3.Connection, job: str) -> PaymentRecord | None:
+        row = conn.execute(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE job = ?", (job,)).fetchone()
+        return None if row is None else PaymentRecord(*row)
+
 
 def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     """Create the schema on first open; check its version and re-derive the transitions table otherwise.
@@ -975,12 +1332,17 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     try:
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         if exists is None:
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *_SCHEMA_PAYMENTS):
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         else:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = None if row is None else int(row[0])
+            if version == 1:  # schema 1 lacks only the payment tables
+                for statement in _SCHEMA_PAYMENTS:
+                    conn.execute(statement)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 raise JournalError(
                     "journal_schema_mismatch",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -22,6 +22,29 @@ class _JobStates(Collector):
         for state, n in sorted(self._count().items()):
             family.add_metric([state], n)
         return [family]
+
+
+class _Payments(Collector):
+    """Earnings and gas, summed from the journal at scrape time: totals that survive restarts."""
+
+    def __init__(self, totals: Callable[[], dict[str, int]], chain_up: Callable[[], bool]) -> None:
+        self._totals = totals
+        self._chain_up = chain_up
+
+    def collect(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        totals = self._totals()
+        earned = CounterMetricFamily(
+            "hearth_earnings_usdc", "USDC paid to this node by settled jobs (validator receipt amounts)"
+        )
+        earned.add_metric([], totals.get("earned", 0) / 1_000_000)
+        gas = CounterMetricFamily(
+            "hearth_gas_spent_wei", "Gas the node's wallet paid, by transaction purpose", labels=["purpose"]
+        )
+        for purpose in ("fund", "release", "refund"):
+            gas.add_metric([purpose], totals.get(f"gas_{purpose}", 0))
+        up = GaugeMetricFamily("hearth_chain_up", "1 while the settlement chain's RPC answers")
+        up.add_metric([], 1 if self._chain_up() else 0)
+        return [earned, gas, up]
 
 
 class Metrics:
@@ -75,6 +98,9 @@ class Metrics:
 
     def watch_journal(self, count_by_state: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobStates(count_by_state))
+
+    def watch_payments(self, totals: Callable[[], dict[str, int]], chain_up: Callable[[], bool]) -> None:
+        self.registry.register(_Payments(totals, chain_up))
 
     def quote(self, outcome: str, reason: str) -> None:
         self.quotes.labels(outcome, reason).inc()

@@ -229,6 +229,30 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/jobs/{id}/receipt": {
+                "post": {
+                    "operationId": "postReceipt",
+                    "summary": "A validator's EIP-712 receipt of the result; settlement starts",
+                    "parameters": _JOB_PARAM,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ReceiptBody"}}
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "this receipt was recorded before (idempotent)",
+                            **_json(status_doc),
+                        },
+                        "202": {
+                            "description": "receipt recorded; the transaction follows",
+                            **_json(status_doc),
+                        },
+                        **_errors(400, 404, 409, 413, 422, 503),
+                    },
+                }
+            },
             "/v1/blobs": {
                 "put": {
                     "operationId": "putBlob",
@@ -337,6 +361,42 @@ def openapi_document() -> dict[str, Any]:
                 "Job": JOB_SCHEMA,
                 "Envelope": envelope_schema,
                 **defs,
+                "ReceiptBody": {
+                    "type": "object",
+                    "required": ["receipt", "signature"],
+                    "properties": {
+                        "receipt": {
+                            "type": "object",
+                            "description": "EIP-712 Receipt {jobId, resultDigest, passed, amount, "
+                            "provider} under the escrow's domain, with the node's job id",
+                            "required": [
+                                "job",
+                                "chain_id",
+                                "escrow",
+                                "escrow_job_id",
+                                "result_digest",
+                                "passed",
+                                "amount",
+                                "provider",
+                            ],
+                            "properties": {
+                                "job": {"type": "string"},
+                                "chain_id": {"type": "integer", "minimum": 1},
+                                "escrow": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                                "escrow_job_id": {"type": "string", "pattern": "^0x[0-9a-fA-F]{64}$"},
+                                "result_digest": {"type": "string", "pattern": "^0x[0-9a-fA-F]{64}$"},
+                                "passed": {"type": "boolean"},
+                                "amount": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                                "provider": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                            },
+                        },
+                        "signature": {"type": "string", "pattern": "^0x[0-9a-fA-F]{130}$"},
+                        "credential": {
+                            "type": "object",
+                            "description": "optional W3C VC wrapping the receipt",
+                        },
+                    },
+                },
                 "SubmitBody": {
                     "type": "object",
                     "required": ["request"],
@@ -345,7 +405,17 @@ def openapi_document() -> dict[str, Any]:
                         "quote": {"$ref": "#/components/schemas/Jwt"},
                         "funding": {
                             "type": "object",
-                            "description": "funding proof (escrow); see the payments docs",
+                            "description": "the payer's EIP-3009 ReceiveWithAuthorization for the quote's "
+                            "funding_terms: {type: eip3009, from, valid_after, valid_before, signature}; "
+                            "the node submits fundWithAuthorization, the payer pays no gas",
+                            "required": ["from", "valid_after", "valid_before", "signature"],
+                            "properties": {
+                                "type": {"type": "string", "enum": ["eip3009"]},
+                                "from": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                                "valid_after": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                                "valid_before": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                                "signature": {"type": "string", "pattern": "^0x[0-9a-fA-F]{130}$"},
+                            },
                         },
                     },
                 },

@@ -6,6 +6,10 @@ ends. A retryable failure goes back to ``accepted`` while the retry budget lasts
 once. A cancel (``running -> cancelled``, written by admission) stops the job's task, which stops its
 container.
 
+Funding: with a ``runnable`` gate (the node's payments), an accepted job is queued only once the gate
+says so, i.e. once its escrow funding is confirmed; :meth:`Scheduler.admit` queues it then. An unfunded
+job therefore never holds the head of the line.
+
 Fairness: each requester DID has its own FIFO queue; the next job comes from the requester served
 longest ago. When that job does not fit the free capacity the scheduler waits rather than letting
 smaller jobs overtake it, so a large job is never starved.
@@ -71,8 +75,10 @@ class Scheduler:
         gpu_ids: tuple[str, ...] = (),
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
         on_attempt: AttemptObserver | None = None,
+        runnable: Callable[[str], bool] | None = None,
     ) -> None:
         self._journal = journal
+        self._runnable = runnable
         self._executor = executor
         self._ledger = ledger
         self._capacity = capacity
@@ -94,7 +100,8 @@ class Scheduler:
         """Recover from a crash, load the queue from the journal, and start dispatching."""
         await self._recover()
         for job in sorted(self._journal.list_jobs(state="accepted", limit=1_000_000), key=_acceptance):
-            self._enqueue(job.id, job.iss)
+            if self._may_run(job.id):
+                self._enqueue(job.id, job.iss)
         self._journal.add_listener(self._on_event)
         self._loop_task = asyncio.create_task(self._loop(), name="hearth-scheduler")
         self._wake.set()
@@ -143,13 +150,23 @@ class Scheduler:
         self._queued.add(job)
         self._wake.set()
 
+    def _may_run(self, job: str) -> bool:
+        return self._runnable is None or self._runnable(job)
+
+    def admit(self, job: str) -> None:
+        """Queue an accepted job that just became runnable (e.g. its escrow funding was confirmed)."""
+        record = self._journal.get(job)
+        if record is not None and record.state == "accepted" and self._may_run(job):
+            self._enqueue(record.id, record.iss)
+
     def _on_event(self, event: Event) -> None:
         if event.type != "transition":
             return
         if event.to_state == "accepted":
-            record = self._journal.get(event.job)
-            if record is not None:
-                self._enqueue(record.id, record.iss)
+            if self._may_run(event.job):
+                record = self._journal.get(event.job)
+                if record is not None:
+                    self._enqueue(record.id, record.iss)
         elif event.to_state == "cancelled" and event.job in self._running:
             task, _ = self._running[event.job]
             task.cancel()

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from node.daemon import Node
-from node.errors import HearthError, NotFoundError, RequestError
+from node.errors import HearthError, NotFoundError, RequestError, SettlementError
 from node.journal import TERMINAL_STATES, Event, JobRecord
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.openapi import openapi_document
@@ -222,7 +222,7 @@ async def post_job(request: web.Request) -> web.Response:
     node = request.app[NODE]
     token, doc = await read_signed(request)
     with node.metrics.admission_seconds.labels("submit").time():
-        result = await node.admission.submit(token, doc.get("quote"))
+        result = await node.admission.submit(token, doc.get("quote"), doc.get("funding"))
     body = signed(
         node, "status", result.job.id, {"job": job_view(result.job), "accepted_now": result.accepted_now}
     )
@@ -238,10 +238,41 @@ def _job(request: web.Request) -> JobRecord:
     return job
 
 
+def full_job_view(node: Node, job: JobRecord) -> dict[str, Any]:
+    """The status of one job: its view, envelope and (with a chain) its payment and transactions."""
+    settlement = node.settlement
+    return {
+        **job_view(job),
+        "envelope": job.envelope,
+        "payment": None if settlement is None else settlement.view(job.id),
+    }
+
+
 async def get_job(request: web.Request) -> web.Response:
     node = request.app[NODE]
     job = _job(request)
-    return json_response(signed(node, "status", job.id, {"job": job_view(job)}))
+    return json_response(signed(node, "status", job.id, {"job": full_job_view(node, job)}))
+
+
+async def post_receipt(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    job_key = request.match_info["id"]
+    raw = await read_body(request)
+    if request.content_type != "application/json":
+        raise RequestError("unsupported_media_type", "send the receipt as application/json", http_status=415)
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError("malformed_json", "the body is not valid JSON") from None
+    if node.settlement is None:
+        node.journal.require(job_key)
+        raise SettlementError(
+            "payments_not_configured", "this node has no chain configured; it takes no receipts"
+        )
+    job, recorded = await node.settlement.accept_receipt(job_key, doc)
+    return json_response(
+        signed(node, "status", job.id, {"job": full_job_view(node, job)}), status=202 if recorded else 200
+    )
 
 
 async def get_result(request: web.Request) -> web.Response:
@@ -445,6 +476,7 @@ def build_app(node: Node, *, manage_node: bool = True) -> web.Application:
     r.add_get("/v1/jobs/{id}/result", get_result)
     r.add_get("/v1/jobs/{id}/events", get_events)
     r.add_post("/v1/jobs/{id}/cancel", post_cancel)
+    r.add_post("/v1/jobs/{id}/receipt", post_receipt)
     r.add_get("/v1/capacity", get_capacity)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

@@ -55,6 +55,8 @@ DEVNET_HOST = "127.0.0.1"
 # anvil's well-known development mnemonic: every dev account (and so every address) is the same each run.
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
 DEVNET_CONFIRMATIONS = 1
+# anvil mines a block per transaction: polling fast keeps the demo snappy at no cost
+DEVNET_POLL_SECONDS = 0.25
 TOKEN_NAME = "Test USDC"
 USDC = 10**6  # one token in base units (6 decimals)
 ETHER = 10**18
@@ -166,13 +168,23 @@ def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT) -> Devnet:
                 },
                 requester.address,
             )
-        chain = ChainSection(
-            rpc_url=rpc_url,
-            chain_id=DEVNET_CHAIN_ID,
-            escrow=escrow,
-            token=token,
-            confirmations=DEVNET_CONFIRMATIONS,
-            wallet_key_file=cfg.chain.wallet_key_file if cfg.chain else DEFAULT_WALLET_KEY_FILE,
+        where = {
+            "rpc_url": rpc_url,
+            "chain_id": DEVNET_CHAIN_ID,
+            "escrow": escrow,
+            "token": token,
+            "token_name": TOKEN_NAME,
+        }
+        # An existing [chain] keeps its operator-tuned knobs; only where the chain is changes.
+        chain = (
+            cfg.chain.model_copy(update=where)
+            if cfg.chain is not None
+            else ChainSection(
+                **where,
+                confirmations=DEVNET_CONFIRMATIONS,
+                poll_seconds=DEVNET_POLL_SECONDS,
+                wallet_key_file=DEFAULT_WALLET_KEY_FILE,
+            )
         )
         config = set_chain_config(home, chain)
     except BaseException:

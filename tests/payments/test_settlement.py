@@ -1,0 +1,163 @@
+"""The node is paid only against funded escrow and a validator's receipt: real anvil, real transcodes.
+
+Each test runs an in-process node whose ``[chain]`` points at a devnet (``payments.devnet.up``) and drives
+it over HTTP the way a requester and a validator would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.client import NodeClient, NodeError, sign_request
+from payments import devnet
+from sandbox.ffmpeg import make_test_clip
+from tests.conftest import LiveNode, live
+from tests.payments.paid import (
+    PaidHome,
+    paid_envelope,
+    paid_home,
+    quote_and_fund,
+    receipt_for,
+    set_chain,
+    wait_for,
+)
+
+RUN = {"scheduler": {"paused": False}}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_test_clip(tmp_path_factory.mktemp("media") / "clip.mp4", seconds=2, width=320, height=240)
+
+
+@pytest.fixture
+def ph(tmp_path: Path, sandbox_images: dict[str, str]) -> Iterator[PaidHome]:
+    home = paid_home(tmp_path / "home", RUN, chain={"funding_timeout_seconds": 30})
+    try:
+        yield home
+    finally:
+        devnet.stop(home.home)
+
+
+@pytest.fixture
+async def node(ph: PaidHome) -> AsyncIterator[LiveNode]:
+    async with live(ph.home) as ln:
+        yield ln
+
+
+async def test_gasless_funding_transcode_receipt_and_release_pay_the_provider_exactly_once(
+    node: LiveNode, ph: PaidHome, requester: object, clip: Path
+) -> None:
+    before = ph.balances()
+    async with NodeClient(node.url) as client:
+        cid = (await client.put_blob(clip))["cid"]
+        env = paid_envelope(ph, "paid-1", cid)
+        job, terms = await quote_and_fund(client, node.did, requester, ph, env)  # type: ignore[arg-type]
+        assert terms.provider == ph.node_wallet.address and terms.validator == ph.validator.address
+        view = await wait_for(client, job, {"completed", "failed", "expired"})
+        assert view["state"] == "completed", view
+        payment = view["payment"]
+        assert payment["funding"]["state"] == "funded" and payment["funding"]["gasless"] is True
+        assert payment["funding"]["tx"]["state"] == "confirmed"
+        # the payer paid no gas: the node sent fundWithAuthorization
+        assert ph.w3.eth.get_transaction_count(ph.payer.address) == 0
+
+        body = await receipt_for(client, job, terms, ph.validator)
+        amount = int(body["receipt"]["amount"])
+        assert 0 < amount <= terms.amount
+        answer = await client.post_receipt(job, body)
+        assert answer["job"]["state"] == "validated"
+        again = await client.post_receipt(job, body)  # the same receipt twice is idempotent
+        assert again["job"]["state"] in ("validated", "settled")
+        view = await wait_for(client, job, {"settled"})
+        release = view["payment"]["settlement"]["tx"]
+        assert release["purpose"] == "release" and release["state"] == "confirmed"
+
+    after = ph.balances()
+    assert after["provider"] - before["provider"] == amount
+    assert before["payer"] - after["payer"] == amount  # the remainder of the quote went back
+    assert after["escrow"] == before["escrow"] == 0
+    assert ph.released_events(terms.to_json()["escrow_job_id"]) == 1
+    metrics = node.node.metrics.render().decode()
+    assert f"hearth_earnings_usdc_total {amount / 1_000_000}" in metrics
+    assert 'hearth_gas_spent_wei_total{purpose="release"}' in metrics
+
+
+async def test_an_unfunded_job_waits_then_expires_and_never_runs(
+    ph: PaidHome, requester: object, clip: Path, tmp_path: Path
+) -> None:
+    set_chain(ph.home, funding_timeout_seconds=2)
+    async with live(ph.home) as node, NodeClient(node.url) as client:
+        cid = (await client.put_blob(clip))["cid"]
+        env = paid_envelope(ph, "unfunded-1", cid)
+        body = await client.submit(sign_request(requester, node.did, {"job": env}))  # type: ignore[arg-type]
+        job = body["job"]["id"]
+        view = await wait_for(client, job, {"expired", "running", "completed"}, limit=30)
+        assert view["state"] == "expired"
+        assert view["payment"]["funding"]["state"] == "refused"
+        events = node.node.journal.events(job)
+        assert not any(e.to_state == "running" for e in events)
+        assert job not in {hold.key for hold in node.node.ledger.holds()}  # its capacity was given back
+
+
+async def test_quotes_refuse_payment_terms_the_node_cannot_take(
+    node: LiveNode, ph: PaidHome, requester: object
+) -> None:
+    cases = {
+        "chain_id": {"chain_id": 1},
+        "escrow": {"escrow": "0x" + "1" * 40},
+        "validator": {"validator": "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK"},
+    }
+    async with NodeClient(node.url) as client:
+        for name, change in cases.items():
+            env = paid_envelope(
+                ph, f"terms-{name}", "ipfs://bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
+            )
+            env["payment"].update(change)
+            with pytest.raises(NodeError) as info:
+                await client.quote(sign_request(requester, node.did, {"job": env}))  # type: ignore[arg-type]
+            error = info.value.body["error"]
+            assert info.value.http_status == 422 and error["code"] == "payment_terms_unsupported", error
+            assert error["domain"] == "funding" and error["details"]["field"] == f"payment.{name}"
+
+
+async def test_bad_receipts_are_refused_and_leave_the_job_completed_then_a_failing_one_refunds(
+    node: LiveNode, ph: PaidHome, requester: object, clip: Path
+) -> None:
+    from payments.keys import new_eth
+
+    before = ph.balances()
+    async with NodeClient(node.url) as client:
+        cid = (await client.put_blob(clip))["cid"]
+        job, terms = await quote_and_fund(
+            client, node.did, requester, ph, paid_envelope(ph, "disputed-1", cid)
+        )  # type: ignore[arg-type]
+        assert (await wait_for(client, job, {"completed", "failed"}))["state"] == "completed"
+        bad = {
+            "receipt_signer_mismatch": await receipt_for(client, job, terms, new_eth(31337)),
+            "receipt_digest_mismatch": await receipt_for(
+                client, job, terms, ph.validator, result_digest=b"\x01" * 32
+            ),
+            "receipt_amount_above_quote": await receipt_for(
+                client, job, terms, ph.validator, amount=terms.amount + 1
+            ),
+            "receipt_domain_mismatch": await receipt_for(client, job, terms, ph.validator, chain_id=1),
+            "receipt_provider_mismatch": await receipt_for(
+                client, job, terms, ph.validator, provider=ph.payer.address
+            ),
+        }
+        for code, body in bad.items():
+            with pytest.raises(NodeError) as info:
+                await client.post_receipt(job, body)
+            assert info.value.http_status == 422 and info.value.body["error"]["code"] == code, info.value.body
+        assert (await client.status(job))["job"]["state"] == "completed"
+
+        failing = await receipt_for(client, job, terms, ph.validator, passed=False)
+        assert (await client.post_receipt(job, failing))["job"]["state"] == "disputed"
+        view = await wait_for(client, job, {"refunded"})
+        assert view["payment"]["settlement"]["tx"]["purpose"] == "refund"
+    after = ph.balances()
+    assert after == before  # the payer got everything back; the provider got nothing
