@@ -100,6 +100,8 @@ class TranscodeExecutor:
         # ffprobe's answer per input content (CID) and image: the quote's probe serves the run too
         self._probes: OrderedDict[tuple[str, str], MediaInfo] = OrderedDict()
         self._tool_versions: dict[str, str] | None = None
+        # jobs starting together ask once: one probe container, one output folder
+        self._tools_lock = asyncio.Lock()
 
     def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
         self._cfg = cfg
@@ -404,29 +406,34 @@ class TranscodeExecutor:
 
     async def _tools(self) -> dict[str, str]:
         """The ffmpeg version inside the image, asked once per daemon run."""
-        if self._tool_versions is None:
-            lines: list[str] = []
-            out = self._work / "tool-versions"
-            try:
-                await self._runner.run(
-                    RunSpec(
-                        image=await self._image_id(),
-                        argv=("ffmpeg", "-hide_banner", "-version"),
-                        job_id="tool-versions",
-                        output_dir=out,
-                        cpus=0.5,
-                        memory_mb=PROBE_MEMORY_MB,
-                        timeout_seconds=PROBE_TIMEOUT_SECONDS,
-                        max_output_bytes=PROBE_MAX_OUTPUT_BYTES,
-                        user=self._cfg.sandbox.user,
-                    ),
-                    on_stdout=lines.append,
-                )
-            finally:
-                await asyncio.to_thread(shutil.rmtree, out, True)
-            first = lines[0] if lines else ""
-            self._tool_versions = {"ffmpeg": first.split(" ")[2] if first.count(" ") >= 2 else first}
+        async with self._tools_lock:
+            if self._tool_versions is None:
+                self._tool_versions = await self._ask_tools()
         return self._tool_versions
+
+    async def _ask_tools(self) -> dict[str, str]:
+        """Run ``ffmpeg -version`` in the image (a probe-sized container) and read the version."""
+        lines: list[str] = []
+        out = self._work / "tool-versions"
+        try:
+            await self._runner.run(
+                RunSpec(
+                    image=await self._image_id(),
+                    argv=("ffmpeg", "-hide_banner", "-version"),
+                    job_id="tool-versions",
+                    output_dir=out,
+                    cpus=0.5,
+                    memory_mb=PROBE_MEMORY_MB,
+                    timeout_seconds=PROBE_TIMEOUT_SECONDS,
+                    max_output_bytes=PROBE_MAX_OUTPUT_BYTES,
+                    user=self._cfg.sandbox.user,
+                ),
+                on_stdout=lines.append,
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, out, True)
+        first = lines[0] if lines else ""
+        return {"ffmpeg": first.split(" ")[2] if first.count(" ") >= 2 else first}
 
 
 def _transcode_envelope(job: JobRecord) -> FfmpegTranscodeEnvelope:

@@ -160,18 +160,25 @@ class DaemonProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> float:
-        """Start and wait for /readyz; returns seconds from spawn to ready."""
-        import urllib.request
-
-        t0 = time.perf_counter()
+    def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``hearth run`` (with ``env`` added to the environment) without waiting for it."""
         with self.log.open("a") as log:  # a file, not a pipe: a full pipe would stall the daemon
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), "--port", str(self.port)],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
+        return self.proc
+
+    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> float:
+        """Start and wait for /readyz; returns seconds from spawn to ready."""
+        import urllib.request
+
+        t0 = time.perf_counter()
+        self.spawn(env)
+        assert self.proc is not None
         deadline = t0 + timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
