@@ -1010,3 +1010,106 @@ def test_active_count_stops_at_the_limit(journal: Journal) -> None:
     assert journal.active_count(ISS) == 5
     assert journal.active_count(ISS, limit=3) == 3
     assert journal.active_count(ISS, limit=10) == 5
+
+
+# -- payments and chain transactions (schema 2) ------------------------------------------------------------
+
+
+def _accepted_with_payment(j: Journal, n: int = 0) -> JobRecord:
+    job = make_job(j, n)
+    j.transition(job.id, "accepted", actor="node", reason="accepted")
+    j.open_payment(job.id, escrow_job_id=f"0x{n:064x}", terms={"amount": "1250000"}, wait_until=T0 + 600)
+    return job
+
+
+def test_a_schema_1_journal_is_migrated_in_place_and_keeps_its_jobs(path: Path, clock: Clock) -> None:
+    with Journal.open(path, now=clock) as j:
+        make_job(j, 1)
+    conn = sqlite3.connect(path)
+    with conn:  # what a schema-1 node left: no payment tables
+        conn.execute("DROP TRIGGER chain_txs_no_delete")
+        conn.execute("DROP TABLE chain_txs")
+        conn.execute("DROP TABLE payments")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    with Journal.open(path, now=clock) as j:
+        assert j.require(node_id(1)).state == "priced"
+        j.transition(node_id(1), "accepted", actor="node", reason="accepted")
+        record = j.open_payment(node_id(1), escrow_job_id="0x" + "1" * 64, terms={"a": 1}, wait_until=T0 + 1)
+        assert record.funding == "awaiting"
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    conn.close()
+
+
+def test_open_payment_is_idempotent_and_only_adds_a_missing_authorization(journal: Journal) -> None:
+    job = _accepted_with_payment(journal)
+    again = journal.open_payment(job.id, escrow_job_id="0x" + "f" * 64, terms={"other": 1}, wait_until=T0 + 1)
+    assert (
+        again.terms == {"amount": "1250000"} and again.wait_until == T0 + 600 and again.authorization is None
+    )
+    auth = {"from": "0xpayer", "signature": "0x01"}
+    with_auth = journal.open_payment(job.id, escrow_job_id="x", terms={}, wait_until=0, authorization=auth)
+    assert with_auth.authorization == auth
+    other = journal.open_payment(job.id, escrow_job_id="x", terms={}, wait_until=0, authorization={"b": 2})
+    assert other.authorization == auth  # the first authorization stays
+
+
+def test_funding_is_decided_once_and_noted_on_the_job(journal: Journal) -> None:
+    job = _accepted_with_payment(journal)
+    assert [p.job for p in journal.payments_awaiting()] == [job.id]
+    journal.set_funding(job.id, "funded", reason="escrow funded", data={"amount": "1250000"})
+    assert journal.payments_awaiting() == []
+    with pytest.raises(ConflictError) as info:
+        journal.set_funding(job.id, "refused", reason="late")
+    assert info.value.code == "funding_decided"
+    note = journal.events(job.id)[-1]
+    assert note.type == "note" and note.data == {"funding": "funded", "amount": "1250000"}
+
+
+def test_the_database_refuses_a_second_live_transaction_for_one_payment_or_nonce(journal: Journal) -> None:
+    job = _accepted_with_payment(journal)
+    journal.record_tx(job.id, "release", sender="0xnode", nonce=0, hash="0xa", raw="0x01")
+    with pytest.raises(ConflictError) as info:  # same job and purpose while the first may still land
+        journal.record_tx(job.id, "release", sender="0xnode", nonce=1, hash="0xb", raw="0x02")
+    assert info.value.code == "tx_exists"
+    other = _accepted_with_payment(journal, 1)
+    with pytest.raises(ConflictError):  # the nonce is taken
+        journal.record_tx(other.id, "release", sender="0xnode", nonce=0, hash="0xc", raw="0x03")
+    # once the first is known dead (dropped), a new one may be sent, and its nonce is free again
+    journal.update_tx("0xa", state="dropped", note="dropped")
+    assert journal.next_nonce("0xnode") == 0
+    journal.record_tx(job.id, "release", sender="0xnode", nonce=0, hash="0xd", raw="0x04")
+    assert journal.next_nonce("0xnode") == 1
+    assert [t.state for t in journal.txs(job.id)] == ["dropped", "signed"]
+    with pytest.raises(sqlite3.IntegrityError):  # the record is append-only, even to raw SQL
+        raw = sqlite3.connect(journal.path)
+        with raw:
+            raw.execute("DELETE FROM chain_txs")
+
+
+def test_a_verdict_moves_the_job_and_stores_the_receipt_together_or_not_at_all(journal: Journal) -> None:
+    job = _accepted_with_payment(journal)
+    with pytest.raises(ConflictError) as info:  # not completed yet: nothing is written
+        journal.record_verdict(job.id, "validated", {"receipt": 1}, actor="v", reason="r")
+    payment = journal.payment(job.id)
+    assert info.value.code == "state_changed" and payment is not None and payment.receipt is None
+    journal.transition(job.id, "running", actor="node", reason="run")
+    journal.transition(job.id, "completed", actor="node", reason="done", fields={"result_json": {"ok": 1}})
+    receipt = {"receipt": {"amount": "1000000"}, "signature": "0x01"}
+    record, event = journal.record_verdict(job.id, "validated", receipt, actor="validator", reason="passed")
+    assert record.state == "validated" and event.from_state == "completed"
+    payment = journal.payment(job.id)
+    assert payment is not None and payment.receipt == receipt
+    with pytest.raises(ConflictError):
+        journal.record_verdict(job.id, "disputed", receipt, actor="validator", reason="again")
+    assert journal.payment_totals()["earned"] == 0  # earned once settled, not before
+    journal.record_tx(job.id, "release", sender="0xnode", nonce=0, hash="0xa", raw="0x01")
+    journal.update_tx("0xa", state="confirmed", gas_used=80_000, gas_price=2)
+    journal.transition(job.id, "settled", actor="settlement", reason="released")
+    assert journal.payment_totals() == {
+        "earned": 1_000_000,
+        "gas_fund": 0,
+        "gas_release": 160_000,
+        "gas_refund": 0,
+    }

@@ -6,6 +6,7 @@ it over HTTP the way a requester and a validator would.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from node.client import NodeClient, NodeError, sign_request
 from payments import devnet
+from payments.keys import Signer
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import LiveNode, live
 from tests.payments.paid import (
@@ -49,13 +51,13 @@ async def node(ph: PaidHome) -> AsyncIterator[LiveNode]:
 
 
 async def test_gasless_funding_transcode_receipt_and_release_pay_the_provider_exactly_once(
-    node: LiveNode, ph: PaidHome, requester: object, clip: Path
+    node: LiveNode, ph: PaidHome, requester: Signer, clip: Path
 ) -> None:
     before = ph.balances()
     async with NodeClient(node.url) as client:
         cid = (await client.put_blob(clip))["cid"]
         env = paid_envelope(ph, "paid-1", cid)
-        job, terms = await quote_and_fund(client, node.did, requester, ph, env)  # type: ignore[arg-type]
+        job, terms = await quote_and_fund(client, node.did, requester, ph, env)
         assert terms.provider == ph.node_wallet.address and terms.validator == ph.validator.address
         view = await wait_for(client, job, {"completed", "failed", "expired"})
         assert view["state"] == "completed", view
@@ -87,13 +89,13 @@ async def test_gasless_funding_transcode_receipt_and_release_pay_the_provider_ex
 
 
 async def test_an_unfunded_job_waits_then_expires_and_never_runs(
-    ph: PaidHome, requester: object, clip: Path, tmp_path: Path
+    ph: PaidHome, requester: Signer, clip: Path, tmp_path: Path
 ) -> None:
     set_chain(ph.home, funding_timeout_seconds=2)
     async with live(ph.home) as node, NodeClient(node.url) as client:
         cid = (await client.put_blob(clip))["cid"]
         env = paid_envelope(ph, "unfunded-1", cid)
-        body = await client.submit(sign_request(requester, node.did, {"job": env}))  # type: ignore[arg-type]
+        body = await client.submit(sign_request(requester, node.did, {"job": env}))
         job = body["job"]["id"]
         view = await wait_for(client, job, {"expired", "running", "completed"}, limit=30)
         assert view["state"] == "expired"
@@ -104,7 +106,7 @@ async def test_an_unfunded_job_waits_then_expires_and_never_runs(
 
 
 async def test_quotes_refuse_payment_terms_the_node_cannot_take(
-    node: LiveNode, ph: PaidHome, requester: object
+    node: LiveNode, ph: PaidHome, requester: Signer
 ) -> None:
     cases = {
         "chain_id": {"chain_id": 1},
@@ -118,14 +120,14 @@ async def test_quotes_refuse_payment_terms_the_node_cannot_take(
             )
             env["payment"].update(change)
             with pytest.raises(NodeError) as info:
-                await client.quote(sign_request(requester, node.did, {"job": env}))  # type: ignore[arg-type]
+                await client.quote(sign_request(requester, node.did, {"job": env}))
             error = info.value.body["error"]
             assert info.value.http_status == 422 and error["code"] == "payment_terms_unsupported", error
             assert error["domain"] == "funding" and error["details"]["field"] == f"payment.{name}"
 
 
 async def test_bad_receipts_are_refused_and_leave_the_job_completed_then_a_failing_one_refunds(
-    node: LiveNode, ph: PaidHome, requester: object, clip: Path
+    node: LiveNode, ph: PaidHome, requester: Signer, clip: Path
 ) -> None:
     from payments.keys import new_eth
 
@@ -134,7 +136,7 @@ async def test_bad_receipts_are_refused_and_leave_the_job_completed_then_a_faili
         cid = (await client.put_blob(clip))["cid"]
         job, terms = await quote_and_fund(
             client, node.did, requester, ph, paid_envelope(ph, "disputed-1", cid)
-        )  # type: ignore[arg-type]
+        )
         assert (await wait_for(client, job, {"completed", "failed"}))["state"] == "completed"
         bad = {
             "receipt_signer_mismatch": await receipt_for(client, job, terms, new_eth(31337)),
@@ -161,3 +163,40 @@ async def test_bad_receipts_are_refused_and_leave_the_job_completed_then_a_faili
         assert view["payment"]["settlement"]["tx"]["purpose"] == "refund"
     after = ph.balances()
     assert after == before  # the payer got everything back; the provider got nothing
+
+
+async def test_funding_and_release_count_only_once_they_are_n_blocks_deep(
+    ph: PaidHome, requester: Signer, clip: Path
+) -> None:
+    set_chain(ph.home, confirmations=3)
+
+    def mine(blocks: int) -> None:
+        for _ in range(blocks):
+            ph.w3.provider.make_request("evm_mine", [])
+
+    async def tx_state(client: NodeClient, job: str, purpose: str, want: str) -> dict[str, object]:
+        for _ in range(200):
+            view = (await client.status(job))["job"]
+            txs = [t for t in view["payment"]["txs"] if t["purpose"] == purpose]
+            if txs and txs[-1]["state"] == want:
+                return view  # type: ignore[no-any-return]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {purpose} tx reached {want}: {view['payment']}")
+
+    async with live(ph.home) as node, NodeClient(node.url) as client:
+        cid = (await client.put_blob(clip))["cid"]
+        job, terms = await quote_and_fund(client, node.did, requester, ph, paid_envelope(ph, "deep-1", cid))
+        await tx_state(client, job, "fund", "mined")
+        await asyncio.sleep(1.0)  # several polls: one block deep is not funded
+        view = (await client.status(job))["job"]
+        assert view["state"] == "accepted" and view["payment"]["funding"]["state"] == "awaiting"
+        mine(2)
+        assert (await wait_for(client, job, {"completed", "failed"}))["state"] == "completed"
+
+        await client.post_receipt(job, await receipt_for(client, job, terms, ph.validator))
+        await tx_state(client, job, "release", "mined")
+        await asyncio.sleep(1.0)
+        assert (await client.status(job))["job"]["state"] == "validated"
+        mine(2)
+        view = await wait_for(client, job, {"settled"})
+        assert view["payment"]["settlement"]["tx"]["state"] == "confirmed"
