@@ -67,6 +67,7 @@ def usdc_units(price: str) -> int:
     shift = exponent + USDC_DECIMALS
     if coefficient == 0:
         return 0
+    units: int
     if shift >= 0:
         if len(digits) + shift > len(str(_MAX_UINT256)):
             raise inexact  # far past uint256; refused before 10**shift is ever computed
