@@ -306,6 +306,8 @@ class Settlement:
             )
         terms = FundingTerms.from_json(payment.terms)
         self._check_receipt(job, terms, receipt, signature)
+        if body.get("credential") is not None:
+            await _check_credential(body["credential"], receipt, signature)
         call = (
             self.chain.release(terms.job_id, receipt.amount, receipt.result_digest, signature)
             if receipt.passed
@@ -735,3 +737,17 @@ class Settlement:
             },
             "txs": [t.as_dict() for t in txs],
         }
+
+
+async def _check_credential(credential: Any, receipt: Receipt, signature: bytes) -> None:
+    """A credential sent with a receipt must verify (didkit) and wrap exactly that receipt and signature."""
+    from payments.validator import verify_credential  # didkit loads only when a credential comes
+
+    if not isinstance(credential, dict):
+        raise SettlementError("credential_invalid", "credential must be a JSON object (a W3C VC)")
+    try:
+        wrapped, wrapped_signature = await verify_credential(credential)
+    except HearthError as exc:
+        raise SettlementError(exc.code, exc.message, details=exc.details) from None
+    if wrapped != receipt or wrapped_signature != signature:
+        raise SettlementError("credential_mismatch", "the credential wraps another receipt than the one sent")

@@ -15,6 +15,8 @@ import pytest
 from node.client import NodeClient, NodeError, sign_request
 from payments import devnet
 from payments.keys import Signer
+from payments.receipts import Receipt
+from payments.validator import issue_credential
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import LiveNode, live
 from tests.payments.paid import (
@@ -68,6 +70,10 @@ async def test_gasless_funding_transcode_receipt_and_release_pay_the_provider_ex
         assert ph.w3.eth.get_transaction_count(ph.payer.address) == 0
 
         body = await receipt_for(client, job, terms, ph.validator)
+        # the receipt also travels as a W3C Verifiable Credential, which the node verifies with didkit
+        body["credential"] = await issue_credential(
+            ph.validator, Receipt.from_json(body["receipt"]), bytes.fromhex(body["signature"][2:])
+        )
         amount = int(body["receipt"]["amount"])
         assert 0 < amount <= terms.amount
         answer = await client.post_receipt(job, body)
@@ -151,13 +157,18 @@ async def test_bad_receipts_are_refused_and_leave_the_job_completed_then_a_faili
                 client, job, terms, ph.validator, provider=ph.payer.address
             ),
         }
+        failing = await receipt_for(client, job, terms, ph.validator, passed=False)
+        wrapped_other = await receipt_for(client, job, terms, ph.validator)
+        wrapped_other["credential"] = await issue_credential(
+            ph.validator, Receipt.from_json(failing["receipt"]), bytes.fromhex(failing["signature"][2:])
+        )
+        bad["credential_mismatch"] = wrapped_other
         for code, body in bad.items():
             with pytest.raises(NodeError) as info:
                 await client.post_receipt(job, body)
             assert info.value.http_status == 422 and info.value.body["error"]["code"] == code, info.value.body
         assert (await client.status(job))["job"]["state"] == "completed"
 
-        failing = await receipt_for(client, job, terms, ph.validator, passed=False)
         assert (await client.post_receipt(job, failing))["job"]["state"] == "disputed"
         view = await wait_for(client, job, {"refunded"})
         assert view["payment"]["settlement"]["tx"]["purpose"] == "refund"
