@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +32,22 @@ from node.config import (
     parse_config,
     resolve_path,
 )
-from node.envelope import parse_envelope
-from node.errors import HearthError
-from payments.keys import Signer, load_key, new_ed25519, new_eth, public_summary, save_key
+from node.envelope import envelope_hash, parse_envelope
+from node.errors import AuthError, FundingError, HearthError, RequestError
+from payments.jwt import decode_unverified, verify_node_token
+from payments.keys import EthSigner, Signer, load_key, new_ed25519, new_eth, public_summary, save_key
+from payments.validate_cli import add_parser as add_validate_parser
 
 if TYPE_CHECKING:
+    from node.envelope import Envelope
     from payments.devnet import Devnet
+    from payments.receipts import FundingTerms
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# `job submit --wait` polls this often, and gives the node this long past the funding's wait_until
+# (clock skew between the two machines; a fund transaction still gathering confirmations).
+FUNDING_POLL_SECONDS = 0.5
+FUNDING_WAIT_GRACE_SECONDS = 120.0
 
 
 class Out:
@@ -280,15 +290,18 @@ def read_envelope(path: Path) -> dict[str, Any]:
     return data
 
 
-async def _request_token(args: argparse.Namespace, client: NodeClient) -> str:
+def _usage(message: str) -> HearthError:
+    return HearthError("usage", message, http_status=400, domain="request")
+
+
+async def _request_token(args: argparse.Namespace, client: NodeClient, node_did: str | None = None) -> str:
+    """The signed request to send: the --token file as it is, or a fresh JWT (new ``jti``) on each call."""
     if args.token:
         return str(Path(args.token).read_text().strip())
     if not args.envelope or not args.key:
-        raise HearthError(
-            "usage", "give an ENVELOPE file and --key, or --token FILE", http_status=400, domain="request"
-        )
+        raise _usage("give an ENVELOPE file and --key, or --token FILE")
     signer = load_key(Path(args.key))
-    node_did = args.node_did or await client.node_did()
+    node_did = node_did or args.node_did or await client.node_did()
     return sign_request(signer, node_did, {"job": read_envelope(Path(args.envelope))}, ttl_seconds=args.ttl)
 
 
@@ -316,6 +329,10 @@ async def cmd_job_quote(args: argparse.Namespace, out: Out, client: NodeClient) 
     return EXIT_OK
 
 
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _print_status(body: dict[str, Any]) -> None:
     job = body["job"]
     print(f"job {job['id']} ({job['job_id']})  {job['kind']}")
@@ -327,19 +344,261 @@ def _print_status(body: dict[str, Any]) -> None:
         print(f"  failure   {f['domain']}/{f['code']} retryable={f['retryable']}: {f['message']}")
     if "outcome" in body:
         print(f"  outcome   {body['outcome']}")
+    if job.get("payment"):
+        _print_payment(job["payment"])
+
+
+def _print_payment(payment: dict[str, Any]) -> None:
+    """The ``payment`` of a job's status: escrow terms, funding, the receipt and every transaction."""
+    from payments.receipts import usdc_str
+
+    terms, funding = payment["terms"], payment["funding"]
+    print("  payment")
+    print(f"    escrow job  {terms['escrow_job_id']}  (escrow {terms['escrow']}, chain {terms['chain_id']})")
+    print(f"    amount      {terms['amount_usdc']} USDC from {terms['payer']}")
+    print(f"    deadline    {_utc(terms['deadline'])}")
+    state = funding["state"]
+    if state == "awaiting":
+        state += f" until {_utc(funding['wait_until'])}"
+    if funding["gasless"]:
+        state += ", gasless (the node submits fundWithAuthorization)"
+    print(f"    funding     {state}")
+    receipt = payment["settlement"]["receipt"]
+    if receipt is not None:
+        verdict = "passed" if receipt["passed"] else "failed"
+        print(f"    receipt     {verdict}, {usdc_str(int(receipt['amount']))} USDC")
+    for tx in payment["txs"]:
+        block = "-" if tx["block_number"] is None else tx["block_number"]
+        gas = "-" if tx["gas_used"] is None else tx["gas_used"]
+        print(f"    tx {tx['purpose']:8} {tx['state']:9} {tx['hash']}  block {block}  gas {gas}")
+
+
+def _print_accepted(body: dict[str, Any]) -> None:
+    print("accepted" if body.get("accepted_now") else "already accepted")
+    _print_status(body)
 
 
 async def cmd_job_submit(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    if args.wallet:
+        try:
+            return await _submit_paid(args, out, client)
+        except PaymentTermsRefused as exc:
+            out.error(exc)
+            return EXIT_REFUSED
+    if args.wait or args.valid_seconds is not None:
+        raise _usage("--wait and --valid-seconds need --wallet")
     token = await _request_token(args, client)
     quote = Path(args.quote).read_text().strip() if args.quote else None
     body = await client.submit(token, quote)
+    out.emit(body, lambda: _print_accepted(body))
+    return EXIT_OK
+
+
+# -- paying for a job (submit --wallet) ----------------------------------------------------------------
+
+
+class PaymentTermsRefused(FundingError):
+    """Raised when ``job submit --wallet`` will not sign for a quote: the node offers no escrow terms, or
+    terms other than the envelope's payment. No authorization is signed and the job is not submitted.
+
+    Unlike a wallet that is not the payer (a usage error, exit 2) the node's answer is at fault here, so
+    the command exits 1 as it does when the node refuses.
+    """
+
+
+async def _submit_paid(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    """Quote, sign the payer's EIP-3009 authorization for the quote's escrow terms, submit with it.
+
+    The node submits ``fundWithAuthorization`` itself, so the payer's wallet needs USDC but no gas. Every
+    check that can fail locally (wallet, envelope, terms) runs before the job is submitted.
+    """
+    from payments.receipts import sign_authorization
+
+    if args.valid_seconds is not None and args.valid_seconds <= 0:
+        raise _usage("--valid-seconds must be a positive number of seconds")
+    if args.token and not args.quote:
+        raise _usage("a --token can be sent once; with --wallet give --quote FILE too, or ENVELOPE and --key")
+    env = _request_envelope(args)
+    wallet = _payer_wallet(Path(args.wallet), env)
+    node_did = args.node_did or await client.node_did()
+    if args.quote:
+        quote_jwt = Path(args.quote).read_text().strip()
+    else:
+        quote_jwt = str((await client.quote(await _request_token(args, client, node_did)))["jwt"])
+    terms = _quoted_terms(quote_jwt, node_did, env)
+    valid_before = None if args.valid_seconds is None else int(time.time()) + args.valid_seconds
+    auth = sign_authorization(wallet, terms, valid_before=valid_before)
+    # a fresh request JWT: the node takes each one once, and asking for the quote used one
+    body = await client.submit(await _request_token(args, client, node_did), quote_jwt, auth.to_json())
+    doc = {**body, "funding_terms": terms.to_json(), "authorization": auth.to_json()}
 
     def human() -> None:
-        print("accepted" if body.get("accepted_now") else "already accepted")
-        _print_status(body)
+        _print_accepted(body)
+        t = terms.to_json()
+        print(f"  escrow    job {t['escrow_job_id']} (escrow {t['escrow']}, chain {t['chain_id']})")
+        print(f"  amount    {t['amount_usdc']} USDC from {t['payer']}")
+        print(f"  valid     until {_utc(auth.valid_before)}")
+        print("  funding   gasless (the node submits fundWithAuthorization)")
 
-    out.emit(body, human)
-    return EXIT_OK
+    if not args.wait:
+        out.emit(doc, human)
+        return EXIT_OK
+
+    def say(line: str) -> None:
+        if not out.as_json:  # people follow along; machines get one document at the end
+            print(line, flush=True)
+
+    if not out.as_json:
+        human()
+    say("waiting for the escrow to be funded ...")
+    status = await _wait_for_funding(client, str(body["job"]["id"]), say)
+    funded, outcome = _funding_outcome(status)
+    out.emit({**doc, "status": status}, lambda: print(f"  funding   {outcome}"))
+    return EXIT_OK if funded else EXIT_REFUSED
+
+
+def _request_envelope(args: argparse.Namespace) -> Envelope:
+    """The envelope the submission carries (the ENVELOPE file, or a --token's ``job`` claim), checked."""
+    if args.token:
+        _, claims, _, _ = decode_unverified(Path(args.token).read_text().strip())
+        return parse_envelope(claims.get("job"))
+    if not args.envelope:
+        raise _usage("give an ENVELOPE file and --key, or --token FILE")
+    return parse_envelope(read_envelope(Path(args.envelope)))
+
+
+def _payer_wallet(path: Path, env: Envelope) -> EthSigner:
+    """The --wallet key, refused unless it is an Ethereum key of the envelope's payer (nothing sent yet)."""
+    signer = load_key(path)
+    if not isinstance(signer, EthSigner):
+        raise FundingError(
+            "wallet_not_ethereum",
+            f"{path} holds a {signer.key_type} key; --wallet takes an Ethereum key "
+            "(hearth keys new --type eth)",
+            http_status=400,
+            details={"wallet": str(path), "did": signer.did},
+        )
+    if signer.address.lower() != env.payment.payer.lower():
+        raise FundingError(
+            "wallet_not_payer",
+            f"the wallet {signer.address} is not the envelope's payer {env.payment.payer}",
+            http_status=400,
+            details={"wallet": signer.address, "payer": env.payment.payer},
+        )
+    return signer
+
+
+def _quoted_terms(quote_jwt: str, node_did: str, env: Envelope) -> FundingTerms:
+    """The escrow terms of ``node_did``'s quote for ``env``, checked against the envelope's payment.
+
+    The quote's signature is checked too: the payer is about to sign money over to what it says.
+    """
+    from payments.receipts import FundingTerms
+
+    try:
+        claims = verify_node_token(quote_jwt, node_did)
+    except AuthError as exc:
+        code = "quote_expired" if exc.code == "expired" else "invalid_quote"
+        raise RequestError(
+            code, f"not a current quote of {node_did}: {exc.message}", details=exc.details
+        ) from None
+    quote = claims.get("quote")
+    if not isinstance(quote, dict) or quote.get("envelope_hash") != envelope_hash(env):
+        raise RequestError(
+            "quote_for_another_envelope",
+            f"the quote does not price this envelope (job_id {env.job_id}); ask for a new one",
+            details={"job_id": env.job_id, "envelope_hash": envelope_hash(env)},
+        )
+    if quote.get("funding_terms") is None:
+        raise PaymentTermsRefused(
+            "payments_not_configured",
+            f"the node {node_did} takes no payments (its quote has no funding_terms); "
+            "submit without --wallet",
+            details={"node": node_did},
+        )
+    terms = FundingTerms.from_json(quote["funding_terms"])
+    _check_terms(terms, env)
+    return terms
+
+
+def _check_terms(terms: FundingTerms, env: Envelope) -> None:
+    """Refuse escrow terms other than the envelope's: chain, escrow, payer, validator, amount <= max_price."""
+    from payments.did import parse_did_pkh
+    from payments.receipts import usdc_str, usdc_units
+
+    pay = env.payment
+    agreed: dict[str, tuple[object, object]] = {
+        "chain_id": (pay.chain_id, terms.chain_id),
+        "escrow": (pay.escrow, terms.escrow),
+        "payer": (pay.payer, terms.payer),
+        "validator": (parse_did_pkh(pay.validator)[1], terms.validator),
+    }
+    mismatches = [
+        {"field": name, "envelope": want, "quote": got}
+        for name, (want, got) in agreed.items()
+        if str(want).lower() != str(got).lower()
+    ]
+    if terms.amount > usdc_units(pay.max_price):
+        mismatches.append(
+            {"field": "amount", "envelope": f"at most {pay.max_price}", "quote": usdc_str(terms.amount)}
+        )
+    if mismatches:
+        raise PaymentTermsRefused(
+            "funding_terms_mismatch",
+            "the quote's escrow terms differ from the envelope's payment "
+            f"({', '.join(str(m['field']) for m in mismatches)}); nothing was signed",
+            details={"mismatches": mismatches},
+        )
+
+
+async def _wait_for_funding(client: NodeClient, job: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """Poll ``job``'s status until its escrow funding is decided; the last status body.
+
+    Decided: funding ``funded`` or ``refused``, or the job has left ``accepted``. Bounded: the node expires
+    a job still unfunded at its ``wait_until``; this waits FUNDING_WAIT_GRACE_SECONDS longer at most, then
+    returns the undecided status. ``say`` hears of each fund transaction and state it reaches.
+    """
+    give_up: float | None = None
+    shown: tuple[str, str] | None = None
+    while True:
+        body = await client.status(job)
+        view = body["job"]
+        payment = view.get("payment")
+        if payment is None:  # the node has no chain (any more): nothing will fund the job
+            return body
+        funding, tx = payment["funding"], payment["funding"]["tx"]
+        if tx is not None and (tx["hash"], tx["state"]) != shown:
+            shown = (tx["hash"], tx["state"])
+            say(f"  fund tx   {tx['hash']} ({tx['state']})")
+        if funding["state"] != "awaiting" or view["state"] != "accepted":
+            return body
+        if give_up is None:
+            left = max(float(funding["wait_until"]) - time.time(), 0.0)
+            give_up = time.monotonic() + left + FUNDING_WAIT_GRACE_SECONDS
+        if time.monotonic() >= give_up:
+            return body
+        await asyncio.sleep(FUNDING_POLL_SECONDS)
+
+
+def _funding_outcome(body: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the job of a status body is funded, and a line that says how (or why not)."""
+    view = body["job"]
+    payment = view.get("payment")
+    if payment is None:
+        return False, "not watched: the node reports no payment for this job"
+    funding, tx = payment["funding"], payment["funding"]["tx"]
+    if funding["state"] == "funded":
+        if tx is None:
+            return True, "funded (the escrow holds the amount)"
+        return True, (
+            f"funded by tx {tx['hash']} ({tx['state']} in block {tx['block_number']}, "
+            f"{tx['gas_used']} gas paid by the node)"
+        )
+    failure = view.get("failure")
+    why = f": {failure['message']}" if failure else ""
+    if funding["state"] == "refused" or view["state"] != "accepted":
+        return False, f"{funding['state']}, job {view['state']}{why}"
+    return False, f"still awaiting after the wait; see `hearth job status {view['id']}`"
 
 
 async def cmd_job_status(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
@@ -505,6 +764,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(afunc=cmd_job_quote)
     p = job.add_parser("submit", parents=[common, client, request], help="submit a job (against --quote)")
     p.add_argument("--quote", help="quote JWT file from `hearth job quote --save-quote`")
+    p.add_argument(
+        "--wallet",
+        help="the payer's Ethereum key file: sign an EIP-3009 authorization for the quote's escrow terms; "
+        "the node funds the escrow with it (the payer pays no gas)",
+    )
+    p.add_argument(
+        "--valid-seconds",
+        type=int,
+        help="with --wallet: the authorization lapses after this many seconds (default: the escrow deadline)",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="with --wallet: wait until the escrow is funded or funding fails"
+    )
     p.set_defaults(afunc=cmd_job_submit)
     for name, fn, text in (
         ("status", cmd_job_status, "job status"),
@@ -530,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--key", required=True)
     p.set_defaults(afunc=cmd_job_cancel)
+    add_validate_parser(sub, [common, client])
     return parser
 
 

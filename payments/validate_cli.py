@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from node.client import NodeClient, NodeError, NodeUnreachable
 from node.errors import ConfigError, HearthError, RequestError
 from payments.keys import EthSigner, load_key
-from payments.receipts import FundingTerms, usdc_str
-from payments.validator import ValidationReport, validate
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the validator's stack (web3, didkit, storage) loads only when the command runs
     from node.cli import Out
+    from payments.receipts import FundingTerms
+    from payments.validator import ValidationReport
 
 # Refusals about the command's own input (its key, its envelope): bad usage, not a verdict.
 _USAGE_DOMAINS = ("request", "config")
@@ -64,6 +64,8 @@ def validator_key(path: Path) -> EthSigner:
 
 def read_terms(path: Path) -> FundingTerms:
     """Funding terms from a JSON file (``FundingTerms.to_json()``, as a node's status shows them)."""
+    from payments.receipts import FundingTerms
+
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -72,6 +74,8 @@ def read_terms(path: Path) -> FundingTerms:
 
 
 def cmd_validate(args: argparse.Namespace, out: Out) -> int:
+    from payments.validator import validate
+
     """Run :func:`~payments.validator.validate` for ``args.job``, print the report, return the exit code."""
     from node import cli  # imported when run, not at load: node.cli imports this module to wire it in
 
@@ -111,6 +115,8 @@ def cmd_validate(args: argparse.Namespace, out: Out) -> int:
 
 
 def _print_report(report: ValidationReport, *, posting: bool) -> None:
+    from payments.receipts import usdc_str
+
     judgement, receipt = report.judgement, report.receipt
     verdict = "PASSED" if report.passed else "FAILED"
     print(f"{verdict}  job {report.job}   amount {usdc_str(receipt.amount)} USDC")
