@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Hearth demo on embedded defaults: start a node, upload a generated test clip, then, with the CLI, show a
-# quote accepted, a quote refused for a low max_price (with the node's ask), a tampered request refused,
-# a replay refused, and the transcode running in its sandbox with live progress; finally the artifact's
-# CID, its checks and its gateway URL, fetched and verified with an independent IPFS client (ipfs-car).
-# Everything lives in .demo/ and the node stops at the end.
+# Hearth demo on embedded defaults: the whole market round on a local chain. A devnet (anvil, TestUSDC,
+# HearthEscrow, funded wallets) and a node start; a generated test clip is uploaded; with the CLI the demo
+# shows a quote refused for a low max_price (with the node's ask), a tampered request refused, a replay
+# refused; then a signed job, its quote with escrow terms, gasless funding (an EIP-3009 authorization the
+# node submits), the transcode in its sandbox with live progress, the artifact's CID verified with an
+# independent IPFS client (ipfs-car), independent validation (the validator's own ffprobe), the EIP-712
+# receipt and the release. USDC balances before and after and every transaction hash are printed.
+# Everything lives in .demo/; the node and the devnet stop at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -19,11 +22,39 @@ expect_refusal() {  # the command must fail with exit 1 (the node refused); show
   if [[ $rc -ne 1 ]]; then echo "expected a refusal (exit 1), got exit $rc" >&2; exit 1; fi
 }
 
-step "Start a node on embedded defaults"
+CHAIN_PORT="${HEARTH_DEMO_CHAIN_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
+NODE_PID=""
+cleanup() {
+  if [[ -n "$NODE_PID" ]]; then kill "$NODE_PID" 2>/dev/null || true; wait "$NODE_PID" 2>/dev/null || true; fi
+  hearth devnet --home "$DEMO/node" --stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+step "Start a node on embedded defaults, paid through a local chain"
 show hearth init --home "$DEMO/node" --port "$PORT"
+show hearth devnet --home "$DEMO/node" --port "$CHAIN_PORT" --detach
+hearth devnet --home "$DEMO/node" --port "$CHAIN_PORT" --detach --json >"$DEMO/devnet.json"
+read -r ESCROW PAYER VALIDATOR PAYER_KEY VALIDATOR_KEY < <(python - "$DEMO/devnet.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); a = d["accounts"]
+print(d["escrow"], a["requester"]["address"], a["validator"]["did"], a["requester"]["key_file"], a["validator"]["key_file"])
+PY
+)
 hearth run --home "$DEMO/node" >"$DEMO/node.log" 2>&1 &
 NODE_PID=$!
-trap 'kill $NODE_PID 2>/dev/null || true; wait $NODE_PID 2>/dev/null || true' EXIT
+balances() {  # USDC of the payer, the provider (node wallet) and the escrow
+  python - "$DEMO/devnet.json" <<'PY'
+import json, sys
+from web3 import Web3
+from payments.escrow_build import load_artifact
+d = json.load(open(sys.argv[1]))
+w3 = Web3(Web3.HTTPProvider(d["rpc_url"]))
+token = w3.eth.contract(address=d["token"], abi=load_artifact("TestUSDC").abi)
+for name, address in (("payer (requester)", d["accounts"]["requester"]["address"]),
+                      ("provider (node)", d["accounts"]["node"]["address"]), ("escrow", d["escrow"])):
+    print(f"  {name:18} {address}  {token.functions.balanceOf(address).call() / 1e6:>12.6f} USDC")
+PY
+}
 python - "$NODE" <<'PY'
 import sys, time, urllib.request
 for _ in range(200):
@@ -34,8 +65,9 @@ else: sys.exit("node did not become ready; see .demo/node.log")
 PY
 echo "node ready at $NODE"
 
-step "A requester identity (did:key, Ed25519)"
+step "A requester identity (did:key, Ed25519); it pays from the devnet's funded wallet"
 show hearth keys new --out "$DEMO/requester.key"
+echo "payer wallet $PAYER ($PAYER_KEY); validator $VALIDATOR"
 
 step "A 10 s 720p test clip, uploaded to the node: its CID is the job's input"
 python -c 'import sys; from sandbox.ffmpeg import make_test_clip; make_test_clip(__import__("pathlib").Path(sys.argv[1]), seconds=10, width=1280, height=720, fps=30)' "$DEMO/clip.mp4"
@@ -54,9 +86,9 @@ payment:
   max_price: "$3"
   currency: usdc
   chain_id: 31337
-  escrow: "0x5FbDB2315678afecb367f032d93F642f64180aa3"
-  payer: "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
-  validator: did:pkh:eip155:31337:0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC
+  escrow: "$ESCROW"
+  payer: "$PAYER"
+  validator: $VALIDATOR
 YAML
 }
 envelope "$DEMO/job.yaml" demo-clip-1 2.50
@@ -64,15 +96,10 @@ envelope "$DEMO/cheap.yaml" demo-clip-2 0.000001
 envelope "$DEMO/other.yaml" demo-clip-3 2.50
 envelope "$DEMO/replay.yaml" demo-clip-4 2.50
 
-step "1. Quote within max_price: the node probes the input (ffprobe, sandboxed) and signs a quote"
-show hearth job quote "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --save-quote "$DEMO/quote.jwt"
-step "   ... and the requester accepts it"
-show hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --quote "$DEMO/quote.jwt"
-
-step "2. max_price below the node's ask: refused, with the ask"
+step "1. max_price below the node's ask: refused, with the ask"
 expect_refusal hearth job quote "$DEMO/cheap.yaml" --key "$DEMO/requester.key" --node "$NODE"
 
-step "3. A tampered request (max_price raised after signing): refused"
+step "2. A tampered request (max_price raised after signing): refused"
 hearth job sign "$DEMO/other.yaml" --key "$DEMO/requester.key" --node "$NODE" >"$DEMO/other.jwt"
 python - "$DEMO/other.jwt" <<'PY'
 import base64, json, sys
@@ -84,15 +111,23 @@ open(sys.argv[1] + ".tampered", "w").write(f"{h}.{p}.{s}")
 PY
 expect_refusal hearth job quote --token "$DEMO/other.jwt.tampered" --node "$NODE"
 
-step "4. The same signed request sent twice: the replay is refused"
+step "3. The same signed request sent twice: the replay is refused"
 hearth job sign "$DEMO/replay.yaml" --key "$DEMO/requester.key" --node "$NODE" >"$DEMO/replay.jwt"
 show hearth job quote --token "$DEMO/replay.jwt" --node "$NODE"
 expect_refusal hearth job quote --token "$DEMO/replay.jwt" --node "$NODE"
 
-JOB=$(hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["job"]["id"])')
-step "5. The accepted job runs in a hardened container: its events, live, until it completes"
+step "USDC balances before the round"
+balances | tee "$DEMO/balances.before"
+
+step "4. Quote within max_price: priced on the probed input, with the escrow terms to fund"
+show hearth job quote "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --save-quote "$DEMO/quote.jwt"
+step "   ... accepted with gasless funding: the payer signs an EIP-3009 authorization, the node sends it"
+show hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --wallet "$PAYER_KEY" --node "$NODE" --quote "$DEMO/quote.jwt" --wait
+REQUESTER_DID=$(hearth keys show "$DEMO/requester.key" --json | python -c 'import json,sys; print(json.load(sys.stdin)["did"])')
+JOB=$(python -c 'import sys; from node.envelope import node_job_id; print(node_job_id(sys.argv[1], "demo-clip-1"))' "$REQUESTER_DID")
+
+step "5. The funded job runs in a hardened container: its events, live, until it completes"
 show hearth job events "$JOB" --node "$NODE" --follow
-show hearth job status "$JOB" --node "$NODE"
 
 step "6. The signed result: artifact CID, checks, provenance"
 hearth job result "$JOB" --node "$NODE" --json >"$DEMO/result.json"
@@ -122,6 +157,35 @@ want = json.load(open(sys.argv[2]))["result"]["artifact_sha256"]
 if got != want:
     sys.exit(f"sha256 mismatch: {got} != {want}")
 print(f"verified: ipfs-car unpacked {sys.argv[1]} from the CAR, every block checked; sha256 matches the signed result")
+PY
+
+step "8. Independent validation: the validator fetches the artifact by CID, re-runs the checks with its own"
+echo "   ffprobe, signs the EIP-712 receipt (and a W3C credential of it) and posts it; the node sends release"
+show hearth validate "$JOB" --key "$VALIDATOR_KEY" --node "$NODE" --vc
+python - "$NODE" "$JOB" <<'PY'
+import json, sys, time, urllib.request
+for _ in range(600):
+    job = json.load(urllib.request.urlopen(f"{sys.argv[1]}/v1/jobs/{sys.argv[2]}"))["job"]
+    if job["state"] in ("settled", "refunded"):
+        break
+    time.sleep(0.1)
+else:
+    sys.exit(f"the job did not settle: {job['state']}")
+print(f"job {job['id']} is {job['state']}")
+PY
+show hearth job status "$JOB" --node "$NODE"
+
+step "USDC balances after the round"
+balances | tee "$DEMO/balances.after"
+python - "$NODE" "$JOB" <<'PY'
+import json, sys, urllib.request
+job = json.load(urllib.request.urlopen(f"{sys.argv[1]}/v1/jobs/{sys.argv[2]}"))["job"]
+pay = job["payment"]
+print(f"paid {int(pay['settlement']['receipt']['amount']) / 1e6:.6f} USDC of a {int(pay['terms']['amount']) / 1e6:.6f} USDC quote; the rest went back to the payer")
+for tx in pay["txs"]:
+    print(f"  {tx['purpose']:8} {tx['hash']}  block {tx['block_number']}  {tx['state']}  gas {tx['gas_used']} (paid by the node)")
+if job["state"] != "settled":
+    sys.exit("the job was not settled")
 PY
 
 step "Demo complete"
