@@ -538,19 +538,22 @@ class Settlement:
             log.info("job %s funded: %s base units in escrow", job.id, entry.amount)
             self._on_funded(job.id)
             return
-        message = "; ".join(problems)
+        self._fail_funding(job, "funding_mismatch", "; ".join(problems), {"problems": problems})
+
+    def _fail_funding(self, job: JobRecord, code: str, message: str, data: dict[str, Any]) -> None:
+        """Stop watching ``job``'s funding and fail it for good (``funding`` domain); its hold is freed."""
         with contextlib.suppress(ConflictError):
-            self.journal.set_funding(job.id, "refused", reason=f"escrow entry refused: {message}")
+            self.journal.set_funding(job.id, "refused", reason=f"{code}: {message}"[:500])
             self.journal.transition(
                 job.id,
                 "failed",
                 actor=ACTOR,
-                reason=f"funding_mismatch: {message}"[:500],
+                reason=f"{code}: {message}"[:500],
                 domain="funding",
                 retryable=False,
                 expect="accepted",
-                data={"code": "funding_mismatch", "problems": problems},
-                fields={"failure_code": "funding_mismatch", "failure_message": message[:500]},
+                data={"code": code, **data},
+                fields={"failure_code": code, "failure_message": message[:500]},
             )
             self._on_closed(job.id)
 
@@ -563,20 +566,7 @@ class Settlement:
             if is_reverted(exc, "JobExists"):
                 return  # funded meanwhile by other means: the next round reads the entry
             message = f"the escrow refuses the authorization: {exc.details.get('error')}"
-            with contextlib.suppress(ConflictError):
-                self.journal.set_funding(job.id, "refused", reason=message)
-                self.journal.transition(
-                    job.id,
-                    "failed",
-                    actor=ACTOR,
-                    reason=f"funding_rejected: {message}"[:500],
-                    domain="funding",
-                    retryable=False,
-                    expect="accepted",
-                    data={"code": "funding_rejected", "details": exc.details},
-                    fields={"failure_code": "funding_rejected", "failure_message": message[:500]},
-                )
-                self._on_closed(job.id)
+            self._fail_funding(job, "funding_rejected", message, {"details": exc.details})
 
     def _fund_call(self, terms: FundingTerms, auth: Authorization) -> Any:
         v, r, s = auth.vrs

@@ -15,7 +15,7 @@ import pytest
 from node.client import NodeClient, NodeError, sign_request
 from payments import devnet
 from payments.keys import Signer
-from payments.receipts import Receipt
+from payments.receipts import FundingTerms, Receipt
 from payments.validator import issue_credential
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import LiveNode, live
@@ -211,3 +211,53 @@ async def test_funding_and_release_count_only_once_they_are_n_blocks_deep(
         mine(2)
         view = await wait_for(client, job, {"settled"})
         assert view["payment"]["settlement"]["tx"]["state"] == "confirmed"
+
+
+def _fund_directly(ph: PaidHome, terms: FundingTerms, amount: int) -> None:
+    """The payer funds the escrow itself (approve + fund, paying gas) with ``amount``."""
+    from eth_account import Account
+
+    from payments.escrow_build import load_artifact
+
+    token = ph.w3.eth.contract(address=ph.net.token, abi=load_artifact("TestUSDC").abi)
+    escrow = ph.w3.eth.contract(address=ph.net.escrow, abi=load_artifact("HearthEscrow").abi)
+    calls = (
+        token.functions.approve(ph.net.escrow, amount),
+        escrow.functions.fund(terms.job_id, terms.provider, terms.validator, amount, terms.deadline),
+    )
+    for call in calls:
+        tx = call.build_transaction(
+            {"from": ph.payer.address, "nonce": ph.w3.eth.get_transaction_count(ph.payer.address)}
+        )
+        signed = Account.sign_transaction(tx, ph.payer.private_key_bytes())
+        receipt = ph.w3.eth.wait_for_transaction_receipt(
+            ph.w3.eth.send_raw_transaction(signed.raw_transaction)
+        )
+        assert receipt["status"] == 1
+
+
+async def test_a_payer_funding_the_escrow_itself_is_accepted_and_other_terms_fail_the_job(
+    node: LiveNode, ph: PaidHome, requester: Signer, clip: Path
+) -> None:
+    async with NodeClient(node.url) as client:
+        cid = (await client.put_blob(clip))["cid"]
+        jobs = {}
+        for name in ("exact", "short"):
+            env = paid_envelope(ph, f"direct-{name}", cid)
+            quote = await client.quote(sign_request(requester, node.did, {"job": env}))
+            terms = FundingTerms.from_json(quote["quote"]["funding_terms"])
+            body = await client.submit(sign_request(requester, node.did, {"job": env}), quote["jwt"])
+            jobs[name] = (body["job"]["id"], terms)
+        # in a thread: the node shares this event loop and must keep answering meanwhile
+        await asyncio.to_thread(_fund_directly, ph, jobs["exact"][1], jobs["exact"][1].amount)
+        await asyncio.to_thread(
+            _fund_directly, ph, jobs["short"][1], jobs["short"][1].amount - 1
+        )  # 1 unit short
+
+        exact = await wait_for(client, jobs["exact"][0], {"completed", "failed", "expired"})
+        assert exact["state"] == "completed" and exact["payment"]["funding"]["state"] == "funded"
+        assert exact["payment"]["funding"]["gasless"] is False and exact["payment"]["txs"] == []
+        short = await wait_for(client, jobs["short"][0], {"completed", "failed", "expired"})
+        assert short["state"] == "failed" and short["failure"]["code"] == "funding_mismatch", short
+        assert short["failure"]["domain"] == "funding" and short["payment"]["funding"]["state"] == "refused"
+        assert not any(e.to_state == "running" for e in node.node.journal.events(jobs["short"][0]))
