@@ -606,7 +606,10 @@ class Settlement:
         pairs: tuple[tuple[JobState, TxPurpose], ...] = (("validated", "release"), ("disputed", "refund"))
         for state, purpose in pairs:
             for job in self.journal.list_jobs(state=state, limit=10_000):
-                if self._live_or_done(job.id, purpose) is not None:
+                sent = [tx for tx in self.journal.txs(job.id) if tx.purpose == purpose]
+                # one live or confirmed transaction is enough; after a revert the node does not keep
+                # paying gas for the same call: the job waits for the operator (the note says why)
+                if any(tx.state not in ("dropped",) for tx in sent):
                     continue
                 payment = self.journal.payment(job.id)
                 if payment is None or payment.receipt is None:
@@ -682,12 +685,12 @@ class Settlement:
             return
         entry = await self.chain.escrow_job(FundingTerms.from_json(payment.terms).job_id)
         if tx.purpose == "fund":
-            if (
-                entry.status != EscrowStatus.NONE
-                and job.state == "accepted"
-                and payment.funding == "awaiting"
-            ):
+            if job.state != "accepted" or payment.funding != "awaiting":
+                return
+            if entry.status != EscrowStatus.NONE:
                 self._judge_entry(job, FundingTerms.from_json(payment.terms), entry)
+            else:  # the authorization does not work on chain; sending it again would only burn gas
+                self._fail_funding(job, "funding_reverted", f"the funding transaction {tx.hash} reverted", {})
         elif entry.status != EscrowStatus.OPEN:
             self._closed_elsewhere(job, entry)
 
