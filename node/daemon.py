@@ -22,7 +22,7 @@ from node.executor import TranscodeExecutor
 from node.journal import Journal
 from node.metrics import Metrics
 from node.scheduler import Scheduler
-from payments.keys import EthSigner, Signer, load_key
+from payments.keys import EthSigner, Signer, load_eth_key, load_key
 from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
 from provider.estimate import InputProbe
@@ -124,14 +124,7 @@ class Node:
                 f"`hearth keys new --type eth --out {path}`",
                 details={"path": str(path)},
             )
-        wallet = load_key(path)
-        if not isinstance(wallet, EthSigner):
-            raise ConfigError(
-                "wallet_key_not_ethereum",
-                f"{path} holds a {wallet.key_type} key; the wallet must be an Ethereum (secp256k1) key",
-                details={"path": str(path)},
-            )
-        return wallet
+        return load_eth_key(path)
 
     @property
     def state_dir(self) -> Path:

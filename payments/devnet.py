@@ -46,7 +46,7 @@ from node.config import (
 )
 from node.errors import ConfigError
 from payments.escrow_build import load_artifact
-from payments.keys import EthSigner, load_key, new_eth, save_key
+from payments.keys import EthSigner, load_eth_key, new_eth, save_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ANVIL = REPO_ROOT / "node_modules" / ".bin" / "anvil"
@@ -467,14 +467,7 @@ def _eth_key(path: Path) -> EthSigner:
     """The Ethereum key in ``path``, created (mode 0600) if it does not exist yet."""
     if not path.exists():
         save_key(new_eth(DEVNET_CHAIN_ID), path)
-    signer = load_key(path)
-    if not isinstance(signer, EthSigner):
-        raise ConfigError(
-            "wallet_key_not_ethereum",
-            f"{path} holds a {signer.key_type} key; a wallet needs a secp256k1 (Ethereum) key",
-            details={"path": str(path)},
-        )
-    return signer
+    return load_eth_key(path)
 
 
 def _account(role: Role, signer: EthSigner, key_file: Path) -> DevAccount:

@@ -264,6 +264,21 @@ def load_key(path: str | os.PathLike[str]) -> Signer:
     return _signer_from_fields(source, raw)
 
 
+def load_eth_key(path: str | os.PathLike[str], *, role: str = "wallet") -> EthSigner:
+    """Like :func:`load_key`, for a key that must sign for an Ethereum account (a wallet, a validator).
+
+    An Ed25519 key is refused as ``<role>_key_not_ethereum``.
+    """
+    signer = load_key(path)
+    if not isinstance(signer, EthSigner):
+        raise ConfigError(
+            f"{role}_key_not_ethereum",
+            f"{path} holds a {signer.key_type} key; a {role} needs a secp256k1 (Ethereum) key",
+            details={"path": str(path), "key_type": signer.key_type},
+        )
+    return signer
+
+
 def _read_up_to(fd: int, limit: int) -> bytes:
     chunks: list[bytes] = []
     remaining = limit

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.client import NodeClient, NodeError, NodeUnreachable
-from node.errors import ConfigError, HearthError, RequestError
-from payments.keys import EthSigner, load_key
+from node.errors import HearthError, RequestError
+from payments.keys import EthSigner, load_eth_key
 
 if TYPE_CHECKING:  # the validator's stack (web3, didkit, storage) loads only when the command runs
     from node.cli import Out
@@ -52,14 +52,7 @@ def add_parser(
 
 def validator_key(path: Path) -> EthSigner:
     """The validator's secp256k1 key; an Ed25519 key cannot sign EIP-712 (``validator_key_not_ethereum``)."""
-    signer = load_key(path)
-    if not isinstance(signer, EthSigner):
-        raise ConfigError(
-            "validator_key_not_ethereum",
-            f"{path} holds a {signer.key_type} key; a receipt is signed with a secp256k1 (eth) key",
-            details={"path": str(path), "key_type": signer.key_type},
-        )
-    return signer
+    return load_eth_key(path, role="validator")
 
 
 def read_terms(path: Path) -> FundingTerms:

@@ -227,3 +227,16 @@ def test_load_refuses_invalid_content_without_echoing_it(content: str, reason: s
     error = _config_error(excinfo, "invalid_key_file")
     assert reason in error.details["reason"]
     assert SEED not in str(error) and SEED not in json.dumps(error.to_dict())
+
+
+def test_load_eth_key_returns_an_eth_signer_and_names_the_role_of_a_wrong_key(tmp_path: Path) -> None:
+    from payments.keys import load_eth_key
+
+    wallet = new_eth(31337)
+    save_key(wallet, tmp_path / "wallet.key")
+    assert load_eth_key(tmp_path / "wallet.key").address == wallet.address
+    save_key(new_ed25519(), tmp_path / "ed.key")
+    for role in ("wallet", "validator"):
+        with pytest.raises(ConfigError) as info:
+            load_eth_key(tmp_path / "ed.key", role=role)
+        assert info.value.code == f"{role}_key_not_ethereum" and info.value.details["key_type"] == "ed25519"
