@@ -37,6 +37,7 @@ from payments.keys import Signer
 from payments.receipts import Authorization, FundingTerms
 from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, Resources
+from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe, WorkEstimate, estimator_for
 from provider.policy import screen
 from provider.pricing import Bid, Pricer, check_max_price
@@ -125,8 +126,10 @@ class Admission:
         now: Callable[[], float] = time.time,
         prober: Prober | None = None,
         settlement: Settlement | None = None,
+        models: ModelCatalog | None = None,
     ) -> None:
         self.cfg = cfg
+        self.models = models if models is not None else ModelCatalog([])
         self.settlement = settlement
         self.signer = signer
         self.journal = journal
@@ -134,7 +137,7 @@ class Admission:
         self.metrics = metrics
         self._home = home
         self._gpu_model = gpu_model
-        self.pricer = Pricer(cfg.pricing, gpu_model=gpu_model, home=home)
+        self.pricer = Pricer(cfg.pricing, gpu_model=gpu_model, models=cfg.models, home=home)
         self.verifier = RequestVerifier(
             signer.did,
             _CommittedWithTheAnswer(journal),
@@ -149,7 +152,7 @@ class Admission:
     def reconfigure(self, cfg: NodeConfig) -> None:
         """Take new prices and policy (SIGHUP); jobs and holds stay as they are."""
         self.cfg = cfg
-        self.pricer = Pricer(cfg.pricing, gpu_model=self._gpu_model, home=self._home)
+        self.pricer = Pricer(cfg.pricing, gpu_model=self._gpu_model, models=cfg.models, home=self._home)
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -252,9 +255,16 @@ class Admission:
         screen(env, request.iss, policy, active_for_did=active)
         if self.settlement is not None:
             self.settlement.check_payment_terms(env)
+        if isinstance(env, VllmBatchEnvelope):
+            self.models.check(env)  # an unknown model, or limits it cannot run in, before any fetch
         need = resources_of(env)
         probe = await self._prober(env) if self._prober is not None else None
-        estimate = estimator_for(env.kind).estimate(env, probe)
+        estimator = estimator_for(env.kind, self.models)
+        if probe is not None and probe.data is not None:
+            # every line of a batch goes through the model's tokenizer: off the event loop
+            estimate = await asyncio.to_thread(estimator.estimate, env, probe)
+        else:
+            estimate = estimator.estimate(env, probe)
         bid = await self.pricer.ask(env, estimate, self.ledger.utilisation(extra=need))
         try:
             check_max_price(bid, env.payment.max_price_decimal)

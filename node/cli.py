@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,10 +34,11 @@ from node.config import (
     resolve_path,
 )
 from node.envelope import envelope_hash, parse_envelope
-from node.errors import AuthError, FundingError, HearthError, RequestError
+from node.errors import AuthError, ConfigError, FundingError, HearthError, RequestError
 from payments.jwt import decode_unverified, verify_node_token
 from payments.keys import EthSigner, Signer, load_key, new_ed25519, new_eth, public_summary, save_key
 from payments.validate_cli import add_parser as add_validate_parser
+from provider.catalog_cli import add_parser as add_models_parser
 
 if TYPE_CHECKING:
     from node.envelope import Envelope
@@ -694,6 +696,19 @@ def cmd_job_replay(args: argparse.Namespace, out: Out) -> int:
     return EXIT_OK if report["match"] else EXIT_REFUSED
 
 
+def cmd_demo(args: argparse.Namespace, out: Out) -> int:
+    """Run scripts/demo.sh: devnet, node, quote, funding, the job, validation and release, step by step."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "demo.sh"
+    if not script.is_file():
+        raise ConfigError(
+            "demo_unavailable",
+            f"the demo runs from a source checkout of Hearth; {script} is not there",
+            details={"path": str(script)},
+        )
+    env = dict(os.environ, HEARTH_DEMO_KIND="inference" if args.inference else "transcode")
+    return subprocess.run(["bash", str(script)], env=env, check=False).returncode
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 
@@ -803,6 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True)
     p.set_defaults(afunc=cmd_job_cancel)
     add_validate_parser(sub, [common, client])
+    add_models_parser(sub, [common])
+    p = sub.add_parser("demo", help="run the whole market round on a local chain (from a source checkout)")
+    p.add_argument("--inference", action="store_true", help="a vLLM batch job instead of a transcode")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -40,6 +40,7 @@ DEFAULT_DOCKER_API_TIMEOUT_SECONDS = 30.0
 DEFAULT_OUTPUT_POLL_SECONDS = 0.25
 DEFAULT_STDERR_TAIL_BYTES = 8192
 DEFAULT_DRAIN_GRACE_SECONDS = 30.0
+DEFAULT_VLLM_SHM_MB = 512
 CONFIG_FILENAME = "node.toml"
 KEY_FILENAME = "node.key"
 
@@ -187,6 +188,11 @@ class SandboxSection(_Section):
 
     docker_url: str = DEFAULT_DOCKER_URL
     ffmpeg_image: str = Field(default="hearth/ffmpeg:latest", description="tag; the node runs its image ID")
+    vllm_cpu_image: str = Field(default="hearth/vllm-cpu:latest", description="vLLM for jobs without a GPU")
+    vllm_gpu_image: str = Field(default="hearth/vllm-gpu:latest", description="vLLM for jobs given GPUs")
+    vllm_shm_mb: int = Field(
+        default=DEFAULT_VLLM_SHM_MB, ge=64, le=65_536, description="/dev/shm for vLLM's worker processes"
+    )
     pids_limit: int = Field(default=DEFAULT_PIDS_LIMIT, ge=8, le=65_536)
     tmpfs_mb: int = Field(default=DEFAULT_TMPFS_MB, ge=1, le=65_536)
     work_dir: str = "work"
@@ -267,6 +273,33 @@ class ChainSection(_Section):
     )
 
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"  # the envelope's output_spec.model
+
+
+class ModelSection(_Section):
+    """One model of the catalog (``[[models]]``): what a ``vllm_batch`` envelope may name.
+
+    ``hearth models add DIR`` writes one of these: it hashes the directory and reads its max context.
+    The node re-hashes ``path`` at start and refuses to start when the content is not ``cid`` any more.
+    """
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="what envelopes name as output_spec.model")
+    path: str = Field(min_length=1, description="the local weights directory (relative: under the home)")
+    cid: str = Field(
+        pattern=r"^b[a-z2-7]{20,100}$",
+        description="content hash: the directory's UnixFS CIDv1 (sha2-256), as `hearth models add` prints",
+    )
+    max_context: int = Field(ge=16, le=10_000_000, description="prompt + completion tokens per request")
+    gpu_memory_mb: int = Field(
+        default=0, ge=0, le=10_000_000, description="GPU memory the model needs; 0: it also runs on CPUs"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    input_1k_tokens: Money | None = Field(default=None, description="price; unset: [pricing] input_1k_tokens")
+    output_1k_tokens: Money | None = Field(
+        default=None, description="price; unset: [pricing] output_1k_tokens"
+    )
+
+
 class NodeConfig(_Section):
     """The whole of ``node.toml``."""
 
@@ -280,6 +313,20 @@ class NodeConfig(_Section):
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     chain: ChainSection | None = None
+    models: list[ModelSection] = Field(default_factory=list, max_length=256)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names_unique(cls, v: list[ModelSection]) -> list[ModelSection]:
+        names = [m.name for m in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}")
+        return v
+
+    def model(self, name: str) -> ModelSection | None:
+        """The catalog entry called ``name``, if there is one."""
+        return next((m for m in self.models if m.name == name), None)
 
     @field_validator("pricing")
     @classmethod

@@ -18,13 +18,15 @@ from node.admission import Admission
 from node.config import NodeConfig, load_config, resolve_path
 from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
 from node.errors import ConfigError
-from node.executor import TranscodeExecutor
+from node.executor import Executors, TranscodeExecutor
+from node.inference import InferenceExecutor
 from node.journal import Journal
 from node.metrics import Metrics
 from node.scheduler import Scheduler
 from payments.keys import EthSigner, Signer, load_eth_key, load_key
 from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
+from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe
 from sandbox.runner import SandboxRunner
 from storage import Blockstore, open_blockstore
@@ -64,6 +66,8 @@ class Node:
         self.store: Blockstore = open_blockstore(home, cfg.storage)
         self.runner = SandboxRunner.from_config(cfg.sandbox, node=signer.did)
         self._executor: TranscodeExecutor | None = None
+        self._inference: InferenceExecutor | None = None
+        self.models = ModelCatalog([])
         self._scheduler: Scheduler | None = None
         self._settlement: Settlement | None = None
         self._housekeeping: asyncio.Task[None] | None = None
@@ -105,6 +109,12 @@ class Node:
         return self._executor
 
     @property
+    def inference(self) -> InferenceExecutor:
+        if self._inference is None:
+            raise RuntimeError("node not started")
+        return self._inference
+
+    @property
     def scheduler(self) -> Scheduler | None:
         """The scheduler, or None while ``[scheduler] paused`` keeps jobs queued."""
         return self._scheduler
@@ -133,6 +143,10 @@ class Node:
     async def start(self) -> None:
         t0 = time.perf_counter()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Before anything is offered: a model whose weights changed stops the start (ConfigError).
+        self.models = await asyncio.to_thread(
+            ModelCatalog.verify, self.home, self.cfg.models, gpu_memory_mb=self.machine.gpu_memory_mb
+        )
         journal = Journal.open(
             self.state_dir / self.cfg.journal.filename, synchronous=self.cfg.journal.synchronous, now=self.now
         )
@@ -171,19 +185,30 @@ class Node:
             now=self.now,
             prober=self._probe_input,
             settlement=self._settlement,
+            models=self.models,
         )
+        work_dir = resolve_path(self.state_dir, self.cfg.sandbox.work_dir)
         self._executor = TranscodeExecutor(
             self.cfg,
             runner=self.runner,
             store=self.store,
-            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
+            work_dir=work_dir,
             pricer=self._admission.pricer,
             node_did=self.did,
+        )
+        self._inference = InferenceExecutor(
+            self.cfg,
+            runner=self.runner,
+            store=self.store,
+            work_dir=work_dir,
+            pricer=self._admission.pricer,
+            node_did=self.did,
+            catalog=self.models,
         )
         if not self.cfg.scheduler.paused:
             self._scheduler = Scheduler(
                 journal,
-                self._executor,
+                Executors({"ffmpeg_transcode": self._executor, "vllm_batch": self._inference}),
                 self.ledger,
                 self.machine.offered,
                 retry_budget=self.cfg.policy.retry_budget,
@@ -202,10 +227,10 @@ class Node:
         )
 
     async def _probe_input(self, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> InputProbe | None:
-        """Admission's prober: the executor probes transcode inputs; other kinds price on the envelope."""
+        """Admission's prober: transcode inputs are probed, batches read and counted, when at hand."""
         if isinstance(env, FfmpegTranscodeEnvelope):
             return await self.executor.quote_probe(env)
-        return None
+        return await self.inference.quote_probe(env)
 
     def _funded(self, job: str) -> None:
         if self._scheduler is not None:
@@ -237,6 +262,9 @@ class Node:
         self.cfg = cfg
         self.admission.reconfigure(cfg)
         self.executor.reconfigure(cfg, self.admission.pricer)
+        self.inference.reconfigure(cfg, self.admission.pricer)
+        if not self.models.declared_by(cfg.models):
+            log.warning("[[models]] changed: the catalog is verified at start; restart the node to apply it")
         log.info("configuration reloaded")
 
     async def _housekeep(self) -> None:

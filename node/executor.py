@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_UP, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from node.config import NodeConfig
-from node.envelope import FfmpegTranscodeEnvelope, canonical_json, parse_envelope
+from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, canonical_json, parse_envelope
 from node.errors import ExecutionError, HearthError, StorageError
 from node.journal import JobRecord
 from node.scheduler import ProgressReport
@@ -60,6 +60,7 @@ PROBE_MAX_OUTPUT_BYTES = 1024 * 1024
 MAX_FFMPEG_THREADS = 16
 QUOTE_PROBE_CACHE_SIZE = 1024
 _MB = Decimal(MIB)
+AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +78,8 @@ def ffmpeg_threads(cpus: float) -> int:
     return max(1, min(MAX_FFMPEG_THREADS, math.ceil(cpus)))
 
 
-class TranscodeExecutor:
-    """Runs ``ffmpeg_transcode`` attempts for the scheduler (see :class:`node.scheduler.Executor`)."""
+class WorkloadExecutor:
+    """What every kind's executor shares: attempt folders, verified inputs, clean-up and the charge."""
 
     def __init__(
         self,
@@ -96,16 +97,125 @@ class TranscodeExecutor:
         self._work = work_dir
         self._pricer = pricer
         self._did = node_did
+
+    def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
+        self._cfg = cfg
+        self._pricer = pricer
+
+    async def recover(self, running: list[JobRecord]) -> None:
+        """Remove every container of this node (none can be live at start) and every attempt folder."""
+        removed = await self._runner.remove_containers()
+        if removed:
+            log.warning("removed %d orphan container(s) left by a previous run", len(removed))
+        if self._work.exists():
+            await asyncio.to_thread(shutil.rmtree, self._work, True)
+
+    def _attempt_dir(self, job: JobRecord) -> Path:
+        path = self._work / job.id / f"attempt-{job.attempts + 1}"
+        shutil.rmtree(path, ignore_errors=True)
+        (path / "in").mkdir(parents=True)
+        return path
+
+    async def _fetch_for(self, env: AnyEnvelope, dest: Path) -> FetchedInput:
+        fetched = await fetch_input(
+            env.input_uri,
+            dest,
+            store=self._store,
+            config=self._cfg.storage,
+            sha256=env.input_sha256,
+        )
+        # An ipfs:// or blob input is verified by its CID; a sha256 the requester added binds it too.
+        if env.input_sha256 is not None and fetched.sha256 != env.input_sha256:
+            raise StorageError(
+                "sha256_mismatch",
+                f"the input has sha256 {fetched.sha256}, not the envelope's input_sha256",
+                details={"expected": env.input_sha256, "actual": fetched.sha256, "cid": str(fetched.cid)},
+                retryable=False,
+            )
+        return fetched
+
+    def _reachable(self, uri: str) -> bool:
+        """Worth fetching at quote time: gateways to ask, or the input's root block already here."""
+        if uri.startswith("https://") or (uri.startswith("ipfs://") and self._cfg.storage.gateways):
+            return True
+        text = uri.removeprefix("ipfs://").split("/", 1)[0]
+        try:
+            return self._store.has(CID.parse(text))
+        except HearthError:
+            return False
+
+    def _quote_dir(self) -> Path:
+        path = self._work / "quotes"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _charge(self, job: JobRecord, env: AnyEnvelope, used: WorkEstimate) -> str:
+        """What the node will claim: measured work at the quote's rates and surge, never above the quote."""
+        surge = Decimal(1)
+        if job.quote_jwt:
+            with contextlib.suppress(HearthError, ArithmeticError, TypeError, KeyError):
+                surge = Decimal(decode_unverified(job.quote_jwt)[1]["quote"]["surge_factor"])
+        measured = (self._pricer.base_price(env, used).base * surge).quantize(ASK_QUANTUM, rounding=ROUND_UP)
+        quoted = Decimal(job.price or "0")
+        return format(min(measured, quoted), "f")
+
+
+class KindExecutor(Protocol):
+    """One kind's executor, as :class:`Executors` routes to it."""
+
+    async def execute(
+        self, job: JobRecord, report: ProgressReport, *, gpu_ids: tuple[str, ...] = ()
+    ) -> dict[str, Any]: ...
+
+    async def recover(self, running: list[JobRecord]) -> None: ...
+
+
+class Executors:
+    """The scheduler's executor (:class:`node.scheduler.Executor`): each job goes to its kind's executor."""
+
+    def __init__(self, by_kind: Mapping[str, KindExecutor]) -> None:
+        self._by_kind = dict(by_kind)
+
+    async def execute(
+        self, job: JobRecord, report: ProgressReport, *, gpu_ids: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        executor = self._by_kind.get(job.kind)
+        if executor is None:
+            raise ExecutionError(
+                "kind_not_runnable",
+                f"this node does not run {job.kind} jobs",
+                details={"kind": job.kind, "runs": sorted(self._by_kind)},
+                retryable=False,
+            )
+        return await executor.execute(job, report, gpu_ids=gpu_ids)
+
+    async def recover(self, running: list[JobRecord]) -> None:
+        # The executors share the sandbox and the work folder: one clears both for all.
+        first = next(iter(self._by_kind.values()), None)
+        if first is not None:
+            await first.recover(running)
+
+
+class TranscodeExecutor(WorkloadExecutor):
+    """Runs ``ffmpeg_transcode`` attempts for the scheduler (see :class:`node.scheduler.Executor`)."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        *,
+        runner: SandboxRunner,
+        store: Blockstore,
+        work_dir: Path,
+        pricer: Pricer,
+        node_did: str,
+    ) -> None:
+        super().__init__(cfg, runner=runner, store=store, work_dir=work_dir, pricer=pricer, node_did=node_did)
         self._image: str | None = None
         # ffprobe's answer per input content (CID) and image: the quote's probe serves the run too
         self._probes: OrderedDict[tuple[str, str], MediaInfo] = OrderedDict()
         self._tool_versions: dict[str, str] | None = None
         # jobs starting together ask once: one probe container, one output folder
         self._tools_lock = asyncio.Lock()
-
-    def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
-        self._cfg = cfg
-        self._pricer = pricer
 
     # -- the scheduler's interface --------------------------------------------------------------------
 
@@ -154,14 +264,6 @@ class TranscodeExecutor:
         finally:
             await asyncio.to_thread(shutil.rmtree, attempt, True)
 
-    async def recover(self, running: list[JobRecord]) -> None:
-        """Remove every container of this node (none can be live at start) and every attempt folder."""
-        removed = await self._runner.remove_containers()
-        if removed:
-            log.warning("removed %d orphan container(s) left by a previous run", len(removed))
-        if self._work.exists():
-            await asyncio.to_thread(shutil.rmtree, self._work, True)
-
     async def replay(self, job: JobRecord) -> dict[str, Any]:
         """Run a completed job again from its records and say whether the artifact CID comes out the same.
 
@@ -196,30 +298,6 @@ class TranscodeExecutor:
         }
 
     # -- steps ----------------------------------------------------------------------------------------
-
-    def _attempt_dir(self, job: JobRecord) -> Path:
-        path = self._work / job.id / f"attempt-{job.attempts + 1}"
-        shutil.rmtree(path, ignore_errors=True)
-        (path / "in").mkdir(parents=True)
-        return path
-
-    async def _fetch_for(self, env: FfmpegTranscodeEnvelope, dest: Path) -> FetchedInput:
-        fetched = await fetch_input(
-            env.input_uri,
-            dest,
-            store=self._store,
-            config=self._cfg.storage,
-            sha256=env.input_sha256,
-        )
-        # An ipfs:// or blob input is verified by its CID; a sha256 the requester added binds it too.
-        if env.input_sha256 is not None and fetched.sha256 != env.input_sha256:
-            raise StorageError(
-                "sha256_mismatch",
-                f"the input has sha256 {fetched.sha256}, not the envelope's input_sha256",
-                details={"expected": env.input_sha256, "actual": fetched.sha256, "cid": str(fetched.cid)},
-                retryable=False,
-            )
-        return fetched
 
     async def probe(self, path: Path, *, job_id: str, attempt: int = 0) -> MediaInfo:
         """ffprobe ``path`` inside a sandbox (the file is untrusted) and parse what it says, or refuse it."""
@@ -302,21 +380,6 @@ class TranscodeExecutor:
             return None
         return self._probes.get(key)
 
-    def _reachable(self, uri: str) -> bool:
-        """Worth trying at quote time: gateways to ask, or the input's root block already here."""
-        if uri.startswith("https://") or (uri.startswith("ipfs://") and self._cfg.storage.gateways):
-            return True
-        text = uri.removeprefix("ipfs://").split("/", 1)[0]
-        try:
-            return self._store.has(CID.parse(text))
-        except HearthError:
-            return False
-
-    def _quote_dir(self) -> Path:
-        path = self._work / "quotes"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     async def _transcode(
         self,
         job: JobRecord,
@@ -382,7 +445,6 @@ class TranscodeExecutor:
         return dict(checks), artifact
 
     def _cost(self, job: JobRecord, env: FfmpegTranscodeEnvelope, wall: float, size: int) -> str:
-        """What the node will claim: measured work at the quote's rates and surge, never above the quote."""
         used = WorkEstimate(
             cpu_seconds=wall * env.limits.cpus,
             gpu_seconds=wall * env.limits.gpus,
@@ -391,13 +453,7 @@ class TranscodeExecutor:
             output_tokens=0,
             basis="ffprobe",
         )
-        surge = Decimal(1)
-        if job.quote_jwt:
-            with contextlib.suppress(HearthError, ArithmeticError, TypeError, KeyError):
-                surge = Decimal(decode_unverified(job.quote_jwt)[1]["quote"]["surge_factor"])
-        measured = (self._pricer.base_price(env, used).base * surge).quantize(ASK_QUANTUM, rounding=ROUND_UP)
-        quoted = Decimal(job.price or "0")
-        return format(min(measured, quoted), "f")
+        return self._charge(job, env, used)
 
     async def _image_id(self) -> str:
         if self._image is None:
@@ -440,8 +496,8 @@ def _transcode_envelope(job: JobRecord) -> FfmpegTranscodeEnvelope:
     env = parse_envelope(job.envelope)
     if not isinstance(env, FfmpegTranscodeEnvelope):
         raise ExecutionError(
-            "kind_not_runnable",
-            f"this node does not run {env.kind} jobs yet",
+            "replay_not_supported" if isinstance(env, VllmBatchEnvelope) else "kind_not_runnable",
+            f"{env.kind} jobs are not replayed: sampled completions are not bit-exact from run to run",
             details={"kind": env.kind},
             retryable=False,
         )

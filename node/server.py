@@ -366,7 +366,9 @@ def offer_document(node: Node) -> dict[str, Any]:
         "name": cfg.node.name,
         "endpoint": cfg.node.public_url,
         "kinds": list(cfg.policy.kinds),
-        "models": [],
+        "models": node.models.offers(
+            {"input_1k_tokens": pricing.input_1k_tokens, "output_1k_tokens": pricing.output_1k_tokens}
+        ),
         "resources": ledger,
         "machine": node.machine.to_dict(),
         "limits": {

@@ -6,11 +6,13 @@ Nothing the node says is taken on trust beyond its signature, and every byte is 
                          equal to the document served beside it
     job_envelope         the requester's envelope (or the node's copy), sha256(JCS) = job.envelope_hash
     funding_terms        the escrow terms (given, or the node's), checked against envelope, key and job
-    judge                the input fetched from the node's gateway (verified) and probed with the host's
-                         ffprobe to rebuild the plan; the artifact fetched as a CAR (every block
-                         verified, root = artifact_cid), unpacked under limits.max_output_mb, and judged
-                         by collect_outputs + check_output (the node's own judgement, our own ffprobe);
-                         artifact_sha256 recomputed as the executor computes it
+    judge                the input fetched from the node's gateway (verified) and, for a transcode, probed
+                         with the host's ffprobe to rebuild the plan; the artifact fetched as a CAR
+                         (every block verified, root = artifact_cid), unpacked under limits.max_output_mb,
+                         and judged: a transcode by collect_outputs + check_output (the node's own
+                         judgement, our own ffprobe), a batch by check_batch_output against the input's
+                         lines (each request answered once, statuses, max_tokens, the usage the result
+                         reports); artifact_sha256 recomputed as the executor computes it
     sign_verdict         the EIP-712 receipt: passed only if the digest and every check pass; amount =
                          the result's cost, capped at the escrowed amount, 0 when failing
     issue_credential     optionally, the receipt and its signature as a W3C Verifiable Credential
@@ -30,6 +32,7 @@ import asyncio
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +46,13 @@ import didkit
 
 from node.client import NodeClient, NodeError, NodeUnreachable
 from node.config import StorageSection
-from node.envelope import FfmpegTranscodeEnvelope, canonical_json, envelope_hash, parse_envelope
+from node.envelope import (
+    FfmpegTranscodeEnvelope,
+    VllmBatchEnvelope,
+    canonical_json,
+    envelope_hash,
+    parse_envelope,
+)
 from node.errors import FundingError, HearthError, NotFoundError, RequestError, SettlementError, StorageError
 from node.executor import MAX_FFMPEG_THREADS, ffmpeg_threads
 from payments.did import parse_did_pkh
@@ -61,6 +70,7 @@ from payments.receipts import (
 )
 from sandbox._media_checks import MAX_OUTPUT_FILES
 from sandbox.ffmpeg import Checks, OutputFile, Plan, check_output, collect_outputs, probe_file, transcode_argv
+from sandbox.vllm import BatchChecks, check_batch_output, parse_batch
 from storage import (
     CID,
     DAG_PB,
@@ -78,6 +88,7 @@ from storage._fetch import CAR_OVERHEAD_ALLOWANCE
 from storage._gateway import CAR_CONTENT_TYPE, CAR_MEDIA_TYPE
 
 MIB: Final = 1024 * 1024
+AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
 CAR_FEED_BYTES: Final = MIB  # downloaded bytes gathered before one hop to the verifying thread
 MAX_ARTIFACT_DEPTH: Final = 16  # folders within folders; an HLS ladder needs two levels
 MAX_ENTRY_NAME_BYTES: Final = 255
@@ -169,12 +180,11 @@ async def fetch_signed_job(client: NodeClient, job: str, *, node_did: str | None
 # -- envelope and terms ------------------------------------------------------------------------------------
 
 
-def job_envelope(job: Mapping[str, Any], given: Mapping[str, Any] | None = None) -> FfmpegTranscodeEnvelope:
+def job_envelope(job: Mapping[str, Any], given: Mapping[str, Any] | None = None) -> AnyEnvelope:
     """The job's envelope: ``given`` (the requester's), else the node's copy in the status view.
 
-    Refused (``RequestError``) when neither is there (``envelope_missing``), when its sha256(JCS) is not
-    the job's ``envelope_hash`` (``envelope_mismatch``; a ``SettlementError`` for the node's own copy), or
-    when it is not a kind this tool validates.
+    Refused (``RequestError``) when neither is there (``envelope_missing``) or when its sha256(JCS) is not
+    the job's ``envelope_hash`` (``envelope_mismatch``; a ``SettlementError`` for the node's own copy).
     """
     raw = given if given is not None else job.get("envelope")
     if raw is None:
@@ -193,13 +203,6 @@ def job_envelope(job: Mapping[str, Any], given: Mapping[str, Any] | None = None)
             "this envelope is not the one the job was accepted with (sha256 of its JCS differs)",
             details={"job": job.get("id"), "expected": job.get("envelope_hash"), "actual": digest},
             http_status=409,
-        )
-    if not isinstance(env, FfmpegTranscodeEnvelope):
-        raise RequestError(
-            "kind_not_validated",
-            f"validating {env.kind} results is not supported yet",
-            details={"kind": env.kind},
-            http_status=422,
         )
     return env
 
@@ -231,9 +234,7 @@ def funding_terms(signed: SignedJob, given: FundingTerms | None = None) -> Fundi
     return terms
 
 
-def check_terms(
-    terms: FundingTerms, env: FfmpegTranscodeEnvelope, signer: EthSigner, signed: SignedJob
-) -> None:
+def check_terms(terms: FundingTerms, env: AnyEnvelope, signer: EthSigner, signed: SignedJob) -> None:
     """Refuse (``FundingError``) terms this validator must not sign under.
 
     The key must be the terms' validator and the account the envelope names; chain, escrow and payer must
@@ -270,7 +271,7 @@ def _gateway_config(client: NodeClient) -> StorageSection:
 
 
 async def fetch_job_input(
-    client: NodeClient, env: FfmpegTranscodeEnvelope, result: Mapping[str, Any], dest: Path, store: Blockstore
+    client: NodeClient, env: AnyEnvelope, result: Mapping[str, Any], dest: Path, store: Blockstore
 ) -> FetchedInput:
     """The job's input from the node's gateway, verified block by block, and bound to the envelope.
 
@@ -501,12 +502,16 @@ def unpack_artifact(store: Blockstore, cid: CID, out: Path, *, single_name: str,
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
-    """What the validator found: its own checks, and whether the artifact is the one the result names."""
+    """What the validator found: its own checks, and whether the artifact is the one the result names.
 
-    checks: Checks
+    ``argv_hash_match`` says whether the rebuilt ffmpeg command is the node's; None for a batch, whose
+    command depends on the node's model catalog.
+    """
+
+    checks: Checks | BatchChecks
     artifact_sha256: str
     digest_ok: bool
-    argv_hash_match: bool
+    argv_hash_match: bool | None
 
     @property
     def passed(self) -> bool:
@@ -539,11 +544,13 @@ def listed_files(result: Mapping[str, Any]) -> dict[str, str]:
     return listed
 
 
-async def judge(client: NodeClient, signed: SignedJob, env: FfmpegTranscodeEnvelope) -> Judgement:
-    """Fetch, verify and check the job's artifact with this machine's ffprobe (see the module docstring).
+async def judge(client: NodeClient, signed: SignedJob, env: AnyEnvelope) -> Judgement:
+    """Fetch, verify and check the job's artifact (see the module docstring).
 
     Everything fetched lives in a temporary folder, removed on return.
     """
+    if isinstance(env, VllmBatchEnvelope):
+        return await judge_batch(client, signed, env)
     result = signed.result
     listed = listed_files(result)
     try:
@@ -572,6 +579,59 @@ async def judge(client: NodeClient, signed: SignedJob, env: FfmpegTranscodeEnvel
         artifact_sha256=digest,
         digest_ok=digest == result.get("artifact_sha256"),
         argv_hash_match=plan.argv_hash == provenance.get("argv_hash"),
+    )
+
+
+async def judge_batch(client: NodeClient, signed: SignedJob, env: VllmBatchEnvelope) -> Judgement:
+    """Judge a batch's answers against its requests, without the model.
+
+    The input's lines are checked as the node checks them (format, model, ``max_tokens``, count) except
+    for prompt length, which needs the model's tokenizer; the output must answer each request once, with
+    status 200 where ``validation.all_answered``, within each line's ``max_tokens``, and its usage must sum
+    to what the result reports (and is charged for).
+    """
+    result = signed.result
+    listed = listed_files(result)
+    if len(listed) != 1:
+        raise _refused("result_malformed", "a batch result lists exactly one file, its output JSONL")
+    try:
+        root = CID.parse(str(result.get("artifact_cid", "")))
+    except HearthError:
+        raise _refused("result_malformed", "the result's artifact_cid is not a CID") from None
+    cap = env.limits.max_output_mb * MIB
+    name = next(iter(listed))
+    tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="hearth-validate-"))
+    try:
+        store = await asyncio.to_thread(Blockstore.open, tmp / "blocks")
+        fetched = await fetch_job_input(client, env, result, tmp / "input", store)
+        requests = await asyncio.to_thread(fetched.path.read_bytes)
+        await fetch_artifact(client, root, store, max_bytes=cap)
+        await asyncio.to_thread(unpack_artifact, store, root, tmp / "out", single_name=name, max_bytes=cap)
+        answers = await asyncio.to_thread((tmp / "out" / name).read_bytes)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
+    spec = env.output_spec
+    batch = parse_batch(
+        requests,
+        model=spec.model,
+        max_requests=spec.max_requests,
+        max_tokens=spec.max_tokens,
+        max_context=sys.maxsize,  # prompt length needs the node's tokenizer; the engine enforced it
+        prompt_tokens=lambda messages: 0,
+    )
+    reported = result.get("usage")
+    outcome = check_batch_output(
+        batch,
+        answers,
+        all_answered=env.validation.all_answered,
+        reported_usage=reported if isinstance(reported, Mapping) else {},
+    )
+    digest = hashlib.sha256(answers).hexdigest()
+    return Judgement(
+        checks=outcome.checks,
+        artifact_sha256=digest,
+        digest_ok=digest == result.get("artifact_sha256") == listed[name],
+        argv_hash_match=None,
     )
 
 

@@ -1,17 +1,17 @@
 """Hearth provider: capacity discovery, policy, work estimation and pricing.
 
 The order a bid takes (DESIGN §5): :func:`screen` the job against policy, :meth:`WorkEstimator.estimate`
-its work, :meth:`CapacityLedger.reserve` what it needs, then :meth:`Pricer.ask` and
-:func:`check_max_price`.
+its work (batches with the :class:`ModelCatalog`'s tokenizers), :meth:`CapacityLedger.reserve` what
+it needs, then :meth:`Pricer.ask` and :func:`check_max_price`.
 """
 
 from provider.capacity import CapacityLedger, GpuInfo, Hold, MachineInfo, Resources, discover
+from provider.catalog import CatalogModel, ModelCatalog
 from provider.estimate import (
-    ApproxTokenCounter,
     BatchEstimator,
+    BatchModels,
     InputProbe,
     MediaEstimator,
-    TokenCounter,
     WorkEstimate,
     WorkEstimator,
     estimator_for,
@@ -20,19 +20,20 @@ from provider.policy import screen
 from provider.pricing import Bid, PriceBreakdown, Pricer, check_max_price
 
 __all__ = [
-    "ApproxTokenCounter",
     "BatchEstimator",
+    "BatchModels",
     "Bid",
     "CapacityLedger",
+    "CatalogModel",
     "GpuInfo",
     "Hold",
     "InputProbe",
     "MachineInfo",
     "MediaEstimator",
+    "ModelCatalog",
     "PriceBreakdown",
     "Pricer",
     "Resources",
-    "TokenCounter",
     "WorkEstimate",
     "WorkEstimator",
     "check_max_price",

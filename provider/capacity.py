@@ -112,6 +112,11 @@ class MachineInfo:
         """The model name of the first GPU, used to pick a per-model GPU price; None without GPUs."""
         return self.gpus[0].name if self.gpus else None
 
+    @property
+    def gpu_memory_mb(self) -> int:
+        """The memory of the smallest GPU (what a model pinned to any one of them can count on); 0 if none."""
+        return min((gpu.memory_total_mb for gpu in self.gpus), default=0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "cpu_count": self.cpu_count,

@@ -19,8 +19,8 @@ machine; the comment on each says where it comes from.
 
 from __future__ import annotations
 
-import json
-import math
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
@@ -34,6 +34,7 @@ from node.envelope import (
     VllmBatchEnvelope,
 )
 from node.errors import HearthError, RequestError
+from sandbox.vllm import parse_batch
 
 Envelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
 Basis = Literal["ffprobe", "clip", "timestamps", "token_count", "spec", "limits"]
@@ -76,23 +77,10 @@ THUMBNAIL_BYTES_PER_PIXEL: dict[str, float] = {"jpeg": 0.25, "png": 1.5}
 # --- batch inference -----------------------------------------------------------------------------------
 # "One token is roughly 4 characters of English text" (OpenAI tokenizer guide); bytes count UTF-8.
 APPROX_BYTES_PER_TOKEN = 4
-# Chat templates wrap each message in role and separator tokens: OpenAI's token-counting cookbook counts 3,
-# Llama 3's template about 5; take the larger.
-MESSAGE_OVERHEAD_TOKENS = 5
-# Every reply is primed with the assistant header (3 tokens in the OpenAI cookbook).
-REPLY_PRIMING_TOKENS = 3
 # Without the batch data, assume this many input tokens per request (a short prompt plus a system message).
 DEFAULT_INPUT_TOKENS_PER_REQUEST = 512
-# Throughput of a ~8B model. On one datacenter GPU, vLLM with continuous batching sustains thousands of
-# output tokens/s in aggregate; prefill runs several times faster. Taken low so time is not under-priced.
-GPU_PREFILL_TOKENS_PER_SECOND = 5000.0
-GPU_DECODE_TOKENS_PER_SECOND = 1000.0
-# vLLM's CPU backend on a few cores: tens of tokens/s decode for small models, prefill ~10x that.
-CPU_PREFILL_TOKENS_PER_SECOND = 200.0
-CPU_DECODE_TOKENS_PER_SECOND = 20.0
 # Each line of an OpenAI batch output file wraps the completion in ids, status and usage (~600 bytes).
 BATCH_OUTPUT_LINE_OVERHEAD_BYTES = 600
-BATCH_URL = "/v1/chat/completions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,185 +229,95 @@ class MediaEstimator:
         )
 
 
-class TokenCounter(Protocol):
-    """Counts the tokens of a piece of text for one model's tokenizer."""
+class BatchModels(Protocol):
+    """What batch estimation needs of the model catalog (:class:`provider.catalog.ModelCatalog`)."""
 
-    def count(self, text: str) -> int: ...
+    def context_of(self, model: str) -> int:
+        """The model's context length in tokens; raises ``RequestError("unknown_model")`` if unknown."""
+        ...
 
-
-class ApproxTokenCounter:
-    """An estimate of token counts: UTF-8 bytes / 4, rounded up.
-
-    Used until the model catalog supplies each model's own tokenizer. English prose tokenizes at about
-    four bytes per token in BPE vocabularies; code and non-Latin scripts run denser, so treat the count as
-    an estimate, not a bound.
-    """
-
-    def count(self, text: str) -> int:
-        return math.ceil(len(text.encode("utf-8")) / APPROX_BYTES_PER_TOKEN)
-
-
-@dataclass(frozen=True, slots=True)
-class _BatchTotals:
-    requests: int
-    input_tokens: int
-    output_tokens: int
+    def prompt_tokens(self, model: str, messages: Sequence[Mapping[str, str]]) -> int:
+        """Exact prompt tokens of ``messages`` under the model's chat template."""
+        ...
 
 
 class BatchEstimator:
-    """Estimates ``vllm_batch`` jobs by counting the tokens of the OpenAI batch JSONL when it is at hand."""
+    """Estimates ``vllm_batch`` jobs: tokens in and out, counted with the model's tokenizer when possible.
 
-    def __init__(self, counter: TokenCounter | None = None) -> None:
-        self._counter: TokenCounter = counter or ApproxTokenCounter()
+    Inference is priced per token (the catalog's per-model rates), so compute time is not estimated. With
+    the batch at hand every line is checked and measured (:func:`sandbox.vllm.parse_batch`): its exact
+    prompt tokens, and its ``max_tokens`` as the most it may generate. Without it, the envelope bounds the
+    batch: ``max_requests`` lines, each of ``max_tokens`` out and an assumed prompt that fits the context.
+    """
+
+    def __init__(self, models: BatchModels) -> None:
+        self._models = models
 
     def estimate(self, env: Envelope, probe: InputProbe | None) -> WorkEstimate:
         if not isinstance(env, VllmBatchEnvelope):
             raise HearthError("estimator_mismatch", f"BatchEstimator cannot estimate a {env.kind} job")
         spec = env.output_spec
+        context = self._models.context_of(spec.model)
         if probe is not None and probe.data is not None:
-            totals = self._count(env, probe.data)
+            batch = parse_batch(
+                probe.data,
+                model=spec.model,
+                max_requests=spec.max_requests,
+                max_tokens=spec.max_tokens,
+                max_context=context,
+                prompt_tokens=functools.partial(self._models.prompt_tokens, spec.model),
+            )
+            requests, input_tokens = len(batch.requests), batch.prompt_tokens
+            output_tokens = batch.max_completion_tokens
             basis: Basis = "token_count"
         else:
-            totals = _BatchTotals(
-                requests=spec.max_requests,
-                input_tokens=spec.max_requests * DEFAULT_INPUT_TOKENS_PER_REQUEST,
-                output_tokens=spec.max_requests * spec.max_tokens,
-            )
-            basis = "spec"
-        limits = env.limits
-        if limits.gpus > 0:
-            wall = (
-                totals.input_tokens / GPU_PREFILL_TOKENS_PER_SECOND
-                + totals.output_tokens / GPU_DECODE_TOKENS_PER_SECOND
-            )
-        else:
-            wall = (
-                totals.input_tokens / CPU_PREFILL_TOKENS_PER_SECOND
-                + totals.output_tokens / CPU_DECODE_TOKENS_PER_SECOND
-            )
-        output_bytes = (
-            totals.output_tokens * APPROX_BYTES_PER_TOKEN + totals.requests * BATCH_OUTPUT_LINE_OVERHEAD_BYTES
-        )
-        return _bounded(
-            limits,
-            cpu_seconds=wall * limits.cpus,
-            gpu_seconds=wall * limits.gpus,
-            output_mb=output_bytes / MIB,
+            requests = spec.max_requests
+            prompt = max(1, min(DEFAULT_INPUT_TOKENS_PER_REQUEST, context - spec.max_tokens))
+            input_tokens, output_tokens, basis = requests * prompt, requests * spec.max_tokens, "spec"
+        output_bytes = output_tokens * APPROX_BYTES_PER_TOKEN + requests * BATCH_OUTPUT_LINE_OVERHEAD_BYTES
+        return WorkEstimate(
+            cpu_seconds=0.0,
+            gpu_seconds=0.0,
+            output_mb=min(output_bytes / MIB, float(env.limits.max_output_mb)),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             basis=basis,
-            input_tokens=totals.input_tokens,
-            output_tokens=totals.output_tokens,
         )
 
-    def _count(self, env: VllmBatchEnvelope, data: bytes) -> _BatchTotals:
-        """Validate the batch JSONL line by line and total its input and output tokens.
 
-        Raises ``RequestError("invalid_batch", 422)`` naming the first bad line (1-based) and why.
-        """
-        spec = env.output_spec
-        seen: set[str] = set()
-        requests = input_tokens = output_tokens = 0
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            requests += 1
-            if requests > spec.max_requests:
-                raise _bad_line(number, f"the batch has more than max_requests ({spec.max_requests}) lines")
-            body = _parse_line(number, raw, seen, spec.model)
-            input_tokens += self._prompt_tokens(number, body["messages"])
-            output_tokens += min(_line_max_tokens(number, body) or spec.max_tokens, spec.max_tokens)
-        if requests == 0:
-            raise _bad_line(1, "the batch has no requests")
-        return _BatchTotals(requests, input_tokens, output_tokens)
-
-    def _prompt_tokens(self, number: int, messages: Any) -> int:
-        if not isinstance(messages, list) or not messages:
-            raise _bad_line(number, "body.messages must be a non-empty list")
-        tokens = REPLY_PRIMING_TOKENS
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise _bad_line(number, "each message must be an object with a string role")
-            tokens += MESSAGE_OVERHEAD_TOKENS + self._counter.count(_message_text(number, message))
-        return tokens
+MEDIA_ESTIMATOR = MediaEstimator()
 
 
-def _bad_line(number: int, reason: str) -> RequestError:
-    return RequestError(
-        "invalid_batch",
-        f"batch line {number}: {reason}",
-        details={"line": number, "reason": reason},
+def estimator_for(kind: str, models: BatchModels | None = None) -> WorkEstimator:
+    """The estimator for a job kind; ``RequestError("unknown_kind", 422)`` for a kind the node lacks.
+
+    ``models`` is the node's model catalog; without one, no batch can be estimated (every model is unknown).
+    """
+    if kind == "ffmpeg_transcode":
+        return MEDIA_ESTIMATOR
+    if kind == "vllm_batch":
+        return BatchEstimator(models if models is not None else _NO_MODELS)
+    raise RequestError(
+        "unknown_kind",
+        f"no estimator for job kind {kind!r}",
+        details={"kind": kind, "known": ["ffmpeg_transcode", "vllm_batch"]},
         http_status=422,
     )
 
 
-def _parse_line(number: int, raw: bytes, seen: set[str], model: str) -> dict[str, Any]:
-    """One OpenAI batch request line, checked; returns its body."""
-    try:
-        line = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad_line(number, f"not valid JSON ({exc})") from None
-    if not isinstance(line, dict):
-        raise _bad_line(number, "a line must be a JSON object")
-    custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise _bad_line(number, "custom_id must be a non-empty string")
-    if custom_id in seen:
-        raise _bad_line(number, f"custom_id {custom_id!r} is repeated")
-    seen.add(custom_id)
-    if line.get("method") != "POST":
-        raise _bad_line(number, 'method must be "POST"')
-    if line.get("url") != BATCH_URL:
-        raise _bad_line(number, f'url must be "{BATCH_URL}"')
-    body = line.get("body")
-    if not isinstance(body, dict):
-        raise _bad_line(number, "body must be an object")
-    if body.get("model") != model:
-        raise _bad_line(number, f"body.model must be the envelope's model {model!r}")
-    return body
+class _NoModels:
+    """The catalog of a node that declares no models: every name is unknown."""
 
-
-def _line_max_tokens(number: int, body: dict[str, Any]) -> int | None:
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _bad_line(number, "max_tokens must be a positive integer")
-    return value
-
-
-def _message_text(number: int, message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        texts: list[str] = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise _bad_line(number, "only text content parts are supported")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _bad_line(number, "message content must be a string or a list of text parts")
-
-
-_ESTIMATORS: dict[str, WorkEstimator] = {
-    "ffmpeg_transcode": MediaEstimator(),
-    "vllm_batch": BatchEstimator(),
-}
-
-
-def estimator_for(kind: str) -> WorkEstimator:
-    """The estimator for a job kind; ``RequestError("unknown_kind", 422)`` for a kind the node lacks."""
-    try:
-        return _ESTIMATORS[kind]
-    except KeyError:
+    def context_of(self, model: str) -> int:
         raise RequestError(
-            "unknown_kind",
-            f"no estimator for job kind {kind!r}",
-            details={"kind": kind, "known": sorted(_ESTIMATORS)},
+            "unknown_model",
+            f"this node serves no model called {model!r}",
+            details={"model": model, "known": []},
             http_status=422,
-        ) from None
+        )
+
+    def prompt_tokens(self, model: str, messages: Sequence[Mapping[str, str]]) -> int:
+        return self.context_of(model)
+
+
+_NO_MODELS = _NoModels()

@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from node.config import PricingSection, resolve_path
+from node.config import ModelSection, PricingSection, resolve_path
 from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, envelope_dict
 from node.errors import PricingError
 from provider.estimate import WorkEstimate
@@ -101,14 +102,27 @@ class Pricer:
     """Prices jobs with the operator's ``[pricing]`` rates and, if configured, the pricing script.
 
     ``gpu_model`` is this node's GPU name as NVML reports it (e.g. ``"NVIDIA H100 80GB HBM3"``); it picks
-    the per-model GPU rate. ``home`` resolves a relative script path.
+    the per-model GPU rate. ``models`` is the catalog's entries: a model's own token prices, where set,
+    replace ``[pricing]``'s for batches naming it. ``home`` resolves a relative script path.
     """
 
     def __init__(
-        self, cfg: PricingSection, *, gpu_model: str | None = None, home: Path | None = None
+        self,
+        cfg: PricingSection,
+        *,
+        gpu_model: str | None = None,
+        models: Sequence[ModelSection] = (),
+        home: Path | None = None,
     ) -> None:
         self._cfg = cfg
         self._gpu_rate = gpu_rate_for(cfg, gpu_model)
+        self._token_rates = {
+            m.name: (
+                Decimal(m.input_1k_tokens or cfg.input_1k_tokens),
+                Decimal(m.output_1k_tokens or cfg.output_1k_tokens),
+            )
+            for m in models
+        }
         self._script: tuple[Path, float] | None = None
         if cfg.script is not None:
             path = Path(cfg.script.path) if home is None else resolve_path(home, cfg.script.path)
@@ -124,8 +138,9 @@ class Pricer:
         cpu = cfg.dec("cpu_second") * _dec(est.cpu_seconds)
         gpu = self._gpu_rate * _dec(est.gpu_seconds)
         output = cfg.dec("output_mb") * _dec(est.output_mb)
-        input_tokens = cfg.dec("input_1k_tokens") * Decimal(est.input_tokens) / _THOUSAND
-        output_tokens = cfg.dec("output_1k_tokens") * Decimal(est.output_tokens) / _THOUSAND
+        input_rate, output_rate = self.token_rates(env)
+        input_tokens = input_rate * Decimal(est.input_tokens) / _THOUSAND
+        output_tokens = output_rate * Decimal(est.output_tokens) / _THOUSAND
         subtotal = cpu + gpu + output + input_tokens + output_tokens
         minimum = cfg.dec("minimum_per_job")
         return PriceBreakdown(
@@ -139,6 +154,12 @@ class Pricer:
             base=max(subtotal, minimum),
             gpu_second_rate=self._gpu_rate,
         )
+
+    def token_rates(self, env: Envelope) -> tuple[Decimal, Decimal]:
+        """Prices per 1k input and output tokens for ``env``: its model's own, else ``[pricing]``'s."""
+        if isinstance(env, VllmBatchEnvelope) and env.output_spec.model in self._token_rates:
+            return self._token_rates[env.output_spec.model]
+        return self._cfg.dec("input_1k_tokens"), self._cfg.dec("output_1k_tokens")
 
     def surge_factor(self, utilisation: float) -> Decimal:
         """1 up to the surge threshold, then rising linearly to ``max_factor`` at full load (and beyond)."""

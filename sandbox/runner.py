@@ -208,12 +208,20 @@ class SandboxRunner:
             image = await asyncio.to_thread(client.images.get, ref)
         return str(image.id)
 
-    async def run(self, spec: RunSpec, *, on_stdout: Callable[[str], None] | None = None) -> RunResult:
+    async def run(
+        self,
+        spec: RunSpec,
+        *,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+    ) -> RunResult:
         """Run ``spec`` to its end and return its :class:`RunResult`, or raise :class:`ExecutionError`.
 
         ``on_stdout`` is called on the event loop with each line the workload writes to stdout, as it comes
-        (ffmpeg's ``-progress`` reports); stderr is kept as a bounded tail for error details. Cancelling the
-        call kills the workload. The container is removed in every case, after its exit state was read.
+        (ffmpeg's ``-progress`` reports); stderr is kept as a bounded tail for error details and, with
+        ``on_stderr``, handed over line by line too (a carriage return ends a line: progress bars redraw).
+        Cancelling the call kills the workload. The container is removed in every case, after its exit state
+        was read.
         """
         client = await self._docker()
         group_add = await asyncio.to_thread(prepare_output_dir, spec.output_dir, spec.user)
@@ -221,7 +229,7 @@ class SandboxRunner:
             client, spec, _create_kwargs(spec, node=self._node, group_add=group_add)
         )
         try:
-            return await self._supervise(client, container_id, spec, on_stdout)
+            return await self._supervise(client, container_id, spec, on_stdout, on_stderr)
         finally:
             # Shielded: a cancelled run still waits for its container to be gone.
             await asyncio.shield(asyncio.to_thread(self._discard, client, container_id))
@@ -281,7 +289,12 @@ class SandboxRunner:
         return str(container.id)
 
     async def _supervise(
-        self, client: Any, container_id: str, spec: RunSpec, on_stdout: Callable[[str], None] | None
+        self,
+        client: Any,
+        container_id: str,
+        spec: RunSpec,
+        on_stdout: Callable[[str], None] | None,
+        on_stderr: Callable[[str], None] | None,
     ) -> RunResult:
         facts: dict[str, Any] = {"job_id": spec.job_id, "attempt": spec.attempt, "container_id": container_id}
         tail = Tail(self._tail_bytes)
@@ -294,8 +307,8 @@ class SandboxRunner:
             with self._errors(**facts):
                 await asyncio.to_thread(client.api.start, container_id)
                 started = time.monotonic()
-                emit = _emitter(on_stdout)
-                pumped = _in_thread(lambda: _pump(stream, emit, tail), "hearth-sandbox-output")
+                emit, emit_err = _emitter(on_stdout), _emitter(on_stderr)
+                pumped = _in_thread(lambda: _pump(stream, emit, tail, emit_err), "hearth-sandbox-output")
                 exited = _in_thread(
                     lambda: client.api.wait(container_id, timeout=None), "hearth-sandbox-wait"
                 )
@@ -535,19 +548,29 @@ def _emitter(on_stdout: Callable[[str], None] | None) -> Callable[[str], None] |
 
 
 def _pump(
-    stream: Iterable[tuple[bytes | None, bytes | None]], emit: Callable[[str], None] | None, tail: Tail
+    stream: Iterable[tuple[bytes | None, bytes | None]],
+    emit: Callable[[str], None] | None,
+    tail: Tail,
+    emit_err: Callable[[str], None] | None = None,
 ) -> None:
-    """Read the attached streams to their end: stdout as lines to ``emit``, stderr into ``tail``."""
-    lines = LineSplitter()
+    """Read the attached streams to their end: stdout as lines to ``emit``, stderr into ``tail``.
+
+    With ``emit_err``, stderr goes there as lines too, a carriage return counting as a line end.
+    """
+    lines, err_lines = LineSplitter(), LineSplitter()
     for out, err in stream:
         if out and emit is not None:
             for line in lines.feed(out):
                 emit(line)
         if err:
             tail.feed(err)
-    if emit is not None:
-        for line in lines.flush():
-            emit(line)
+            if emit_err is not None:
+                for line in err_lines.feed(err.replace(b"\r", b"\n")):
+                    emit_err(line)
+    for splitter, sink in ((lines, emit), (err_lines, emit_err)):
+        if sink is not None:
+            for line in splitter.flush():
+                sink(line)
 
 
 def _in_thread(fn: Callable[[], _T], name: str) -> asyncio.Future[_T]:

@@ -6,7 +6,10 @@
 #   3. produces the base image hearth/base:bookworm locally (debootstrap --variant=minbase + docker import),
 #      because no image registry may be reachable; the rootfs tarball is cached in $HEARTH_CACHE_DIR;
 #   4. builds every sandbox/images/<name>/Dockerfile as hearth/<name>:latest, skipping an image whose
-#      build context and base are unchanged (a label on the image records their hash).
+#      build context and base are unchanged (a label on the image records their hash). An image folder
+#      with a requirements.txt is built with a wheelhouse beside it (`wheels/`, made on the host with the
+#      project's pip, cached in $HEARTH_CACHE_DIR): the host reaches the package index, a build may not.
+#      A Dockerfile marked `# hearth-image: gpu` is built only where an NVIDIA GPU answers (nvidia-smi).
 # Prints each image's ID (sha256:...): the node runs images by that ID, not by tag.
 # A second run, with everything in place, takes seconds.
 set -euo pipefail
@@ -21,6 +24,7 @@ ROOTFS_TAR="$CACHE_DIR/debian-$SUITE-minbase.tar.gz"
 ENGINE_WAIT_SECONDS=60
 IMAGES_DIR=sandbox/images
 CONTEXT_LABEL=hearth.context_sha256
+PIP="${HEARTH_PIP:-.venv/bin/pip}"
 
 ROOTFS_TMP=""
 
@@ -113,24 +117,55 @@ context_hash() {
   } | sha256sum | cut -c1-64
 }
 
+gpu_only() { grep -q '^# hearth-image: gpu' "$1"; }
+
+has_gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
+
+# The folder to build from: the image folder itself, or a copy of it with the wheelhouse its
+# requirements.txt names (hard links: no bytes are copied).
+build_context() {
+  local dir=$1 name=$2
+  [[ -f "$dir/requirements.txt" ]] || { echo "$dir"; return 0; }
+  local wheels="$CACHE_DIR/wheelhouse/$name" stamp context="$CACHE_DIR/context-$name"
+  stamp="$wheels/.requirements.$(sha256sum "$dir/requirements.txt" | cut -c1-16)"
+  if [[ ! -f "$stamp" ]]; then
+    [[ -x "$PIP" ]] || die "$PIP is missing: run scripts/setup.sh (it creates .venv) first"
+    log "wheelhouse for $name from $dir/requirements.txt (output in $CACHE_DIR/wheels-$name.log)" >&2
+    rm -rf "$wheels"; mkdir -p "$wheels"
+    "$PIP" wheel --prefer-binary -w "$wheels" -r "$dir/requirements.txt" >"$CACHE_DIR/wheels-$name.log" 2>&1 ||
+      die "making the wheelhouse for $name failed; see $CACHE_DIR/wheels-$name.log"
+    touch "$stamp"
+  fi
+  rm -rf "$context"; mkdir -p "$context"
+  cp -a "$dir/." "$context/"
+  cp -al "$wheels" "$context/wheels"
+  echo "$context"
+}
+
 build_images() {
-  local dockerfile dir name tag want have
+  local dockerfile dir name tag want have context
   shopt -s nullglob
   for dockerfile in "$IMAGES_DIR"/*/Dockerfile; do
     dir="$(dirname "$dockerfile")"
     name="$(basename "$dir")"
     tag="hearth/$name:latest"
+    if gpu_only "$dockerfile" && ! has_gpu; then
+      log "$tag skipped: it is for NVIDIA GPUs and none answers here"
+      continue
+    fi
     want="$(context_hash "$dir")"
     have="$(docker image inspect --format "{{ index .Config.Labels \"$CONTEXT_LABEL\" }}" "$tag" 2>/dev/null || true)"
     if [[ "$have" == "$want" ]]; then
       log "$tag up to date"
       continue
     fi
-    log "building $tag (output in $CACHE_DIR/build-$name.log)"
     mkdir -p "$CACHE_DIR"
+    context="$(build_context "$dir" "$name")"
+    log "building $tag (output in $CACHE_DIR/build-$name.log)"
     # No buildx plugin is assumed: the classic builder ships with every engine.
-    DOCKER_BUILDKIT=0 docker build --label "$CONTEXT_LABEL=$want" -t "$tag" "$dir" \
+    DOCKER_BUILDKIT=0 docker build --label "$CONTEXT_LABEL=$want" -t "$tag" "$context" \
       >"$CACHE_DIR/build-$name.log" 2>&1 || die "building $tag failed; see $CACHE_DIR/build-$name.log"
+    [[ "$context" == "$dir" ]] || rm -rf "$context"
   done
 }
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,11 @@ def write_home(home: Path, config: dict[str, Any] | None = None, *, port: int = 
     parse_config(cfg)  # fail here, not in the node, on a bad test config
     lines: list[str] = []
     for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
+        # a list is an array of tables ([[models]]), anything else one table
+        for table in values if isinstance(values, list) else [values]:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            for key, value in table.items():
+                lines.append(f"{key} = {json.dumps(value)}")
     (home / "node.toml").write_text("\n".join(lines) + "\n")
     if not (home / "node.key").exists():
         save_key(new_ed25519(), home / "node.key")
@@ -216,6 +219,24 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         d.stop()
 
 
+@dataclass(frozen=True)
+class TinyModel:
+    """The test model (provider.testmodel): where its weights are and their CID."""
+
+    path: Path
+    cid: str
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """A tiny Llama-architecture model with random weights, built here (no download), as a catalog entry."""
+    from provider.catalog import hash_model_dir
+    from provider.testmodel import build_test_model
+
+    path = build_test_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return TinyModel(path, hash_model_dir(path)[0])
+
+
 SANDBOX_SETUP_TIMEOUT_SECONDS = 1800  # a fresh machine runs debootstrap and an apt-get build
 
 
@@ -240,7 +261,7 @@ def sandbox_images() -> dict[str, str]:
         pytest.fail(f"scripts/docker.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     client = docker.DockerClient(base_url=DEFAULT_DOCKER_URL)
     try:
-        tags = ("hearth/ffmpeg:latest", "hearth/base:bookworm")
+        tags = ("hearth/ffmpeg:latest", "hearth/vllm-cpu:latest", "hearth/base:bookworm")
         return {tag: str(client.images.get(tag).id) for tag in tags}
     finally:
         client.close()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
 from node.errors import HearthError, RequestError
 from provider.estimate import (
-    ApproxTokenCounter,
     BatchEstimator,
     InputProbe,
     MediaEstimator,
@@ -131,13 +131,25 @@ def test_media_estimator_refuses_a_batch(make_env: MakeEnv) -> None:
 # ------------------------------------------------------------------------------------------------ batch
 
 
-def test_approx_token_counter() -> None:
-    counter = ApproxTokenCounter()
-    assert counter.count("") == 0
-    assert counter.count("abcd") == 1
-    assert counter.count("abcde") == 2
-    assert counter.count("héllo") == 2  # 6 UTF-8 bytes
-    assert counter.count("日本語") == 3  # 9 UTF-8 bytes
+class WordModels:
+    """A catalog stand-in: one model of 4096 tokens, whose prompt is its words plus 3 per message."""
+
+    def __init__(self, context: int = 4096) -> None:
+        self.context = context
+        self.counted: list[int] = []
+
+    def context_of(self, model: str) -> int:
+        if model != MODEL:
+            raise RequestError("unknown_model", f"no model {model!r}", http_status=422)
+        return self.context
+
+    def prompt_tokens(self, model: str, messages: Sequence[Mapping[str, str]]) -> int:
+        tokens = sum(3 + len(m["content"].split()) for m in messages)
+        self.counted.append(tokens)
+        return tokens
+
+
+MODEL = "llama-3.1-8b-instruct"
 
 
 def batch_line(custom_id: str, messages: list[dict[str, Any]], **body: Any) -> dict[str, Any]:
@@ -145,7 +157,7 @@ def batch_line(custom_id: str, messages: list[dict[str, Any]], **body: Any) -> d
         "custom_id": custom_id,
         "method": "POST",
         "url": "/v1/chat/completions",
-        "body": {"model": "llama-3.1-8b-instruct", "messages": messages, **body},
+        "body": {"model": MODEL, "messages": messages, **body},
     }
 
 
@@ -157,71 +169,58 @@ BATCH = jsonl(
     batch_line(
         "r1",
         [
-            {"role": "system", "content": "You are terse."},  # 14 bytes -> 4 tokens
-            {"role": "user", "content": "Name three primes."},  # 18 bytes -> 5 tokens
+            {"role": "system", "content": "You are terse."},  # 3 + 3 words
+            {"role": "user", "content": "Name three primes."},  # 3 + 3 words
         ],
         max_tokens=50,
     ),
-    batch_line("r2", [{"role": "user", "content": [{"type": "text", "text": "Translate 'bonjour'."}]}]),  # 5
-    "",
     batch_line(
-        "r3", [{"role": "user", "content": "Write a haiku about rain."}], max_completion_tokens=1000
-    ),  # 7
+        "r2", [{"role": "user", "content": [{"type": "text", "text": "Translate 'bonjour'."}]}]
+    ),  # 3 + 2
+    "",
+    batch_line("r3", [{"role": "user", "content": "Write a haiku about rain."}], max_completion_tokens=100),
 )
-# 3 requests x 3 reply-priming tokens + 4 messages x 5 template tokens + (4 + 5 + 5 + 7) content tokens.
-BATCH_INPUT_TOKENS = 9 + 20 + 21
-# 50 + spec default 256 + min(1000, 256).
-BATCH_OUTPUT_TOKENS = 562
+# (6 + 6) + 5 + (3 + 5) prompt tokens.
+BATCH_INPUT_TOKENS = 25
+# 50 + the spec's default 256 + 100.
+BATCH_OUTPUT_TOKENS = 406
 
 
 def test_batch_counts_tokens_of_real_jsonl(make_env: MakeEnv) -> None:
     env = make_env(kind="vllm_batch", limits={"cpus": 2})
-    est = BatchEstimator().estimate(env, InputProbe(data=BATCH))
+    models = WordModels()
+    est = BatchEstimator(models).estimate(env, InputProbe(data=BATCH))
     assert est.basis == "token_count"
+    assert models.counted == [12, 5, 8]  # every line through the model's counter, text parts included
     assert est.input_tokens == BATCH_INPUT_TOKENS
     assert est.output_tokens == BATCH_OUTPUT_TOKENS
-    # CPU backend: 50 tokens at 200/s prefill + 562 at 20/s decode, on 2 CPUs.
-    assert est.cpu_seconds == pytest.approx((50 / 200 + 562 / 20) * 2)
-    assert est.gpu_seconds == 0.0
-    assert est.output_mb == pytest.approx((562 * 4 + 3 * 600) / MIB)
-
-
-def test_batch_on_gpu(make_env: MakeEnv) -> None:
-    env = make_env(kind="vllm_batch", limits={"cpus": 1, "gpus": 1})
-    est = BatchEstimator().estimate(env, InputProbe(data=BATCH))
-    wall = 50 / 5000 + 562 / 1000
-    assert est.gpu_seconds == pytest.approx(wall)
-    assert est.cpu_seconds == pytest.approx(wall)
+    # Inference is priced per token: no compute time is estimated.
+    assert (est.cpu_seconds, est.gpu_seconds) == (0.0, 0.0)
+    assert est.output_mb == pytest.approx((406 * 4 + 3 * 600) / MIB)
 
 
 def test_batch_without_data_is_bounded_by_its_spec(make_env: MakeEnv) -> None:
-    env = make_env(
-        {"model": "llama-3.1-8b-instruct", "max_tokens": 100, "max_requests": 10},
-        kind="vllm_batch",
-        limits={"timeout_seconds": 3600, "cpus": 1, "gpus": 1},
-    )
-    est = estimator_for("vllm_batch").estimate(env, None)
+    env = make_env({"model": MODEL, "max_tokens": 100, "max_requests": 10}, kind="vllm_batch")
+    est = estimator_for("vllm_batch", WordModels()).estimate(env, None)
     assert est.basis == "spec"
     assert est.output_tokens == 1000
     assert est.input_tokens == 10 * 512
-    assert est.gpu_seconds == pytest.approx(5120 / 5000 + 1000 / 1000)
 
 
-def test_batch_time_is_capped_by_the_timeout(make_env: MakeEnv) -> None:
-    env = make_env(kind="vllm_batch", limits={"timeout_seconds": 60, "cpus": 2})
-    est = BatchEstimator().estimate(env, None)  # 1000 requests x 256 tokens on CPU: far past 60 s
-    assert est.cpu_seconds == 120.0
-    assert est.output_tokens == 256_000
+def test_batch_spec_prompt_fits_the_context(make_env: MakeEnv) -> None:
+    env = make_env({"model": MODEL, "max_tokens": 100, "max_requests": 10}, kind="vllm_batch")
+    est = BatchEstimator(WordModels(context=300)).estimate(env, None)
+    assert est.input_tokens == 10 * 200  # a prompt can be at most context - max_tokens
 
 
-def test_custom_token_counter(make_env: MakeEnv) -> None:
-    class WordCounter:
-        def count(self, text: str) -> int:
-            return len(text.split())
-
-    est = BatchEstimator(WordCounter()).estimate(make_env(kind="vllm_batch"), InputProbe(data=BATCH))
-    # Words: 3 + 3 + 2 + 5 = 13, plus the same 29 template and priming tokens.
-    assert est.input_tokens == 13 + 29
+def test_batch_output_size_is_capped_by_the_limit(make_env: MakeEnv) -> None:
+    env = make_env(
+        {"model": MODEL, "max_tokens": 32_000, "max_requests": 100_000},
+        kind="vllm_batch",
+        limits={"max_output_mb": 5},
+    )
+    est = BatchEstimator(WordModels(context=64_000)).estimate(env, None)
+    assert est.output_mb == 5.0
 
 
 @pytest.mark.parametrize(
@@ -240,12 +239,15 @@ def test_custom_token_counter(make_env: MakeEnv) -> None:
         ),
         (jsonl(batch_line("a", [])), 1, "messages"),
         (jsonl(batch_line("a", [{"content": "no role"}])), 1, "role"),
+        (jsonl(batch_line("a", [{"role": "root", "content": "x"}])), 1, "role"),
         (jsonl(batch_line("a", [{"role": "user", "content": "x"}], max_tokens=0)), 1, "max_tokens"),
         (jsonl(batch_line("a", [{"role": "user", "content": "x"}], max_tokens=True)), 1, "max_tokens"),
+        (jsonl(batch_line("a", [{"role": "user", "content": "x"}], n=3)), 1, "n must be 1"),
+        (jsonl(batch_line("a", [{"role": "user", "content": "x"}], tools=[])), 1, "tools"),
         (
             jsonl(batch_line("a", [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])),
             1,
-            "text content",
+            "text parts",
         ),
         (jsonl(batch_line("a", [{"role": "user", "content": 42}])), 1, "content"),
         (b"\n\n", 1, "no requests"),
@@ -253,31 +255,66 @@ def test_custom_token_counter(make_env: MakeEnv) -> None:
 )
 def test_malformed_batch_line(make_env: MakeEnv, data: bytes, line: int, reason: str) -> None:
     with pytest.raises(RequestError) as info:
-        BatchEstimator().estimate(make_env(kind="vllm_batch"), InputProbe(data=data))
+        BatchEstimator(WordModels()).estimate(make_env(kind="vllm_batch"), InputProbe(data=data))
     err = info.value
     assert err.code == "invalid_batch" and err.http_status == 422
+    assert (err.domain, err.retryable) == ("validation", False)
     assert err.details["line"] == line
-    assert reason in err.details["reason"]
+    assert reason in str(err.details.get("reason", err.message))
 
 
 def test_batch_model_must_match_the_envelope(make_env: MakeEnv) -> None:
     line = batch_line("a", [{"role": "user", "content": "x"}])
     line["body"]["model"] = "gpt-4o"
     with pytest.raises(RequestError) as info:
-        BatchEstimator().estimate(make_env(kind="vllm_batch"), InputProbe(data=jsonl(line)))
-    assert info.value.details == {
-        "line": 1,
-        "reason": "body.model must be the envelope's model 'llama-3.1-8b-instruct'",
-    }
+        BatchEstimator(WordModels()).estimate(make_env(kind="vllm_batch"), InputProbe(data=jsonl(line)))
+    assert info.value.code == "unknown_model"
+    assert info.value.details == {"line": 1, "model": "gpt-4o", "expected": MODEL}
 
 
 def test_batch_longer_than_max_requests(make_env: MakeEnv) -> None:
-    env = make_env({"model": "llama-3.1-8b-instruct", "max_requests": 2}, kind="vllm_batch")
+    env = make_env({"model": MODEL, "max_requests": 2}, kind="vllm_batch")
     data = jsonl(*(batch_line(f"r{i}", [{"role": "user", "content": "x"}]) for i in range(3)))
     with pytest.raises(RequestError) as info:
-        BatchEstimator().estimate(env, InputProbe(data=data))
-    assert info.value.details["line"] == 3
-    assert "max_requests" in info.value.details["reason"]
+        BatchEstimator(WordModels()).estimate(env, InputProbe(data=data))
+    assert info.value.code == "batch_too_large"
+    assert info.value.details == {"line": 3, "max_requests": 2}
+
+
+def test_line_asking_more_than_the_envelope_max_tokens(make_env: MakeEnv) -> None:
+    env = make_env({"model": MODEL, "max_tokens": 64}, kind="vllm_batch")
+    data = jsonl(
+        batch_line("ok", [{"role": "user", "content": "x"}]),
+        batch_line("big", [{"role": "user", "content": "x"}], max_tokens=65),
+    )
+    with pytest.raises(RequestError) as info:
+        BatchEstimator(WordModels()).estimate(env, InputProbe(data=data))
+    assert info.value.code == "max_tokens_exceeded"
+    assert info.value.details == {"line": 2, "max_tokens": 65, "limit": 64}
+
+
+def test_line_that_does_not_fit_the_context(make_env: MakeEnv) -> None:
+    env = make_env({"model": MODEL, "max_tokens": 50}, kind="vllm_batch")
+    long = " ".join(["word"] * 60)  # 63 prompt tokens + 50 > 100
+    data = jsonl(batch_line("long", [{"role": "user", "content": long}]))
+    with pytest.raises(RequestError) as info:
+        BatchEstimator(WordModels(context=100)).estimate(env, InputProbe(data=data))
+    assert info.value.code == "context_length_exceeded"
+    assert info.value.details == {
+        "line": 1,
+        "custom_id": "long",
+        "prompt_tokens": 63,
+        "max_tokens": 50,
+        "max_context": 100,
+    }
+    fits = jsonl(batch_line("fits", [{"role": "user", "content": long}], max_tokens=37))
+    assert BatchEstimator(WordModels(context=100)).estimate(env, InputProbe(data=fits)).input_tokens == 63
+
+
+def test_a_node_without_models_knows_none(make_env: MakeEnv) -> None:
+    with pytest.raises(RequestError) as info:
+        estimator_for("vllm_batch").estimate(make_env(kind="vllm_batch"), None)
+    assert info.value.code == "unknown_model"
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -285,7 +322,7 @@ def test_batch_longer_than_max_requests(make_env: MakeEnv) -> None:
 
 def test_estimator_for_dispatches_by_kind() -> None:
     assert isinstance(estimator_for("ffmpeg_transcode"), MediaEstimator)
-    assert isinstance(estimator_for("vllm_batch"), BatchEstimator)
+    assert isinstance(estimator_for("vllm_batch", WordModels()), BatchEstimator)
     with pytest.raises(RequestError) as info:
         estimator_for("blender_render")
     assert info.value.code == "unknown_kind" and info.value.http_status == 422
