@@ -650,7 +650,7 @@ def cmd_job_replay(args: argparse.Namespace, out: Out) -> int:
 
     from node.daemon import Node
     from node.errors import ConflictError, NotFoundError
-    from node.executor import TranscodeExecutor
+    from node.executor import TranscodeExecutor, Workspace
     from node.journal import Journal
     from provider.pricing import Pricer
 
@@ -671,11 +671,8 @@ def cmd_job_replay(args: argparse.Namespace, out: Out) -> int:
             with tempfile.TemporaryDirectory(prefix="hearth-replay-") as work:
                 executor = TranscodeExecutor(
                     node.cfg,
-                    runner=node.runner,
-                    store=node.store,
-                    work_dir=Path(work),
-                    pricer=Pricer(node.cfg.pricing, home=node.home),
-                    node_did=node.did,
+                    Pricer(node.cfg.pricing, home=node.home),
+                    Workspace(runner=node.runner, store=node.store, work_dir=Path(work), node_did=node.did),
                 )
                 return await executor.replay(job)
         finally:

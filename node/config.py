@@ -291,7 +291,10 @@ class ModelSection(_Section):
     )
     max_context: int = Field(ge=16, le=10_000_000, description="prompt + completion tokens per request")
     gpu_memory_mb: int = Field(
-        default=0, ge=0, le=10_000_000, description="GPU memory the model needs; 0: it also runs on CPUs"
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description="GPU memory the model needs in all (split over a job's GPUs); 0: it also runs on CPUs",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     input_1k_tokens: Money | None = Field(default=None, description="price; unset: [pricing] input_1k_tokens")

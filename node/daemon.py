@@ -18,7 +18,7 @@ from node.admission import Admission
 from node.config import NodeConfig, load_config, resolve_path
 from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
 from node.errors import ConfigError
-from node.executor import Executors, TranscodeExecutor
+from node.executor import Executors, TranscodeExecutor, Workspace
 from node.inference import InferenceExecutor
 from node.journal import Journal
 from node.metrics import Metrics
@@ -187,24 +187,14 @@ class Node:
             settlement=self._settlement,
             models=self.models,
         )
-        work_dir = resolve_path(self.state_dir, self.cfg.sandbox.work_dir)
-        self._executor = TranscodeExecutor(
-            self.cfg,
+        space = Workspace(
             runner=self.runner,
             store=self.store,
-            work_dir=work_dir,
-            pricer=self._admission.pricer,
+            work_dir=resolve_path(self.state_dir, self.cfg.sandbox.work_dir),
             node_did=self.did,
         )
-        self._inference = InferenceExecutor(
-            self.cfg,
-            runner=self.runner,
-            store=self.store,
-            work_dir=work_dir,
-            pricer=self._admission.pricer,
-            node_did=self.did,
-            catalog=self.models,
-        )
+        self._executor = TranscodeExecutor(self.cfg, self._admission.pricer, space)
+        self._inference = InferenceExecutor(self.cfg, self._admission.pricer, space, catalog=self.models)
         if not self.cfg.scheduler.paused:
             self._scheduler = Scheduler(
                 journal,

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_UP, Decimal
 from pathlib import Path
@@ -78,25 +78,26 @@ def ffmpeg_threads(cpus: float) -> int:
     return max(1, min(MAX_FFMPEG_THREADS, math.ceil(cpus)))
 
 
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    """What every executor works with: the sandbox, the blockstore, a folder for attempts, the node's DID."""
+
+    runner: SandboxRunner
+    store: Blockstore
+    work_dir: Path
+    node_did: str
+
+
 class WorkloadExecutor:
     """What every kind's executor shares: attempt folders, verified inputs, clean-up and the charge."""
 
-    def __init__(
-        self,
-        cfg: NodeConfig,
-        *,
-        runner: SandboxRunner,
-        store: Blockstore,
-        work_dir: Path,
-        pricer: Pricer,
-        node_did: str,
-    ) -> None:
+    def __init__(self, cfg: NodeConfig, pricer: Pricer, space: Workspace) -> None:
         self._cfg = cfg
-        self._runner = runner
-        self._store = store
-        self._work = work_dir
         self._pricer = pricer
-        self._did = node_did
+        self._runner = space.runner
+        self._store = space.store
+        self._work = space.work_dir
+        self._did = space.node_did
 
     def reconfigure(self, cfg: NodeConfig, pricer: Pricer) -> None:
         self._cfg = cfg
@@ -144,10 +145,26 @@ class WorkloadExecutor:
         except HearthError:
             return False
 
-    def _quote_dir(self) -> Path:
-        path = self._work / "quotes"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    @contextlib.asynccontextmanager
+    async def _quote_input(self, env: AnyEnvelope, name: str) -> AsyncIterator[FetchedInput | None]:
+        """The job's input, fetched for its quote into a temporary folder removed afterwards; None when
+        the node cannot get it (not here, no gateway, an error) within the quote-time budget.
+        """
+        if not self._reachable(env.input_uri):
+            yield None
+            return
+        folder = self._work / "quotes"
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            dest = Path(tmp) / "in" / name
+            dest.parent.mkdir()
+            fetched: FetchedInput | None = None
+            try:
+                async with asyncio.timeout(self._cfg.storage.quote_fetch_timeout_seconds):
+                    fetched = await self._fetch_for(env, dest)
+            except (StorageError, TimeoutError) as exc:
+                log.info("quote for %s priced without its input: not fetched (%s)", env.job_id, exc)
+            yield fetched
 
     def _charge(self, job: JobRecord, env: AnyEnvelope, used: WorkEstimate) -> str:
         """What the node will claim: measured work at the quote's rates and surge, never above the quote."""
@@ -199,17 +216,8 @@ class Executors:
 class TranscodeExecutor(WorkloadExecutor):
     """Runs ``ffmpeg_transcode`` attempts for the scheduler (see :class:`node.scheduler.Executor`)."""
 
-    def __init__(
-        self,
-        cfg: NodeConfig,
-        *,
-        runner: SandboxRunner,
-        store: Blockstore,
-        work_dir: Path,
-        pricer: Pricer,
-        node_did: str,
-    ) -> None:
-        super().__init__(cfg, runner=runner, store=store, work_dir=work_dir, pricer=pricer, node_did=node_did)
+    def __init__(self, cfg: NodeConfig, pricer: Pricer, space: Workspace) -> None:
+        super().__init__(cfg, pricer, space)
         self._image: str | None = None
         # ffprobe's answer per input content (CID) and image: the quote's probe serves the run too
         self._probes: OrderedDict[tuple[str, str], MediaInfo] = OrderedDict()
@@ -342,16 +350,8 @@ class TranscodeExecutor(WorkloadExecutor):
         known = self._known_probe(env.input_uri)
         if known is not None:
             return InputProbe(duration_seconds=known.duration_seconds, width=known.width, height=known.height)
-        if not self._reachable(env.input_uri):
-            return None
-        with tempfile.TemporaryDirectory(dir=self._quote_dir()) as tmp:
-            dest = Path(tmp) / "in" / "input"
-            dest.parent.mkdir()
-            try:
-                async with asyncio.timeout(self._cfg.storage.quote_fetch_timeout_seconds):
-                    fetched = await self._fetch_for(env, dest)
-            except (StorageError, TimeoutError) as exc:
-                log.info("quote for %s priced on its limits: input not fetched (%s)", env.job_id, exc)
+        async with self._quote_input(env, "input") as fetched:
+            if fetched is None:
                 return None
             info = await self._probe_cached(fetched, job_id=f"quote-{env.job_id}")
         return InputProbe(duration_seconds=info.duration_seconds, width=info.width, height=info.height)

@@ -16,21 +16,20 @@ import functools
 import hashlib
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from node.config import NodeConfig
 from node.envelope import VllmBatchEnvelope, parse_envelope
-from node.errors import ExecutionError, OutputValidationError, StorageError
-from node.executor import WorkloadExecutor
+from node.errors import ExecutionError, OutputValidationError
+from node.executor import WorkloadExecutor, Workspace
 from node.journal import JobRecord
 from node.scheduler import ProgressReport
 from provider.catalog import CatalogModel, ModelCatalog
 from provider.estimate import MIB, InputProbe, WorkEstimate
 from provider.pricing import Pricer
-from sandbox.runner import Mount, RunSpec, SandboxRunner
+from sandbox.runner import Mount, RunSpec
 from sandbox.vllm import (
     CONTAINER_BATCH_PATH,
     CONTAINER_MODEL_DIR,
@@ -45,7 +44,7 @@ from sandbox.vllm import (
     parse_batch,
     raise_for_batch_checks,
 )
-from storage import Blockstore, FetchedInput, import_bytes
+from storage import FetchedInput, import_bytes
 
 log = logging.getLogger("hearth.inference")
 
@@ -57,18 +56,8 @@ QUOTE_BATCH_MAX_BYTES = 64 * MIB
 class InferenceExecutor(WorkloadExecutor):
     """Runs ``vllm_batch`` attempts for the scheduler (see :class:`node.scheduler.Executor`)."""
 
-    def __init__(
-        self,
-        cfg: NodeConfig,
-        *,
-        runner: SandboxRunner,
-        store: Blockstore,
-        work_dir: Path,
-        pricer: Pricer,
-        node_did: str,
-        catalog: ModelCatalog,
-    ) -> None:
-        super().__init__(cfg, runner=runner, store=store, work_dir=work_dir, pricer=pricer, node_did=node_did)
+    def __init__(self, cfg: NodeConfig, pricer: Pricer, space: Workspace, *, catalog: ModelCatalog) -> None:
+        super().__init__(cfg, pricer, space)
         self._catalog = catalog
         self._images: dict[str, str] = {}
 
@@ -109,18 +98,8 @@ class InferenceExecutor(WorkloadExecutor):
         Fetched when the node can get it within the quote-time budget (an uploaded blob, an ipfs:// input
         already here or on a gateway, an https:// input) and no bigger than :data:`QUOTE_BATCH_MAX_BYTES`.
         """
-        if not self._reachable(env.input_uri):
-            return None
-        with tempfile.TemporaryDirectory(dir=self._quote_dir()) as tmp:
-            dest = Path(tmp) / "in" / "batch.jsonl"
-            dest.parent.mkdir()
-            try:
-                async with asyncio.timeout(self._cfg.storage.quote_fetch_timeout_seconds):
-                    fetched = await self._fetch_for(env, dest)
-            except (StorageError, TimeoutError) as exc:
-                log.info("quote for %s priced on its spec: batch not fetched (%s)", env.job_id, exc)
-                return None
-            if fetched.size > QUOTE_BATCH_MAX_BYTES:
+        async with self._quote_input(env, "batch.jsonl") as fetched:
+            if fetched is None or fetched.size > QUOTE_BATCH_MAX_BYTES:
                 return None
             return InputProbe(data=await asyncio.to_thread(fetched.path.read_bytes))
 
@@ -213,7 +192,9 @@ class InferenceExecutor(WorkloadExecutor):
         wall: float,
     ) -> dict[str, Any]:
         digest = hashlib.sha256(data).hexdigest()
-        outcome = check_batch_output(batch, data, all_answered=env.validation.all_answered)
+        outcome = await asyncio.to_thread(
+            check_batch_output, batch, data, all_answered=env.validation.all_answered
+        )
         raise_for_batch_checks(outcome.checks)
         imported = await asyncio.to_thread(import_bytes, data, self._store)
         used = WorkEstimate(

@@ -109,14 +109,25 @@ def check_readable(path: Path) -> None:
     """Refuse a weights directory the sandbox user could not read through its read-only mount.
 
     The container runs as a fixed non-root user, so every file must be world-readable and every folder
-    world-searchable. Raises ``ConfigError("model_not_readable")`` naming the first that is not.
+    world-searchable. Raises ``ConfigError("model_not_readable")`` naming the first that is not, and
+    ``ConfigError("model_dir_unusable")`` for a path that is not a directory or holds a symlink.
     """
+    if not path.is_dir() or path.is_symlink():
+        raise ConfigError("model_dir_unusable", f"{path} is not a directory", details={"path": str(path)})
     for dirpath, dirnames, filenames in os.walk(path):
         for name, need in [(d, stat.S_IROTH | stat.S_IXOTH) for d in ["", *dirnames]] + [
             (f, stat.S_IROTH) for f in filenames
         ]:
             target = Path(dirpath, name)
-            if os.stat(target).st_mode & need != need:
+            mode = os.lstat(target).st_mode
+            if stat.S_ISLNK(mode):
+                raise ConfigError(
+                    "model_dir_unusable",
+                    f"{target} is a symlink; the container sees only the directory itself, so copy the "
+                    "weights into a plain directory (e.g. `huggingface-cli download --local-dir`)",
+                    details={"path": str(target)},
+                )
+            if mode & need != need:
                 raise ConfigError(
                     "model_not_readable",
                     f"{target} is not readable by the sandbox user; run `chmod -R a+rX {path}`",
@@ -235,12 +246,13 @@ class ModelCatalog:
                 f"model {model.name!r} runs on a GPU ({needs} MB); ask for limits.gpus >= 1",
                 details=details | {"gpu_memory_mb": needs},
             )
-        if needs and self._gpu_memory_mb and needs > self._gpu_memory_mb:
+        available = self._gpu_memory_mb * limits.gpus  # tensor parallel spreads it over the job's GPUs
+        if needs and self._gpu_memory_mb and needs > available:
             raise PolicyError(
                 "model_exceeds_gpu_memory",
-                f"model {model.name!r} needs {needs} MB of GPU memory; this node's GPUs have "
-                f"{self._gpu_memory_mb} MB",
-                details=details | {"gpu_memory_mb": needs, "available_mb": self._gpu_memory_mb},
+                f"model {model.name!r} needs {needs} MB of GPU memory; {limits.gpus} of this node's GPUs "
+                f"have {available} MB",
+                details=details | {"gpu_memory_mb": needs, "available_mb": available, "gpus": limits.gpus},
             )
         if limits.gpus == 0 and limits.memory_mb < model.min_memory_mb:
             raise PolicyError(

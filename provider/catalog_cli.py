@@ -49,6 +49,7 @@ def cmd_models_add(args: argparse.Namespace, out: Out) -> int:
     from provider.catalog import ChatTokenizer, check_readable, hash_model_dir, read_max_context
 
     directory: Path = args.dir.resolve()
+    check_readable(directory)  # first: a missing folder or a symlink inside is the clearest refusal
     name = args.name or directory.name
     if not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise ConfigError(
@@ -63,7 +64,6 @@ def cmd_models_add(args: argparse.Namespace, out: Out) -> int:
             f"{directory}/config.json declares no context length; give --max-context",
             details={"path": str(directory)},
         )
-    check_readable(directory)
     ChatTokenizer(directory)  # a model whose tokenizer cannot build chat prompts is refused now
     cid, size = hash_model_dir(directory)
     entry: dict[str, Any] = {

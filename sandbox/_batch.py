@@ -113,8 +113,8 @@ def parse_batch(
         if prompt + cap > max_context:
             raise bad_batch(
                 "context_length_exceeded",
-                f"batch line {number}: a prompt of {prompt} tokens plus max_tokens {cap} exceeds model "
-                f"{model!r}'s context of {max_context} tokens",
+                f"batch line {number}: a prompt of {prompt} tokens plus max_tokens {cap} exceeds the "
+                f"context of model {model!r} ({max_context} tokens)",
                 line=number,
                 custom_id=custom_id,
                 prompt_tokens=prompt,
@@ -192,7 +192,10 @@ def _text(number: int, content: Any) -> str:
 
 
 def _line_max_tokens(number: int, body: dict[str, Any], cap: int) -> int:
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    # as vLLM reads them: max_completion_tokens unless it is absent or null, then max_tokens
+    value = body.get("max_completion_tokens")
+    if value is None:
+        value = body.get("max_tokens")
     if value is None:
         return cap
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -565,7 +565,7 @@ def _pump(
         if err:
             tail.feed(err)
             if emit_err is not None:
-                for line in err_lines.feed(err.replace(b"\r", b"\n")):
+                for line in err_lines.feed(err.replace(b"\r\n", b"\n").replace(b"\r", b"\n")):
                     emit_err(line)
     for splitter, sink in ((lines, emit), (err_lines, emit_err)):
         if sink is not None:

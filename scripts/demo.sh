@@ -6,15 +6,22 @@
 # node submits), the transcode in its sandbox with live progress, the artifact's CID verified with an
 # independent IPFS client (ipfs-car), independent validation (the validator's own ffprobe), the EIP-712
 # receipt and the release. USDC balances before and after and every transaction hash are printed.
+# HEARTH_DEMO_KIND=inference (`hearth demo --inference`) runs a vLLM batch job instead: a tiny Llama model
+# is built locally and registered in the catalog, a batch is uploaded, a bad batch is refused at quote
+# time, and the batch runs in the CPU build of vLLM, is validated by its answers and settled the same way.
 # Everything lives in .demo/; the node and the devnet stop at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 DEMO="$PWD/.demo"
+KIND="${HEARTH_DEMO_KIND:-transcode}"
+[[ "$KIND" == transcode || "$KIND" == inference ]] || { echo "HEARTH_DEMO_KIND: transcode or inference" >&2; exit 2; }
 rm -rf "$DEMO"; mkdir -p "$DEMO"
 PORT="${HEARTH_DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 NODE="http://127.0.0.1:$PORT"
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
+N=0
+numbered() { N=$((N + 1)); step "$N. $*"; }  # the demo's numbered steps (their count depends on KIND)
 show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
 expect_refusal() {  # the command must fail with exit 1 (the node refused); show its structured error
   printf '\033[2m$ %s\033[0m\n' "$*"
@@ -33,6 +40,11 @@ trap cleanup EXIT
 step "Start a node on embedded defaults, paid through a local chain"
 show hearth init --home "$DEMO/node" --port "$PORT"
 show hearth devnet --home "$DEMO/node" --port "$CHAIN_PORT" --detach
+if [[ "$KIND" == inference ]]; then
+  step "A model for the catalog: a tiny Llama built here (random weights, no download), hashed and registered"
+  python -m provider.testmodel "$DEMO/models/tiny-llama" >/dev/null
+  show hearth models add "$DEMO/models/tiny-llama" --name tiny-llama --input-1k-tokens 0.5 --output-1k-tokens 2 --home "$DEMO/node"
+fi
 hearth devnet --home "$DEMO/node" --port "$CHAIN_PORT" --detach --json >"$DEMO/devnet.json"
 read -r ESCROW PAYER VALIDATOR PAYER_KEY VALIDATOR_KEY < <(python - "$DEMO/devnet.json" <<'PY'
 import json, sys
@@ -69,6 +81,7 @@ step "A requester identity (did:key, Ed25519); it pays from the devnet's funded 
 show hearth keys new --out "$DEMO/requester.key"
 echo "payer wallet $PAYER ($PAYER_KEY); validator $VALIDATOR"
 
+if [[ "$KIND" == transcode ]]; then
 step "A 10 s 720p test clip, uploaded to the node: its CID is the job's input"
 python -c 'import sys; from sandbox.ffmpeg import make_test_clip; make_test_clip(__import__("pathlib").Path(sys.argv[1]), seconds=10, width=1280, height=720, fps=30)' "$DEMO/clip.mp4"
 show hearth blob put "$DEMO/clip.mp4" --node "$NODE"
@@ -91,15 +104,50 @@ payment:
   validator: $VALIDATOR
 YAML
 }
-envelope "$DEMO/job.yaml" demo-clip-1 2.50
-envelope "$DEMO/cheap.yaml" demo-clip-2 0.000001
-envelope "$DEMO/other.yaml" demo-clip-3 2.50
-envelope "$DEMO/replay.yaml" demo-clip-4 2.50
+else
+step "An OpenAI batch (chat completions JSONL), uploaded to the node: its CID is the job's input"
+python - "$DEMO/batch.jsonl" "$DEMO/bad-batch.jsonl" <<'PY'
+import json, sys
+def line(cid, text, **body):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": text}], **body}})
+prompts = ["hello world", "Summarise this paragraph in one sentence, please.", "The quick brown fox", "Name three primes."]
+open(sys.argv[1], "w").write("\n".join(line(f"q{i}", p, max_tokens=16) for i, p in enumerate(prompts, 1)) + "\n")
+open(sys.argv[2], "w").write(line("ok", "hello") + "\n" + line("too-long", "word " * 2100) + "\n")
+PY
+head -n 2 "$DEMO/batch.jsonl"; echo "... ($(wc -l <"$DEMO/batch.jsonl") requests)"
+show hearth blob put "$DEMO/batch.jsonl" --node "$NODE"
+INPUT=$(hearth blob put "$DEMO/batch.jsonl" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
+BAD_INPUT=$(hearth blob put "$DEMO/bad-batch.jsonl" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
 
-step "1. max_price below the node's ask: refused, with the ask"
+envelope() {  # envelope FILE JOB_ID MAX_PRICE [INPUT]
+  cat >"$1" <<YAML
+job_id: $2
+kind: vllm_batch
+input_uri: ${4:-$INPUT}
+output_spec: {format: openai_batch_jsonl, model: tiny-llama, max_tokens: 16, max_requests: 100}
+limits: {timeout_seconds: 600, max_output_mb: 20, cpus: 2, memory_mb: 3072, gpus: 0}
+validation: {all_answered: true}
+payment:
+  max_price: "$3"
+  currency: usdc
+  chain_id: 31337
+  escrow: "$ESCROW"
+  payer: "$PAYER"
+  validator: $VALIDATOR
+YAML
+}
+fi
+envelope "$DEMO/job.yaml" demo-job-1 2.50
+if [[ "$KIND" == transcode ]]; then
+envelope "$DEMO/cheap.yaml" demo-job-2 0.000001
+envelope "$DEMO/other.yaml" demo-job-3 2.50
+envelope "$DEMO/replay.yaml" demo-job-4 2.50
+
+numbered "max_price below the node's ask: refused, with the ask"
 expect_refusal hearth job quote "$DEMO/cheap.yaml" --key "$DEMO/requester.key" --node "$NODE"
 
-step "2. A tampered request (max_price raised after signing): refused"
+numbered "A tampered request (max_price raised after signing): refused"
 hearth job sign "$DEMO/other.yaml" --key "$DEMO/requester.key" --node "$NODE" >"$DEMO/other.jwt"
 python - "$DEMO/other.jwt" <<'PY'
 import base64, json, sys
@@ -111,25 +159,32 @@ open(sys.argv[1] + ".tampered", "w").write(f"{h}.{p}.{s}")
 PY
 expect_refusal hearth job quote --token "$DEMO/other.jwt.tampered" --node "$NODE"
 
-step "3. The same signed request sent twice: the replay is refused"
+numbered "The same signed request sent twice: the replay is refused"
 hearth job sign "$DEMO/replay.yaml" --key "$DEMO/requester.key" --node "$NODE" >"$DEMO/replay.jwt"
 show hearth job quote --token "$DEMO/replay.jwt" --node "$NODE"
 expect_refusal hearth job quote --token "$DEMO/replay.jwt" --node "$NODE"
+else
+envelope "$DEMO/bad.yaml" demo-job-2 2.50 "$BAD_INPUT"
+numbered "A batch with a line too long for the model's context: refused at quote time, naming the line"
+echo "   (the node counts every prompt with the model's own tokenizer and chat template; nothing runs)"
+expect_refusal hearth job quote "$DEMO/bad.yaml" --key "$DEMO/requester.key" --node "$NODE"
+fi
 
 step "USDC balances before the round"
 balances | tee "$DEMO/balances.before"
 
-step "4. Quote within max_price: priced on the probed input, with the escrow terms to fund"
+if [[ "$KIND" == transcode ]]; then BASIS="the input probed with ffprobe"; ENGINE=ffmpeg; else BASIS="every prompt token counted"; ENGINE="vLLM, CPU build"; fi
+numbered "Quote within max_price: priced on $BASIS, with the escrow terms to fund"
 show hearth job quote "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --save-quote "$DEMO/quote.jwt"
 step "   ... accepted with gasless funding: the payer signs an EIP-3009 authorization, the node sends it"
 show hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --wallet "$PAYER_KEY" --node "$NODE" --quote "$DEMO/quote.jwt" --wait
 REQUESTER_DID=$(hearth keys show "$DEMO/requester.key" --json | python -c 'import json,sys; print(json.load(sys.stdin)["did"])')
-JOB=$(python -c 'import sys; from node.envelope import node_job_id; print(node_job_id(sys.argv[1], "demo-clip-1"))' "$REQUESTER_DID")
+JOB=$(python -c 'import sys; from node.envelope import node_job_id; print(node_job_id(sys.argv[1], "demo-job-1"))' "$REQUESTER_DID")
 
-step "5. The funded job runs in a hardened container: its events, live, until it completes"
+numbered "The funded job runs in a hardened container ($ENGINE): its events, live, until it completes"
 show hearth job events "$JOB" --node "$NODE" --follow
 
-step "6. The signed result: artifact CID, checks, provenance"
+numbered "The signed result: artifact CID, checks, provenance"
 hearth job result "$JOB" --node "$NODE" --json >"$DEMO/result.json"
 python - "$DEMO/result.json" "$NODE" <<'PY'
 import json, sys
@@ -138,6 +193,9 @@ if result["status"] != "completed" or not result["checks"]["passed"]:
     sys.exit(f"the job did not complete cleanly: {json.dumps(result, indent=2)}")
 print(f"artifact    {result['artifact_uri']}  ({result['artifact_size']} bytes, sha256 {result['artifact_sha256'][:16]}...)")
 print("checks      " + ", ".join(f"{c['name']} {'ok' if c['passed'] else 'FAILED'}" for c in result["checks"]["checks"]))
+if "usage" in result:
+    u = result["usage"]
+    print(f"tokens      {u['prompt_tokens']} prompt + {u['completion_tokens']} completion, {result['requests']} requests")
 print(f"cost        {result['cost']} {result['currency']} (runtime {result['runtime_seconds']} s)")
 print(f"image       {result['provenance']['image_digest']}")
 print(f"gateway URL {sys.argv[2]}/ipfs/{result['artifact_cid']}")
@@ -145,12 +203,13 @@ open(sys.argv[1] + ".cid", "w").write(result["artifact_cid"])
 PY
 CID=$(cat "$DEMO/result.json.cid")
 
-step "7. Fetch the artifact as a CAR from the gateway and verify it with an independent IPFS client"
+numbered "Fetch the artifact as a CAR from the gateway and verify it with an independent IPFS client"
 printf '\033[2m$ GET %s  (Accept: application/vnd.ipld.car) > artifact.car\033[0m\n' "$NODE/ipfs/$CID"
 python -c 'import sys, urllib.request; r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Accept": "application/vnd.ipld.car"})); open(sys.argv[2], "wb").write(r.read())' "$NODE/ipfs/$CID" "$DEMO/artifact.car"
 show node_modules/.bin/ipfs-car roots "$DEMO/artifact.car"
-show node_modules/.bin/ipfs-car unpack "$DEMO/artifact.car" --output "$DEMO/artifact.mp4"
-python - "$DEMO/artifact.mp4" "$DEMO/result.json" <<'PY'
+ARTIFACT="$DEMO/artifact.$([[ "$KIND" == transcode ]] && echo mp4 || echo jsonl)"
+show node_modules/.bin/ipfs-car unpack "$DEMO/artifact.car" --output "$ARTIFACT"
+python - "$ARTIFACT" "$DEMO/result.json" <<'PY'
 import hashlib, json, sys
 got = hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()
 want = json.load(open(sys.argv[2]))["result"]["artifact_sha256"]
@@ -159,8 +218,14 @@ if got != want:
 print(f"verified: ipfs-car unpacked {sys.argv[1]} from the CAR, every block checked; sha256 matches the signed result")
 PY
 
-step "8. Independent validation: the validator fetches the artifact by CID, re-runs the checks with its own"
+if [[ "$KIND" == transcode ]]; then
+numbered "Independent validation: the validator fetches the artifact by CID, re-runs the checks with its own"
 echo "   ffprobe, signs the EIP-712 receipt (and a W3C credential of it) and posts it; the node sends release"
+else
+numbered "Independent validation: the validator fetches the requests and the answers by CID, checks that each"
+echo "   is answered once within its max_tokens and that the tokens charged are the answers' sum, signs the"
+echo "   EIP-712 receipt (and a W3C credential of it) and posts it; the node sends release"
+fi
 show hearth validate "$JOB" --key "$VALIDATOR_KEY" --node "$NODE" --vc
 python - "$NODE" "$JOB" <<'PY'
 import json, sys, time, urllib.request

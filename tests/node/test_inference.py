@@ -9,6 +9,7 @@ that turns out bad only after acceptance fails before any container starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 
 from node.client import NodeClient, NodeError
 from node.daemon import Node
-from node.errors import ConfigError
+from node.envelope import parse_envelope
+from node.errors import ConfigError, PolicyError
 from payments.keys import Signer
 from tests.conftest import TinyModel, live, make_envelope, sign_request, write_home
 from tests.node.test_execution import containers_of, events, upload, wait_state
@@ -255,3 +257,145 @@ async def test_a_model_whose_weights_changed_stops_the_node_from_starting(
     assert info.value.code == "model_hash_mismatch"
     assert info.value.details["expected"] == tiny_model.cid != info.value.details["actual"]
     await node.stop()
+
+
+# -- GPUs ---------------------------------------------------------------------------------------------------
+
+
+class GpuEngine:
+    """Stands in for the Docker engine of a machine with NVIDIA GPUs, which this one lacks.
+
+    It records the run it is given and answers as vLLM would, so the executor's GPU path (image, device
+    pinning, command, result) runs for real up to the engine. ``test_a_batch_runs_on_a_real_gpu`` runs
+    the same path on real hardware where there is some.
+    """
+
+    def __init__(self) -> None:
+        self.specs: list[Any] = []
+
+    async def image_digest(self, tag: str) -> str:
+        return "sha256:" + hashlib.sha256(tag.encode()).hexdigest()
+
+    async def run(self, spec: Any, **streams: Any) -> Any:
+        from sandbox.runner import RunResult
+
+        self.specs.append(spec)
+        spec.output_dir.mkdir(parents=True, exist_ok=True)
+        answers = [
+            {
+                "id": f"vllm-{n}",
+                "custom_id": custom_id,
+                "response": {
+                    "status_code": 200,
+                    "request_id": f"vllm-batch-{n}",
+                    "body": {
+                        "model": MODEL,
+                        "usage": {"prompt_tokens": 9, "completion_tokens": cap, "total_tokens": 9 + cap},
+                    },
+                },
+                "error": None,
+            }
+            for n, (custom_id, cap) in enumerate(LINE_CAPS.items())
+        ]
+        (spec.output_dir / "output.jsonl").write_bytes(jsonl(*answers))
+        streams["on_stderr"]("Running batch: 100% Completed | 4/4 [00:01<00:00, 3.1req/s]")
+        return RunResult(
+            exit_code=0,
+            wall_seconds=1.0,
+            output_bytes=1,
+            container_id="c",
+            image_id=spec.image,
+            stderr_tail="",
+        )
+
+
+async def test_a_gpu_job_runs_the_gpu_image_pinned_to_its_devices(
+    tmp_path: Path, tiny_model: TinyModel
+) -> None:
+    from node.config import load_config
+    from node.executor import Workspace
+    from node.inference import InferenceExecutor
+    from node.journal import JobRecord
+    from provider.catalog import ModelCatalog
+    from provider.pricing import Pricer
+    from storage import Blockstore, import_bytes
+
+    home = write_home(tmp_path / "home", {"models": models_config(tiny_model, gpu_memory_mb=1024)})
+    cfg = load_config(home)
+    store = Blockstore.open(tmp_path / "blocks")
+    cid = str(import_bytes(BATCH, store).cid)
+    env = batch_envelope(cid, "gpu-1", limits={"cpus": 1, "memory_mb": 4096, "gpus": 1})
+    engine = GpuEngine()
+    catalog = ModelCatalog.verify(home, cfg.models, gpu_memory_mb=81_559)
+    space = Workspace(
+        runner=engine,  # type: ignore[arg-type]
+        store=store,
+        work_dir=tmp_path / "work",
+        node_did="did:key:z6Mk-test",
+    )
+    executor = InferenceExecutor(cfg, Pricer(cfg.pricing, models=cfg.models), space, catalog=catalog)
+    job = JobRecord(
+        id="hj_gpu",
+        iss="did:key:z6Mk-requester",
+        job_id="gpu-1",
+        kind="vllm_batch",
+        idem_key="k",
+        envelope_hash="h",
+        envelope_json=json.dumps(env),
+        state="running",
+        price="1.00",
+        quote_id=None,
+        quote_jwt=None,
+        quote_expires_at=None,
+        cpus=1,
+        memory_mb=4096,
+        gpus=1,
+        attempts=0,
+        failure_domain=None,
+        failure_code=None,
+        failure_message=None,
+        failure_retryable=None,
+        result_json=None,
+        created_at=0.0,
+        updated_at=0.0,
+    )
+    reports: list[dict[str, Any]] = []
+    result = await executor.execute(job, reports.append, gpu_ids=("1",))
+
+    [spec] = engine.specs
+    assert spec.gpu_ids == ("1",)
+    assert spec.image == await engine.image_digest(cfg.sandbox.vllm_gpu_image)
+    assert spec.argv[spec.argv.index("--tensor-parallel-size") + 1] == "1"
+    assert "--enforce-eager" not in spec.argv
+    assert not any(key.startswith("VLLM_CPU_") for key in spec.env)
+    assert {m.target for m in spec.inputs} == {"/model", "/in/batch.jsonl"}
+    assert result["provenance"]["device"] == "gpu" and result["checks"]["passed"]
+    assert result["usage"]["completion_tokens"] == sum(LINE_CAPS.values())
+    assert {"stage": "inferring", "percent": 100.0, "requests_done": 4, "requests": 4} in reports
+    # a GPU model asked for without a GPU is refused before anything is held
+    with pytest.raises(PolicyError) as info:
+        catalog.check(parse_envelope(batch_envelope(cid, "cpu-1")))
+    assert info.value.code == "model_needs_gpu"
+
+
+def _gpu_present() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_present(), reason="needs an NVIDIA GPU and the hearth/vllm-gpu image")
+async def test_a_batch_runs_on_a_real_gpu(tmp_path: Path, tiny_model: TinyModel, requester: Signer) -> None:
+    config = {**infer_config(tiny_model), "models": models_config(tiny_model, gpu_memory_mb=1024)}
+    async with live(write_home(tmp_path / "home", config)) as node, NodeClient(node.url) as client:
+        cid = await upload(node.url, BATCH)
+        env = batch_envelope(cid, "gpu-real", limits={"cpus": 2, "memory_mb": 8192, "gpus": 1})
+        body = await client.submit(sign_request(requester, node.did, {"job": env}))
+        view = await wait_state(node.url, str(body["job"]["id"]), FINISHED, limit=280)
+        assert view["state"] == "completed", view["failure"]
+        result = (await client.result(view["id"]))["result"]
+    assert result["provenance"]["device"] == "gpu" and result["checks"]["passed"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import PricingScriptSection, PricingSection
+from node.config import ModelSection, PricingScriptSection, PricingSection
 from node.errors import PricingError
 from provider.estimate import WorkEstimate
 from provider.pricing import Bid, Pricer, check_max_price, gpu_rate_for
@@ -302,3 +302,60 @@ async def test_missing_or_unrunnable_script(make_env: MakeEnv, tmp_path: Path) -
     with pytest.raises(PricingError) as info:
         await Pricer(scripted(path)).ask(make_env(), EST, utilisation=0.0)
     assert "could not start" in info.value.message
+
+
+# ------------------------------------------------------------------------------------ per-model tokens
+
+BATCH_MODEL = "llama-3.1-8b-instruct"  # what make_env's vllm_batch envelopes name
+
+
+def model_entry(name: str = BATCH_MODEL, **prices: str) -> ModelSection:
+    return ModelSection(name=name, path="models/x", cid="bafy" + "a" * 55, max_context=8192, **prices)
+
+
+def test_a_models_own_token_prices_replace_pricings(make_env: MakeEnv) -> None:
+    pricer = Pricer(RATES, models=[model_entry(input_1k_tokens="0.5", output_1k_tokens="2")])
+    price = pricer.base_price(make_env(kind="vllm_batch"), EST)
+    assert price.input_tokens == Decimal("6.1725")  # 0.5 x 12.345
+    assert price.output_tokens == Decimal("13.578")  # 2 x 6.789
+    # the other lines are [pricing]'s as before
+    assert (price.cpu, price.gpu, price.output) == (Decimal("0.02469"), Decimal("0.05"), Decimal("0.005025"))
+    assert price.base == Decimal("0.02469") + Decimal("0.05") + Decimal("0.005025") + Decimal("19.7505")
+    assert pricer.token_rates(make_env(kind="vllm_batch")) == (Decimal("0.5"), Decimal("2"))
+
+
+def test_a_model_without_prices_is_priced_at_pricings_rates(make_env: MakeEnv) -> None:
+    pricer = Pricer(RATES, models=[model_entry()])
+    price = pricer.base_price(make_env(kind="vllm_batch"), EST)
+    assert price.input_tokens == Decimal("0.002469")
+    assert price.output_tokens == Decimal("0.0040734")
+    assert price.base == EST_BASE
+
+
+def test_a_model_may_set_one_price_and_take_the_other_from_pricing(make_env: MakeEnv) -> None:
+    pricer = Pricer(RATES, models=[model_entry(output_1k_tokens="0.01")])
+    assert pricer.token_rates(make_env(kind="vllm_batch")) == (Decimal("0.0002"), Decimal("0.01"))
+    price = pricer.base_price(make_env(kind="vllm_batch"), EST)
+    assert price.input_tokens == Decimal("0.002469")
+    assert price.output_tokens == Decimal("0.06789")
+
+
+def test_model_prices_apply_only_to_batches_naming_that_model(make_env: MakeEnv) -> None:
+    pricer = Pricer(RATES, models=[model_entry("other-model", input_1k_tokens="0.5", output_1k_tokens="2")])
+    pricing_rates = (Decimal("0.0002"), Decimal("0.0006"))
+    assert pricer.token_rates(make_env(kind="vllm_batch")) == pricing_rates
+    assert pricer.base_price(make_env(kind="vllm_batch"), EST).base == EST_BASE
+    # a transcode is never priced by a model's rates, even one of the same name
+    same_name = Pricer(RATES, models=[model_entry(input_1k_tokens="0.5", output_1k_tokens="2")])
+    assert same_name.token_rates(make_env()) == pricing_rates
+    transcode = same_name.base_price(make_env(), EST)
+    assert (transcode.input_tokens, transcode.output_tokens) == (Decimal("0.002469"), Decimal("0.0040734"))
+
+
+async def test_the_ask_carries_the_models_token_lines(make_env: MakeEnv) -> None:
+    est = WorkEstimate(0.0, 0.0, 0.0, input_tokens=2000, output_tokens=500, basis="token_count")
+    pricer = Pricer(RATES, models=[model_entry(input_1k_tokens="0.5", output_1k_tokens="2")])
+    bid = await pricer.ask(make_env(kind="vllm_batch"), est, utilisation=0.0)
+    assert Decimal(bid.breakdown["input_tokens"]) == Decimal(1)  # 0.5 x 2
+    assert Decimal(bid.breakdown["output_tokens"]) == Decimal(1)  # 2 x 0.5
+    assert bid.ask == Decimal("2.000000")

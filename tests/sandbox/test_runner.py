@@ -493,3 +493,20 @@ def _service_user_dir() -> Iterator[Path]:
         yield home
     finally:
         shutil.rmtree(home)
+
+
+async def test_stderr_lines_end_at_carriage_returns_too(
+    sandbox_runner: SandboxRunner, ffmpeg_image_id: str, tmp_path: Path
+) -> None:
+    """A progress bar redraws with \\r: each redraw reaches ``on_stderr`` as a line; stdout is unaffected."""
+    out = tmp_path / "out"
+    script = r"printf 'a\rb\n' >&2; echo one; printf 'x\ry'; echo; printf 'c' >&2"
+    stdout: list[str] = []
+    stderr: list[str] = []
+    result = await sandbox_runner.run(
+        make_spec(ffmpeg_image_id, out, script), on_stdout=stdout.append, on_stderr=stderr.append
+    )
+    assert stderr == ["a", "b", "c"]  # the unterminated last line too, once the stream ends
+    assert stdout == ["one", "x\ry"]  # stdout splits on newlines only
+    assert result.exit_code == 0
+    assert result.stderr_tail.endswith("b\nc")
