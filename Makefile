@@ -21,6 +21,7 @@ lint: setup
 
 typecheck: setup
 	.venv/bin/mypy
+	.venv/bin/mypy bench  # scripts, not a package: checked as files, as strictly
 
 unit: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -29,7 +30,7 @@ test: lint typecheck unit
 
 bench: setup
 	$(PY) bench/admission.py; a=$$?; $(PY) bench/cid.py; c=$$?; $(PY) bench/transcode.py; t=$$?; \
-	exit $$((a || c || t))
+	$(PY) bench/inference.py --repeat 3; i=$$?; exit $$((a || c || t || i))
 
 clean:
 	rm -rf .stamps .demo .mypy_cache .ruff_cache .pytest_cache

@@ -147,6 +147,7 @@ class InferenceExecutor(WorkloadExecutor):
                         "percent": round(percent, 1),
                         "requests_done": progress.done,
                         "requests": progress.total,
+                        "done": progress.done == progress.total,  # the last report is never dropped
                     }
                 )
 

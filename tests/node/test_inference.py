@@ -371,7 +371,13 @@ async def test_a_gpu_job_runs_the_gpu_image_pinned_to_its_devices(
     assert {m.target for m in spec.inputs} == {"/model", "/in/batch.jsonl"}
     assert result["provenance"]["device"] == "gpu" and result["checks"]["passed"]
     assert result["usage"]["completion_tokens"] == sum(LINE_CAPS.values())
-    assert {"stage": "inferring", "percent": 100.0, "requests_done": 4, "requests": 4} in reports
+    assert {
+        "stage": "inferring",
+        "percent": 100.0,
+        "requests_done": 4,
+        "requests": 4,
+        "done": True,
+    } in reports
     # a GPU model asked for without a GPU is refused before anything is held
     with pytest.raises(PolicyError) as info:
         catalog.check(parse_envelope(batch_envelope(cid, "cpu-1")))
