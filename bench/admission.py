@@ -208,7 +208,7 @@ def start_node(home: Path, port: int) -> subprocess.Popen[bytes]:
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "HEARTH_LOG_LEVEL": "WARNING"},
+        env={**os.environ, "HEARTH_LOGGING__LEVEL": "WARNING"},
     )
 
 

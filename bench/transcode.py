@@ -315,7 +315,7 @@ class Daemon:
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "HEARTH_LOG_LEVEL": "WARNING"},
+                env={**os.environ, "HEARTH_LOGGING__LEVEL": "WARNING"},
             )
         deadline = time.monotonic() + DAEMON_READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:

@@ -31,6 +31,7 @@ from node.envelope import (
 )
 from node.errors import AuthError, ConflictError, FundingError, PricingError, RequestError
 from node.journal import HOLDING_STATES, JobRecord, Journal
+from node.logs import enter_job
 from node.metrics import Metrics
 from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
@@ -217,6 +218,7 @@ class Admission:
 
     async def _quote(self, token: str) -> Quote:
         inc = self._verify(token)
+        enter_job(inc.job_key)
         async with self._job_lock(inc.job_key):
             existing = self._existing(inc)
             if existing is not None:
@@ -374,6 +376,7 @@ class Admission:
 
     async def _submit(self, token: str, quote_jwt: str | None, funding: Any) -> Submission:
         inc = self._verify(token)
+        enter_job(inc.job_key)
         request, env = inc.request, inc.env
         if funding is not None and self.settlement is None:
             raise FundingError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -178,13 +177,11 @@ def cmd_init(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_run(args: argparse.Namespace, out: Out) -> int:
     from node.daemon import Node
+    from node.logs import configure_logging
     from node.server import serve
 
-    logging.basicConfig(
-        level=os.environ.get("HEARTH_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
     node = Node.from_home(args.home)
+    configure_logging(node.cfg.logging.level, node.cfg.logging.format)  # HEARTH_LOGGING__LEVEL overrides
     host = args.host or node.cfg.api.host
     port = node.cfg.api.port if args.port is None else args.port
 

@@ -208,6 +208,13 @@ class SandboxSection(_Section):
     stderr_tail_bytes: int = Field(default=DEFAULT_STDERR_TAIL_BYTES, ge=256, le=1024 * 1024)
 
 
+class LoggingSection(_Section):
+    """How ``hearth run`` logs: JSON lines (with job and trace id) for journald and collectors, or text."""
+
+    format: Literal["json", "text"] = "json"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 class SchedulerSection(_Section):
     """How accepted jobs are run. ``paused`` keeps accepting and queueing but starts nothing new."""
 
@@ -315,6 +322,7 @@ class NodeConfig(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
     chain: ChainSection | None = None
     models: list[ModelSection] = Field(default_factory=list, max_length=256)
 

@@ -21,6 +21,7 @@ from node.errors import ConfigError
 from node.executor import Executors, TranscodeExecutor, Workspace
 from node.inference import InferenceExecutor
 from node.journal import Journal
+from node.logs import log_transition
 from node.metrics import Metrics
 from node.scheduler import Scheduler
 from payments.keys import EthSigner, Signer, load_eth_key, load_key
@@ -158,6 +159,7 @@ class Node:
             for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
         )
         self.metrics.watch_journal(journal.count_by_state)
+        journal.add_listener(log_transition)
         if self.cfg.chain is not None:
             settlement = Settlement(
                 self.cfg.chain,

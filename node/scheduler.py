@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from node.errors import ConflictError, HearthError, IllegalTransitionError
 from node.journal import Event, JobRecord, Journal
+from node.logs import enter_job
 from provider.capacity import CapacityLedger, Resources
 
 log = logging.getLogger("hearth.scheduler")
@@ -226,6 +227,7 @@ class Scheduler:
     # -- one job --------------------------------------------------------------------------------------
 
     async def _run(self, job: JobRecord, gpu_ids: tuple[str, ...]) -> None:
+        enter_job(job.id)  # this task is the attempt: every line it logs is about the job
         try:
             try:
                 running, _ = self._journal.transition(

@@ -433,7 +433,7 @@ class Settlement:
                     continue
                 refusal = await self.chain.broadcast(tx.raw)
                 if refusal is not None:
-                    log.warning("tx %s not taken by the RPC: %s", tx.hash, refusal)
+                    log.warning("tx %s not taken by the RPC: %s", tx.hash, refusal, extra={"job": tx.job})
                     self.journal.update_tx(tx.hash, error=refusal[:500])
                     unsent = True
                 elif tx.state == "signed":
@@ -535,7 +535,7 @@ class Settlement:
                 reason="escrow funded",
                 data={"amount": str(entry.amount), "deadline": entry.deadline},
             )
-            log.info("job %s funded: %s base units in escrow", job.id, entry.amount)
+            log.info("job %s funded: %s base units in escrow", job.id, entry.amount, extra={"job": job.id})
             self._on_funded(job.id)
             return
         self._fail_funding(job, "funding_mismatch", "; ".join(problems), {"problems": problems})
@@ -598,7 +598,7 @@ class Settlement:
             )
             self.journal.set_funding(job.id, "refused", reason="not funded in time")
             self._on_closed(job.id)
-            log.info("job %s expired unfunded", job.id)
+            log.info("job %s expired unfunded", job.id, extra={"job": job.id})
 
     # -- settlement -----------------------------------------------------------------------------------
 
@@ -635,7 +635,9 @@ class Settlement:
         except HearthError as exc:
             if exc.code != "escrow_reverted":
                 raise
-            log.error("job %s: the escrow refuses the %s: %s", job.id, purpose, exc.details)
+            log.error(
+                "job %s: the escrow refuses the %s: %s", job.id, purpose, exc.details, extra={"job": job.id}
+            )
             with contextlib.suppress(HearthError):
                 self.journal.append_event(
                     job.id,
@@ -700,7 +702,7 @@ class Settlement:
             self.journal.transition(job, to, actor=ACTOR, reason=reason, expect=expect, data=data)
         except (ConflictError, NotFoundError):
             return
-        log.info("job %s %s: %s", job, to, reason)
+        log.info("job %s %s: %s", job, to, reason, extra={"job": job})
 
     # -- views ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,114 @@
+"""Structured logs: one JSON object per line, carrying the job and trace id of the work it is about.
+
+The job a line concerns is held in a context variable: :func:`job_context` sets it where a job's work
+starts (the scheduler's attempt task, admission once a request names its job, settlement's per-job
+steps), and every line logged inside, by any module, carries ``job`` and ``trace_id``. The trace id is
+derived from the job id (the first 128 bits of its sha256, W3C trace-context sized), so the admission,
+the run and the settlement of one job share it across restarts without being stored anywhere.
+
+Nothing secret is logged: keys are never handed to a logger (tests read a whole job's log for the node's
+key material).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Final, Literal
+
+LogFormat = Literal["json", "text"]
+
+_JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("hearth_job", default=None)
+# LogRecord's own attributes: everything else on a record came through ``extra=`` and is logged as a field.
+_STANDARD: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def trace_id_for(job: str) -> str:
+    """The trace id of a job's whole life: 32 hex digits, the same wherever and whenever it is computed."""
+    return hashlib.sha256(job.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def job_context(job: str) -> Iterator[None]:
+    """Within this block (and tasks it starts), log lines carry ``job`` and its ``trace_id``."""
+    token = _JOB.set(job)
+    try:
+        yield
+    finally:
+        _JOB.reset(token)
+
+
+def enter_job(job: str) -> None:
+    """Mark the rest of the current task as ``job``'s work (a request handler, once it knows its job)."""
+    _JOB.set(job)
+
+
+def current_job() -> str | None:
+    return _JOB.get()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, job, trace id and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        job = getattr(record, "job", None) or _JOB.get()
+        if job is not None:
+            doc["job"] = str(job)
+            doc["trace_id"] = trace_id_for(str(job))
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in doc:
+                doc[key] = value if isinstance(value, int | float | bool | type(None)) else str(value)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    """The human format, with the job appended when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        job = getattr(record, "job", None) or _JOB.get()
+        return f"{text} [job {job}]" if job is not None else text
+
+
+_transitions = logging.getLogger("hearth.jobs")
+
+
+def log_transition(event: Any) -> None:
+    """A journal listener (:meth:`node.journal.Journal.add_listener`): one line per state change of a job."""
+    if event.type != "transition":
+        return
+    fields: dict[str, Any] = {"job": event.job, "from_state": event.from_state, "to_state": event.to_state}
+    if event.domain is not None:
+        fields |= {"domain": event.domain, "retryable": event.retryable}
+    _transitions.info(
+        "%s -> %s (%s): %s", event.from_state or "-", event.to_state, event.actor, event.reason, extra=fields
+    )
+
+
+def configure_logging(level: str = "INFO", fmt: LogFormat = "json") -> None:
+    """Send every logger's lines to stderr in ``fmt``; called once by ``hearth run``."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
