@@ -29,10 +29,11 @@ from node.envelope import (
     node_job_id,
     parse_envelope,
 )
-from node.errors import AuthError, ConflictError, FundingError, PricingError, RequestError
+from node.errors import AuthError, ConflictError, FundingError, HearthError, PricingError, RequestError
 from node.journal import HOLDING_STATES, JobRecord, Journal
 from node.logs import enter_job
 from node.metrics import Metrics
+from node.webhooks import check_callback
 from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
 from payments.receipts import Authorization, FundingTerms
@@ -250,6 +251,14 @@ class Admission:
         return Quote(job=job, jwt=job.quote_jwt, claims=claims, reused=True)
 
     async def _price_and_hold(self, inc: Incoming, existing: JobRecord | None) -> Quote:
+        """A new quote for ``inc`` (see :meth:`_bid`); a refusal to bid is counted with its error code."""
+        try:
+            return await self._bid(inc, existing)
+        except HearthError as exc:
+            self.metrics.quote("refused", exc.code)
+            raise
+
+    async def _bid(self, inc: Incoming, existing: JobRecord | None) -> Quote:
         request, env, job_key = inc.request, inc.env, inc.job_key
         now = self._now()
         policy = self.cfg.policy
@@ -259,6 +268,8 @@ class Admission:
             self.settlement.check_payment_terms(env)
         if isinstance(env, VllmBatchEnvelope):
             self.models.check(env)  # an unknown model, or limits it cannot run in, before any fetch
+        if env.callback_url is not None:
+            check_callback(env.callback_url, self.cfg.webhooks)
         need = resources_of(env)
         probe = await self._prober(env) if self._prober is not None else None
         estimator = estimator_for(env.kind, self.models)
@@ -268,11 +279,7 @@ class Admission:
         else:
             estimate = estimator.estimate(env, probe)
         bid = await self.pricer.ask(env, estimate, self.ledger.utilisation(extra=need))
-        try:
-            check_max_price(bid, env.payment.max_price_decimal)
-        except PricingError:
-            self.metrics.quote("refused", "price_above_max")
-            raise
+        check_max_price(bid, env.payment.max_price_decimal)
         expires_at = int(now) + self.cfg.api.quote_ttl_seconds
         self.ledger.reserve(job_key, need, expires_at)
         try:
@@ -297,6 +304,7 @@ class Admission:
                     gpus=need.gpus,
                     actor=request.iss,
                     reason=f"quoted {bid.ask} {bid.currency}",
+                    callback_url=env.callback_url,
                 )
             else:
                 job, _ = self.journal.transition(
@@ -522,6 +530,7 @@ class Admission:
         expired = self.journal.expire_quotes(now)
         for job in expired:
             self.ledger.release(job.id)
+            self.metrics.quote("lost", "expired")
         self.ledger.expire(now)
         self.journal.prune_nonces(now - self.cfg.api.clock_skew_seconds)
         return len(expired)

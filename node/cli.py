@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from node.config import (
     DEFAULT_DEVNET_PORT,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    KEY_FILENAME,
     default_home,
     load_config,
     parse_config,
@@ -34,6 +36,8 @@ from node.config import (
 )
 from node.envelope import envelope_hash, parse_envelope
 from node.errors import AuthError, ConfigError, FundingError, HearthError, RequestError
+from node.service_cli import add_parser as add_service_parser
+from node.status_cli import add_parser as add_status_parser
 from payments.jwt import decode_unverified, verify_node_token
 from payments.keys import EthSigner, Signer, load_key, new_ed25519, new_eth, public_summary, save_key
 from payments.validate_cli import add_parser as add_validate_parser
@@ -94,7 +98,7 @@ NODE_TOML_TEMPLATE = """\
 
 [node]
 name = "{name}"
-key_file = "node.key"          # Ed25519 key of the node DID (mode 0600)
+key_file = "{key_file}"            # Ed25519 key of the node DID (mode 0600)
 state_dir = "state"            # journal lives here
 
 [api]
@@ -149,7 +153,7 @@ def cmd_init(args: argparse.Namespace, out: Out) -> int:
             )
         )
         return EXIT_USAGE
-    text = NODE_TOML_TEMPLATE.format(name=args.name, host=args.host, port=args.port)
+    text = NODE_TOML_TEMPLATE.format(name=args.name, host=args.host, port=args.port, key_file=KEY_FILENAME)
     import tomllib
 
     cfg = parse_config(tomllib.loads(text), source=str(cfg_path))
@@ -178,10 +182,13 @@ def cmd_init(args: argparse.Namespace, out: Out) -> int:
 def cmd_run(args: argparse.Namespace, out: Out) -> int:
     from node.daemon import Node
     from node.logs import configure_logging
+    from node.sdnotify import Notifier, ServiceEnv, keepalive
     from node.server import serve
 
-    node = Node.from_home(args.home)
+    service = ServiceEnv.from_environ(os.environ, pid=os.getpid())  # systemd's variables, read once here
+    node = Node.from_home(args.home, config_path=args.config, credentials_dir=service.credentials_dir)
     configure_logging(node.cfg.logging.level, node.cfg.logging.format)  # HEARTH_LOGGING__LEVEL overrides
+    notifier = Notifier(service.notify_socket)
     host = args.host or node.cfg.api.host
     port = node.cfg.api.port if args.port is None else args.port
 
@@ -189,9 +196,33 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        drain = asyncio.Event()
+
+        def stop() -> None:
+            # The first SIGTERM (or Ctrl-C) drains; a second one stops at once, and whatever still runs
+            # stays `running` in the journal for the next start to retry.
+            if drain.is_set():
+                task.cancel()
+                return
+            node.stop_accepting()
+            notifier.stopping(node.status_line())
+            drain.set()
+
+        def reload() -> None:
+            if not (node.ready or node.draining):  # still starting: the start reads node.toml anyway
+                return
+            notifier.reloading()
+            status = ""
+            try:
+                node.reload()
+            except HearthError as exc:  # a bad edit of node.toml: keep running on the config we have
+                logging.getLogger("hearth.node").error("reload refused, config unchanged: %s", exc.message)
+                status = f" (reload refused: {exc.code})"
+            notifier.ready(node.status_line() + status)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        loop.add_signal_handler(signal.SIGHUP, node.reload)
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGHUP, reload)
 
         def ready(bound: int) -> None:
             msg = {"event": "ready", "did": node.did, "url": f"http://{host}:{bound}", "home": str(args.home)}
@@ -201,8 +232,19 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
                 else f"hearth node {node.did} listening on http://{host}:{bound}",
                 flush=True,
             )
+            if not drain.is_set():  # a SIGTERM during start-up already said STOPPING=1
+                notifier.ready(node.status_line())
 
-        await serve(node, host, port, on_ready=ready)
+        pings = asyncio.create_task(
+            keepalive(notifier, node.status_line, watchdog_interval=service.watchdog_interval),
+            name="hearth-sd-keepalive",
+        )
+        try:
+            await serve(node, host, port, on_ready=ready, drain=drain)
+        finally:
+            pings.cancel()
+            await asyncio.gather(pings, return_exceptions=True)
+            notifier.close()
 
     try:
         asyncio.run(main())
@@ -744,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run the node daemon")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--host", default=None)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="node.toml to read (default: HOME/node.toml); relative paths in it stay under --home",
+    )
     p.set_defaults(func=cmd_run)
 
     keys = sub.add_parser("keys", help="create and inspect keys").add_subparsers(
@@ -813,6 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(afunc=cmd_job_cancel)
     add_validate_parser(sub, [common, client])
     add_models_parser(sub, [common])
+    add_service_parser(sub)
+    add_status_parser(sub, [common, client])
     p = sub.add_parser("demo", help="run the whole market round on a local chain (from a source checkout)")
     p.add_argument("--inference", action="store_true", help="a vLLM batch job instead of a transcode")
     p.set_defaults(func=cmd_demo)

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -113,6 +114,12 @@ class NodeClient:
 
     async def node_did(self) -> str:
         return str((await self.capacity())["node"])
+
+    async def overview(self, *, recent: int | None = None, period: str | None = None) -> dict[str, Any]:
+        """The operator's overview (``GET /v1/overview``): capacity, jobs, failures, earnings over time."""
+        query = {k: str(v) for k, v in (("recent", recent), ("period", period)) if v is not None}
+        path = "/v1/overview" + (f"?{urlencode(query)}" if query else "")
+        return (await self._call("GET", path))[1]
 
     async def quote(self, token: str) -> dict[str, Any]:
         return (await self._call("POST", "/v1/quotes", data=token.encode(), content_type="application/jwt"))[

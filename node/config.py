@@ -12,8 +12,17 @@ import tomllib
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from node.errors import ConfigError
 
@@ -43,6 +52,9 @@ DEFAULT_DRAIN_GRACE_SECONDS = 30.0
 DEFAULT_VLLM_SHM_MB = 512
 CONFIG_FILENAME = "node.toml"
 KEY_FILENAME = "node.key"
+# The systemd credentials (LoadCredential= IDs) that replace [node] key_file and [chain] wallet_key_file.
+NODE_KEY_CREDENTIAL = "node.key"
+WALLET_KEY_CREDENTIAL = "wallet.key"
 
 
 def _money_text(value: object) -> object:
@@ -208,6 +220,21 @@ class SandboxSection(_Section):
     stderr_tail_bytes: int = Field(default=DEFAULT_STDERR_TAIL_BYTES, ge=256, le=1024 * 1024)
 
 
+class WebhooksSection(_Section):
+    """Delivery of job status changes to an envelope's ``callback_url``: signed, retried with backoff.
+
+    ``allow_private_addresses`` lets callbacks reach loopback, private and link-local addresses; off by
+    default, so a requester cannot aim the node at services on its own network.
+    """
+
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    max_attempts: int = Field(default=12, ge=1, le=100, description="per event; then the node gives up")
+    backoff_base_seconds: float = Field(default=1.0, gt=0, le=600)
+    backoff_max_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    poll_seconds: float = Field(default=0.5, ge=0.01, le=60)
+    allow_private_addresses: bool = False
+
+
 class LoggingSection(_Section):
     """How ``hearth run`` logs: JSON lines (with job and trace id) for journald and collectors, or text."""
 
@@ -280,6 +307,70 @@ class ChainSection(_Section):
     )
 
 
+DEFAULT_REGISTRY_HEARTBEAT_SECONDS = 60.0
+DEFAULT_REGISTRY_CHECK_SECONDS = 1.0
+DEFAULT_REGISTRY_TIMEOUT_SECONDS = 10.0
+DEFAULT_REGISTRY_BACKOFF_INITIAL_SECONDS = 1.0
+DEFAULT_REGISTRY_BACKOFF_MAX_SECONDS = 300.0
+MAX_REGISTRIES = 32
+
+
+class RegistrySection(_Section):
+    """Registries the node pushes its signed offer to (POST, the body GET /v1/capacity returns).
+
+    The offer goes to every URL at start, whenever it changes (capacity, prices, models; compared every
+    ``check_seconds``) and at least every ``heartbeat_seconds``. A registry that fails is retried after
+    ``backoff_initial_seconds``, doubling up to ``backoff_max_seconds``; the others are not held up.
+    """
+
+    urls: list[str] = Field(default_factory=list, max_length=MAX_REGISTRIES)
+    heartbeat_seconds: float = Field(
+        default=DEFAULT_REGISTRY_HEARTBEAT_SECONDS,
+        ge=0.1,
+        le=86_400,
+        description="the longest time between two pushes of an unchanged offer",
+    )
+    check_seconds: float = Field(
+        default=DEFAULT_REGISTRY_CHECK_SECONDS,
+        ge=0.01,
+        le=600,
+        description="how often the offer is compared with the one last pushed",
+    )
+    timeout_seconds: float = Field(default=DEFAULT_REGISTRY_TIMEOUT_SECONDS, gt=0, le=300)
+    backoff_initial_seconds: float = Field(default=DEFAULT_REGISTRY_BACKOFF_INITIAL_SECONDS, gt=0, le=3600)
+    backoff_max_seconds: float = Field(
+        default=DEFAULT_REGISTRY_BACKOFF_MAX_SECONDS,
+        gt=0,
+        le=86_400,
+        description="the longest wait between retries of a failing registry",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _registry_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            shown = url[:80]
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
+                raise ValueError(f"registry {shown!r} must be an http(s):// URL with a host")
+            if parts.username is not None or parts.password is not None:
+                # The URL is shown in logs and metrics labels; secrets have no place in it (nor in this
+                # message, which names the registry by its host only).
+                raise ValueError(f"registry at {parts.hostname!r} must not carry a user or password")
+            if parts.fragment:
+                raise ValueError(f"registry {shown!r} must not have a #fragment")
+        repeated = sorted({url for url in v if v.count(url) > 1})
+        if repeated:
+            raise ValueError(f"registry URLs must be unique; repeated: {', '.join(repeated)}")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RegistrySection:
+        if self.backoff_initial_seconds > self.backoff_max_seconds:
+            raise ValueError("backoff_initial_seconds must not exceed backoff_max_seconds")
+        return self
+
+
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"  # the envelope's output_spec.model
 
 
@@ -323,7 +414,9 @@ class NodeConfig(_Section):
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    webhooks: WebhooksSection = Field(default_factory=WebhooksSection)
     chain: ChainSection | None = None
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     models: list[ModelSection] = Field(default_factory=list, max_length=256)
 
     @field_validator("models")
@@ -393,9 +486,15 @@ def parse_config(data: dict[str, Any], *, source: str = "node.toml") -> NodeConf
         ) from None
 
 
-def load_config(home: Path, *, environ: dict[str, str] | None = None) -> NodeConfig:
-    """Read ``home/node.toml`` (missing file = all defaults), apply env overrides, validate."""
-    path = home / CONFIG_FILENAME
+def load_config(home: Path, *, environ: dict[str, str] | None = None, path: Path | None = None) -> NodeConfig:
+    """Read ``home/node.toml`` (missing file = all defaults), apply env overrides, validate.
+
+    ``path`` names the file instead (``hearth run --config``: the service keeps it in /etc/hearth, the
+    state in its home); it must exist. Relative paths inside still resolve under ``home``.
+    """
+    if path is not None and not path.is_file():
+        raise ConfigError("config_missing", f"no config file at {path}", details={"source": str(path)})
+    path = home / CONFIG_FILENAME if path is None else path
     data: dict[str, Any] = {}
     if path.exists():
         try:
@@ -409,3 +508,21 @@ def load_config(home: Path, *, environ: dict[str, str] | None = None) -> NodeCon
 def resolve_path(home: Path, value: str) -> Path:
     p = Path(value)
     return p if p.is_absolute() else home / p
+
+
+def key_path(home: Path, configured: str, *, credential: str, credentials_dir: Path | None) -> Path:
+    """Where to read a key: the systemd credential ``credential`` if the service manager passed one that is
+    not blank, else ``configured`` (relative: under ``home``).
+
+    Under the unit in ``systemd/``, LoadCredential= hands the keys over in ``$CREDENTIALS_DIRECTORY``, so
+    the service user never reads root's key files; a blank credential is the unit's SetCredential=
+    fallback for a key file that does not exist (a node without a wallet).
+    """
+    if credentials_dir is not None:
+        candidate = credentials_dir / credential
+        try:
+            if candidate.read_bytes().strip():
+                return candidate
+        except FileNotFoundError:
+            pass
+    return resolve_path(home, configured)

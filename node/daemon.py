@@ -15,7 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.admission import Admission
-from node.config import NodeConfig, load_config, resolve_path
+from node.config import (
+    NODE_KEY_CREDENTIAL,
+    WALLET_KEY_CREDENTIAL,
+    NodeConfig,
+    key_path,
+    load_config,
+    resolve_path,
+)
 from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
 from node.errors import ConfigError
 from node.executor import Executors, TranscodeExecutor, Workspace
@@ -24,17 +31,25 @@ from node.journal import Journal
 from node.logs import log_transition
 from node.metrics import Metrics
 from node.scheduler import Scheduler
+from node.webhooks import WebhookDispatcher
 from payments.keys import EthSigner, Signer, load_eth_key, load_key
 from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
 from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe
+from provider.offers import OfferIssuer
+from provider.registry import OfferPusher
 from sandbox.runner import SandboxRunner
 from storage import Blockstore, open_blockstore
 
 log = logging.getLogger("hearth.node")
 
 HOUSEKEEPING_INTERVAL_SECONDS = 1.0
+
+
+def _is_credential(path: Path, credentials_dir: Path | None) -> bool:
+    """Whether ``path`` is a systemd credential: 0440, in a directory only the service may open."""
+    return credentials_dir is not None and path.parent == credentials_dir
 
 
 class Node:
@@ -47,13 +62,17 @@ class Node:
         signer: Signer,
         *,
         now: Callable[[], float] = time.time,
+        config_path: Path | None = None,
+        credentials_dir: Path | None = None,
     ) -> None:
         self.home = home
         self.cfg = cfg
+        self.config_path = config_path
+        self.credentials_dir = credentials_dir
         self.signer = signer
         self.now = now
         self.metrics = Metrics()
-        self.machine: MachineInfo = discover(cfg.capacity)
+        self.machine: MachineInfo = discover(cfg.capacity, disk_path=resolve_path(home, cfg.node.state_dir))
         offered = self.machine.offered
         self.ledger = CapacityLedger(
             Resources(
@@ -65,27 +84,40 @@ class Node:
         self._journal: Journal | None = None
         self._admission: Admission | None = None
         self.store: Blockstore = open_blockstore(home, cfg.storage)
-        self.runner = SandboxRunner.from_config(cfg.sandbox, node=signer.did)
+        self.runner = SandboxRunner.from_config(
+            cfg.sandbox, node=signer.did, on_start=lambda _spec: self.metrics.container_started()
+        )
         self._executor: TranscodeExecutor | None = None
         self._inference: InferenceExecutor | None = None
         self.models = ModelCatalog([])
         self._scheduler: Scheduler | None = None
         self._settlement: Settlement | None = None
+        self._webhooks: WebhookDispatcher | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        # The signed offer of GET /v1/capacity and of the registry pushes: one sequence for both.
+        self.offers = OfferIssuer(self, signer, now=now)
+        self._registry: OfferPusher | None = None
         self.ready = False
+        self.draining = False
         self.started_at = 0.0
 
     @classmethod
-    def from_home(cls, home: Path) -> Node:
-        cfg = load_config(home)
-        key_path = resolve_path(home, cfg.node.key_file)
-        if not key_path.exists():
+    def from_home(
+        cls, home: Path, *, config_path: Path | None = None, credentials_dir: Path | None = None
+    ) -> Node:
+        """The node of ``home``: its node.toml (or ``config_path``), its key (or the systemd credential)."""
+        cfg = load_config(home, path=config_path)
+        path = key_path(
+            home, cfg.node.key_file, credential=NODE_KEY_CREDENTIAL, credentials_dir=credentials_dir
+        )
+        if not path.exists():
             raise ConfigError(
                 "missing_node_key",
-                f"no node key at {key_path}; run `hearth init --home {home}` first",
-                details={"path": str(key_path)},
+                f"no node key at {path}; run `hearth init --home {home}` first",
+                details={"path": str(path)},
             )
-        return cls(home, cfg, load_key(key_path))
+        signer = load_key(path, group_readable=_is_credential(path, credentials_dir))
+        return cls(home, cfg, signer, config_path=config_path, credentials_dir=credentials_dir)
 
     @property
     def did(self) -> str:
@@ -127,7 +159,12 @@ class Node:
 
     def _wallet(self) -> EthSigner:
         assert self.cfg.chain is not None
-        path = resolve_path(self.home, self.cfg.chain.wallet_key_file)
+        path = key_path(
+            self.home,
+            self.cfg.chain.wallet_key_file,
+            credential=WALLET_KEY_CREDENTIAL,
+            credentials_dir=self.credentials_dir,
+        )
         if not path.exists():
             raise ConfigError(
                 "missing_wallet_key",
@@ -135,11 +172,16 @@ class Node:
                 f"`hearth keys new --type eth --out {path}`",
                 details={"path": str(path)},
             )
-        return load_eth_key(path)
+        return load_eth_key(path, group_readable=_is_credential(path, self.credentials_dir))
 
     @property
     def state_dir(self) -> Path:
         return resolve_path(self.home, self.cfg.node.state_dir)
+
+    @property
+    def payout_address(self) -> str | None:
+        """The wallet the escrow pays this node's earnings to; None without ``[chain]`` (or before start)."""
+        return None if self._settlement is None else self._settlement.provider
 
     async def start(self) -> None:
         t0 = time.perf_counter()
@@ -159,7 +201,10 @@ class Node:
             for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
         )
         self.metrics.watch_journal(journal.count_by_state)
+        self.metrics.watch_failures(journal.failed_by_domain)
         journal.add_listener(log_transition)
+        self._webhooks = WebhookDispatcher(self.cfg.webhooks, journal, self.signer, now=self.now)
+        await self._webhooks.start()
         if self.cfg.chain is not None:
             settlement = Settlement(
                 self.cfg.chain,
@@ -213,6 +258,9 @@ class Node:
         self.ready = True
         self.metrics.ready.set(1)
         self.started_at = time.time()
+        # Advertised only once the node takes work; the pusher never blocks the node (see provider.registry).
+        self._registry = OfferPusher(self.cfg.registry, self.offers, on_push=self.metrics.offer_pushed)
+        await self._registry.start()
         log.info(
             "node ready",
             extra={"did": self.did, "startup_ms": round((time.perf_counter() - t0) * 1000, 1)},
@@ -228,16 +276,52 @@ class Node:
         if self._scheduler is not None:
             self._scheduler.admit(job)
 
-    async def stop(self, grace: float = 0.0) -> None:
-        """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
+    def stop_accepting(self) -> None:
+        """Refuse new work from now on: /readyz, quotes and submissions answer 503 ``draining``.
+
+        Called first thing on SIGTERM, before :meth:`drain` waits, so no request slips in meanwhile.
+        """
+        self.draining = True
         self.ready = False
         self.metrics.ready.set(0)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting work and starting queued jobs; running jobs get ``grace`` seconds to finish.
+
+        What is still running after that is stopped and stays ``running`` in the journal, and queued jobs
+        stay ``accepted``: the next start retries (recovery) and runs them. The API keeps answering
+        meanwhile (status, events, results); :meth:`stop` closes the rest.
+        """
+        self.stop_accepting()
+        if self._registry is not None:  # a node that takes no more work stops advertising at once
+            await self._registry.stop()
+            self._registry = None
         if self._scheduler is not None:
+            running = len(self._scheduler.running)
+            if running:
+                log.info("draining: %d running job(s) get up to %.0f s to finish", running, grace)
             await self._scheduler.stop(grace)
             self._scheduler = None
+
+    def status_line(self) -> str:
+        """One line for the service manager (``systemctl status``): state, running and queued jobs."""
+        state = "draining" if self.draining else "ready" if self.ready else "starting"
+        scheduler = self._scheduler
+        if scheduler is not None:
+            return f"{state}: {len(scheduler.running)} running, {scheduler.queue_depth} queued"
+        if self.ready and self.cfg.scheduler.paused:
+            return f"{state}: scheduler paused"
+        return state
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
+        await self.drain(grace)
         if self._settlement is not None:
             await self._settlement.stop()
             self._settlement = None
+        if self._webhooks is not None:
+            await self._webhooks.stop()
+            self._webhooks = None
         self.runner.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
@@ -249,14 +333,21 @@ class Node:
             self._journal = None
 
     def reload(self) -> None:
-        """Re-read node.toml: new prices and policy apply to new quotes; jobs are untouched."""
-        cfg = load_config(self.home)
-        self.cfg = cfg
+        """Re-read node.toml: new prices and policy apply to new quotes; jobs are untouched.
+
+        An invalid file raises ``ConfigError`` and changes nothing: the node keeps its current config.
+        """
+        cfg = load_config(self.home, path=self.config_path)
+        previous, self.cfg = self.cfg, cfg
         self.admission.reconfigure(cfg)
         self.executor.reconfigure(cfg, self.admission.pricer)
         self.inference.reconfigure(cfg, self.admission.pricer)
         if not self.models.declared_by(cfg.models):
             log.warning("[[models]] changed: the catalog is verified at start; restart the node to apply it")
+        if cfg.registry != previous.registry:
+            log.warning("[registry] changed: restart the node to push to the new registries")
+        if self._registry is not None:
+            self._registry.changed()  # new prices or policy: registries hear of them now
         log.info("configuration reloaded")
 
     async def _housekeep(self) -> None:

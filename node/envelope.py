@@ -24,6 +24,8 @@ JOB_KINDS = ("ffmpeg_transcode", "vllm_batch")
 JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 EthAddress = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# Where the node POSTs the job's status changes (signed, at least once); no credentials in the URL.
+CallbackUrl = Annotated[str, Field(pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(/[^\s#]*)?$", max_length=2048)]
 Did = Annotated[str, Field(pattern=r"^did:[a-z0-9]+:[A-Za-z0-9._:%-]+$", max_length=512)]
 # USDC has 6 decimals; a price is a plain decimal string so no float ever touches money.
 PriceStr = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?$")]
@@ -155,6 +157,7 @@ class _EnvelopeBase(_Strict):
     limits: Limits = Field(default_factory=Limits)
     validation: Validation = Field(default_factory=Validation)
     payment: Payment
+    callback_url: CallbackUrl | None = None
 
     @model_validator(mode="after")
     def _https_needs_sha(self) -> _EnvelopeBase:

@@ -15,6 +15,7 @@
     ├── StorageError                 a blob, block or input could not be stored, fetched or verified
     ├── ExecutionError               the workload failed in its sandbox (OOM, timeout, output cap, exit)
     ├── OutputValidationError        the output does not pass the envelope's checks
+    ├── RegistryError                a registry did not take the node's offer (retried with backoff)
     └── ConfigError                  node.toml or the environment is invalid (raised at start)
 
 Every error carries ``code`` (a stable snake_case identifier agents can switch on), ``domain`` (one of the
@@ -226,4 +227,17 @@ class ChainError(HearthError):
 
     domain: Domain = "settlement"
     http_status = 503
+    retryable = True
+
+
+class RegistryError(HearthError):
+    """Raised when pushing the node's signed offer to a registry fails: unreachable, timed out, or answered
+    with an error status. ``code`` is ``registry_unreachable``, ``registry_timeout``,
+    ``registry_refused`` (4xx: it will not take this offer) or ``registry_failed`` (5xx and other statuses).
+
+    Never reaches a requester: the push task backs off and tries again, and the node keeps working.
+    """
+
+    domain: Domain = "callback"
+    http_status = 502
     retryable = True

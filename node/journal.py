@@ -104,7 +104,7 @@ TERMINAL_STATES: frozenset[JobState] = frozenset(s for s in JOB_STATES if not TR
 HOLDING_STATES: tuple[JobState, ...] = ("priced", "accepted", "running")
 """States in which a job holds its resources (``priced`` only while its quote is live)."""
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DEFAULT_BUSY_TIMEOUT_MS: Final = 2000
 # Keeps the WAL file from growing without bound after a burst of writes.
 _JOURNAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024
@@ -230,6 +230,16 @@ TxPurpose = Literal["fund", "release", "refund"]
 TxState = Literal["signed", "sent", "mined", "confirmed", "reverted", "dropped"]
 TX_OPEN_STATES: Final[tuple[TxState, ...]] = ("signed", "sent", "mined")
 """A transaction in one of these may still land: it is resolved by hash before anything else is sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDue:
+    """A job's webhook with a transition the requester has not acknowledged yet: the next to deliver."""
+
+    job: str
+    url: str
+    attempts: int
+    event: Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +441,20 @@ _SCHEMA_PAYMENTS: Final = (
     """CREATE TRIGGER chain_txs_no_delete BEFORE DELETE ON chain_txs
     BEGIN SELECT RAISE(ABORT, 'chain_txs_append_only'); END""",
 )
+# Webhook delivery: per job with a callback URL, the last transition event the requester has acknowledged.
+# The events table is the outbox; this row is the cursor, advanced only after a 2xx (at least once).
+_SCHEMA_WEBHOOKS: Final = (
+    """CREATE TABLE webhooks (
+        job TEXT PRIMARY KEY REFERENCES jobs (id),
+        url TEXT NOT NULL,
+        delivered_seq INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        gave_up INTEGER NOT NULL DEFAULT 0 CHECK (gave_up IN (0, 1))
+    ) WITHOUT ROWID""",
+    "CREATE INDEX webhooks_due ON webhooks (gave_up, next_at)",
+)
 _PAYMENT_COLUMNS: Final = (
     "job, escrow_job_id, terms_json, authorization_json, funding, wait_until, receipt_json, "
     "created_at, updated_at"
@@ -476,6 +500,7 @@ _SQL_ACTIVE_COUNT: Final = (
     "state IN ('accepted', 'running') OR (state = 'priced' AND quote_expires_at > ?2)) LIMIT ?3)"
 )
 _SQL_COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
+_SQL_FAILED_BY_DOMAIN: Final = "SELECT failure_domain, COUNT(*) FROM jobs WHERE state = 'failed' GROUP BY 1"
 _SQL_NONCE_INSERT: Final = "INSERT OR IGNORE INTO nonces (iss, jti, exp) VALUES (?, ?, ?)"
 _SQL_NONCE_PRUNE: Final = "DELETE FROM nonces WHERE exp < ?"
 _SQL_NONCE_SEEN: Final = "SELECT 1 FROM nonces WHERE iss = ? AND jti = ?"
@@ -812,8 +837,12 @@ class Journal:
         gpus: int,
         actor: str,
         reason: str,
+        callback_url: str | None = None,
     ) -> JobRecord:
         """Record a new job and its quote: ``created`` then ``priced``, two events, one transaction.
+
+        With ``callback_url`` the job's webhook cursor is recorded in the same transaction, so every
+        transition from the first on is delivered (see :meth:`webhooks_due`).
 
         Raises :class:`ConflictError` (``job_exists``) if the id or ``(iss, job_id)`` is already recorded;
         then nothing is written. Looking the job up first (:meth:`find`) is the caller's idempotency path.
@@ -850,6 +879,10 @@ class Journal:
                     (price, quote_id, quote_jwt, quote_expires_at, at, id),
                 )
                 self._append(txn, id, at, "transition", "created", "priced", actor, reason)
+                if callback_url is not None:
+                    txn.conn.execute(
+                        "INSERT INTO webhooks (job, url, next_at) VALUES (?, ?, ?)", (id, callback_url, at)
+                    )
                 record = self._fetch_job(txn.conn, id)
         except JournalError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError) and "UNIQUE" in str(exc.__cause__):
@@ -1068,6 +1101,18 @@ class Journal:
                 counts[state] = count
         return counts
 
+    def failed_by_domain(self) -> dict[str, int]:
+        """Jobs resting in ``failed`` (no retry left) by failure domain, every domain included, for metrics.
+
+        A failure recorded without a domain counts under ``internal``.
+        """
+        counts: dict[str, int] = dict.fromkeys(DOMAINS, 0)
+        with self._read() as conn:
+            for domain, count in conn.execute(_SQL_FAILED_BY_DOMAIN).fetchall():
+                key = domain or "internal"
+                counts[key] = counts.get(key, 0) + count
+        return counts
+
     def list_jobs(
         self,
         *,
@@ -1221,6 +1266,58 @@ class Journal:
                 totals[f"gas_{purpose}"] = int(gas or 0)
         return totals
 
+    # ------------------------------------------------------------------------------------------ webhooks
+
+    def webhooks_due(self, now: float, limit: int = 100) -> list[WebhookDue]:
+        """Webhooks whose retry time has come and that have an undelivered transition: the oldest one each."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT w.job, w.url, w.attempts, (SELECT MIN(e.seq) FROM events e WHERE e.job = w.job "
+                "AND e.type = 'transition' AND e.seq > w.delivered_seq) AS next_seq FROM webhooks w "
+                "WHERE w.gave_up = 0 AND w.next_at <= ? AND next_seq IS NOT NULL ORDER BY w.next_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            due = []
+            for job, url, attempts, seq in rows:
+                row = conn.execute(_SQL_EVENTS, (job, seq - 1, 1)).fetchone()
+                due.append(WebhookDue(job=job, url=url, attempts=attempts, event=_event(row)))
+        return due
+
+    def webhook_delivered(self, job: str, seq: int) -> None:
+        """The requester acknowledged event ``seq`` (a 2xx): the cursor moves past it, attempts reset."""
+        with self._write() as txn:
+            txn.conn.execute(
+                "UPDATE webhooks SET delivered_seq = MAX(delivered_seq, ?), attempts = 0, last_error = NULL, "
+                "next_at = ? WHERE job = ?",
+                (seq, self._now(), job),
+            )
+
+    def webhook_failed(self, job: str, error: str, *, retry_at: float | None) -> None:
+        """A delivery failed: try again at ``retry_at``, or never (``None``: the node gave up on this URL)."""
+        with self._write() as txn:
+            txn.conn.execute(
+                "UPDATE webhooks SET attempts = attempts + 1, last_error = ?, next_at = ?, gave_up = ? "
+                "WHERE job = ?",
+                (error[:500], retry_at if retry_at is not None else self._now(), int(retry_at is None), job),
+            )
+
+    def webhook(self, job: str) -> dict[str, Any] | None:
+        """A job's webhook state, for its status view."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT url, delivered_seq, attempts, last_error, gave_up FROM webhooks WHERE job = ?", (job,)
+            ).fetchone()
+        if row is None:
+            return None
+        url, seq, attempts, error, gave_up = row
+        return {
+            "url": url,
+            "delivered_seq": seq,
+            "attempts": attempts,
+            "last_error": error,
+            "gave_up": bool(gave_up),
+        }
+
     # ----------------------------------------------------------------------------------------- chain txs
 
     def record_tx(
@@ -1321,6 +1418,69 @@ class Journal:
         row = conn.execute(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE job = ?", (job,)).fetchone()
         return None if row is None else PaymentRecord(*row)
 
+    # ----------------------------------------------------------------------------------------- operator views
+    # Read by the overview (GET /v1/overview, the dashboard, `hearth status`), which is polled every second
+    # or two: each reads a handful of rows through an index, or only the failed or settled jobs.
+
+    def recent_jobs(self, limit: int = 20, *, state: JobState | None = None) -> list[JobRecord]:
+        """The ``limit`` jobs recorded last, newest first; with ``state``, only those now in it.
+
+        Rows are never deleted, so the rowid is the order of creation and the newest ``limit`` rows are read
+        from its end, whatever the journal's size.
+        """
+        where = "" if state is None else " WHERE state = ?"
+        params: tuple[Any, ...] = (limit,) if state is None else (state, limit)
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY rowid DESC LIMIT ?", params
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def attempt_progress(self, job: str) -> Event | None:
+        """The latest progress event of job ``job``'s current attempt; None before the attempt reports any.
+
+        Reads the job's events backwards to its latest progress event or ``running`` transition, whichever
+        comes first: the first, usually, since a running attempt reports about once a second.
+        """
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE job = ? AND (type = 'progress' OR "
+                "(type = 'transition' AND to_state = 'running')) ORDER BY seq DESC LIMIT 1",
+                (job,),
+            ).fetchone()
+        return None if row is None or row[3] != "progress" else _event(row)
+
+    def failure_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs rest in ``failed``, by ``(failure domain, failure code)`` ("" for a missing code)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT failure_domain, coalesce(failure_code, ''), COUNT(*) FROM jobs "
+                "WHERE state = 'failed' GROUP BY 1, 2"
+            ).fetchall()
+        return {(str(domain), str(code)): int(n) for domain, code, n in rows}
+
+    def settled_earnings(self, since: float, period_seconds: int) -> dict[float, tuple[int, int]]:
+        """Base units earned and jobs settled per period since ``since``: ``{period start: (units, jobs)}``.
+
+        Periods are multiples of ``period_seconds`` since the epoch (UTC hours or days); only periods with a
+        settled job appear. A job counts, with its receipt's amount as in :meth:`payment_totals`, in the
+        period it settled: ``settled`` is terminal, so the row's ``updated_at`` is that moment.
+        """
+        if period_seconds <= 0:
+            raise ValueError(f"period_seconds must be positive, not {period_seconds}")
+        periods: dict[float, tuple[int, int]] = {}
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT j.updated_at, json_extract(p.receipt_json, '$.receipt.amount') FROM jobs j "
+                "JOIN payments p ON p.job = j.id WHERE j.state = 'settled' AND j.updated_at >= ?",
+                (since,),
+            ).fetchall()
+        for at, amount in rows:
+            start = float(math.floor(at / period_seconds) * period_seconds)
+            units, jobs = periods.get(start, (0, 0))
+            periods[start] = (units + int(amount or 0), jobs + 1)
+        return periods
+
 
 def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     """Create the schema on first open; check its version and re-derive the transitions table otherwise.
@@ -1332,14 +1492,16 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     try:
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         if exists is None:
-            for statement in (*_SCHEMA, *_SCHEMA_PAYMENTS):
+            for statement in (*_SCHEMA, *_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS):
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         else:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = None if row is None else int(row[0])
-            if version == 1:  # schema 1 lacks only the payment tables
-                for statement in _SCHEMA_PAYMENTS:
+            # each schema adds tables to the one before: 1 lacks the payment tables, 2 the webhook cursor
+            missing = {1: (*_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS), 2: _SCHEMA_WEBHOOKS}.get(version or 0)
+            if missing is not None:
+                for statement in missing:
                     conn.execute(statement)
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 version = SCHEMA_VERSION

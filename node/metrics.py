@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +22,21 @@ class _JobStates(Collector):
         family = GaugeMetricFamily("hearth_jobs", "Jobs in the journal by lifecycle state", labels=["state"])
         for state, n in sorted(self._count().items()):
             family.add_metric([state], n)
+        return [family]
+
+
+class _JobFailures(Collector):
+    """Jobs that ended failed (no retry left), by failure domain, read from the journal at scrape time."""
+
+    def __init__(self, failed_by_domain: Callable[[], dict[str, int]]) -> None:
+        self._count = failed_by_domain
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "hearth_jobs_failed", "Jobs resting in state failed, by failure domain", labels=["domain"]
+        )
+        for domain, n in sorted(self._count().items()):
+            family.add_metric([domain], n)
         return [family]
 
 
@@ -58,7 +74,8 @@ class Metrics:
         )
         self.quotes = Counter(
             "hearth_quotes",
-            "Quote outcomes: won, reused or refused, with reason",
+            "Quote outcomes: won (a new quote signed), reused (a live quote returned again), lost (a quote "
+            "that expired unaccepted; reason expired), refused (no bid; reason = the refusal's error code)",
             ["outcome", "reason"],
             registry=r,
         )
@@ -95,9 +112,37 @@ class Metrics:
         self.queue_depth = Gauge("hearth_queue_depth", "Accepted jobs waiting to run", registry=r)
         self.jobs_running = Gauge("hearth_jobs_running", "Jobs running now", registry=r)
         self.stored = Gauge("hearth_blockstore", "Content in the local blockstore", ["unit"], registry=r)
+        self.job_runtime_seconds = Histogram(
+            "hearth_job_runtime_seconds",
+            "Runtime of completed attempts as their results report it (runtime_seconds), by kind",
+            ["kind"],
+            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.job_overhead_seconds = Histogram(
+            "hearth_job_overhead_seconds",
+            "The node's own time in completed attempts (runtime_seconds - container_seconds: fetch, probe, "
+            "checks, import), by kind",
+            ["kind"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.container_starts = Counter(
+            "hearth_container_starts", "Sandbox containers started (probes and workloads)", registry=r
+        )
+        self.offer_pushes = Counter(
+            "hearth_offer_pushes",
+            "Pushes of the signed offer to registries, by registry URL and outcome "
+            "(ok, refused, failed, unreachable, timeout, error)",
+            ["registry", "outcome"],
+            registry=r,
+        )
 
     def watch_journal(self, count_by_state: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobStates(count_by_state))
+
+    def watch_failures(self, failed_by_domain: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_JobFailures(failed_by_domain))
 
     def watch_payments(self, totals: Callable[[], dict[str, int]], chain_up: Callable[[], bool]) -> None:
         self.registry.register(_Payments(totals, chain_up))
@@ -111,9 +156,29 @@ class Metrics:
     def accepted(self) -> None:
         self.jobs_accepted.inc()
 
-    def attempt_ended(self, outcome: str, domain: str, seconds: float) -> None:
+    def attempt_ended(
+        self, outcome: str, domain: str, seconds: float, *, kind: str, result: Mapping[str, Any] | None
+    ) -> None:
+        """An attempt ended (the scheduler's ``on_attempt``).
+
+        A completed attempt's ``result`` (DESIGN §3) adds its runtime, and the part of it spent outside the
+        container, to the per-kind histograms; failed and cancelled attempts have no result.
+        """
         self.job_runs.labels(outcome, domain).inc()
         self.job_run_seconds.observe(seconds)
+        if result is None:
+            return
+        runtime, in_container = result.get("runtime_seconds"), result.get("container_seconds")
+        if isinstance(runtime, int | float):
+            self.job_runtime_seconds.labels(kind).observe(runtime)
+            if isinstance(in_container, int | float):
+                self.job_overhead_seconds.labels(kind).observe(max(runtime - in_container, 0.0))
+
+    def container_started(self) -> None:
+        self.container_starts.inc()
+
+    def offer_pushed(self, registry: str, outcome: str) -> None:
+        self.offer_pushes.labels(registry, outcome).inc()
 
     def error(self, domain: str, code: str) -> None:
         self.errors.labels(domain, code).inc()

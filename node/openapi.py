@@ -59,6 +59,167 @@ JOB_SCHEMA = {
 }
 
 
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+_RESOURCES = {
+    "type": "object",
+    "required": ["cpus", "memory_mb", "gpus"],
+    "properties": {"cpus": {"type": "number"}, "memory_mb": {"type": "integer"}, "gpus": {"type": "integer"}},
+}
+OVERVIEW_SCHEMA = {
+    "type": "object",
+    "description": "the operator's overview (GET /v1/overview): read-only, no keys or tokens",
+    "required": ["generated_at", "node", "capacity", "jobs", "failures", "earnings"],
+    "properties": {
+        "generated_at": {"type": "number"},
+        "node": {
+            "type": "object",
+            "required": ["did", "name", "ready", "started_at", "paused", "payments"],
+            "properties": {
+                "did": {"type": "string"},
+                "name": {"type": "string"},
+                "ready": {"type": "boolean"},
+                "started_at": {"type": "number"},
+                "paused": {"type": "boolean", "description": "[scheduler] paused: jobs queue, none start"},
+                "payments": {"type": "boolean", "description": "a [chain] is configured"},
+            },
+        },
+        "capacity": {
+            "type": "object",
+            "required": ["resources", "machine", "kinds", "models"],
+            "properties": {
+                "resources": {
+                    "type": "object",
+                    "description": "the capacity ledger: total, used (held by quotes and jobs), free",
+                    "required": ["total", "used", "free", "holds", "utilisation"],
+                    "properties": {
+                        "total": _RESOURCES,
+                        "used": _RESOURCES,
+                        "free": _RESOURCES,
+                        "holds": {"type": "integer"},
+                        "utilisation": {"type": "number"},
+                    },
+                },
+                "machine": {"type": "object", "description": "what discovery found, and the part offered"},
+                "kinds": {"type": "array", "items": {"type": "string"}},
+                "models": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "jobs": {
+            "type": "object",
+            "required": ["by_state", "queued", "running", "recent"],
+            "properties": {
+                "by_state": _COUNTS,
+                "queued": {"type": "integer", "description": "accepted jobs waiting to run"},
+                "running": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "job_id", "kind", "stage", "percent", "started_at"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "job_id": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "requester": {"type": "string"},
+                            "price": {"type": ["string", "null"]},
+                            "attempt": {"type": "integer", "minimum": 1},
+                            "started_at": {"type": "number"},
+                            "resources": _RESOURCES,
+                            "stage": {
+                                "type": "string",
+                                "description": "fetching, probing, transcoding, inferring, checking, ... "
+                                "(starting before the first report)",
+                            },
+                            "percent": _NUMBER_OR_NULL,
+                            "progress_at": _NUMBER_OR_NULL,
+                            "progress": {"type": "object", "description": "the rest of the latest report"},
+                        },
+                    },
+                },
+                "recent": {
+                    "type": "array",
+                    "description": "the jobs recorded last, newest first",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "job_id", "kind", "state", "price", "created_at"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "job_id": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "state": {"type": "string"},
+                            "price": {"type": ["string", "null"]},
+                            "requester": {"type": "string"},
+                            "attempts": {"type": "integer"},
+                            "created_at": {"type": "number"},
+                            "updated_at": {"type": "number"},
+                            "failure": {"type": ["object", "null"]},
+                        },
+                    },
+                },
+            },
+        },
+        "failures": {
+            "type": "object",
+            "description": "jobs that rest in failed",
+            "required": ["total", "by_domain", "recent"],
+            "properties": {
+                "total": {"type": "integer"},
+                "by_domain": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["count", "codes"],
+                        "properties": {"count": {"type": "integer"}, "codes": _COUNTS},
+                    },
+                },
+                "recent": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "earnings": {
+            "type": "object",
+            "description": "receipt amounts of settled jobs (decimal strings and base units) and gas spent",
+            "required": ["currency", "decimals", "earned", "earned_units", "gas_wei", "series"],
+            "properties": {
+                "currency": {"type": "string"},
+                "decimals": {"type": "integer"},
+                "earned": {"type": "string"},
+                "earned_units": {"type": "integer"},
+                "gas_wei": _COUNTS,
+                "series": {
+                    "type": "object",
+                    "required": ["period", "period_seconds", "since", "points"],
+                    "properties": {
+                        "period": {"type": "string", "enum": ["hour", "day"]},
+                        "period_seconds": {"type": "integer"},
+                        "since": {"type": "number"},
+                        "points": {
+                            "type": "array",
+                            "description": "every period since 'since' (UTC), the current one last",
+                            "items": {
+                                "type": "object",
+                                "required": ["start", "earned", "earned_units", "jobs"],
+                                "properties": {
+                                    "start": {"type": "number"},
+                                    "earned": {"type": "string"},
+                                    "earned_units": {"type": "integer"},
+                                    "jobs": {"type": "integer"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+_HTML_PAGE = {
+    "content": {"text/html": {"schema": {"type": "string"}}},
+    "headers": {
+        "Content-Security-Policy": {"description": "default-src 'self'", "schema": {"type": "string"}}
+    },
+}
+
+
 def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
     if isinstance(schema, str):
         schema = {"$ref": f"#/components/schemas/{schema}"}
@@ -308,12 +469,83 @@ def openapi_document() -> dict[str, Any]:
             "/v1/capacity": {
                 "get": {
                     "operationId": "getCapacity",
-                    "summary": "The node's signed offer: resources free/total, kinds, models, prices",
+                    "summary": "The node's signed offer: resources free/total, kinds, models, prices, "
+                    "payout; the same document is pushed to the [registry] URLs",
                     "responses": {
                         "200": {
-                            "description": "offer",
-                            **_json({"type": "object", "required": ["node", "jwt"]}),
+                            "description": "offer; registries keep the one with the highest sequence",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "required": ["node", "jwt", "issued_at", "sequence", "payout_address"],
+                                    "properties": {
+                                        "node": {"type": "string"},
+                                        "endpoint": {"type": ["string", "null"]},
+                                        "payout_address": {"type": ["string", "null"]},
+                                        "issued_at": {"type": "integer"},
+                                        "sequence": {"type": "integer", "minimum": 1},
+                                        "jwt": {"type": "string"},
+                                    },
+                                }
+                            ),
                         }
+                    },
+                }
+            },
+            "/v1/overview": {
+                "get": {
+                    "operationId": "getOverview",
+                    "summary": "The operator's overview: capacity, running jobs with progress, queue, recent "
+                    "jobs, failures by domain, earnings over time (read-only; polled by /ui)",
+                    "parameters": [
+                        {
+                            "name": "recent",
+                            "in": "query",
+                            "description": "how many recent jobs to list (default 20)",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 100},
+                        },
+                        {
+                            "name": "period",
+                            "in": "query",
+                            "description": "earnings per UTC hour (48 shown) or day (30 shown)",
+                            "schema": {"type": "string", "enum": ["hour", "day"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "overview", **_json("Overview")},
+                        **_errors(400),
+                    },
+                }
+            },
+            "/ui": {
+                "get": {
+                    "operationId": "dashboard",
+                    "summary": "The operator's dashboard (HTML; draws GET /v1/overview)",
+                    "responses": {"200": {"description": "the page", **_HTML_PAGE}},
+                }
+            },
+            "/ui/{name}": {
+                "get": {
+                    "operationId": "dashboardAsset",
+                    "summary": "The dashboard's files (index.html, app.js, app.css)",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "maxLength": 100},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the file",
+                            "content": {
+                                "text/html": {"schema": {"type": "string"}},
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_errors(404),
                     },
                 }
             },
@@ -359,6 +591,7 @@ def openapi_document() -> dict[str, Any]:
                 "Jwt": JWT_SCHEMA,
                 "Error": ERROR_SCHEMA,
                 "Job": JOB_SCHEMA,
+                "Overview": OVERVIEW_SCHEMA,
                 "Envelope": envelope_schema,
                 **defs,
                 "ReceiptBody": {

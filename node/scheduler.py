@@ -44,8 +44,16 @@ PROGRESS_INTERVAL_SECONDS = 1.0
 _MESSAGE_CHARS = 500
 
 ProgressReport = Callable[[Mapping[str, Any]], None]
-AttemptObserver = Callable[[str, str, float], None]
-"""Told of each attempt that ended: ``(outcome, failure domain or "", seconds)``; e.g. for metrics."""
+
+
+class AttemptObserver(Protocol):
+    """Told of each attempt that ended; e.g. for metrics."""
+
+    def __call__(
+        self, outcome: str, domain: str, seconds: float, *, kind: str, result: Mapping[str, Any] | None
+    ) -> None:
+        """``outcome`` completed/failed/cancelled, ``domain`` the failure domain or "", ``seconds`` the
+        attempt's wall time, ``kind`` the job's kind, ``result`` the result document of a completed one."""
 
 
 class Executor(Protocol):
@@ -240,11 +248,11 @@ class Scheduler:
                 result = await self._executor.execute(running, self._reporter(job.id), gpu_ids=gpu_ids)
             except asyncio.CancelledError:
                 self._after_cancel(job.id)
-                self._observe("cancelled", "", started)
+                self._observe(job, "cancelled", "", started)
                 raise
             except HearthError as exc:
                 self._failed(running, exc)
-                self._observe("failed", exc.domain, started)
+                self._observe(job, "failed", exc.domain, started)
             except Exception as exc:  # a bug, not the job's fault: fail it visibly, retryable
                 log.exception("job %s: executor crashed", job.id)
                 self._failed(
@@ -253,18 +261,26 @@ class Scheduler:
                         "executor_crashed", f"the node failed running the job: {exc}", retryable=True
                     ),
                 )
-                self._observe("failed", "internal", started)
+                self._observe(job, "failed", "internal", started)
             else:
                 self._completed(running, result)
-                self._observe("completed", "", started)
+                self._observe(job, "completed", "", started, result)
         finally:
             self._running.pop(job.id, None)
             self._free_gpus.extend(gpu_ids)
             self._wake.set()
 
-    def _observe(self, outcome: str, domain: str, started: float) -> None:
+    def _observe(
+        self,
+        job: JobRecord,
+        outcome: str,
+        domain: str,
+        started: float,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
         if self._on_attempt is not None:
-            self._on_attempt(outcome, domain, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self._on_attempt(outcome, domain, seconds, kind=job.kind, result=result)
 
     def _reporter(self, job: str) -> ProgressReport:
         last: dict[str, Any] = {"at": 0.0, "stage": None}

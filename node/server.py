@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,18 +19,21 @@ from typing import Any
 from aiohttp import web
 
 from node.daemon import Node
-from node.errors import HearthError, NotFoundError, RequestError, SettlementError
+from node.errors import CapacityError, HearthError, NotFoundError, RequestError, SettlementError
 from node.journal import TERMINAL_STATES, Event, JobRecord
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.openapi import openapi_document
-from payments.jwt import sign_jwt
+from node.overview import add_routes as add_overview_routes
+from node.signing import signed_document
 from storage import add_routes as add_storage_routes
 
 log = logging.getLogger("hearth.http")
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 SSE_HEARTBEAT_SECONDS = 15.0
-SIGNED_DOCUMENT_TTL_SECONDS = 3600
+# After the drain, requests still in flight (event streams that follow a queued job) get this long once
+# the listener is closed; then they are cut (a stream resumes with Last-Event-ID on the next start).
+HTTP_SHUTDOWN_SECONDS = 5.0
 # An event stream ends where the job rests: a terminal state, an expired quote (re-quoting starts anew), a
 # completed job (its result is ready; validation and settlement are later, separate steps) or a failure
 # that is not being retried.
@@ -186,24 +188,25 @@ def event_view(event: Event) -> dict[str, Any]:
 
 def signed(node: Node, kind: str, subject: str, document: dict[str, Any]) -> dict[str, Any]:
     """``document`` plus ``jwt``: the same document signed by the node DID under the claim ``kind``."""
-    now = int(node.now())
-    claims = {
-        "iss": node.did,
-        "sub": subject,
-        "iat": now,
-        "exp": now + SIGNED_DOCUMENT_TTL_SECONDS,
-        "jti": f"{kind}-{secrets.token_hex(8)}",
-        kind: document,
-    }
-    token = sign_jwt(node.signer, claims)
-    return {**document, "jwt": token}
+    return signed_document(node.signer, kind, subject, document, now=node.now())
 
 
 # -- handlers -----------------------------------------------------------------------------------------
 
 
+def refuse_while_draining(node: Node) -> None:
+    """Raise the retryable 503 ``draining`` once SIGTERM began the drain: the node takes no new work.
+
+    Jobs already accepted keep their state and run after the next start; the requester may retry this
+    request later, or elsewhere.
+    """
+    if node.draining:
+        raise CapacityError("draining", "the node is shutting down and takes no new work; retry later")
+
+
 async def post_quote(request: web.Request) -> web.Response:
     node = request.app[NODE]
+    refuse_while_draining(node)
     token, _ = await read_signed(request)
     with node.metrics.admission_seconds.labels("quote").time():
         quote = await node.admission.quote(token)
@@ -220,6 +223,7 @@ async def post_quote(request: web.Request) -> web.Response:
 
 async def post_job(request: web.Request) -> web.Response:
     node = request.app[NODE]
+    refuse_while_draining(node)
     token, doc = await read_signed(request)
     with node.metrics.admission_seconds.labels("submit").time():
         result = await node.admission.submit(token, doc.get("quote"), doc.get("funding"))
@@ -239,12 +243,13 @@ def _job(request: web.Request) -> JobRecord:
 
 
 def full_job_view(node: Node, job: JobRecord) -> dict[str, Any]:
-    """The status of one job: its view, envelope and (with a chain) its payment and transactions."""
+    """The status of one job: its view, envelope, webhook delivery and (with a chain) its payment."""
     settlement = node.settlement
     return {
         **job_view(job),
         "envelope": job.envelope,
         "payment": None if settlement is None else settlement.view(job.id),
+        "webhook": node.journal.webhook(job.id),
     }
 
 
@@ -353,45 +358,8 @@ async def _send_event(response: web.StreamResponse, event: Event) -> None:
 
 
 async def get_capacity(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    return json_response(signed(node, "offer", node.did, offer_document(node)))
-
-
-def offer_document(node: Node) -> dict[str, Any]:
-    cfg = node.cfg
-    pricing = cfg.pricing
-    ledger = node.ledger.snapshot()
-    return {
-        "node": node.did,
-        "name": cfg.node.name,
-        "endpoint": cfg.node.public_url,
-        "kinds": list(cfg.policy.kinds),
-        "models": node.models.offers(
-            {"input_1k_tokens": pricing.input_1k_tokens, "output_1k_tokens": pricing.output_1k_tokens}
-        ),
-        "resources": ledger,
-        "machine": node.machine.to_dict(),
-        "limits": {
-            "max_timeout_seconds": cfg.policy.max_timeout_seconds,
-            "max_output_mb": cfg.policy.max_output_mb,
-            "max_cpus": cfg.policy.max_cpus,
-            "max_memory_mb": cfg.policy.max_memory_mb,
-            "max_gpus": cfg.policy.max_gpus,
-            "max_body_bytes": cfg.api.max_body_bytes,
-            "quote_ttl_seconds": cfg.api.quote_ttl_seconds,
-        },
-        "prices": {
-            "currency": pricing.currency,
-            "cpu_second": pricing.cpu_second,
-            "gpu_second": pricing.gpu_second,
-            "gpu_second_by_model": dict(pricing.gpu_second_by_model),
-            "output_mb": pricing.output_mb,
-            "input_1k_tokens": pricing.input_1k_tokens,
-            "output_1k_tokens": pricing.output_1k_tokens,
-            "minimum_per_job": pricing.minimum_per_job,
-            "surge": {"threshold": pricing.surge.threshold, "max_factor": pricing.surge.max_factor},
-        },
-    }
+    """The node's signed offer (:mod:`provider.offers`): the same document the registries are pushed."""
+    return json_response(request.app[NODE].offers.issue())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -400,8 +368,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     node = request.app[NODE]
+    refuse_while_draining(node)
     if not node.ready:
-        raise HearthError("not_ready", "the node is starting or draining", http_status=503, retryable=True)
+        raise HearthError("not_ready", "the node is starting", http_status=503, retryable=True)
     return json_response({"status": "ready", "node": node.did})
 
 
@@ -485,13 +454,26 @@ def build_app(node: Node, *, manage_node: bool = True) -> web.Application:
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", openapi)
     add_storage_routes(app, node.store, node.cfg.storage)
+    add_overview_routes(app, node)
     return app
 
 
-async def serve(node: Node, host: str, port: int, *, on_ready: Callable[[int], None] | None = None) -> None:
-    """Run the API until cancelled (SIGINT/SIGTERM handled by the caller)."""
+async def serve(
+    node: Node,
+    host: str,
+    port: int,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    drain: asyncio.Event | None = None,
+) -> None:
+    """Run the API until ``drain`` is set or the task is cancelled (the caller handles the signals).
+
+    Once ``drain`` is set the node drains (:meth:`Node.drain`: no new work, running jobs get
+    ``[scheduler] drain_grace_seconds``) while the API still answers, then everything closes. Cancelling
+    (a second SIGTERM) cuts the drain short: what still runs is stopped and retried by the next start.
+    """
     app = build_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -503,6 +485,7 @@ async def serve(node: Node, host: str, port: int, *, on_ready: Callable[[int], N
         on_ready(bound)
     log.info("listening", extra={"host": host, "port": bound, "t": time.time()})
     try:
-        await asyncio.Event().wait()
+        await (drain or asyncio.Event()).wait()
+        await node.drain(node.cfg.scheduler.drain_grace_seconds)
     finally:
         await runner.cleanup()

@@ -226,11 +226,12 @@ def save_key(signer: Signer, path: str | os.PathLike[str], *, overwrite: bool = 
             os.unlink(temporary)
 
 
-def load_key(path: str | os.PathLike[str]) -> Signer:
+def load_key(path: str | os.PathLike[str], *, group_readable: bool = False) -> Signer:
     """Read a key file written by :func:`save_key`.
 
     Refuses (``key_file_permissions``) a file that group or others may access, like ssh does, and
-    (``invalid_key_file``) anything that is not exactly one of the two JSON shapes.
+    (``invalid_key_file``) anything that is not exactly one of the two JSON shapes. ``group_readable``
+    lets the group read it: systemd credentials are 0440 in a directory only the service may open.
     """
     source = Path(path)
     try:
@@ -250,7 +251,7 @@ def load_key(path: str | os.PathLike[str]) -> Signer:
         if not stat.S_ISREG(info.st_mode):
             raise _invalid_key_file(source, "not a regular file")
         mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
+        if mode & (0o037 if group_readable else 0o077):
             raise ConfigError(
                 "key_file_permissions",
                 f"key file {str(source)!r} is accessible by group or others (mode {mode:04o}); chmod 600 it",
@@ -264,12 +265,14 @@ def load_key(path: str | os.PathLike[str]) -> Signer:
     return _signer_from_fields(source, raw)
 
 
-def load_eth_key(path: str | os.PathLike[str], *, role: str = "wallet") -> EthSigner:
+def load_eth_key(
+    path: str | os.PathLike[str], *, role: str = "wallet", group_readable: bool = False
+) -> EthSigner:
     """Like :func:`load_key`, for a key that must sign for an Ethereum account (a wallet, a validator).
 
     An Ed25519 key is refused as ``<role>_key_not_ethereum``.
     """
-    signer = load_key(path)
+    signer = load_key(path, group_readable=group_readable)
     if not isinstance(signer, EthSigner):
         raise ConfigError(
             f"{role}_key_not_ethereum",

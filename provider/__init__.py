@@ -1,11 +1,14 @@
-"""Hearth provider: capacity discovery, policy, work estimation and pricing.
+"""Hearth provider: capacity discovery, policy, work estimation, pricing, and the node's offer.
 
 The order a bid takes (DESIGN §5): :func:`screen` the job against policy, :meth:`WorkEstimator.estimate`
 its work (batches with the :class:`ModelCatalog`'s tokenizers), :meth:`CapacityLedger.reserve` what
 it needs, then :meth:`Pricer.ask` and :func:`check_max_price`.
+
+What the node sells is advertised as a signed offer (:class:`OfferIssuer`, :func:`offer_document`), served
+at ``GET /v1/capacity`` and pushed to the ``[registry]`` URLs by an :class:`OfferPusher`.
 """
 
-from provider.capacity import CapacityLedger, GpuInfo, Hold, MachineInfo, Resources, discover
+from provider.capacity import CapacityLedger, DiskInfo, GpuInfo, Hold, MachineInfo, Resources, discover
 from provider.catalog import CatalogModel, ModelCatalog
 from provider.estimate import (
     BatchEstimator,
@@ -16,8 +19,10 @@ from provider.estimate import (
     WorkEstimator,
     estimator_for,
 )
+from provider.offers import OfferIssuer, offer_document, offer_fingerprint
 from provider.policy import screen
 from provider.pricing import Bid, PriceBreakdown, Pricer, check_max_price
+from provider.registry import OfferPusher
 
 __all__ = [
     "BatchEstimator",
@@ -25,12 +30,15 @@ __all__ = [
     "Bid",
     "CapacityLedger",
     "CatalogModel",
+    "DiskInfo",
     "GpuInfo",
     "Hold",
     "InputProbe",
     "MachineInfo",
     "MediaEstimator",
     "ModelCatalog",
+    "OfferIssuer",
+    "OfferPusher",
     "PriceBreakdown",
     "Pricer",
     "Resources",
@@ -39,5 +47,7 @@ __all__ = [
     "check_max_price",
     "discover",
     "estimator_for",
+    "offer_document",
+    "offer_fingerprint",
     "screen",
 ]

@@ -158,7 +158,8 @@ class SandboxRunner:
 
     ``node`` is this node's stable identity (its DID), written on every container it makes so that
     recovery touches only this node's containers even where engines are shared. The engine is first
-    contacted on first use, not on construction.
+    contacted on first use, not on construction. ``on_start`` is told of every container the engine has
+    started, with its spec (e.g. to count them).
     """
 
     def __init__(
@@ -169,8 +170,10 @@ class SandboxRunner:
         api_timeout_seconds: float = DEFAULT_DOCKER_API_TIMEOUT_SECONDS,
         output_poll_seconds: float = DEFAULT_OUTPUT_POLL_SECONDS,
         stderr_tail_bytes: int = DEFAULT_STDERR_TAIL_BYTES,
+        on_start: Callable[[RunSpec], None] | None = None,
     ) -> None:
         self._node = node
+        self._on_start = on_start
         self._url = docker_url
         self._api_timeout = api_timeout_seconds
         self._poll = output_poll_seconds
@@ -178,10 +181,13 @@ class SandboxRunner:
         self._client: Any = None
 
     @classmethod
-    def from_config(cls, section: SandboxSection, *, node: str) -> SandboxRunner:
+    def from_config(
+        cls, section: SandboxSection, *, node: str, on_start: Callable[[RunSpec], None] | None = None
+    ) -> SandboxRunner:
         """A runner set up from ``[sandbox]`` of node.toml."""
         return cls(
             node=node,
+            on_start=on_start,
             docker_url=section.docker_url,
             api_timeout_seconds=section.docker_timeout_seconds,
             output_poll_seconds=section.output_poll_seconds,
@@ -307,6 +313,8 @@ class SandboxRunner:
             with self._errors(**facts):
                 await asyncio.to_thread(client.api.start, container_id)
                 started = time.monotonic()
+                if self._on_start is not None:
+                    self._on_start(spec)
                 emit, emit_err = _emitter(on_stdout), _emitter(on_stderr)
                 pumped = _in_thread(lambda: _pump(stream, emit, tail, emit_err), "hearth-sandbox-output")
                 exited = _in_thread(

@@ -17,6 +17,9 @@ command -v npm >/dev/null || need_apt+=(npm)
 command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
 command -v ffprobe >/dev/null || need_apt+=(ffmpeg)  # host ffmpeg: test clips; ffprobe reads our own outputs
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)  # verifies and scores systemd/hearth.service
+command -v useradd >/dev/null || need_apt+=(passwd)  # install-service creates the hearth user
+command -v chromium >/dev/null || need_apt+=(chromium)  # headless: the dashboard test screenshots /ui
 if ((${#need_apt[@]})); then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

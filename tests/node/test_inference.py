@@ -127,7 +127,11 @@ async def test_a_batch_runs_in_vllm_and_is_charged_for_the_tokens_it_used(
         body = await client.submit(sign_request(requester, did, {"job": env}), quoted["jwt"])
         job = str(body["job"]["id"])
         view = await wait_state(url, job, FINISHED, limit=420)
-        assert view["state"] == "completed", view["failure"]
+        if view["state"] != "completed":
+            failed = [
+                e["data"] for e in await events(url, job) if e["type"] == "transition" and e["to"] == "failed"
+            ]
+            pytest.fail(f"the batch failed: {view['failure']}: {failed}")
         result = (await client.result(job))["result"]
 
     # the signed result: checks, tokens, cost, provenance

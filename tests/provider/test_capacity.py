@@ -4,87 +4,45 @@ from __future__ import annotations
 
 import ctypes.util
 import json
+import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import psutil
 import pytest
 
-import provider.capacity as capacity
 from node.config import CapacitySection
 from node.errors import CapacityError
-from provider.capacity import CapacityLedger, Resources, discover, read_gpus
+from provider.capacity import (
+    CapacityLedger,
+    GpuStack,
+    Nvml,
+    Resources,
+    cuda_version_text,
+    discover,
+    read_disk,
+    read_gpus,
+)
+from tests.provider.nvml_fake import FakeNvml, recorded_answers
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MIB = 1024 * 1024
-
-
-class FakeNvml:
-    """A stand-in for the ``pynvml`` module that answers from a recorded fixture."""
-
-    class NVMLError(Exception):
-        pass
-
-    class NVMLError_NotSupported(NVMLError):
-        pass
-
-    def __init__(self, recorded: dict[str, Any], *, fail: str | None = None) -> None:
-        self.recorded = recorded
-        self.fail = fail
-        self.calls: list[str] = []
-
-    def _call(self, name: str) -> None:
-        self.calls.append(name)
-        if name == self.fail:
-            raise self.NVMLError(f"recorded failure of {name}")
-
-    def nvmlInit(self) -> None:
-        self._call("nvmlInit")
-
-    def nvmlShutdown(self) -> None:
-        self._call("nvmlShutdown")
-
-    def nvmlSystemGetDriverVersion(self) -> bytes:
-        self._call("nvmlSystemGetDriverVersion")
-        return str(self.recorded["driver_version"]).encode()
-
-    def nvmlDeviceGetCount(self) -> int:
-        self._call("nvmlDeviceGetCount")
-        return len(self.recorded["devices"])
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> dict[str, Any]:
-        self._call("nvmlDeviceGetHandleByIndex")
-        device: dict[str, Any] = self.recorded["devices"][index]
-        return device
-
-    def nvmlDeviceGetName(self, handle: dict[str, Any]) -> bytes:
-        self._call("nvmlDeviceGetName")
-        return str(handle["name"]).encode()
-
-    def nvmlDeviceGetUUID(self, handle: dict[str, Any]) -> bytes:
-        self._call("nvmlDeviceGetUUID")
-        return str(handle["uuid"]).encode()
-
-    def nvmlDeviceGetMemoryInfo(self, handle: dict[str, Any]) -> SimpleNamespace:
-        self._call("nvmlDeviceGetMemoryInfo")
-        return SimpleNamespace(**handle["memory"])
-
-    def nvmlDeviceGetUtilizationRates(self, handle: dict[str, Any]) -> SimpleNamespace:
-        self._call("nvmlDeviceGetUtilizationRates")
-        if handle["utilization"] == "not_supported":
-            raise self.NVMLError_NotSupported("Not Supported")
-        return SimpleNamespace(**handle["utilization"])
 
 
 @pytest.fixture
 def recorded() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / "nvml_two_gpus.json").read_text())
-    return data
+    return recorded_answers("nvml_two_gpus")
 
 
-def use_nvml(monkeypatch: pytest.MonkeyPatch, fake: FakeNvml | None) -> None:
-    monkeypatch.setattr(capacity, "nvml_loader", lambda: fake)
+def loader(fake: FakeNvml | None) -> Any:
+    """An NVML loader for ``discover(nvml=...)`` that hands over ``fake`` (None: no NVML installed)."""
+
+    def load() -> Nvml | None:
+        return fake
+
+    return load
+
+
+NO_NVML = loader(None)
 
 
 # ------------------------------------------------------------------------------------------- Resources
@@ -106,41 +64,74 @@ def test_resources_arithmetic_and_fits() -> None:
 # ------------------------------------------------------------------------------------------- discovery
 
 
-def test_discover_reads_this_machine(tmp_path: Path) -> None:
+def test_discover_reads_this_machine(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hearth.capacity")
     machine = discover(CapacitySection(reserve_memory_mb=0), disk_path=tmp_path)
     assert machine.cpu_count > 0
     assert machine.cpu_count <= (psutil.cpu_count() or 1)
     assert machine.memory_total_mb == psutil.virtual_memory().total // MIB > 0
-    assert machine.disk_total_mb > 0 and 0 <= machine.disk_free_mb <= machine.disk_total_mb
-    assert machine.disk_path == str(tmp_path)
+    usage = psutil.disk_usage(str(tmp_path))
+    assert machine.disk.total_mb == usage.total // MIB > 0
+    assert 0 <= machine.disk.free_mb <= machine.disk.total_mb
+    assert machine.disk.path == str(tmp_path)
     assert machine.offered.cpus == machine.cpu_count
     assert machine.offered.memory_mb == machine.memory_total_mb
     assert machine.offered.gpus == len(machine.gpus)
     if ctypes.util.find_library("nvidia-ml") is None:
-        # No NVIDIA driver here: the real pynvml fails to load, and that means zero GPUs, not an error.
-        assert machine.gpus == () and machine.driver_version is None and machine.offered.gpus == 0
-        assert machine.gpu_model is None
+        # No NVIDIA driver here: the real pynvml fails to load it, and that means zero GPUs, not an error,
+        # with the reason in the log.
+        assert machine.gpus == () and machine.driver_version is None and machine.cuda_version is None
+        assert machine.offered.gpus == 0 and machine.gpu_model is None
+        assert "no GPUs offered: NVML did not start (NVMLError_LibraryNotFound" in caplog.text
+        assert all(r.levelno == logging.INFO for r in caplog.records if "no GPUs" in r.message)
     json.dumps(machine.to_dict())
 
 
-def test_discover_applies_caps_and_host_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
-    use_nvml(monkeypatch, None)
+def test_disk_of_a_path_not_made_yet_is_its_parents_filesystem(tmp_path: Path) -> None:
+    later = tmp_path / "state" / "not" / "yet"
+    disk = read_disk(later)
+    assert disk.path == str(later)
+    assert disk.total_mb == psutil.disk_usage(str(tmp_path)).total // MIB
+    assert not later.exists()
+
+
+def test_discover_applies_caps_and_host_reserve() -> None:
     total_mb = psutil.virtual_memory().total // MIB
-    machine = discover(CapacitySection(cpus=1, memory_mb=256, gpus=3, reserve_cpus=0.5, reserve_memory_mb=0))
+    machine = discover(
+        CapacitySection(cpus=1, memory_mb=256, gpus=3, reserve_cpus=0.5, reserve_memory_mb=0), nvml=NO_NVML
+    )
     assert machine.offered == Resources(cpus=min(1.0, machine.cpu_count - 0.5), memory_mb=256, gpus=0)
 
-    reserved = discover(CapacitySection(reserve_cpus=0.25, reserve_memory_mb=1000))
+    reserved = discover(CapacitySection(reserve_cpus=0.25, reserve_memory_mb=1000), nvml=NO_NVML)
     assert reserved.offered.cpus == machine.cpu_count - 0.25
     assert reserved.offered.memory_mb == total_mb - 1000
 
-    starved = discover(CapacitySection(reserve_cpus=10_000, reserve_memory_mb=10**9))
+    starved = discover(CapacitySection(reserve_cpus=10_000, reserve_memory_mb=10**9), nvml=NO_NVML)
     assert starved.offered == Resources(0.0, 0, 0)
 
 
-def test_discover_gpus_from_recorded_nvml(monkeypatch: pytest.MonkeyPatch, recorded: dict[str, Any]) -> None:
+def test_discover_an_h100_from_recorded_nvml() -> None:
+    fake = FakeNvml(recorded_answers("nvml_h100"))
+    machine = discover(CapacitySection(), nvml=loader(fake))
+    (gpu,) = machine.gpus
+    assert gpu.name == "NVIDIA H100 80GB HBM3" == machine.gpu_model
+    assert gpu.uuid == "GPU-3f8a1c2e-6b4d-4e9a-9c71-2d5e8f0a7b13"
+    assert (gpu.memory_total_mb, gpu.memory_used_mb) == (81559, 528)  # 85520809984 and 553648128 bytes
+    assert (gpu.utilisation_gpu_pct, gpu.utilisation_memory_pct) == (3, 1)
+    assert gpu.compute_capability == "9.0"
+    assert machine.driver_version == "550.54.15"
+    assert machine.cuda_version == "12.4"  # NVML answered 12040
+    assert machine.offered.gpus == 1 and machine.gpu_memory_mb == 81559
+    assert fake.calls[0] == "nvmlInit" and fake.calls[-1] == "nvmlShutdown"
+    shown = machine.to_dict()
+    assert shown["cuda_version"] == "12.4" and shown["driver_version"] == "550.54.15"
+    assert shown["gpus"][0]["compute_capability"] == "9.0"
+    json.dumps(shown)
+
+
+def test_discover_gpus_from_recorded_nvml(recorded: dict[str, Any]) -> None:
     fake = FakeNvml(recorded)
-    use_nvml(monkeypatch, fake)
-    machine = discover(CapacitySection())
+    machine = discover(CapacitySection(), nvml=loader(fake))
     assert [g.name for g in machine.gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"]
     assert [g.memory_total_mb for g in machine.gpus] == [81559, 40960]
     assert [g.memory_used_mb for g in machine.gpus] == [526, 4096]
@@ -149,35 +140,64 @@ def test_discover_gpus_from_recorded_nvml(monkeypatch: pytest.MonkeyPatch, recor
     # The A100's recorded answer to nvmlDeviceGetUtilizationRates is NVML_ERROR_NOT_SUPPORTED.
     assert machine.gpus[1].utilisation_gpu_pct is None and machine.gpus[1].utilisation_memory_pct is None
     assert machine.driver_version == "550.54.15"
+    # This recording has no CUDA version or compute capability (a driver without those calls): blanks only.
+    assert machine.cuda_version is None
+    assert [g.compute_capability for g in machine.gpus] == [None, None]
     assert machine.offered.gpus == 2
     assert machine.gpu_model == "NVIDIA H100 80GB HBM3"
     assert fake.calls[0] == "nvmlInit" and fake.calls[-1] == "nvmlShutdown"
     assert machine.to_dict()["gpus"][1]["memory_total_mb"] == 40960
 
 
-def test_discover_caps_recorded_gpus(monkeypatch: pytest.MonkeyPatch, recorded: dict[str, Any]) -> None:
-    use_nvml(monkeypatch, FakeNvml(recorded))
-    machine = discover(CapacitySection(gpus=1))
+def test_discover_caps_recorded_gpus(recorded: dict[str, Any]) -> None:
+    machine = discover(CapacitySection(gpus=1), nvml=loader(FakeNvml(recorded)))
     assert len(machine.gpus) == 2
     assert machine.offered.gpus == 1
 
 
+@pytest.mark.parametrize(("encoded", "text"), [(12040, "12.4"), (11080, "11.8"), (12000, "12.0")])
+def test_cuda_version_text(encoded: int, text: str) -> None:
+    assert cuda_version_text(encoded) == text
+
+
 @pytest.mark.parametrize("failing", ["nvmlInit", "nvmlDeviceGetCount", "nvmlDeviceGetMemoryInfo"])
-def test_nvml_failure_means_no_gpus(recorded: dict[str, Any], failing: str) -> None:
+def test_nvml_failure_means_no_gpus(
+    recorded: dict[str, Any], failing: str, caplog: pytest.LogCaptureFixture
+) -> None:
     fake = FakeNvml(recorded, fail=failing)
-    gpus, driver = read_gpus(fake)
-    assert gpus == () and driver is None
+    assert read_gpus(fake) == GpuStack()
     if failing != "nvmlInit":
         assert fake.calls[-1] == "nvmlShutdown"
+    # A driver that is there but fails is worth a warning, with NVML's reason.
+    (record,) = [r for r in caplog.records if "no GPUs offered" in r.message]
+    assert record.levelno == logging.WARNING
+    assert f"recorded failure of {failing}" in record.message
+
+
+def test_nvml_library_missing_means_no_gpus_at_info(
+    recorded: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hearth.capacity")
+    fake = FakeNvml(recorded, fail="nvmlInit", fail_with=FakeNvml.NVMLError_LibraryNotFound)
+    machine = discover(CapacitySection(), nvml=loader(fake))
+    assert machine.gpus == () and machine.offered.gpus == 0 and machine.driver_version is None
+    assert fake.calls == ["nvmlInit"]  # nothing else is asked of an NVML that did not start
+    (record,) = [r for r in caplog.records if "no GPUs offered" in r.message]
+    # No driver library is the ordinary CPU-only machine: said, but not as a warning.
+    assert record.levelno == logging.INFO
+    assert "NVMLError_LibraryNotFound" in record.message
 
 
 def test_nvml_shutdown_failure_is_ignored(recorded: dict[str, Any]) -> None:
-    gpus, driver = read_gpus(FakeNvml(recorded, fail="nvmlShutdown"))
-    assert len(gpus) == 2 and driver == "550.54.15"
+    stack = read_gpus(FakeNvml(recorded, fail="nvmlShutdown"))
+    assert len(stack.gpus) == 2 and stack.driver_version == "550.54.15"
 
 
-def test_no_nvml_module_means_no_gpus() -> None:
-    assert read_gpus(None) == ((), None)
+def test_no_nvml_module_means_no_gpus(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hearth.capacity")
+    machine = discover(CapacitySection(), nvml=NO_NVML)
+    assert machine.gpus == () and machine.offered.gpus == 0
+    assert "nvidia-ml-py (pynvml) is not installed" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- ledger

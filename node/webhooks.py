@@ -1,0 +1,211 @@
+"""Webhooks: a job's status changes POSTed to its envelope's ``callback_url``, signed, at least once.
+
+The journal's events are the outbox. A job with a callback has a cursor row (written with the job, in
+the same transaction): the last transition the requester acknowledged. The dispatcher sends, per job and
+in order, the oldest transition past the cursor and moves the cursor only on a 2xx answer, so a crash
+between the POST and the cursor write sends that event again: receivers de-duplicate by its id
+(``Hearth-Event-Id`` header, the JWT's ``jti``: ``"<job>:<seq>"``, stable across resends).
+
+The body is a JWT (``Content-Type: application/jwt``) signed by the node DID, like its quotes and
+results: ``{"iss": node, "aud": requester, "jti": event id, "event": {...}, "job": {...}}``. A failing
+delivery is retried with exponential backoff (``[webhooks]``) up to ``max_attempts`` per event, then the
+node gives up on that callback and says so in the job's status view. Callbacks that resolve to loopback,
+private or link-local addresses are refused unless ``allow_private_addresses`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from node.config import WebhooksSection
+from node.errors import PolicyError
+from node.journal import Event, Journal, WebhookDue
+from payments.jwt import sign_jwt
+from payments.keys import Signer
+
+log = logging.getLogger("hearth.webhooks")
+
+# How long a delivered body stays verifiable (its ``exp``); a retry later on signs a new one.
+TOKEN_LIFETIME_SECONDS = 3600
+# Deliveries in flight at once (each to a different job: one job's events go one at a time, in order).
+MAX_CONCURRENT_DELIVERIES = 8
+
+
+def event_id(event: Event) -> str:
+    """The id a receiver de-duplicates on: the same for every resend of this event."""
+    return f"{event.job}:{event.seq}"
+
+
+def check_callback(url: str, cfg: WebhooksSection) -> None:
+    """Refuse, at admission, a callback naming a private address literally (names are checked on send)."""
+    host = urlsplit(url).hostname or ""
+    if not cfg.allow_private_addresses and _private(host):
+        raise PolicyError(
+            "callback_not_allowed",
+            f"callback_url points at a private or loopback address ({host}); this node does not call those",
+            details={"callback_url": url},
+        )
+
+
+def _private(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host.lower() == "localhost" or host.lower().endswith(".localhost")
+    return not address.is_global
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to now (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+class WebhookDispatcher:
+    """Owns the delivery task: started and stopped with the node, woken by every new transition."""
+
+    def __init__(
+        self,
+        cfg: WebhooksSection,
+        journal: Journal,
+        signer: Signer,
+        *,
+        now: Callable[[], float] = time.time,
+        resolve: Resolver | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._resolve = resolve or _resolve
+        self._journal = journal
+        self._signer = signer
+        self._now = now
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds))
+        self._journal.add_listener(self._on_event)
+        self._task = asyncio.create_task(self._loop(), name="hearth-webhooks")
+
+    async def stop(self) -> None:
+        self._journal.remove_listener(self._on_event)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _on_event(self, event: Event) -> None:
+        # called on the journal writer's thread, which may not be the loop's
+        if event.type == "transition" and self._task is not None:
+            with contextlib.suppress(RuntimeError):
+                self._task.get_loop().call_soon_threadsafe(self._wake.set)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # keep delivering; the next round retries
+                log.exception("webhook round failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.poll_seconds)
+
+    async def tick(self) -> int:
+        """Deliver what is due now (one event per job); returns how many deliveries were tried."""
+        due = await asyncio.to_thread(self._journal.webhooks_due, self._now(), MAX_CONCURRENT_DELIVERIES)
+        await asyncio.gather(*(self._deliver(d) for d in due))
+        return len(due)
+
+    async def _deliver(self, due: WebhookDue) -> None:
+        assert self._session is not None
+        event = due.event
+        try:
+            await self._refuse_private(due.url)
+            async with self._session.post(
+                due.url,
+                data=self._body(due).encode("ascii"),
+                headers={"Content-Type": "application/jwt", "Hearth-Event-Id": event_id(event)},
+                allow_redirects=False,
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    await asyncio.to_thread(self._journal.webhook_delivered, due.job, event.seq)
+                    return
+                error = f"HTTP {resp.status}"
+        except PolicyError as exc:
+            log.warning("webhook for job %s refused: %s", due.job, exc.message, extra={"job": due.job})
+            await asyncio.to_thread(self._journal.webhook_failed, due.job, exc.message, retry_at=None)
+            return
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        attempts = due.attempts + 1
+        give_up = attempts >= self.cfg.max_attempts
+        delay = min(self.cfg.backoff_base_seconds * 2 ** (attempts - 1), self.cfg.backoff_max_seconds)
+        retry_at = None if give_up else self._now() + delay
+        if give_up or attempts == 1:
+            log.warning(
+                "webhook %s for job %s failed (%s)%s",
+                event_id(event),
+                due.job,
+                error,
+                "; giving up" if give_up else "; retrying with backoff",
+                extra={"job": due.job},
+            )
+        await asyncio.to_thread(self._journal.webhook_failed, due.job, error, retry_at=retry_at)
+
+    async def _refuse_private(self, url: str) -> None:
+        """Refuse a callback whose host resolves to a private address, unless the operator allows them."""
+        if self.cfg.allow_private_addresses:
+            return
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        check_callback(url, self.cfg)
+        for address in await self._resolve(host, parts.port or (443 if parts.scheme == "https" else 80)):
+            if _private(address):
+                raise PolicyError(
+                    "callback_not_allowed",
+                    f"callback host {host} resolves to a private address ({address})",
+                    details={"callback_url": url},
+                )
+
+    def _body(self, due: WebhookDue) -> str:
+        event = due.event
+        job = self._journal.get(due.job)
+        claims: dict[str, Any] = {
+            "iss": self._signer.did,
+            "aud": job.iss if job is not None else None,
+            "iat": int(self._now()),
+            "exp": int(self._now()) + TOKEN_LIFETIME_SECONDS,  # each resend is signed afresh
+            "jti": event_id(event),
+            "event": {
+                "id": event_id(event),
+                "job": event.job,
+                "seq": event.seq,
+                "at": event.at,
+                "from": event.from_state,
+                "to": event.to_state,
+                "actor": event.actor,
+                "reason": event.reason,
+                "domain": event.domain,
+                "retryable": event.retryable,
+            },
+        }
+        if job is not None:
+            claims["job"] = {"id": job.id, "job_id": job.job_id, "kind": job.kind, "state": job.state}
+        return sign_jwt(self._signer, claims)
