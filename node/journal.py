@@ -175,6 +175,18 @@ class JobRecord:
         return None if self.result_json is None else cast(dict[str, Any], json.loads(self.result_json))
 
     @property
+    def failure(self) -> dict[str, Any] | None:
+        """Why the job last failed (``domain``, ``code``, ``message``, ``retryable``), or None."""
+        if self.failure_domain is None:
+            return None
+        return {
+            "domain": self.failure_domain,
+            "code": self.failure_code,
+            "message": self.failure_message,
+            "retryable": self.failure_retryable,
+        }
+
+    @property
     def resources(self) -> tuple[float, int, int]:
         """``(cpus, memory_mb, gpus)`` this job holds while it holds capacity."""
         return (self.cpus, self.memory_mb, self.gpus)

@@ -167,17 +167,6 @@ class Overview:
         }
 
 
-def _failure_view(job: JobRecord) -> dict[str, Any] | None:
-    if job.failure_domain is None:
-        return None
-    return {
-        "domain": job.failure_domain,
-        "code": job.failure_code,
-        "message": job.failure_message,
-        "retryable": job.failure_retryable,
-    }
-
-
 def _recent_view(job: JobRecord) -> dict[str, Any]:
     return {
         "id": job.id,
@@ -189,7 +178,7 @@ def _recent_view(job: JobRecord) -> dict[str, Any]:
         "attempts": job.attempts,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
-        "failure": _failure_view(job),
+        "failure": job.failure,
     }
 
 
@@ -220,7 +209,7 @@ def _failures(journal: Journal) -> dict[str, Any]:
         entry["count"] += n
         entry["codes"][code] = n
     recent = [
-        {"id": job.id, "kind": job.kind, "at": job.updated_at, **(_failure_view(job) or {})}
+        {"id": job.id, "kind": job.kind, "at": job.updated_at, **(job.failure or {})}
         for job in journal.recent_jobs(RECENT_FAILURES, state="failed")
     ]
     return {"total": sum(e["count"] for e in by_domain.values()), "by_domain": by_domain, "recent": recent}

@@ -144,14 +144,6 @@ async def read_signed(request: web.Request) -> tuple[str, dict[str, Any]]:
 
 
 def job_view(job: JobRecord) -> dict[str, Any]:
-    failure = None
-    if job.failure_domain is not None:
-        failure = {
-            "domain": job.failure_domain,
-            "code": job.failure_code,
-            "message": job.failure_message,
-            "retryable": job.failure_retryable,
-        }
     return {
         "id": job.id,
         "job_id": job.job_id,
@@ -164,25 +156,9 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "quote_expires_at": job.quote_expires_at,
         "envelope_hash": job.envelope_hash,
         "attempts": job.attempts,
-        "failure": failure,
+        "failure": job.failure,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
-    }
-
-
-def event_view(event: Event) -> dict[str, Any]:
-    return {
-        "seq": event.seq,
-        "job": event.job,
-        "type": event.type,
-        "at": event.at,
-        "from": event.from_state,
-        "to": event.to_state,
-        "actor": event.actor,
-        "reason": event.reason,
-        "domain": event.domain,
-        "retryable": event.retryable,
-        "data": event.data,
     }
 
 
@@ -353,7 +329,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 
 async def _send_event(response: web.StreamResponse, event: Event) -> None:
-    data = _JSON_DUMPS(event_view(event), separators=(",", ":"))
+    data = _JSON_DUMPS(event.as_dict(), separators=(",", ":"))
     await response.write(f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode())
 
 

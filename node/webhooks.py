@@ -193,18 +193,7 @@ class WebhookDispatcher:
             "iat": int(self._now()),
             "exp": int(self._now()) + TOKEN_LIFETIME_SECONDS,  # each resend is signed afresh
             "jti": event_id(event),
-            "event": {
-                "id": event_id(event),
-                "job": event.job,
-                "seq": event.seq,
-                "at": event.at,
-                "from": event.from_state,
-                "to": event.to_state,
-                "actor": event.actor,
-                "reason": event.reason,
-                "domain": event.domain,
-                "retryable": event.retryable,
-            },
+            "event": {"id": event_id(event), **event.as_dict()},
         }
         if job is not None:
             claims["job"] = {"id": job.id, "job_id": job.job_id, "kind": job.kind, "state": job.state}
