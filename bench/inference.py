@@ -43,41 +43,54 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
-import secrets
-import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from node.client import sign_request  # noqa: E402
-from node.config import (  # noqa: E402
-    DEFAULT_PIDS_LIMIT,
-    DEFAULT_SANDBOX_USER,
-    DEFAULT_TMPFS_MB,
-    DEFAULT_VLLM_SHM_MB,
+from _common import (  # first: importing it puts the repository on sys.path for the project imports
+    DOCKER_BASELINE,
+    JWT_HEADERS,
+    LOG_TAIL_CHARS,
+    RUN_TIMEOUT_SECONDS,
+    Daemon,
+    JobRun,
+    add_run_options,
+    argv_hash_equals,
+    bind,
+    docker_run_argv,
+    ensure_images,
+    finish,
+    http_session,
+    interleave,
+    job_envelope,
+    median,
+    node_summary,
+    overhead_ms,
+    parse_args,
+    print_argv_hash,
+    print_overhead,
+    print_stages,
+    print_walls,
+    run_job,
+    sandbox_output_dir,
+    unique,
+    upload,
 )
-from payments.keys import Signer, new_ed25519, save_key  # noqa: E402
-from provider.catalog import hash_model_dir  # noqa: E402
-from provider.testmodel import MAX_CONTEXT, build_test_model  # noqa: E402
-from sandbox._outdir import prepare_output_dir  # noqa: E402
-from sandbox.vllm import (  # noqa: E402
+
+from node.client import sign_request
+from node.config import DEFAULT_SANDBOX_USER, DEFAULT_VLLM_SHM_MB
+from payments.keys import Signer, new_ed25519
+from provider.catalog import hash_model_dir
+from provider.testmodel import MAX_CONTEXT, build_test_model
+from sandbox.vllm import (
     BATCH_URL,
     CONTAINER_BATCH_PATH,
     CONTAINER_MODEL_DIR,
@@ -95,7 +108,6 @@ MAX_PRICE = "100.00"
 CONTAINER_OUTPUT_DIR = "/out"  # the runner's output mount and working directory
 DEFAULT_REQUESTS = 16
 DEFAULT_MAX_TOKENS = 32
-DEFAULT_CPUS = float(min(2, os.cpu_count() or 1))
 DEFAULT_MEMORY_MB = 3072
 MAX_OUTPUT_MB = 10
 PROMPTS = (
@@ -108,13 +120,7 @@ PROMPTS = (
 )
 WARMUP_PROMPT = "word " * 2100  # over the model's context: the quote counts it, then refuses it
 WARMUP_REFUSAL = "context_length_exceeded"
-SETUP_TIMEOUT_SECONDS = 1800  # scripts/docker.sh on a fresh machine builds the images
-RUN_TIMEOUT_SECONDS = 600  # one batch, either way
 DAEMON_READY_TIMEOUT_SECONDS = 60.0  # the daemon hashes the model before it answers
-DAEMON_STOP_TIMEOUT_SECONDS = 30.0
-HTTP_TIMEOUT_SECONDS = 60.0
-LOG_TAIL_CHARS = 4000
-FINISHED = frozenset({"completed", "failed", "cancelled", "rejected", "expired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +145,10 @@ class Answers:
 
 @dataclass(frozen=True, slots=True)
 class NodeRun:
-    """One job through the daemon: submit-to-completed wall time, the result, its output, stage starts."""
+    """One job through the daemon (submit-to-completed wall time, the result, stage starts) and its output."""
 
-    seconds: float
-    submit_seconds: float
-    result: dict[str, Any]
+    run: JobRun
     answers: Answers
-    stages: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,26 +158,6 @@ class DockerRun:
 
 
 # -- setup ---------------------------------------------------------------------------------------------
-
-
-def ensure_images() -> str:
-    """Make sure the engine runs and the images exist (``scripts/docker.sh``); the vLLM CPU image's ID."""
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "docker.sh")],
-        capture_output=True,
-        text=True,
-        timeout=SETUP_TIMEOUT_SECONDS,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"scripts/docker.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    inspect = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", IMAGE_TAG],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return inspect.stdout.strip()
 
 
 def chat_line(custom_id: str, text: str, *, max_tokens: int) -> dict[str, Any]:
@@ -208,33 +191,22 @@ def envelope(
     job_id: str, cid: str, *, requests: int, max_tokens: int, cpus: float, memory_mb: int
 ) -> dict[str, Any]:
     """The measured job as a requester sends it: the batch on the model, every line to be answered."""
-    return {
-        "job_id": job_id,
-        "kind": "vllm_batch",
-        "input_uri": cid,
-        "output_spec": {
+    return job_envelope(
+        job_id,
+        "vllm_batch",
+        cid,
+        output_spec={
             "format": "openai_batch_jsonl",
             "model": MODEL_NAME,
             "max_tokens": max_tokens,
             "max_requests": requests,
         },
-        "limits": {
-            "timeout_seconds": RUN_TIMEOUT_SECONDS,
-            "max_output_mb": MAX_OUTPUT_MB,
-            "cpus": cpus,
-            "memory_mb": memory_mb,
-            "gpus": 0,
-        },
-        "validation": {"all_answered": True},
-        "payment": {
-            "max_price": MAX_PRICE,
-            "currency": "usdc",
-            "chain_id": 31337,
-            "escrow": "0x" + "e" * 40,
-            "payer": "0x" + "a" * 40,
-            "validator": "did:pkh:eip155:31337:0x" + "b" * 40,
-        },
-    }
+        validation={"all_answered": True},
+        cpus=cpus,
+        memory_mb=memory_mb,
+        max_output_mb=MAX_OUTPUT_MB,
+        max_price=MAX_PRICE,
+    )
 
 
 def plan_for(model: Model, *, max_tokens: int, cpus: float, memory_mb: int) -> BatchPlan:
@@ -249,11 +221,6 @@ def plan_for(model: Model, *, max_tokens: int, cpus: float, memory_mb: int) -> B
         gpus=0,
         model_bytes=model.size,
     )
-
-
-def unique(env: dict[str, Any]) -> dict[str, Any]:
-    """``env`` under a new job id: a fresh job, not a resubmission of an earlier one."""
-    return {**env, "job_id": f"{env['job_id']}-{secrets.token_hex(6)}"}
 
 
 def read_answers(data: bytes) -> Answers:
@@ -290,65 +257,20 @@ def docker_argv(
     plan: BatchPlan, image: str, model: Model, batch: Path, out: Path, *, cpus: float, memory_mb: int
 ) -> list[str]:
     """``docker run`` of the plan under the same controls the node's runner applies to a vLLM job."""
-    env = [flag for key, value in plan.env.items() for flag in ("--env", f"{key}={value}")]
-    return [
-        "docker",
-        "run",
-        "--rm",
-        "--init",
-        "--read-only",
-        "--network",
-        "none",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges:true",
-        "--user",
-        DEFAULT_SANDBOX_USER,
-        *group_add(),
-        "--ipc",
-        "private",
-        "--shm-size",
-        f"{DEFAULT_VLLM_SHM_MB}m",
-        "--pids-limit",
-        str(DEFAULT_PIDS_LIMIT),
-        "--memory",
-        f"{memory_mb}m",
-        "--memory-swap",
-        f"{memory_mb}m",
-        "--cpus",
-        f"{cpus:g}",
-        "--ulimit",
-        "core=0",
-        "--log-driver",
-        "none",
-        "--tmpfs",
-        f"/tmp:rw,noexec,nosuid,nodev,size={DEFAULT_TMPFS_MB}m",
-        "--mount",
-        f"type=bind,source={out.resolve()},target={CONTAINER_OUTPUT_DIR}",
-        "--mount",
-        f"type=bind,source={model.path.resolve()},target={CONTAINER_MODEL_DIR},readonly",
-        "--mount",
-        f"type=bind,source={batch.resolve()},target={CONTAINER_BATCH_PATH},readonly",
-        "--workdir",
-        CONTAINER_OUTPUT_DIR,
-        *env,
-        "--entrypoint",
-        plan.argv[0],
+    return docker_run_argv(
+        plan.argv,
         image,
-        *plan.argv[1:],
-    ]
-
-
-def group_add() -> list[str]:
-    """``--group-add`` flags matching ``prepare_output_dir``: the caller's group unless it is root."""
-    return [] if os.geteuid() == 0 else ["--group-add", str(os.getegid())]
-
-
-def sandbox_output_dir(path: Path) -> None:
-    """A fresh output directory the sandbox user can write, made as the node's runner makes it."""
-    shutil.rmtree(path, ignore_errors=True)
-    prepare_output_dir(path, DEFAULT_SANDBOX_USER)
+        cpus=cpus,
+        memory_mb=memory_mb,
+        ipc=("--ipc", "private", "--shm-size", f"{DEFAULT_VLLM_SHM_MB}m"),
+        mounts=(
+            bind(out, CONTAINER_OUTPUT_DIR),
+            bind(model.path, CONTAINER_MODEL_DIR, readonly=True),
+            bind(batch, CONTAINER_BATCH_PATH, readonly=True),
+        ),
+        workdir=CONTAINER_OUTPUT_DIR,
+        env=plan.env,
+    )
 
 
 def warm_image(image: str) -> float:
@@ -383,123 +305,30 @@ def time_docker(argv: list[str], out: Path) -> DockerRun:
 # -- the node --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Daemon:
-    """``python -m node.cli run`` on a home of its own, the model in its catalog, log to a file.
+def model_config(model: Model) -> str:
+    """``node.toml`` lines for the model in the daemon's catalog, and no per-job minimum price.
 
     JSON strings and integers of plain text are TOML too, so ``[[models]]`` is written with ``json.dumps``.
     """
-
-    def __init__(self, home: Path, model: Model) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / "daemon.log"
-        home.mkdir(parents=True)
-        node_key = new_ed25519()
-        save_key(node_key, home / "node.key")
-        self.did = node_key.did
-        entry = {
-            "name": MODEL_NAME,
-            "path": str(model.path.resolve()),
-            "cid": model.cid,
-            "max_context": MAX_CONTEXT,
-            "dtype": MODEL_DTYPE,
-            **MODEL_PRICES,
-        }
-        (home / "node.toml").write_text(
-            f'[api]\nhost = "127.0.0.1"\nport = {self.port}\n[scheduler]\npaused = false\n'
-            '[pricing]\nminimum_per_job = "0"\n[[models]]\n'
-            + "".join(f"{key} = {json.dumps(value)}\n" for key, value in entry.items())
-        )
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would stall the daemon
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), "--port", str(self.port)],
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "HEARTH_LOGGING__LEVEL": "WARNING"},
-            )
-        deadline = time.monotonic() + DAEMON_READY_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError(f"the daemon was not ready in {DAEMON_READY_TIMEOUT_SECONDS:.0f} s")
-
-    def stop(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(DAEMON_STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-
-
-async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> str:
-    async with session.put(f"{url}/v1/blobs", data=io.BytesIO(data)) as r:
-        if r.status != 201:
-            raise RuntimeError(f"upload failed ({r.status}): {await r.text()}")
-        return str((await r.json())["cid"])
-
-
-async def upload_all(daemon: Daemon, blobs: list[bytes]) -> list[str]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)) as session:
-        return [await upload(session, daemon.url, data) for data in blobs]
-
-
-async def follow(session: aiohttp.ClientSession, url: str, job: str) -> list[dict[str, Any]]:
-    """The job's events, from the SSE stream, up to its first terminal transition."""
-    seen: list[dict[str, Any]] = []
-    timeout = aiohttp.ClientTimeout(total=RUN_TIMEOUT_SECONDS)
-    async with session.get(f"{url}/v1/jobs/{job}/events", timeout=timeout) as r:
-        async for raw in r.content:
-            line = raw.decode().rstrip("\r\n")
-            if not line.startswith("data: "):
-                continue
-            event = json.loads(line[len("data: ") :])
-            seen.append(event)
-            if event["type"] == "transition" and event["to"] in FINISHED:
-                return seen
-    raise RuntimeError(f"the event stream of {job} ended before the job did")
-
-
-def stage_offsets(events: list[dict[str, Any]], origin: float) -> dict[str, float]:
-    """When each state and executor stage began, in seconds after ``origin`` (the node's clock is ours)."""
-    offsets: dict[str, float] = {}
-    for event in events:
-        name = event["to"] if event["type"] == "transition" else (event.get("data") or {}).get("stage")
-        if name and name not in offsets:
-            offsets[name] = round(event["at"] - origin, 3)
-    return offsets
+    entry = {
+        "name": MODEL_NAME,
+        "path": str(model.path.resolve()),
+        "cid": model.cid,
+        "max_context": MAX_CONTEXT,
+        "dtype": MODEL_DTYPE,
+        **MODEL_PRICES,
+    }
+    return '[pricing]\nminimum_per_job = "0"\n[[models]]\n' + "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in entry.items()
+    )
 
 
 async def warm_node(daemon: Daemon, requester: Signer, env: dict[str, Any]) -> float:
     """Quote the warm-up batch: the node loads the tokenizer, counts the line, refuses it, holds nothing."""
     token = sign_request(requester, daemon.did, {"job": env})
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)) as session:
+    async with http_session() as session:
         t0 = time.perf_counter()
-        async with session.post(
-            f"{daemon.url}/v1/quotes", data=token, headers={"Content-Type": "application/jwt"}
-        ) as r:
+        async with session.post(f"{daemon.url}/v1/quotes", data=token, headers=JWT_HEADERS) as r:
             body = await r.json()
         seconds = time.perf_counter() - t0
     code = (body.get("error") or {}).get("code")
@@ -509,43 +338,17 @@ async def warm_node(daemon: Daemon, requester: Signer, env: dict[str, Any]) -> f
 
 
 async def node_job(daemon: Daemon, requester: Signer, env: dict[str, Any]) -> NodeRun:
-    """Submit ``env`` (its input an uploaded blob) and follow the job to its end; timed from the submit."""
-    token = sign_request(requester, daemon.did, {"job": env})
-    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        origin, t0 = time.time(), time.perf_counter()
-        async with session.post(
-            f"{daemon.url}/v1/jobs", data=token, headers={"Content-Type": "application/jwt"}
-        ) as r:
-            body = await r.json()
-        submitted = time.perf_counter() - t0
-        if r.status != 201:
-            raise RuntimeError(f"submit refused ({r.status}): {body}")
-        job = str(body["job"]["id"])
-        events = await follow(session, daemon.url, job)
-        seconds = time.perf_counter() - t0
-        if events[-1]["to"] != "completed":
-            raise RuntimeError(f"job {job} ended {events[-1]['to']}: {events[-1]}\n{daemon.tail()}")
-        async with session.get(f"{daemon.url}/v1/jobs/{job}/result") as r:
-            result: dict[str, Any] = (await r.json())["result"]
-        async with session.get(f"{daemon.url}/ipfs/{result['artifact_cid']}") as r:
+    """Submit ``env`` (its input an uploaded blob), follow the job to its end and fetch its output."""
+    async with http_session() as session:
+        done = await run_job(session, daemon, requester, env)
+        async with session.get(f"{daemon.url}/ipfs/{done.result['artifact_cid']}") as r:
             if r.status != 200:
-                raise RuntimeError(f"the artifact of {job} is not served ({r.status})")
+                raise RuntimeError(f"the artifact of {done.job} is not served ({r.status})")
             output = await r.read()
-    return NodeRun(
-        seconds=seconds,
-        submit_seconds=submitted,
-        result=result,
-        answers=read_answers(output),
-        stages=stage_offsets(events, origin),
-    )
+    return NodeRun(run=done, answers=read_answers(output))
 
 
 # -- the bench -------------------------------------------------------------------------------------------
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,13 +383,10 @@ class Runs:
     def run_node(self, s: Setup) -> None:
         # A fresh daemon each time, warmed by a refused quote (the tokenizer is loaded once per process).
         # Job ids are new each time, or the node would answer with the earlier job.
-        s.daemon.start()
-        try:
+        with s.daemon.running():
             self.warmups.append(asyncio.run(warm_node(s.daemon, s.requester, unique(s.warmup))))
             os.sync()
             self.node.append(asyncio.run(node_job(s.daemon, s.requester, unique(s.envelope))))
-        finally:
-            s.daemon.stop()
 
 
 def prepare(tmpdir: Path, args: argparse.Namespace, image: str) -> tuple[Setup, dict[str, Any]]:
@@ -602,14 +402,13 @@ def prepare(tmpdir: Path, args: argparse.Namespace, image: str) -> tuple[Setup, 
     batch.write_bytes(data)
     batch.chmod(0o644)  # the sandbox user reads it through a read-only mount
     warmup_data = jsonl([chat_line("warmup", WARMUP_PROMPT, max_tokens=args.max_tokens)])
-    daemon = Daemon(tmpdir / "node", model)
-    daemon.start()
-    try:
+    daemon = Daemon(
+        tmpdir / "node", ready_timeout_seconds=DAEMON_READY_TIMEOUT_SECONDS, config=model_config(model)
+    )
+    with daemon.running():
         t0 = time.perf_counter()
-        batch_cid, warm_cid = asyncio.run(upload_all(daemon, [data, warmup_data]))
+        batch_cid, warm_cid = upload(daemon, data, warmup_data)
         uploaded = time.perf_counter() - t0
-    finally:
-        daemon.stop()
     sizes = {"requests": args.requests, "max_tokens": args.max_tokens}
     setup = Setup(
         model=model,
@@ -634,7 +433,7 @@ def prepare(tmpdir: Path, args: argparse.Namespace, image: str) -> tuple[Setup, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    image = ensure_images()
+    image = ensure_images(IMAGE_TAG)
     runs = Runs()
     with tempfile.TemporaryDirectory(prefix="hearth-bench-inference-", dir=args.dir) as tmp:
         setup, facts = prepare(Path(tmp), args, image)
@@ -651,12 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             partial(runs.run_docker, setup, argv),
             partial(runs.run_node, setup),
         ]
-        for i in range(args.repeat):
-            for way in ways[i % 2 :] + ways[: i % 2]:
-                # Nothing left to write back: another run's dirty output would otherwise be flushed on
-                # this run's time (the node fsyncs its journal and its blocks).
-                os.sync()
-                way()
+        interleave(ways, args.repeat)
     return summarize(args, setup, facts, runs)
 
 
@@ -676,19 +470,17 @@ def tokens(answers: list[Answers], seconds: list[float]) -> dict[str, Any]:
 
 def summarize(args: argparse.Namespace, setup: Setup, facts: dict[str, Any], runs: Runs) -> dict[str, Any]:
     """The result document: medians, ratio, overheads, tokens, output agreement and targets."""
-    node_s = [r.seconds for r in runs.node]
+    job_runs = [r.run for r in runs.node]
+    node = node_summary(job_runs, facts["upload_seconds"])
     docker_s = [r.seconds for r in runs.docker]
-    runtime = [float(r.result["runtime_seconds"]) for r in runs.node]
-    container = [float(r.result["container_seconds"]) for r in runs.node]
-    argv_hashes = {str(r.result["provenance"]["argv_hash"]) for r in runs.node}
     node_answers = [r.answers for r in runs.node]
     docker_answers = [r.answers for r in runs.docker]
     everyone = [*node_answers, *docker_answers]
     all_answered = all(a.custom_ids == setup.custom_ids for a in everyone)
     all_ok = all(set(a.statuses.values()) == {200} for a in everyone)
-    d, n = median(docker_s), median(node_s)
+    d, n = median(docker_s), node["seconds"]
     ratio = n / d
-    node_usage = [r.result["usage"] for r in runs.node]
+    node_usage = [r.result["usage"] for r in job_runs]
     return {
         "model": {
             "name": MODEL_NAME,
@@ -702,32 +494,21 @@ def summarize(args: argparse.Namespace, setup: Setup, facts: dict[str, Any], run
         "repeat": args.repeat,
         "image": setup.image,
         "image_warmup_seconds": round(facts["image_warmup_seconds"], 3),
-        "docker_baseline": "docker CLI (docker run --rm) with the node's sandbox controls",
+        "docker_baseline": DOCKER_BASELINE,
         "docker": {
             "seconds": d,
             "runs": docker_s,
             "tokens": tokens(docker_answers, docker_s),
         },
         "node": {
-            "seconds": n,
-            "runs": node_s,
-            "submit_seconds": [round(r.submit_seconds, 4) for r in runs.node],
-            "runtime_seconds": runtime,
-            "container_seconds": container,
-            "stages": [r.stages for r in runs.node],
-            "upload_seconds": round(facts["upload_seconds"], 3),
+            **node,
             "warmup_quote_seconds": [round(w, 3) for w in runs.warmups],
-            "tokens": tokens(node_answers, node_s),
+            "tokens": tokens(node_answers, node["runs"]),
             "usage": node_usage,
-            "cost": [str(r.result["cost"]) for r in runs.node],
+            "cost": [str(r.result["cost"]) for r in job_runs],
         },
         "ratio": {"node/docker": ratio},
-        "overhead_ms": {
-            "node_minus_docker": (n - d) * 1000,
-            "runtime_minus_container": median([r - c for r, c in zip(runtime, container, strict=True)])
-            * 1000,
-            "node_minus_runtime": median([w - r for w, r in zip(node_s, runtime, strict=True)]) * 1000,
-        },
+        "overhead_ms": overhead_ms(node, d),
         "outputs": {
             "all_answered": all_answered,
             "all_status_200": all_ok,
@@ -738,7 +519,7 @@ def summarize(args: argparse.Namespace, setup: Setup, facts: dict[str, Any], run
                 for u, a in zip(node_usage, node_answers, strict=True)
             ),
         },
-        "argv_hash_equals_node": argv_hashes == {setup.plan.argv_hash},
+        "argv_hash_equals_node": argv_hash_equals(job_runs, setup.plan.argv_hash),
         "targets": {
             f"node/docker<={TARGET_NODE_OVER_DOCKER:.2f}": ratio <= TARGET_NODE_OVER_DOCKER,
             "all_answered": all_answered,
@@ -747,24 +528,21 @@ def summarize(args: argparse.Namespace, setup: Setup, facts: dict[str, Any], run
 
 
 def report(r: dict[str, Any]) -> None:
-    batch, ov, out = r["batch"], r["overhead_ms"], r["outputs"]
+    batch, out = r["batch"], r["outputs"]
     dock, node = r["docker"], r["node"]
     print(
         f"batch          : {batch['requests']} requests, max_tokens {batch['max_tokens']}, "
         f"{batch['bytes']} bytes; model {r['model']['name']} ({r['model']['bytes'] / 1e6:.1f} MB); "
         f"cpus {r['cpus']:g}, memory {r['memory_mb']} MB"
     )
-    print(f"docker run     : {dock['seconds']:8.3f} s  ({r['docker_baseline']})")
-    print(f"hearth node    : {node['seconds']:8.3f} s  (signed submit -> completed)")
+    print_walls(r)
     warm = ", ".join(f"{w:.2f}" for w in node["warmup_quote_seconds"])
     print(
         f"                 (median of {r['repeat']}; vLLM start-up inside both; warm-up quotes {warm} s, "
         "not counted)"
     )
     print(f"node/docker    : {r['ratio']['node/docker']:.3f}   (target <= {TARGET_NODE_OVER_DOCKER:.2f})")
-    print(f"node overhead  : {ov['node_minus_docker']:8.0f} ms  node wall - docker wall")
-    print(f"                 {ov['runtime_minus_container']:8.0f} ms  runtime_seconds - container_seconds")
-    print(f"                 {ov['node_minus_runtime']:8.0f} ms  node wall - runtime_seconds")
+    print_overhead(r["overhead_ms"])
     for name, way in (("docker tokens  ", dock), ("node tokens    ", node)):
         t = way["tokens"]
         prompt = ", ".join(str(x) for x in t["prompt"])
@@ -773,8 +551,7 @@ def report(r: dict[str, Any]) -> None:
             f"{name}: prompt {prompt}, completion {completion}; {t['completion_per_second']:.2f} "
             f"completion tok/s, {t['total_per_second']:.2f} tok/s"
         )
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in node["stages"][0].items())
-    print(f"node stages    : {stages}  (s after the submit, first run)")
+    print_stages(node)
     print(
         f"outputs        : all answered {str(out['all_answered']).lower()}, "
         f"same custom_ids {str(out['same_custom_ids']).lower()}, "
@@ -782,31 +559,22 @@ def report(r: dict[str, Any]) -> None:
         f"same texts {str(out['same_texts']).lower()} (not a target)"
     )
     print(f"usage == output: {str(out['node_usage_matches_output']).lower()}  (the node's billed tokens)")
-    print(f"argv == node's : {str(r['argv_hash_equals_node']).lower()}  (argv hash the node recorded)")
+    print_argv_hash(r)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="lines in the batch")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="completion cap per request")
-    ap.add_argument("--cpus", type=float, default=DEFAULT_CPUS, help="the job's CPU limit, both ways")
-    ap.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help="the job's memory limit")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each way; the median counts")
-    ap.add_argument("--dir", default=None, help="where the model, batch and outputs go (default: $TMPDIR)")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.repeat < 1:
-        ap.error("--repeat must be at least 1")
+    add_run_options(
+        ap, ways="both ways", memory_mb=DEFAULT_MEMORY_MB, dir_holds="the model, batch and outputs"
+    )
+    args = parse_args(ap)
     if args.requests < 1:
         ap.error("--requests must be at least 1")
     if not 1 <= args.max_tokens < MAX_CONTEXT // 2:
         ap.error(f"--max-tokens must be from 1 to {MAX_CONTEXT // 2 - 1}")
-    r = run(args)
-    if args.json:
-        print(json.dumps(r, indent=2))
-    else:
-        report(r)
-    return 0 if all(r["targets"].values()) else 1
+    return finish(run(args), as_json=args.json, report=report)
 
 
 if __name__ == "__main__":
