@@ -35,7 +35,7 @@ from run to run, so the texts of a random-weight model sometimes differ).
 Target: node/docker <= 1.10. Exits 1 when it is missed, or when an output missed a request; a failed run
 raises.
 
-    .venv/bin/python bench/inference.py [--requests 16] [--max-tokens 32] [--cpus 2] [--memory-mb 3072]
+    .venv/bin/python bench/inference.py [--requests 16] [--max-tokens 32] [--cpus 2] [--memory-mb 4096]
                                         [--repeat 1] [--dir DIR] [--json]
 """
 
@@ -108,7 +108,7 @@ MAX_PRICE = "100.00"
 CONTAINER_OUTPUT_DIR = "/out"  # the runner's output mount and working directory
 DEFAULT_REQUESTS = 16
 DEFAULT_MAX_TOKENS = 32
-DEFAULT_MEMORY_MB = 3072
+DEFAULT_MEMORY_MB = 4096
 MAX_OUTPUT_MB = 10
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",

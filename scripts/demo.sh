@@ -81,6 +81,18 @@ step "A requester identity (did:key, Ed25519); it pays from the devnet's funded 
 show hearth keys new --out "$DEMO/requester.key"
 echo "payer wallet $PAYER ($PAYER_KEY); validator $VALIDATOR"
 
+payment_yaml() {  # payment_yaml MAX_PRICE: an envelope's payment block, on the devnet's escrow and wallets
+  cat <<YAML
+payment:
+  max_price: "$1"
+  currency: usdc
+  chain_id: 31337
+  escrow: "$ESCROW"
+  payer: "$PAYER"
+  validator: $VALIDATOR
+YAML
+}
+
 if [[ "$KIND" == transcode ]]; then
 step "A 10 s 720p test clip, uploaded to the node: its CID is the job's input"
 python -c 'import sys; from sandbox.ffmpeg import make_test_clip; make_test_clip(__import__("pathlib").Path(sys.argv[1]), seconds=10, width=1280, height=720, fps=30)' "$DEMO/clip.mp4"
@@ -95,14 +107,8 @@ input_uri: $INPUT
 output_spec: {format: mp4, resolution: 480p, codec: h264, audio_codec: aac, clip: {start_seconds: 1, duration_seconds: 8}}
 limits: {timeout_seconds: 600, max_output_mb: 200, cpus: 1, memory_mb: 1024, gpus: 0}
 validation: {min_duration_seconds: 7.5, max_duration_seconds: 8.5, required_streams: [video, audio]}
-payment:
-  max_price: "$3"
-  currency: usdc
-  chain_id: 31337
-  escrow: "$ESCROW"
-  payer: "$PAYER"
-  validator: $VALIDATOR
 YAML
+  payment_yaml "$3" >>"$1"
 }
 else
 step "An OpenAI batch (chat completions JSONL), uploaded to the node: its CID is the job's input"
@@ -126,16 +132,10 @@ job_id: $2
 kind: vllm_batch
 input_uri: ${4:-$INPUT}
 output_spec: {format: openai_batch_jsonl, model: tiny-llama, max_tokens: 16, max_requests: 100}
-limits: {timeout_seconds: 600, max_output_mb: 20, cpus: 2, memory_mb: 3072, gpus: 0}
+limits: {timeout_seconds: 600, max_output_mb: 20, cpus: 2, memory_mb: 4096, gpus: 0}
 validation: {all_answered: true}
-payment:
-  max_price: "$3"
-  currency: usdc
-  chain_id: 31337
-  escrow: "$ESCROW"
-  payer: "$PAYER"
-  validator: $VALIDATOR
 YAML
+  payment_yaml "$3" >>"$1"
 }
 fi
 envelope "$DEMO/job.yaml" demo-job-1 2.50

@@ -85,7 +85,7 @@ def batch_envelope(cid: str, job_id: str, **overrides: Any) -> dict[str, Any]:
         "kind": "vllm_batch",
         "input_uri": cid,
         "output_spec": {"format": "openai_batch_jsonl", "model": MODEL, "max_tokens": 16, "max_requests": 10},
-        "limits": {"timeout_seconds": 600, "max_output_mb": 10, "cpus": 2, "memory_mb": 3072, "gpus": 0},
+        "limits": {"timeout_seconds": 600, "max_output_mb": 10, "cpus": 2, "memory_mb": 4096, "gpus": 0},
         "validation": {"all_answered": True},
     }
     return make_envelope(job_id, max_price="20.00", **(fields | overrides))
@@ -208,7 +208,7 @@ async def test_unknown_models_and_limits_a_model_cannot_run_in_are_refused_befor
         small = batch_envelope(cid, "y", limits={"cpus": 1, "memory_mb": 1024})
         err = await refusal(client, did, requester, small)
         assert (err.http_status, err.code) == (403, "memory_too_small_for_model")
-        assert err.body["error"]["details"]["min_memory_mb"] == 1536 + 2 + 1024
+        assert err.body["error"]["details"]["min_memory_mb"] == 2560 + 2 + 1024
         offer = await client.capacity()
     assert quote_node.node.ledger.snapshot()["holds"] == 0
     [advertised] = offer["models"]

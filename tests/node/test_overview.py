@@ -278,6 +278,9 @@ async def test_status_watch_redraws_until_ctrl_c(live_node: LiveNode) -> None:
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Ctrl-C as in a terminal: a test run started in the background has SIGINT ignored, and a child
+        # would inherit that and never see it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None and proc.stderr is not None
     frames = 0
@@ -289,7 +292,12 @@ async def test_status_watch_redraws_until_ctrl_c(live_node: LiveNode) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         # both pipes drained to the end: a refresh or a warning written meanwhile cannot block the exit
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        except TimeoutError:
+            proc.kill()
+            await proc.communicate()
+            raise
     assert proc.returncode == 0 and b"Traceback" not in err
 
 

@@ -79,7 +79,7 @@ def batch_env(*, model: str = MODEL, max_tokens: int = 16, **limits: Any) -> Vll
                 "max_tokens": max_tokens,
                 "max_requests": 10,
             },
-            limits={"timeout_seconds": 600, "max_output_mb": 10, "cpus": 2, "memory_mb": 3072, "gpus": 0}
+            limits={"timeout_seconds": 600, "max_output_mb": 10, "cpus": 2, "memory_mb": 4096, "gpus": 0}
             | limits,
             validation={"all_answered": True},
         )

@@ -323,11 +323,11 @@ def test_cpu_plan() -> None:
     assert json.loads(flag(argv, "--override-generation-config")) == {"max_new_tokens": 16}
     assert "--enforce-eager" in argv
     assert "--tensor-parallel-size" not in argv
-    # 4096 MB - 1536 runtime - 100 weights = 2460 MB spare: 2 whole GiB of KV cache
+    # 4096 MB - 2560 runtime - 100 weights = 1436 MB spare: 1 whole GiB of KV cache
     assert plan.env == {
         "OMP_NUM_THREADS": "2",  # 1.5 CPUs round up
         "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     }
 
@@ -357,11 +357,11 @@ def test_argv_hash_names_the_plan() -> None:
 
 def test_cpu_memory_arithmetic() -> None:
     model_bytes = 100 * MIB + 1  # a started MiB counts whole
-    assert cpu_memory_needed_mb(model_bytes) == CPU_RUNTIME_MB + 101 + CPU_MIN_KV_CACHE_MB == 2661
+    assert cpu_memory_needed_mb(model_bytes) == CPU_RUNTIME_MB + 101 + CPU_MIN_KV_CACHE_MB == 3685
     # the least memory a run needs gets exactly the smallest cache
     assert kv_cache_gib(cpu_memory_needed_mb(model_bytes), model_bytes) == 1
-    assert kv_cache_gib(1536 + 101 + 3 * 1024, model_bytes) == 3
-    assert kv_cache_gib(1536 + 101 + 3 * 1024 - 1, model_bytes) == 2
+    assert kv_cache_gib(CPU_RUNTIME_MB + 101 + 3 * 1024, model_bytes) == 3
+    assert kv_cache_gib(CPU_RUNTIME_MB + 101 + 3 * 1024 - 1, model_bytes) == 2
     assert kv_cache_gib(512, model_bytes) == 1  # never less than one GiB
 
 
