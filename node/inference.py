@@ -42,7 +42,7 @@ from sandbox.vllm import (
     batch_plan,
     check_batch_output,
     parse_batch,
-    raise_for_batch_checks,
+    raise_for_checks,
 )
 from storage import FetchedInput, import_bytes
 
@@ -196,7 +196,7 @@ class InferenceExecutor(WorkloadExecutor):
         outcome = await asyncio.to_thread(
             check_batch_output, batch, data, all_answered=env.validation.all_answered
         )
-        raise_for_batch_checks(outcome.checks)
+        raise_for_checks(outcome.checks)
         imported = await asyncio.to_thread(import_bytes, data, self._store)
         used = WorkEstimate(
             cpu_seconds=0.0,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypedDict, TypeGuard
 
-from node.errors import OutputValidationError, RequestError
+from node.errors import RequestError
 
 BATCH_URL: Final = "/v1/chat/completions"
 MAX_BATCH_BYTES: Final = 256 * 1024 * 1024  # a batch is read whole to be checked
@@ -317,17 +317,6 @@ def check_batch_output(
         completion_tokens=completion,
         status_counts=statuses,
     )
-
-
-def raise_for_batch_checks(checks: BatchChecks) -> None:
-    """Raise ``OutputValidationError("checks_failed")`` carrying the whole document if any check failed."""
-    failed = [c["name"] for c in checks["checks"] if not c["passed"]]
-    if failed:
-        raise OutputValidationError(
-            "checks_failed",
-            "the batch output failed its checks: " + ", ".join(failed),
-            details={"checks": checks, "failed": failed},
-        )
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

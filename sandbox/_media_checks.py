@@ -155,17 +155,6 @@ def check_output(
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def raise_for_checks(checks: Checks) -> None:
-    """Raise ``OutputValidationError("checks_failed")`` carrying the whole document if any check failed."""
-    failed = [c["name"] for c in checks["checks"] if not c["passed"]]
-    if failed:
-        raise OutputValidationError(
-            "checks_failed",
-            "the output failed its checks: " + ", ".join(failed),
-            details={"checks": checks, "failed": failed},
-        )
-
-
 # -- reading the folder ---------------------------------------------------------------------------------
 
 

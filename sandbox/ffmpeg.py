@@ -20,6 +20,7 @@ host runs (tests, the demo, benchmarks) pass their own, and use :func:`run_plan`
 
 from __future__ import annotations
 
+from sandbox._checks import raise_for_checks
 from sandbox._media_checks import (
     DEFAULT_DURATION_TOLERANCE_SECONDS,
     Check,
@@ -28,7 +29,6 @@ from sandbox._media_checks import (
     OutputFile,
     check_output,
     collect_outputs,
-    raise_for_checks,
 )
 from sandbox._media_common import (
     CONTAINER_INPUT_PATH,

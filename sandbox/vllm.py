@@ -8,7 +8,7 @@ A job flows through it in this order::
     batch_plan(...)             -> BatchPlan: argv and environment for the image (sandbox/images/vllm-*)
     BatchProgress().feed(line)  -> percent done, from run_batch's progress bar
     check_batch_output(batch, output, all_answered=...)
-                                -> BatchOutcome: checks, tokens used; raise_for_batch_checks() on failure
+                                -> BatchOutcome: checks, tokens used; raise_for_checks() on failure
 
 The model directory and the batch are mounted read-only (:data:`CONTAINER_MODEL_DIR`,
 :data:`CONTAINER_BATCH_PATH`); the output is the one file :data:`CONTAINER_OUTPUT_PATH`. The container has
@@ -36,8 +36,8 @@ from sandbox._batch import (
     bad_batch,
     check_batch_output,
     parse_batch,
-    raise_for_batch_checks,
 )
+from sandbox._checks import raise_for_checks
 
 __all__ = [
     "BATCH_URL",
@@ -59,7 +59,7 @@ __all__ = [
     "cpu_memory_needed_mb",
     "kv_cache_gib",
     "parse_batch",
-    "raise_for_batch_checks",
+    "raise_for_checks",
 ]
 
 CONTAINER_MODEL_DIR: Final = "/model"

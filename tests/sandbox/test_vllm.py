@@ -29,7 +29,7 @@ from sandbox.vllm import (
     cpu_memory_needed_mb,
     kv_cache_gib,
     parse_batch,
-    raise_for_batch_checks,
+    raise_for_checks,
 )
 
 MODEL = "tiny-llama"
@@ -185,7 +185,7 @@ def test_a_good_output_passes_every_check_and_sums_the_usage() -> None:
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (30, 20)
     assert outcome.usage() == {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}
     assert outcome.status_counts == {"200": 2}
-    raise_for_batch_checks(outcome.checks)  # nothing to raise
+    raise_for_checks(outcome.checks)  # nothing to raise
 
 
 @pytest.mark.parametrize(
@@ -276,10 +276,10 @@ def test_a_line_with_neither_response_nor_error_is_malformed() -> None:
     assert checks_of(outcome)["answered_once"]["missing"] == ["q2"]
 
 
-def test_raise_for_batch_checks_names_what_failed() -> None:
+def test_raise_for_checks_names_what_failed() -> None:
     outcome = check_batch_output(BATCH, jsonl(answer("q1", 10, 99), "not json"), all_answered=True)
     with pytest.raises(OutputValidationError) as info:
-        raise_for_batch_checks(outcome.checks)
+        raise_for_checks(outcome.checks)
     err = info.value
     assert err.code == "checks_failed"
     assert err.details["failed"] == ["line_format", "answered_once", "token_usage"]
