@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.config import NodeConfig
 from node.envelope import (
@@ -36,13 +36,15 @@ from node.metrics import Metrics
 from node.webhooks import check_callback
 from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
-from payments.receipts import Authorization, FundingTerms
-from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, Resources
 from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe, WorkEstimate, estimator_for
 from provider.policy import screen
 from provider.pricing import Bid, Pricer, check_max_price
+
+if TYPE_CHECKING:  # web3 and eth-account take a second to import; a node without a chain never needs them
+    from payments.receipts import Authorization, FundingTerms
+    from payments.settlement import Settlement
 
 AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
 Prober = Callable[[AnyEnvelope], Awaitable[InputProbe | None]]

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.admission import Admission
 from node.config import (
@@ -33,7 +34,6 @@ from node.metrics import Metrics
 from node.scheduler import Scheduler
 from node.webhooks import WebhookDispatcher
 from payments.keys import EthSigner, Signer, load_eth_key, load_key
-from payments.settlement import Settlement
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
 from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe
@@ -41,6 +41,9 @@ from provider.offers import OfferIssuer
 from provider.registry import OfferPusher
 from sandbox.runner import SandboxRunner
 from storage import Blockstore, open_blockstore
+
+if TYPE_CHECKING:
+    from payments.settlement import Settlement
 
 log = logging.getLogger("hearth.node")
 
@@ -206,6 +209,8 @@ class Node:
         self._webhooks = WebhookDispatcher(self.cfg.webhooks, journal, self.signer, now=self.now)
         await self._webhooks.start()
         if self.cfg.chain is not None:
+            from payments.settlement import Settlement  # web3 and eth-account: only for a node with a chain
+
             settlement = Settlement(
                 self.cfg.chain,
                 journal,

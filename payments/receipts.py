@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
@@ -173,6 +171,9 @@ class _Reader:
 
 def _recover(typed_data: dict[str, Any], signature: bytes) -> str | None:
     """The address that signed ``typed_data``, or None if the signature does not recover at all."""
+    from eth_account import Account  # a third of a second to import: only nodes that take payments pay it
+    from eth_account.messages import encode_typed_data
+
     try:
         return str(Account.recover_message(encode_typed_data(full_message=typed_data), signature=signature))
     except Exception:  # malformed r/s/v: eth-keys raises several types; any of them means "no signer"
@@ -180,6 +181,8 @@ def _recover(typed_data: dict[str, Any], signature: bytes) -> str | None:
 
 
 def _sign(signer: EthSigner, typed_data: dict[str, Any]) -> bytes:
+    from eth_account import Account
+
     signed = Account.sign_typed_data(signer.private_key_bytes(), full_message=typed_data)
     return bytes(signed.signature)
 

@@ -26,7 +26,7 @@ from node.daemon import Node
 from node.errors import Domain
 from node.journal import JobFields, Journal
 from node.overview import PERIODS
-from node.status_cli import sparkline
+from node.status_view import sparkline
 from payments.keys import Signer
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import REPO, LiveNode, live, make_envelope, write_home

@@ -1,0 +1,37 @@
+"""The daemon starts without importing what only some nodes use (restart-to-ready target: <= 1 s).
+
+eth-account (with py_ecc) and web3 take about half a second to import; a node without ``[chain]`` never
+needs them, and ``rich`` is only for ``hearth status``. A module-level import of any of them in the
+daemon's path would put that back on every start.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# what `hearth run` imports before it serves: the CLI, the server and the node
+PROBE = """
+import json, sys
+import node.cli, node.server, node.daemon
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {"eth_account", "web3", "rich", "py_ecc"})))
+"""
+
+
+def test_the_daemon_path_imports_no_payment_stack_and_no_rich() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout) == []
+
+
+def test_a_node_with_a_chain_still_gets_the_payment_stack() -> None:
+    probe = "import json, sys\nimport payments.settlement\nprint(json.dumps('eth_account' in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout) is True
