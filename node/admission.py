@@ -19,13 +19,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from node.config import NodeConfig
 from node.envelope import (
     FfmpegTranscodeEnvelope,
     VllmBatchEnvelope,
     envelope_dict,
-    envelope_hash,
-    idempotency_key,
+    envelope_digests,
     node_job_id,
     parse_envelope,
 )
@@ -72,6 +73,31 @@ class Incoming:
 
 
 @dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A valid envelope with what :class:`Incoming` derives from it for one requester."""
+
+    env: AnyEnvelope
+    doc: dict[str, Any]
+    hash: str
+    key: str
+    job_key: str
+
+
+ENVELOPE_CACHE_SIZE = 4096
+
+
+def _envelope_key(iss: Any, raw: Any) -> tuple[str, bytes] | None:
+    """The cache key of a request's ``job`` claim: its issuer and exact JSON (``1``, ``1.0`` and ``true``
+    stay apart, as strict validation tells them apart); None for what JSON cannot write back."""
+    if not isinstance(iss, str) or not isinstance(raw, dict):
+        return None
+    try:
+        return iss, orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: validated the long way
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class Quote:
     """A signed quote and the job it prices."""
 
@@ -93,21 +119,6 @@ def _quote_expired() -> PricingError:
     return PricingError(
         "quote_expired", "the quote has expired; ask for a new one", http_status=409, retryable=True
     )
-
-
-class _CommittedWithTheAnswer:
-    """The journal's replay cache, with each admitted nonce committed in the request's own write.
-
-    A quote or an acceptance then costs one commit, not two. Every public :class:`Admission` method
-    flushes what is still pending before it returns or raises, so no answer leaves the node before the
-    nonce of its request is durable.
-    """
-
-    def __init__(self, journal: Journal) -> None:
-        self._journal = journal
-
-    def check_and_record(self, iss: str, jti: str, exp: int) -> bool:
-        return self._journal.reserve_nonce(iss, jti, exp)
 
 
 def resources_of(env: AnyEnvelope) -> Resources:
@@ -144,7 +155,7 @@ class Admission:
         self.pricer = Pricer(cfg.pricing, gpu_model=gpu_model, models=cfg.models, home=home)
         self.verifier = RequestVerifier(
             signer.did,
-            _CommittedWithTheAnswer(journal),
+            journal,  # the replay cache: each nonce is committed with the request's own writes
             clock_skew_seconds=cfg.api.clock_skew_seconds,
             max_lifetime_seconds=cfg.api.max_token_lifetime_seconds,
             now=now,
@@ -152,6 +163,9 @@ class Admission:
         self._now = now
         self._prober = prober
         self._locks: dict[str, asyncio.Lock] = {}
+        # envelopes already checked, by requester and exact JSON: a quote's envelope comes back with its
+        # acceptance (and with every retry), and need not be validated and hashed again
+        self._envelopes: dict[tuple[str, bytes], _Parsed] = {}
 
     def reconfigure(self, cfg: NodeConfig) -> None:
         """Take new prices and policy (SIGHUP); jobs and holds stay as they are."""
@@ -161,25 +175,30 @@ class Admission:
     # -- requests ---------------------------------------------------------------------------------------
 
     def _verify(self, token: str) -> Incoming:
-        parsed: list[AnyEnvelope] = []
+        parsed: list[tuple[tuple[str, bytes] | None, AnyEnvelope | _Parsed]] = []
 
         def parse_job(payload: dict[str, Any]) -> None:
             # before the jti is recorded: a malformed envelope is refused without a trace
             if "job" not in payload:
                 raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
-            parsed.append(parse_envelope(payload["job"]))
+            raw = payload["job"]
+            seen = _envelope_key(payload["iss"], raw)
+            hit = None if seen is None else self._envelopes.get(seen)
+            parsed.append((seen, parse_envelope(raw) if hit is None else hit))
 
         request = self._verify_token(token, parse_job)
-        env = parsed[0]
+        seen, found = parsed[0]
+        if isinstance(found, _Parsed):
+            return Incoming(request, found.env, found.doc, found.hash, found.key, found.job_key)
+        env = found
         doc = envelope_dict(env)
-        return Incoming(
-            request=request,
-            env=env,
-            doc=doc,
-            hash=envelope_hash(doc),
-            key=idempotency_key(request.iss, doc),
-            job_key=node_job_id(request.iss, env.job_id),
-        )
+        digest, key = envelope_digests(request.iss, doc)
+        job_key = node_job_id(request.iss, env.job_id)
+        if seen is not None:
+            if len(self._envelopes) >= ENVELOPE_CACHE_SIZE:
+                del self._envelopes[next(iter(self._envelopes))]  # the oldest
+            self._envelopes[seen] = _Parsed(env, doc, digest, key, job_key)
+        return Incoming(request=request, env=env, doc=doc, hash=digest, key=key, job_key=job_key)
 
     def _verify_token(self, token: str, before_record: Callable[[dict[str, Any]], None]) -> VerifiedRequest:
         """Verify a signed request; ``before_record`` refuses its payload before the jti is recorded."""
@@ -214,10 +233,8 @@ class Admission:
 
     async def quote(self, token: str) -> Quote:
         """POST /v1/quotes: a signed quote, or a structured refusal carrying the node's ask."""
-        try:
+        async with self.journal.batched():
             return await self._quote(token)
-        finally:
-            self.journal.flush_nonces()
 
     async def _quote(self, token: str) -> Quote:
         inc = self._verify(token)
@@ -322,6 +339,7 @@ class Admission:
                         "quote_expires_at": float(expires_at),
                     },
                 )
+            await self.journal.committed()
         except BaseException:
             self.ledger.release(job_key)
             raise
@@ -379,10 +397,8 @@ class Admission:
         ``funding``: the payer's EIP-3009 authorization for the quote's escrow terms (gasless funding),
         checked before the job is accepted; without it the payer funds the escrow itself.
         """
-        try:
+        async with self.journal.batched():
             return await self._submit(token, quote_jwt, funding)
-        finally:
-            self.journal.flush_nonces()
 
     async def _submit(self, token: str, quote_jwt: str | None, funding: Any) -> Submission:
         inc = self._verify(token)
@@ -423,11 +439,12 @@ class Admission:
                     reason=f"accepted at {job.price} usdc",
                     expect="priced",
                 )
+                if self.settlement is not None and payment is not None:
+                    self.settlement.open_payment(accepted, *payment)
+                await self.journal.committed()
             except BaseException:
                 self.ledger.set_expiry(job.id, job.quote_expires_at)
                 raise
-            if self.settlement is not None and payment is not None:
-                self.settlement.open_payment(accepted, *payment)
             self.metrics.accepted()
             return Submission(job=accepted, accepted_now=True)
 
@@ -490,10 +507,8 @@ class Admission:
 
     async def cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
         """Cancel for the job's requester: a signed request whose ``cancel`` claim names the job."""
-        try:
+        async with self.journal.batched():
             return await self._cancel(job, token)
-        finally:
-            self.journal.flush_nonces()
 
     async def _cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
 
@@ -521,6 +536,7 @@ class Admission:
             updated, _ = self.journal.transition(
                 job, "cancelled", actor=request.iss, reason="cancelled by requester", expect=record.state
             )
+            await self.journal.committed()
             self.ledger.release(job)
             return updated, "cancelled"
 

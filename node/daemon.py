@@ -132,6 +132,11 @@ class Node:
             raise RuntimeError("node not started")
         return self._journal
 
+    async def settled(self) -> None:
+        """Wait until the journal has committed what it holds (an answer states only durable facts)."""
+        if self._journal is not None:
+            await self._journal.settled()
+
     @property
     def admission(self) -> Admission:
         if self._admission is None:
@@ -197,6 +202,7 @@ class Node:
             self.state_dir / self.cfg.journal.filename, synchronous=self.cfg.journal.synchronous, now=self.now
         )
         self._journal = journal
+        journal.checkpoint_in_background()
         now = self.now()
         journal.expire_quotes(now)
         self.ledger.load(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import orjson
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -213,7 +213,7 @@ _MAX_SAFE_INT = 2**53 - 1
 
 
 def _plain(obj: Any) -> Any:
-    """``obj`` rewritten so that ``json.dumps(sort_keys=True)`` emits its exact JCS form, or ``_NOT_PLAIN``.
+    """``obj`` rewritten so that sorted-key compact JSON of it is its exact JCS form, or ``_NOT_PLAIN``.
 
     That holds for ASCII keys (code-point order = UTF-16 order), integers within IEEE-754 range, and
     floats whose shortest repr Python and ECMAScript both write in plain decimal notation (1e-4 <= |x| <
@@ -256,9 +256,19 @@ def canonical_json(obj: Any) -> bytes:
     plain = _plain(obj)
     if plain is _NOT_PLAIN:
         return rfc8785.dumps(obj)
-    return json.dumps(
-        plain, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
-    ).encode()
+    return _dumps_plain(plain)
+
+
+def _dumps_plain(plain: Any) -> bytes:
+    """JCS bytes of a value :func:`_plain` returned (orjson writes such values exactly as JCS does).
+
+    A string holding a lone surrogate (JSON allows ``"\\ud800"``) is not Unicode text and has no JCS form:
+    ``ValueError``, as from the reference implementation.
+    """
+    try:
+        return orjson.dumps(plain, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"not canonicalizable as JSON: {exc}") from None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -279,14 +289,25 @@ def envelope_hash(env: FfmpegTranscodeEnvelope | VllmBatchEnvelope | dict[str, A
 def idempotency_key(iss: str, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope | dict[str, Any]) -> str:
     """``sha256(JCS({iss, job_id, kind, input, output_spec}))``: same submission, same job (DESIGN §3)."""
     d = env if isinstance(env, dict) else envelope_dict(env)
-    doc = {
+    return sha256_hex(canonical_json(_idempotency_doc(iss, d)))
+
+
+def _idempotency_doc(iss: str, d: dict[str, Any]) -> dict[str, Any]:
+    return {
         "iss": iss,
         "job_id": d["job_id"],
         "kind": d["kind"],
         "input": {"uri": d["input_uri"], "sha256": d["input_sha256"]},
         "output_spec": d["output_spec"],
     }
-    return sha256_hex(canonical_json(doc))
+
+
+def envelope_digests(iss: str, doc: dict[str, Any]) -> tuple[str, str]:
+    """``(envelope_hash(doc), idempotency_key(iss, doc))`` of an :func:`envelope_dict`, walking it once."""
+    plain = _plain(doc)
+    if plain is _NOT_PLAIN:
+        return envelope_hash(doc), idempotency_key(iss, doc)
+    return sha256_hex(_dumps_plain(plain)), sha256_hex(_dumps_plain(_idempotency_doc(iss, plain)))
 
 
 def node_job_id(iss: str, job_id: str) -> str:

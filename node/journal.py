@@ -20,6 +20,7 @@ thread, each call costing tens of microseconds. No ``sqlite3`` exception leaves 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,12 +28,15 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypedDict, cast, get_args
+
+import orjson
 
 from node.errors import DOMAINS, ConflictError, Domain, IllegalTransitionError, JournalError, NotFoundError
 
@@ -522,7 +526,7 @@ _SQL_NONCE_SEEN: Final = "SELECT 1 FROM nonces WHERE iss = ? AND jti = ?"
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _with_flag(row: tuple[Any, ...], at: int) -> list[Any]:
@@ -602,6 +606,66 @@ class _Txn:
     events: list[Event] = field(default_factory=list)
 
 
+@dataclass(eq=False, slots=True)
+class _Group:
+    """Writes of concurrent requests sharing one open transaction, committed once (:meth:`Journal.batched`).
+
+    Each write is a savepoint inside it, so a write that fails is undone alone. ``done`` resolves, on the
+    event loop, when the commit has happened or failed.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    thread: int
+    done: asyncio.Future[None]
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """One task's share in group commits: the journal, its thread and the groups it wrote into."""
+
+    journal: Journal
+    thread: int
+    groups: list[_Group] = field(default_factory=list)
+
+
+_BATCH: ContextVar[_Batch | None] = ContextVar("hearth_journal_batch", default=None)
+
+
+class _Checkpointer:
+    """A thread that checkpoints the WAL through its own connection (``PASSIVE``: it never blocks a writer).
+
+    SQLite releases the GIL while it copies pages and syncs the database file, so this runs beside the
+    event loop rather than inside the commit that happens to cross the autocheckpoint threshold.
+    """
+
+    def __init__(self, path: Path, interval_seconds: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(path, interval_seconds), name="hearth-journal-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, path: Path, interval_seconds: float) -> None:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            logger.warning("journal checkpoints: cannot open %s: %s", path, exc)
+            return
+        try:
+            while not self._stop.wait(interval_seconds):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # e.g. a full disk: the WAL keeps the data; try again later
+                    logger.warning("journal checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 # --------------------------------------------------------------------------------------------- journal
 
 
@@ -619,8 +683,8 @@ class Journal:
         self._now = now
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
-        # nonces admitted by reserve_nonce(), committed with the next write or by flush_nonces()
-        self._pending_nonces: dict[tuple[str, str], float] = {}
+        self._group: _Group | None = None  # the open group commit (see batched())
+        self._checkpointer: _Checkpointer | None = None
 
     # ----------------------------------------------------------------------------------------- lifetime
 
@@ -678,11 +742,15 @@ class Journal:
         return self._path
 
     def close(self) -> None:
-        """Commit reserved nonces, then close; later calls raise ``journal_closed``; twice is harmless."""
+        """Commit a pending group, then close; later calls raise ``journal_closed``; twice is harmless."""
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()
         with self._lock:
-            if self._conn is not None:
+            group = self._group
+            if group is not None:
                 with suppress(JournalError):
-                    self.flush_nonces()
+                    self._commit_group(group)
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -726,29 +794,174 @@ class Journal:
 
     @contextmanager
     def _write(self) -> Iterator[_Txn]:
-        """One ``BEGIN IMMEDIATE ... COMMIT``; rolled back whole on any error; listeners told after commit."""
+        """One write, whole or not at all; listeners are told after it is committed.
+
+        Alone, a write is one ``BEGIN IMMEDIATE ... COMMIT``. Inside :meth:`batched` (on the loop's thread) it
+        joins the open group transaction as a savepoint and is committed with the group. Any other write
+        while a group is open joins it too and commits the whole group at once, so that a caller outside
+        a batch still finds its write durable when the call returns.
+        """
+        batch = _BATCH.get()
+        deferred = batch is not None and batch.journal is self and batch.thread == threading.get_ident()
         with self._lock:
-            txn = _Txn(self._connection())
-            try:
-                txn.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _write_error(exc) from exc
-            nonces = dict(self._pending_nonces)
-            try:
-                if nonces:
-                    txn.conn.executemany(_SQL_NONCE_INSERT, [(i, j, e) for (i, j), e in nonces.items()])
-                yield txn
-                txn.conn.execute("COMMIT")
-                for key in nonces:
-                    self._pending_nonces.pop(key, None)
-            except BaseException as exc:
-                if txn.conn.in_transaction:
-                    with suppress(sqlite3.Error):
-                        txn.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+            conn = self._connection()
+            if deferred or self._group is not None:
+                group = self._group if self._group is not None else self._open_group(conn)
+                txn = _Txn(conn)
+                try:
+                    conn.execute("SAVEPOINT hearth_write")
+                    yield txn
+                    conn.execute("RELEASE hearth_write")
+                except BaseException as exc:
+                    self._undo_savepoint(conn, group, exc)
+                    if isinstance(exc, sqlite3.Error):
+                        raise _write_error(exc) from exc
+                    raise
+                group.events.extend(txn.events)
+                if deferred:
+                    assert batch is not None
+                    if not batch.groups or batch.groups[-1] is not group:
+                        batch.groups.append(group)
+                    return
+                events = self._commit_group(group)
+            else:
+                txn = _Txn(conn)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
                     raise _write_error(exc) from exc
-                raise
-        self._notify(txn.events)
+                try:
+                    yield txn
+                    conn.execute("COMMIT")
+                except BaseException as exc:
+                    if conn.in_transaction:
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise _write_error(exc) from exc
+                    raise
+                events = txn.events
+        self._notify(events)
+
+    # ----------------------------------------------------------------------------------------- group commit
+
+    @asynccontextmanager
+    async def batched(self) -> AsyncIterator[None]:
+        """Let this task's writes share one commit with those of other tasks in the same loop iteration.
+
+        Within the block, a write returns once it is written into the open group transaction; the group
+        commits from the event loop right after the tasks that are ready have run (one ``COMMIT`` for
+        many requests, not one each). On the way out the block waits until everything the task wrote is
+        committed, so nothing is answered before it is durable; a failed commit raises ``JournalError``
+        (``journal_write_failed``) here or from :meth:`committed`. Only writes made on the loop's thread
+        are deferred; any other write commits the open group at once.
+        """
+        batch = _Batch(self, threading.get_ident())
+        token = _BATCH.set(batch)
+        try:
+            yield
+        finally:
+            _BATCH.reset(token)
+            await self._wait(batch)
+
+    async def committed(self) -> None:
+        """Inside :meth:`batched`: wait until this task's writes so far are committed (raises if not)."""
+        batch = _BATCH.get()
+        if batch is not None and batch.journal is self:
+            await self._wait(batch)
+
+    async def settled(self) -> None:
+        """Wait for the open group commit, if any (a reader about to answer with what it read)."""
+        group = self._group
+        if group is not None and group.thread == threading.get_ident():
+            await asyncio.shield(group.done)
+
+    @staticmethod
+    async def _wait(batch: _Batch) -> None:
+        groups, batch.groups = batch.groups, []
+        for group in groups:
+            # shielded: a cancelled request still leaves its writes to the group, which commits anyway
+            await asyncio.shield(group.done)
+
+    def _open_group(self, conn: sqlite3.Connection) -> _Group:
+        loop = asyncio.get_running_loop()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _write_error(exc) from exc
+        group = _Group(loop, threading.get_ident(), loop.create_future())
+        self._group = group
+        loop.call_soon(self._commit_scheduled, group)
+        return group
+
+    def _commit_scheduled(self, group: _Group) -> None:
+        with suppress(JournalError):  # the members get the error from their future
+            with self._lock:
+                events = self._commit_group(group)
+            self._notify(events)
+
+    def _commit_group(self, group: _Group) -> list[Event]:
+        """Commit ``group`` (lock held) if it is still open; returns its events for the listeners."""
+        if self._group is not group:
+            return []
+        self._group = None
+        conn = self._connection()
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = _write_error(exc)
+            self._resolve(group, error)
+            raise error from exc
+        self._resolve(group, None)
+        return group.events
+
+    def _undo_savepoint(self, conn: sqlite3.Connection, group: _Group, exc: BaseException) -> None:
+        """Undo one failed write of ``group``; should SQLite have dropped the whole transaction, fail it."""
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK TO hearth_write")
+                conn.execute("RELEASE hearth_write")
+                return
+            except sqlite3.Error:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+        if self._group is group:
+            self._group = None
+            error = (
+                exc
+                if isinstance(exc, JournalError)
+                else JournalError("journal_write_failed", f"the journal dropped a transaction: {exc}")
+            )
+            self._resolve(group, error)
+
+    @staticmethod
+    def _resolve(group: _Group, error: BaseException | None) -> None:
+        def settle() -> None:
+            if group.done.done():
+                return
+            if error is None:
+                group.done.set_result(None)
+            else:
+                group.done.set_exception(error)
+
+        if threading.get_ident() == group.thread:
+            settle()
+        else:
+            with suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                group.loop.call_soon_threadsafe(settle)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def checkpoint_in_background(self, interval_seconds: float = 0.5) -> None:
+        """Move WAL checkpoints off the writers: a thread with its own connection copies committed pages
+        into the database every ``interval_seconds``; commits then only append to the WAL."""
+        if self._checkpointer is None:
+            with self._lock:
+                self._connection().execute("PRAGMA wal_autocheckpoint = 0")
+            self._checkpointer = _Checkpointer(self._path, interval_seconds)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -793,34 +1006,12 @@ class Journal:
     def check_and_record(self, iss: str, jti: str, exp: float) -> bool:
         """Record the nonce ``(iss, jti)`` until ``exp``; ``False`` if it was already recorded (a replay).
 
-        Committed before returning, so a replay is refused even across a restart.
+        Committed before returning (inside :meth:`batched`: before the batch ends), so a replay is refused
+        even across a restart.
         """
         _check_time("exp", exp)
         with self._write() as txn:
             return txn.conn.execute(_SQL_NONCE_INSERT, (iss, jti, exp)).rowcount == 1
-
-    def reserve_nonce(self, iss: str, jti: str, exp: float) -> bool:
-        """Like :meth:`check_and_record`, but the nonce is committed with the next write transaction.
-
-        For a request whose handling ends in a write (a quote, an acceptance), the nonce then costs no
-        commit of its own. The caller must call :meth:`flush_nonces` before it answers the request, so
-        that nothing is acknowledged whose nonce is not durable.
-        """
-        _check_time("exp", exp)
-        key = (iss, jti)
-        if key in self._pending_nonces:
-            return False
-        with self._read() as conn:
-            if conn.execute(_SQL_NONCE_SEEN, key).fetchone() is not None:
-                return False
-        self._pending_nonces[key] = exp
-        return True
-
-    def flush_nonces(self) -> None:
-        """Commit the nonces :meth:`reserve_nonce` admitted that no write has committed yet."""
-        if self._pending_nonces:
-            with self._write():
-                pass
 
     def prune_nonces(self, now: float | None = None) -> int:
         """Forget nonces whose ``exp`` is before ``now`` (their tokens are refused as expired anyway)."""

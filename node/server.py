@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from node.daemon import Node
@@ -38,15 +39,12 @@ HTTP_SHUTDOWN_SECONDS = 5.0
 # completed job (its result is ready; validation and settlement are later, separate steps) or a failure
 # that is not being retried.
 STREAM_END_STATES = TERMINAL_STATES | {"expired", "completed", "failed"}
-_JSON_DUMPS = json.dumps
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=_JSON_DUMPS(data, separators=(",", ":")).encode(), status=status, content_type="application/json"
-    )
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 def _http_error(exc: web.HTTPException) -> HearthError:
@@ -66,6 +64,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
         response = await handler(request)
+        # a handler may have read what a concurrent request's group commit has yet to make durable
+        await node.settled()
     except HearthError as exc:
         response = _error_response(node, exc)
     except web.HTTPException as exc:
@@ -329,7 +329,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 
 async def _send_event(response: web.StreamResponse, event: Event) -> None:
-    data = _JSON_DUMPS(event.as_dict(), separators=(",", ":"))
+    data = orjson.dumps(event.as_dict()).decode()
     await response.write(f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode())
 
 

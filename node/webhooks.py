@@ -39,6 +39,9 @@ log = logging.getLogger("hearth.webhooks")
 TOKEN_LIFETIME_SECONDS = 3600
 # Deliveries in flight at once (each to a different job: one job's events go one at a time, in order).
 MAX_CONCURRENT_DELIVERIES = 8
+# The least time between two delivery rounds. Transitions only wake the dispatcher; under load (thousands
+# of transitions a second) they share a round instead of each paying a journal query on a thread.
+MIN_ROUND_SECONDS = 0.05
 
 
 def event_id(event: Event) -> str:
@@ -112,18 +115,21 @@ class WebhookDispatcher:
             self._session = None
 
     def _on_event(self, event: Event) -> None:
-        # called on the journal writer's thread, which may not be the loop's
-        if event.type == "transition" and self._task is not None:
+        # Called on the journal writer's thread, which may not be the loop's. Reading is_set() from any
+        # thread is safe; once set, the wake stays set until the next round starts, so the transitions in
+        # between cost nothing more.
+        if event.type == "transition" and self._task is not None and not self._wake.is_set():
             with contextlib.suppress(RuntimeError):
                 self._task.get_loop().call_soon_threadsafe(self._wake.set)
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()  # before the round: a transition during it wakes the next one
             try:
                 await self.tick()
             except Exception:  # keep delivering; the next round retries
                 log.exception("webhook round failed")
-            self._wake.clear()
+            await asyncio.sleep(MIN_ROUND_SECONDS)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.poll_seconds)
 

@@ -26,6 +26,7 @@ from functools import lru_cache, partial
 from typing import Any, Final, Protocol
 
 import coincurve
+import orjson
 from eth_hash.auto import keccak
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
@@ -108,7 +109,7 @@ def _bad_signature(reason: str) -> AuthError:
 
 
 def _json_bytes(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return orjson.dumps(value)  # compact, UTF-8; a dict key that is not a string raises
 
 
 def sign_jwt(signer: Signer, payload: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import base58
 
@@ -98,9 +99,7 @@ class CID:
         return hashlib.sha256(data).digest() == self.digest
 
     def __str__(self) -> str:
-        if self.version == 0:
-            return base58.b58encode(self.multihash).decode("ascii")
-        return "b" + base64.b32encode(self.to_bytes()).decode("ascii").lower().rstrip("=")
+        return _text(self)
 
     def __repr__(self) -> str:
         return f"CID({self})"
@@ -144,11 +143,25 @@ class CID:
         Raises :class:`RequestError` ``invalid_cid`` (400) when it is not a CID this node can check.
         """
         try:
-            return cls.from_bytes(_multibase_decode(text))
+            return _parse(text) if cls is CID else cls.from_bytes(_multibase_decode(text))
         except (ValueError, binascii.Error) as exc:
             raise RequestError(
                 "invalid_cid", f"{text[:80]!r} is not a valid sha2-256 CID: {exc}", details={"cid": text[:80]}
             ) from None
+
+
+@lru_cache(maxsize=4096)
+def _text(cid: CID) -> str:
+    if cid.version == 0:
+        return base58.b58encode(cid.multihash).decode("ascii")
+    return "b" + base64.b32encode(cid.to_bytes()).decode("ascii").lower().rstrip("=")
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> CID:
+    """Parsed CIDs by their text: a CID is immutable, and the same input is named by every quote, run and
+    probe of a job (a failure raises and is not kept)."""
+    return CID.from_bytes(_multibase_decode(text))
 
 
 def _multibase_decode(text: str) -> bytes:

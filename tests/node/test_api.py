@@ -430,3 +430,20 @@ async def test_a_request_is_answered_only_once_its_nonce_is_committed(
         assert conn.execute("SELECT COUNT(*) FROM nonces WHERE jti = ?", (jti,)).fetchone()[0] == 1
     finally:
         conn.close()
+
+
+async def test_a_checked_envelope_is_reused_only_for_the_exact_same_json(
+    live_node: LiveNode, requester: Signer
+) -> None:
+    # The node keeps the envelopes it has validated, so that an acceptance does not validate its
+    # quote's envelope again. `false` equals `0` in Python; strict validation tells them apart, so must
+    # the cache.
+    status, _ = await post(live_node, "/v1/quotes", live_node.sign(requester, {"job": make_envelope()}))
+    assert status == 201
+    same_in_python = make_envelope()
+    same_in_python["limits"]["gpus"] = False
+    status, body = await post(live_node, "/v1/jobs", live_node.sign(requester, {"job": same_in_python}))
+    assert status == 422
+    assert_error(body, "invalid_envelope", "request")
+    status, body = await post(live_node, "/v1/jobs", live_node.sign(requester, {"job": make_envelope()}))
+    assert (status, body["job"]["state"]) == (201, "accepted")

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from node.envelope import (
     canonical_json,
+    envelope_dict,
+    envelope_digests,
     envelope_hash,
     idempotency_key,
     node_job_id,
@@ -155,3 +157,17 @@ def test_canonical_json_fast_path_equals_rfc8785(value: object) -> None:
 )
 def test_canonical_json_edge_values(value: object) -> None:
     assert canonical_json(value) == rfc8785.dumps(value)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        envelope_dict(parse_envelope(make_envelope())),
+        {**envelope_dict(parse_envelope(make_envelope())), "job_id": "ünïcode-é"},
+        # not on the fast path (a float JCS writes with an exponent): the reference implementation
+        {**envelope_dict(parse_envelope(make_envelope())), "output_spec": {"scale": 1e-9}},
+    ],
+)
+def test_envelope_digests_are_the_hash_and_the_idempotency_key(doc: dict[str, object]) -> None:
+    iss = "did:key:z6MkA"
+    assert envelope_digests(iss, doc) == (envelope_hash(doc), idempotency_key(iss, doc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -664,30 +666,124 @@ def _nonce_rows(path: Path, jti: str) -> int:
         conn.close()
 
 
-def test_reserved_nonce_is_seen_at_once_and_committed_with_the_next_write(path: Path, clock: Clock) -> None:
+def _count_commits(j: Journal) -> list[str]:
+    """The COMMITs the journal's connection runs from now on."""
+    seen: list[str] = []
+    j._connection().set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
+    return seen
+
+
+async def test_batched_writes_of_concurrent_tasks_share_one_commit(path: Path, clock: Clock) -> None:
     with Journal.open(path, now=clock) as j:
-        assert j.reserve_nonce(ISS, "jti-r1", T0 + 60) is True
-        assert j.reserve_nonce(ISS, "jti-r1", T0 + 60) is False  # pending already counts as seen
-        assert j.check_and_record(ISS, "jti-r1", T0 + 60) is False
-        assert j.reserve_nonce(ISS, "jti-r2", T0 + 60) is True
-        j.flush_nonces()  # the check_and_record above already committed r1; r2 needed this
-        assert _nonce_rows(path, "jti-r1") == _nonce_rows(path, "jti-r2") == 1
-        assert j.reserve_nonce(ISS, "jti-r3", T0 + 60) is True
-        assert _nonce_rows(path, "jti-r3") == 0
-        make_job(j, 1)  # any write carries the pending nonce
-        assert _nonce_rows(path, "jti-r3") == 1
-        assert j.reserve_nonce(ISS, "jti-r3", T0 + 60) is False
+        commits = _count_commits(j)
+        answered: list[int] = []
+
+        async def request(n: int) -> None:
+            async with j.batched():
+                assert j.check_and_record(ISS, f"jti-b{n}", T0 + 60) is True
+                make_job(j, n)
+                # written into the open group: this connection sees it, another does not yet
+                assert j.get(node_id(n)) is not None
+                assert _nonce_rows(path, f"jti-b{n}") == 0
+            # the block ended: committed, so the answer may leave
+            assert _nonce_rows(path, f"jti-b{n}") == 1
+            answered.append(n)
+
+        await asyncio.gather(*(request(n) for n in range(1, 6)))
+        assert sorted(answered) == [1, 2, 3, 4, 5]
+        assert commits == ["COMMIT"]  # five requests, one commit
+        assert j.check_and_record(ISS, "jti-b1", T0 + 60) is False  # a replay, also after the group
 
 
-def test_reserved_nonce_survives_a_failed_write_and_is_flushed_on_close(path: Path, clock: Clock) -> None:
+async def test_a_failed_write_in_a_group_is_undone_alone(path: Path, clock: Clock) -> None:
     with Journal.open(path, now=clock) as j:
         make_job(j, 1)
-        assert j.reserve_nonce(ISS, "jti-f1", T0 + 60) is True
-        with pytest.raises(ConflictError):
-            make_job(j, 1)  # rolled back whole, nonce included ...
-        assert _nonce_rows(path, "jti-f1") == 0
-        assert j.reserve_nonce(ISS, "jti-f1", T0 + 60) is False  # ... but still pending
-    assert _nonce_rows(path, "jti-f1") == 1  # close() committed it
+        outcomes: dict[str, object] = {}
+
+        async def duplicate() -> None:
+            async with j.batched():
+                j.check_and_record(ISS, "jti-dup", T0 + 60)
+                try:
+                    make_job(j, 1)  # job-1 exists: this write is rolled back, its savepoint alone
+                except ConflictError as exc:
+                    outcomes["dup"] = exc.code
+
+        async def fresh() -> None:
+            async with j.batched():
+                make_job(j, 2)
+            outcomes["fresh"] = "ok"
+
+        await asyncio.gather(duplicate(), fresh())
+        assert outcomes == {"dup": "job_exists", "fresh": "ok"}
+        assert _nonce_rows(path, "jti-dup") == 1  # the nonce written before the failed write stays
+        assert [e.to_state for e in j.events(node_id(2))] == ["created", "priced"]
+        assert [e.to_state for e in j.events(node_id(1))] == ["created", "priced"]  # nothing doubled
+
+
+async def test_a_write_outside_a_batch_commits_the_open_group_at_once(path: Path, clock: Clock) -> None:
+    with Journal.open(path, now=clock) as j:
+        seen: list[int] = []
+        j.add_listener(lambda event: seen.append(event.seq))
+        async with j.batched():
+            make_job(j, 1)
+            assert seen == [] and _nonce_rows(path, "jti-x") == 0
+            # e.g. the scheduler, in a task of its own: its write must be durable when it returns
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: j.check_and_record(ISS, "jti-x", T0 + 60)
+            )
+            assert _nonce_rows(path, "jti-x") == 1
+            assert len(j.events(node_id(1))) == 2
+            conn = sqlite3.connect(path)
+            assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2  # the group went too
+            conn.close()
+            assert seen == [1, 2]  # listeners heard the group's events once it committed
+
+
+async def test_a_failed_group_commit_fails_every_member_and_keeps_nothing(path: Path, clock: Clock) -> None:
+    with Journal.open(path, now=clock) as j:
+        errors: list[str] = []
+
+        async def request(n: int, orphan: bool) -> None:
+            try:
+                async with j.batched():
+                    make_job(j, n)
+                    if orphan:  # a constraint checked only at COMMIT makes the whole group fail there
+                        j._connection().execute("PRAGMA defer_foreign_keys = ON")
+                        with j._write() as txn:
+                            txn.conn.execute(
+                                "INSERT INTO events (job, at, type, actor, reason) "
+                                "VALUES ('hj_missing', 0, 'note', 'test', 'orphan')"
+                            )
+            except JournalError as exc:
+                errors.append(exc.code)
+
+        await asyncio.gather(request(1, False), request(2, True))
+        assert errors == ["journal_write_failed", "journal_write_failed"]
+        assert j.get(node_id(1)) is None and j.get(node_id(2)) is None
+        make_job(j, 3)  # the journal takes writes again
+        assert j.get(node_id(3)) is not None
+
+
+def _wal_bytes_after_writes(path: Path, clock: Clock, *, background: bool) -> int:
+    with Journal.open(path, now=clock) as j:
+        if background:
+            j.checkpoint_in_background(interval_seconds=0.02)
+            assert "hearth-journal-checkpoint" in {t.name for t in threading.enumerate()}
+        else:
+            j._connection().execute("PRAGMA wal_autocheckpoint = 0")  # what the thread replaces
+        for n in range(1, 301):
+            make_job(j, n)
+            if n % 50 == 0:
+                time.sleep(0.1)  # room for a checkpoint between bursts
+        return path.with_name(path.name + "-wal").stat().st_size
+
+
+def test_background_checkpoints_keep_the_wal_small_and_stop_on_close(tmp_path: Path, clock: Clock) -> None:
+    unchecked = _wal_bytes_after_writes(tmp_path / "a.sqlite3", clock, background=False)
+    checked = _wal_bytes_after_writes(tmp_path / "b.sqlite3", clock, background=True)
+    # without checkpoints every write appends; with them the WAL restarts from its start after each one
+    assert checked * 3 < unchecked
+    assert "hearth-journal-checkpoint" not in {t.name for t in threading.enumerate()}  # close() stopped it
 
 
 # --------------------------------------------------------------------------------------------- restart

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, sys
 import node.cli, node.server, node.daemon
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {"eth_account", "web3", "rich", "py_ecc"})))
+heavy = {"eth_account", "web3", "rich", "py_ecc"}
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
 """
 
 
