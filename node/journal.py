@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypedDict, cast, get_args
@@ -793,13 +793,15 @@ class Journal:
         return self._conn
 
     @contextmanager
-    def _write(self) -> Iterator[_Txn]:
+    def _write(self, *, one_statement: bool = False) -> Iterator[_Txn]:
         """One write, whole or not at all; listeners are told after it is committed.
 
         Alone, a write is one ``BEGIN IMMEDIATE ... COMMIT``. Inside :meth:`batched` (on the loop's thread) it
         joins the open group transaction as a savepoint and is committed with the group. Any other write
         while a group is open joins it too and commits the whole group at once, so that a caller outside
-        a batch still finds its write durable when the call returns.
+        a batch still finds its write durable when the call returns. ``one_statement``: the write is a
+        single statement, which SQLite already applies whole or not at all; in a group it needs no
+        savepoint of its own.
         """
         batch = _BATCH.get()
         deferred = batch is not None and batch.journal is self and batch.thread == threading.get_ident()
@@ -808,12 +810,15 @@ class Journal:
             if deferred or self._group is not None:
                 group = self._group if self._group is not None else self._open_group(conn)
                 txn = _Txn(conn)
+                savepoint = not one_statement
                 try:
-                    conn.execute("SAVEPOINT hearth_write")
+                    if savepoint:
+                        conn.execute("SAVEPOINT hearth_write")
                     yield txn
-                    conn.execute("RELEASE hearth_write")
+                    if savepoint:
+                        conn.execute("RELEASE hearth_write")
                 except BaseException as exc:
-                    self._undo_savepoint(conn, group, exc)
+                    self._undo_savepoint(conn, group, exc, savepoint)
                     if isinstance(exc, sqlite3.Error):
                         raise _write_error(exc) from exc
                     raise
@@ -918,8 +923,12 @@ class Journal:
         self._resolve(group, None)
         return group.events
 
-    def _undo_savepoint(self, conn: sqlite3.Connection, group: _Group, exc: BaseException) -> None:
+    def _undo_savepoint(
+        self, conn: sqlite3.Connection, group: _Group, exc: BaseException, savepoint: bool
+    ) -> None:
         """Undo one failed write of ``group``; should SQLite have dropped the whole transaction, fail it."""
+        if conn.in_transaction and not savepoint:
+            return  # one statement: SQLite undid it alone
         if conn.in_transaction:
             try:
                 conn.execute("ROLLBACK TO hearth_write")
@@ -1010,7 +1019,7 @@ class Journal:
         even across a restart.
         """
         _check_time("exp", exp)
-        with self._write() as txn:
+        with self._write(one_statement=True) as txn:
             return txn.conn.execute(_SQL_NONCE_INSERT, (iss, jti, exp)).rowcount == 1
 
     def prune_nonces(self, now: float | None = None) -> int:
@@ -1086,7 +1095,12 @@ class Journal:
                     txn.conn.execute(
                         "INSERT INTO webhooks (job, url, next_at) VALUES (?, ?, ?)", (id, callback_url, at)
                     )
-                record = self._fetch_job(txn.conn, id)
+                # the row as written (what a read would return), without reading it back
+                record = JobRecord(
+                    id, iss, job_id, kind, idem_key, envelope_hash, envelope_json, "priced", price, quote_id,
+                    quote_jwt, float(quote_expires_at), float(cpus), memory_mb, gpus, 0, None, None, None,
+                    None, None, at, at,
+                )  # fmt: skip
         except JournalError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError) and "UNIQUE" in str(exc.__cause__):
                 raise ConflictError(
@@ -1215,9 +1229,11 @@ class Journal:
         event = self._append(
             txn, current.id, at, "transition", current.state, to, actor, reason, domain, retryable, data_json
         )
-        record = self._fetch_job(txn.conn, current.id)
-        assert record is not None
-        return record, event
+        changed = dict(values)
+        if changed.get("failure_retryable") is not None:
+            changed["failure_retryable"] = bool(changed["failure_retryable"])
+        # the row as updated (what a read would return), without reading it back
+        return replace(current, state=to, updated_at=at, **changed), event
 
     def append_event(
         self,

@@ -128,6 +128,9 @@ def step_kwargs(src: str, to: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if to == "failed":
         kwargs.update(domain="execution", retryable=True)
+        kwargs["fields"] = {"failure_code": "oom_killed", "failure_message": "the job ran out of memory"}
+    if to == "completed":
+        kwargs["fields"] = {"result_json": {"cost": "1.00", "outputs": [{"cid": "bafy", "bytes": 12}]}}
     if src == "failed":
         kwargs["retry_budget"] = RETRY_BUDGET
     if src == "expired":
@@ -999,6 +1002,7 @@ class JournalMachine(RuleBasedStateMachine):
     def _new_job(self) -> str:
         n = len(self.model)
         job = make_job(self.journal, n, expires_at=self.clock.t + QUOTE_TTL)
+        assert job == self.journal.require(job.id)  # the record a write returns is the row as read
         self.model[job.id] = ModelJob()
         return job.id
 
@@ -1033,6 +1037,7 @@ class JournalMachine(RuleBasedStateMachine):
             return
         assert allowed, f"{m.state} -> {to} was written"
         assert (event.from_state, event.to_state, record.state) == (m.state, to, to)
+        assert record == self.journal.require(job)  # the record a write returns is the row as read
         if to == "failed":
             m.retryable = retryable
         if m.state == "failed":
