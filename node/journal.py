@@ -8,7 +8,9 @@ was decided and nothing more. Three rules hold by construction:
   ``UPDATE`` of ``jobs.state`` whose (from, to) pair is absent, so not even raw SQL can write an illegal move.
 - The ``events`` table is append-only (triggers abort ``UPDATE`` and ``DELETE``); replaying a job's
   ``transition`` events in ``seq`` order always ends at its current state.
-- Every write is one short ``BEGIN IMMEDIATE ... COMMIT``; a crash leaves each transaction whole or absent.
+- Every write is whole or absent after a crash: one short ``BEGIN IMMEDIATE ... COMMIT``, or a savepoint in a
+  group transaction that concurrent requests share and that commits before any of them is answered
+  (:meth:`Journal.batched`).
 
 Capacity is not stored separately: a job holds its ``cpus``/``memory_mb``/``gpus`` while it is ``priced``
 with a live quote, ``accepted`` or ``running``; :meth:`Journal.held_resources` derives the ledger from that.
@@ -519,7 +521,6 @@ _SQL_COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
 _SQL_FAILED_BY_DOMAIN: Final = "SELECT failure_domain, COUNT(*) FROM jobs WHERE state = 'failed' GROUP BY 1"
 _SQL_NONCE_INSERT: Final = "INSERT OR IGNORE INTO nonces (iss, jti, exp) VALUES (?, ?, ?)"
 _SQL_NONCE_PRUNE: Final = "DELETE FROM nonces WHERE exp < ?"
-_SQL_NONCE_SEEN: Final = "SELECT 1 FROM nonces WHERE iss = ? AND jti = ?"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -1099,7 +1100,7 @@ class Journal:
                 record = JobRecord(
                     id, iss, job_id, kind, idem_key, envelope_hash, envelope_json, "priced", price, quote_id,
                     quote_jwt, float(quote_expires_at), float(cpus), memory_mb, gpus, 0, None, None, None,
-                    None, None, at, at,
+                    None, None, float(at), float(at),
                 )  # fmt: skip
         except JournalError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError) and "UNIQUE" in str(exc.__cause__):
@@ -1232,8 +1233,10 @@ class Journal:
         changed = dict(values)
         if changed.get("failure_retryable") is not None:
             changed["failure_retryable"] = bool(changed["failure_retryable"])
+        if changed.get("quote_expires_at") is not None:
+            changed["quote_expires_at"] = float(changed["quote_expires_at"])  # a REAL column
         # the row as updated (what a read would return), without reading it back
-        return replace(current, state=to, updated_at=at, **changed), event
+        return replace(current, state=to, updated_at=float(at), **changed), event
 
     def append_event(
         self,
