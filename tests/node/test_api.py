@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import sqlite3
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import pytest
 
 from node.client import NodeError, sign_request
 from node.envelope import node_job_id
+from node.journal import Journal
 from payments.jwt import verify_node_token
 from payments.keys import Signer, new_ed25519
 from tests.conftest import LiveNode, live, make_envelope, write_home
@@ -447,3 +451,50 @@ async def test_a_checked_envelope_is_reused_only_for_the_exact_same_json(
     assert_error(body, "invalid_envelope", "request")
     status, body = await post(live_node, "/v1/jobs", live_node.sign(requester, {"job": make_envelope()}))
     assert (status, body["job"]["state"]) == (201, "accepted")
+
+
+async def test_no_answer_leaves_before_what_it_says_is_committed(
+    live_node: LiveNode, requester: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold every group commit back for a moment: the answers must wait for it, and what they report
+    # must then be visible to another connection (durable), nonce included.
+    delay = 0.3
+    held: set[int] = set()
+    commit = Journal._commit_scheduled
+
+    def later(self: Journal, group: Any) -> None:
+        if id(group) not in held:
+            held.add(id(group))
+            asyncio.get_running_loop().call_later(delay, later, self, group)
+            return
+        commit(self, group)
+
+    monkeypatch.setattr(Journal, "_commit_scheduled", later)
+    path = live_node.node.journal.path
+
+    def committed(sql: str, *args: str) -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return int(conn.execute(sql, args).fetchone()[0])
+        finally:
+            conn.close()
+
+    token = live_node.sign(requester, {"job": make_envelope("durable")})
+    started = time.monotonic()
+    status, body = await post(live_node, "/v1/quotes", token)
+    assert status == 201
+    assert time.monotonic() - started >= delay
+    job = body["job"]["id"]
+    assert committed("SELECT COUNT(*) FROM jobs WHERE id = ? AND state = 'priced'", job) == 1
+    jti = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==="))["jti"]
+    assert committed("SELECT COUNT(*) FROM nonces WHERE jti = ?", jti) == 1
+
+    # a refusal too: its nonce is recorded before the answer (a replay of it is refused after a crash)
+    low = live_node.sign(requester, {"job": make_envelope("cheap", max_price="0.000001")})
+    started = time.monotonic()
+    status, body = await post(live_node, "/v1/quotes", low)
+    assert status == 402
+    assert_error(body, "price_above_max", "pricing")
+    assert time.monotonic() - started >= delay
+    jti = json.loads(base64.urlsafe_b64decode(low.split(".")[1] + "==="))["jti"]
+    assert committed("SELECT COUNT(*) FROM nonces WHERE jti = ?", jti) == 1
