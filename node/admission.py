@@ -30,7 +30,15 @@ from node.envelope import (
     node_job_id,
     parse_envelope,
 )
-from node.errors import AuthError, ConflictError, FundingError, HearthError, PricingError, RequestError
+from node.errors import (
+    AuthError,
+    ConflictError,
+    FundingError,
+    HearthError,
+    JournalError,
+    PricingError,
+    RequestError,
+)
 from node.journal import HOLDING_STATES, JobRecord, Journal
 from node.logs import enter_job
 from node.metrics import Metrics
@@ -339,10 +347,10 @@ class Admission:
                         "quote_expires_at": float(expires_at),
                     },
                 )
-            await self.journal.committed()
         except BaseException:
             self.ledger.release(job_key)
             raise
+        await self._committed(undo=lambda: self.ledger.release(job_key))
         self.metrics.quote("won", "ok")
         return Quote(job=job, jwt=quote_jwt, claims=claims, reused=False)
 
@@ -439,12 +447,12 @@ class Admission:
                     reason=f"accepted at {job.price} usdc",
                     expect="priced",
                 )
-                if self.settlement is not None and payment is not None:
-                    self.settlement.open_payment(accepted, *payment)
-                await self.journal.committed()
             except BaseException:
                 self.ledger.set_expiry(job.id, job.quote_expires_at)
                 raise
+            if self.settlement is not None and payment is not None:
+                self.settlement.open_payment(accepted, *payment)
+            await self._committed(undo=lambda: self.ledger.set_expiry(job.id, job.quote_expires_at))
             self.metrics.accepted()
             return Submission(job=accepted, accepted_now=True)
 
@@ -466,6 +474,16 @@ class Admission:
         payment = await self._payment_terms(job, funding)
         if self.settlement is not None and payment is not None:
             self.settlement.open_payment(job, *payment)
+
+    async def _committed(self, undo: Callable[[], object]) -> None:
+        """Wait until this request's journal writes are committed; should the commit fail, ``undo`` what
+        the request changed in memory for them (a capacity hold). A cancelled wait undoes nothing: the
+        writes are still committed."""
+        try:
+            await self.journal.committed()
+        except JournalError:
+            undo()
+            raise
 
     def _quote_live(self, job: JobRecord) -> bool:
         """The job is priced and its quote has not expired."""

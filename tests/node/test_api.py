@@ -498,3 +498,31 @@ async def test_no_answer_leaves_before_what_it_says_is_committed(
     assert time.monotonic() - started >= delay
     jti = json.loads(base64.urlsafe_b64decode(low.split(".")[1] + "==="))["jti"]
     assert committed("SELECT COUNT(*) FROM nonces WHERE jti = ?", jti) == 1
+
+
+async def test_a_failed_commit_answers_a_retryable_error_and_holds_nothing(
+    live_node: LiveNode, requester: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = Journal._commit_group
+
+    def failing(self: Journal, group: Any) -> Any:
+        if self._group is group:  # a constraint checked only at COMMIT: the whole group fails there
+            conn = self._connection()
+            conn.execute("PRAGMA defer_foreign_keys = ON")
+            conn.execute(
+                "INSERT INTO events (job, at, type, actor, reason) VALUES ('hj_x', 0, 'note', 't', 'orphan')"
+            )
+        return commit(self, group)
+
+    monkeypatch.setattr(Journal, "_commit_group", failing)
+    token = live_node.sign(requester, {"job": make_envelope("lost")})
+    status, body = await post(live_node, "/v1/quotes", token)
+    err = assert_error(body, "journal_write_failed")
+    assert status >= 500 and err["retryable"] is True
+    assert live_node.node.journal.find(requester.did, "lost") is None
+    assert live_node.node.ledger.used().cpus == 0  # the quote's hold was undone with its write
+
+    monkeypatch.setattr(Journal, "_commit_group", commit)
+    status, body = await post(live_node, "/v1/quotes", token)  # nothing of it was kept, nonce included
+    assert (status, body["job"]["state"]) == (201, "priced")
+    assert live_node.node.ledger.used().cpus == pytest.approx(0.5)
