@@ -693,7 +693,7 @@ def cmd_job_replay(args: argparse.Namespace, out: Out) -> int:
     from node.journal import Journal
     from provider.pricing import Pricer
 
-    node = Node.from_home(args.home)
+    node = Node.from_home(args.home, config_path=args.config)
 
     async def go() -> dict[str, Any]:
         journal = Journal.open(
@@ -771,8 +771,20 @@ def _request_opts() -> argparse.ArgumentParser:
     return p
 
 
+def _config_opt() -> argparse.ArgumentParser:
+    """``--config``: a node run as a service keeps its node.toml in /etc/hearth, not in its home."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="node.toml to read (default: HOME/node.toml); relative paths in it stay under --home",
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common, client, request = _common(), _client_opts(), _request_opts()
+    common, client, request, config = _common(), _client_opts(), _request_opts(), _config_opt()
     parser = argparse.ArgumentParser(prog="hearth", description="Hearth provider node", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -783,15 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing config and key")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("run", parents=[common], help="run the node daemon")
+    p = sub.add_parser("run", parents=[common, config], help="run the node daemon")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--host", default=None)
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="node.toml to read (default: HOME/node.toml); relative paths in it stay under --home",
-    )
     p.set_defaults(func=cmd_run)
 
     keys = sub.add_parser("keys", help="create and inspect keys").add_subparsers(
@@ -846,7 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--follow", action="store_true", help="keep streaming live events")
     p.set_defaults(afunc=cmd_job_events)
-    p = job.add_parser("replay", parents=[common], help="re-run a completed job here; does the CID match?")
+    p = job.add_parser(
+        "replay", parents=[common, config], help="re-run a completed job here; does the CID match?"
+    )
     p.add_argument("id")
     p.set_defaults(func=cmd_job_replay)
     blob = sub.add_parser("blob", help="content-addressed inputs").add_subparsers(
@@ -860,7 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True)
     p.set_defaults(afunc=cmd_job_cancel)
     add_validate_parser(sub, [common, client])
-    add_models_parser(sub, [common])
+    add_models_parser(sub, [common, config])
     add_service_parser(sub)
     add_status_parser(sub, [common, client])
     p = sub.add_parser("demo", help="run the whole market round on a local chain (from a source checkout)")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
 ) -> argparse.ArgumentParser:
-    """Add ``models`` to ``hearth``'s subcommands; ``parents`` bring --home and --json."""
+    """Add ``models`` to ``hearth``'s subcommands; ``parents`` bring --home, --json and --config."""
     models = subparsers.add_parser("models", help="the model catalog vllm_batch jobs run on")
     sub = models.add_subparsers(dest="models_cmd", required=True)
     p = sub.add_parser("add", parents=parents, help="hash a local model directory and add it to node.toml")
@@ -77,7 +77,7 @@ def cmd_models_add(args: argparse.Namespace, out: Out) -> int:
     for key in ("input_1k_tokens", "output_1k_tokens"):
         if getattr(args, key) is not None:
             entry[key] = getattr(args, key)
-    path = _write_entry(args.home, entry, replace=args.replace)
+    path = _write_entry(args.config or args.home / CONFIG_FILENAME, entry, replace=args.replace)
     report = {"model": entry, "size_bytes": size, "config": str(path)}
 
     def human() -> None:
@@ -89,7 +89,7 @@ def cmd_models_add(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, out: Out) -> int:
-    cfg = load_config(args.home)
+    cfg = load_config(args.home, path=args.config)
     rows: list[dict[str, Any]] = []
     failed = False
     for entry in cfg.models:
@@ -101,7 +101,8 @@ def cmd_models_list(args: argparse.Namespace, out: Out) -> int:
 
     def human() -> None:
         if not rows:
-            print(f"no models in {args.home / CONFIG_FILENAME}; add one with `hearth models add DIR`")
+            where = args.config or args.home / CONFIG_FILENAME
+            print(f"no models in {where}; add one with `hearth models add DIR`")
         for row in rows:
             state = (
                 ""
@@ -124,11 +125,10 @@ def _verify(home: Path, entry: ModelSection) -> tuple[bool, str | None]:
     return True, None
 
 
-def _write_entry(home: Path, entry: dict[str, Any], *, replace: bool) -> Path:
-    """Add ``entry`` to ``home/node.toml``'s ``[[models]]``, keeping the rest of the file as written."""
+def _write_entry(path: Path, entry: dict[str, Any], *, replace: bool) -> Path:
+    """Add ``entry`` to the ``[[models]]`` of the node.toml at ``path``, keeping the rest as written."""
     import tomlkit
 
-    path = home / CONFIG_FILENAME
     doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
     models = doc.get("models")
     if models is None:

@@ -98,3 +98,16 @@ def test_unreachable_node_is_exit_3(tmp_path: Path) -> None:
     proc = hearth("job", "status", "hj_x", "--node", "http://127.0.0.1:9", "--json", check=False)
     assert proc.returncode == 3
     assert as_json(proc)["error"]["code"] == "node_unreachable"
+
+
+def test_replay_reads_the_config_file_named_by_config(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    hearth("init", "--home", str(home), "--json")
+    # the service's layout: the config in /etc/hearth, the journal under the home
+    replay = ("job", "replay", "hj_x", "--home", str(home), "--json", "--config")
+    missing = hearth(*replay, str(tmp_path / "no.toml"), check=False)
+    assert missing.returncode == 2 and as_json(missing)["error"]["code"] == "config_missing"
+    etc = tmp_path / "etc-node.toml"
+    etc.write_text((home / "node.toml").read_text())
+    found = hearth(*replay, str(etc), check=False)
+    assert found.returncode == 2 and as_json(found)["error"]["code"] == "job_not_found"  # read, then looked

@@ -180,3 +180,25 @@ def test_list_verifies_every_model_again(
 
 def test_list_of_an_empty_catalog(hearth: Hearth, home: Path) -> None:
     assert hearth("models", "list", "--verify", "--home", str(home)) == (0, {"models": []})
+
+
+def test_add_and_list_use_the_services_config_file_with_config(
+    hearth: Hearth, home: Path, weights: Path, tmp_path: Path
+) -> None:
+    # A node installed as a service reads /etc/hearth/node.toml; its home holds state, not the config.
+    etc = tmp_path / "etc" / "hearth"
+    etc.mkdir(parents=True)
+    config = etc / "node.toml"
+    config.write_text((home / "node.toml").read_text())
+    untouched = (home / "node.toml").read_text()
+    code, report = hearth(
+        "models", "add", str(weights), "--name", "tiny", "--home", str(home), "--config", str(config)
+    )
+    assert code == 0, report
+    assert report["config"] == str(config)
+    assert [m.name for m in load_config(home, path=config).models] == ["tiny"]
+    assert (home / "node.toml").read_text() == untouched  # the home's file was not the one to change
+    code, listed = hearth("models", "list", "--verify", "--home", str(home), "--config", str(config))
+    assert code == 0
+    assert [(r["name"], r["verified"]) for r in listed["models"]] == [("tiny", True)]
+    assert hearth("models", "list", "--home", str(home)) == (0, {"models": []})
