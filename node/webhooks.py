@@ -130,12 +130,17 @@ class WebhookDispatcher:
             except Exception:  # keep delivering; the next round retries
                 log.exception("webhook round failed")
             await asyncio.sleep(MIN_ROUND_SECONDS)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the wake fires, and stop() would then wait on this loop forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.poll_seconds)
+                async with asyncio.timeout(self.cfg.poll_seconds):
+                    await self._wake.wait()
 
     async def tick(self) -> int:
         """Deliver what is due now (one event per job); returns how many deliveries were tried."""
-        due = await asyncio.to_thread(self._journal.webhooks_due, self._now(), MAX_CONCURRENT_DELIVERIES)
+        # journal calls stay on the loop's thread (an indexed query or one short write each), so that a
+        # cancelled round never waits on a thread, and the journal's group commits stay on the loop
+        due = self._journal.webhooks_due(self._now(), MAX_CONCURRENT_DELIVERIES)
         await asyncio.gather(*(self._deliver(d) for d in due))
         return len(due)
 
@@ -151,12 +156,12 @@ class WebhookDispatcher:
                 allow_redirects=False,
             ) as resp:
                 if 200 <= resp.status < 300:
-                    await asyncio.to_thread(self._journal.webhook_delivered, due.job, event.seq)
+                    self._journal.webhook_delivered(due.job, event.seq)
                     return
                 error = f"HTTP {resp.status}"
         except PolicyError as exc:
             log.warning("webhook for job %s refused: %s", due.job, exc.message, extra={"job": due.job})
-            await asyncio.to_thread(self._journal.webhook_failed, due.job, exc.message, retry_at=None)
+            self._journal.webhook_failed(due.job, exc.message, retry_at=None)
             return
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
@@ -173,7 +178,7 @@ class WebhookDispatcher:
                 "; giving up" if give_up else "; retrying with backoff",
                 extra={"job": due.job},
             )
-        await asyncio.to_thread(self._journal.webhook_failed, due.job, error, retry_at=retry_at)
+        self._journal.webhook_failed(due.job, error, retry_at=retry_at)
 
     async def _refuse_private(self, url: str) -> None:
         """Refuse a callback whose host resolves to a private address, unless the operator allows them."""

@@ -402,8 +402,9 @@ class Settlement:
                 if not self.chain_up:
                     log.info("chain reachable again")
                 self.chain_up, self.last_error, backoff = True, None, BACKOFF_START_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.poll_seconds)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see node.webhooks (3.11 wait_for)
+                async with asyncio.timeout(self.cfg.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def tick(self) -> None:

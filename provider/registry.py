@@ -152,8 +152,9 @@ class OfferPusher:
             except Exception as exc:  # building the offer failed: a bug; the node and this loop go on
                 self._failed(registry, "error", exc)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(registry.wake.wait(), min(wait, self._section.check_seconds))
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see node.webhooks (3.11 wait_for)
+                async with asyncio.timeout(min(wait, self._section.check_seconds)):
+                    await registry.wake.wait()
 
     def _wait_before_push(self, registry: _Registry) -> float:
         """Seconds until ``registry`` is due a push; 0 or less: now."""
