@@ -303,13 +303,15 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         last = after
+        await node.settled()  # the backlog holds only committed events
         for event in node.journal.events(job.id, after_seq=after):
             await _send_event(response, event)
             last = event.seq
         state = node.journal.require(job.id).state
         while follow and state not in STREAM_END_STATES:
             try:
-                event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT_SECONDS)
+                async with asyncio.timeout(SSE_HEARTBEAT_SECONDS):  # not wait_for: see node.webhooks
+                    event = await queue.get()
             except TimeoutError:
                 await response.write(b": keepalive\n\n")
                 continue
