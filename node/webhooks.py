@@ -40,7 +40,7 @@ TOKEN_LIFETIME_SECONDS = 3600
 # Deliveries in flight at once (each to a different job: one job's events go one at a time, in order).
 MAX_CONCURRENT_DELIVERIES = 8
 # The least time between two delivery rounds. Transitions only wake the dispatcher; under load (thousands
-# of transitions a second) they share a round instead of each paying a journal query on a thread.
+# of transitions a second) they share a round instead of each paying a journal query.
 MIN_ROUND_SECONDS = 0.05
 
 
