@@ -143,7 +143,7 @@ class CID:
         Raises :class:`RequestError` ``invalid_cid`` (400) when it is not a CID this node can check.
         """
         try:
-            return _parse(text) if cls is CID else cls.from_bytes(_multibase_decode(text))
+            return _parse(text)
         except (ValueError, binascii.Error) as exc:
             raise RequestError(
                 "invalid_cid", f"{text[:80]!r} is not a valid sha2-256 CID: {exc}", details={"cid": text[:80]}
