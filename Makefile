@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup images demo test lint typecheck unit bench clean
+.PHONY: setup images demo test lint typecheck unit bench chaos clean
 
 setup:
 	@scripts/setup.sh
@@ -31,6 +31,12 @@ test: lint typecheck unit
 bench: setup
 	$(PY) bench/admission.py; a=$$?; $(PY) bench/cid.py; c=$$?; $(PY) bench/transcode.py; t=$$?; \
 	$(PY) bench/inference.py --repeat 3; i=$$?; exit $$((a || c || t || i))
+
+# The fault scoreboard at its stated counts (README, "Fault scoreboard"); about 20 minutes. Prints the table
+# and writes it as JSON; CHAOS_ARGS passes options (e.g. --only NAME, --short).
+CHAOS_ARGS ?=
+chaos: setup
+	$(PY) -m tests.chaos --json bench/results/chaos.json $(CHAOS_ARGS)
 
 clean:
 	rm -rf .stamps .demo .mypy_cache .ruff_cache .pytest_cache

@@ -17,7 +17,8 @@ smaller jobs overtake it, so a large job is never starved.
 Recovery: a job found ``running`` at start belonged to a daemon that died. Its containers are removed
 (the executor finds them by label), the attempt is recorded as failed (retryable, ``node_restarted``)
 and retried within the budget. Nothing it produced was published: a result is recorded only once its
-artifact is stored whole.
+artifact is stored whole. A job left ``failed``, retryable, with retries unspent (the node stopped between
+a failure and its retry) is retried too.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from node.errors import ConflictError, HearthError, IllegalTransitionError
+from node.errors import ConflictError, HearthError, IllegalTransitionError, JournalError
 from node.journal import Event, JobRecord, Journal
 from node.logs import enter_job
 from provider.capacity import CapacityLedger, Resources
@@ -42,6 +43,10 @@ ACTOR = "scheduler"
 PROGRESS_INTERVAL_SECONDS = 1.0
 # The message of a failure is kept short in the journal; details stay in the event.
 _MESSAGE_CHARS = 500
+# While the journal cannot record an attempt's step (a full disk), the attempt tries again this often.
+JOURNAL_RETRY_SECONDS = 1.0
+
+T = TypeVar("T")
 
 ProgressReport = Callable[[Mapping[str, Any]], None]
 
@@ -238,8 +243,15 @@ class Scheduler:
         enter_job(job.id)  # this task is the attempt: every line it logs is about the job
         try:
             try:
-                running, _ = self._journal.transition(
-                    job.id, "running", actor=ACTOR, reason=f"attempt {job.attempts + 1}", expect="accepted"
+                running, _ = await self._recorded(
+                    job.id,
+                    lambda: self._journal.transition(
+                        job.id,
+                        "running",
+                        actor=ACTOR,
+                        reason=f"attempt {job.attempts + 1}",
+                        expect="accepted",
+                    ),
                 )
             except (ConflictError, IllegalTransitionError):
                 return  # cancelled between dispatch and start
@@ -251,11 +263,11 @@ class Scheduler:
                 self._observe(job, "cancelled", "", started)
                 raise
             except HearthError as exc:
-                self._failed(running, exc)
+                await self._failed(running, exc)
                 self._observe(job, "failed", exc.domain, started)
             except Exception as exc:  # a bug, not the job's fault: fail it visibly, retryable
                 log.exception("job %s: executor crashed", job.id)
-                self._failed(
+                await self._failed(
                     running,
                     HearthError(
                         "executor_crashed", f"the node failed running the job: {exc}", retryable=True
@@ -263,7 +275,7 @@ class Scheduler:
                 )
                 self._observe(job, "failed", "internal", started)
             else:
-                self._completed(running, result)
+                await self._completed(running, result)
                 self._observe(job, "completed", "", started, result)
         finally:
             self._running.pop(job.id, None)
@@ -300,36 +312,72 @@ class Scheduler:
 
         return report
 
-    def _completed(self, job: JobRecord, result: dict[str, Any]) -> None:
+    async def _recorded(self, job: str, write: Callable[[], T]) -> T:
+        """``write()`` (one step of an attempt), again every :data:`JOURNAL_RETRY_SECONDS` while the
+        journal cannot record it.
+
+        A step is a fact the node must not lose or skip: given up, the job would stay ``running`` (or
+        ``accepted`` and out of the queue) with its capacity held until the next start. So the attempt
+        waits, holding what it holds, until space returns; stopping the node cancels the wait and
+        recovery at the next start takes over. Refusals (``ConflictError``, ``IllegalTransitionError``)
+        are answers, not failures, and go to the caller.
+        """
+        warned = False
+        while True:
+            try:
+                return write()
+            except IllegalTransitionError:
+                raise
+            except JournalError as exc:
+                if not exc.retryable:  # e.g. the journal closed: the node is stopping
+                    raise
+                if not warned:
+                    log.warning(
+                        "job %s: the journal cannot record the next step, retrying: %s", job, exc.message
+                    )
+                    warned = True
+                try:
+                    await asyncio.sleep(JOURNAL_RETRY_SECONDS)
+                except asyncio.CancelledError:  # a requester's cancel (journalled) or the node stopping
+                    self._after_cancel(job)
+                    raise
+
+    async def _completed(self, job: JobRecord, result: dict[str, Any]) -> None:
         try:
-            self._journal.transition(
+            await self._recorded(
                 job.id,
-                "completed",
-                actor=ACTOR,
-                reason=f"artifact {result.get('artifact_uri')}",
-                expect="running",
-                fields={"result_json": result},
+                lambda: self._journal.transition(
+                    job.id,
+                    "completed",
+                    actor=ACTOR,
+                    reason=f"artifact {result.get('artifact_uri')}",
+                    expect="running",
+                    fields={"result_json": result},
+                ),
             )
         except (ConflictError, IllegalTransitionError):
             log.info("job %s ended as %s; result dropped", job.id, self._state(job.id))
         self._ledger.release(job.id)
 
-    def _failed(self, job: JobRecord, exc: HearthError) -> None:
+    async def _failed(self, job: JobRecord, exc: HearthError) -> None:
         try:
-            self._journal.transition(
+            await self._recorded(
                 job.id,
-                "failed",
-                actor=ACTOR,
-                reason=f"{exc.code}: {exc.message}"[:_MESSAGE_CHARS],
-                domain=exc.domain,
-                retryable=exc.retryable,
-                expect="running",
-                data={"code": exc.code, "details": exc.details},
-                fields={"failure_code": exc.code, "failure_message": exc.message[:_MESSAGE_CHARS]},
+                lambda: self._journal.transition(
+                    job.id,
+                    "failed",
+                    actor=ACTOR,
+                    reason=f"{exc.code}: {exc.message}"[:_MESSAGE_CHARS],
+                    domain=exc.domain,
+                    retryable=exc.retryable,
+                    expect="running",
+                    data={"code": exc.code, "details": exc.details},
+                    fields={"failure_code": exc.code, "failure_message": exc.message[:_MESSAGE_CHARS]},
+                ),
             )
         except (ConflictError, IllegalTransitionError):
             return  # cancelled meanwhile
-        if not self._retry(job.id, f"retry after {exc.code}"):
+        if not await self._recorded(job.id, lambda: self._retry(job.id, f"retry after {exc.code}")):
             self._ledger.release(job.id)
 
     def _retry(self, job: str, reason: str) -> bool:
@@ -376,6 +424,24 @@ class Scheduler:
             if not self._retry(job.id, "retry after node restart"):
                 self._ledger.release(job.id)
             log.warning("job %s was running when the node stopped; recovered", job.id)
+        self._finish_interrupted_retries()
+
+    def _finish_interrupted_retries(self) -> None:
+        """Take the retries a stop cut off: jobs ``failed``, retryable, with retries left.
+
+        A failure and its retry are two journal writes. A node killed between them (in an attempt, or in
+        the recovery above) leaves the job failed with its retries unspent, and nothing else ever picks
+        it up again: the job would be lost (the kill -9 row of the fault scoreboard found one). The
+        retry is what the node had decided; it is taken now, and the job's capacity held again (a failed
+        job holds none when the ledger is loaded).
+        """
+        for job in self._journal.list_jobs(state="failed", limit=1_000_000):
+            if not job.failure_retryable or job.attempts >= self._retry_budget:
+                continue
+            if self._retry(job.id, "retry after node restart"):
+                need = Resources(cpus=job.cpus, memory_mb=job.memory_mb, gpus=job.gpus)
+                self._ledger.commit(job.id, need, now=time.time(), must_fit=False)
+                log.warning("job %s failed retryably and the node stopped before its retry; retried", job.id)
 
 
 def _acceptance(job: JobRecord) -> tuple[float, str]:

@@ -410,12 +410,35 @@ class Settlement:
     async def tick(self) -> None:
         """One round: resolve transactions in flight, watch funding, send what settlement needs."""
         head = await self.chain.head()
+        await self._reopen_reorged()
         unsent = await self._resolve_txs(head)
         await self._watch_funding(head, can_send=not unsent)
         if not unsent:
             await self._settle()
 
     # -- transactions ---------------------------------------------------------------------------------
+
+    async def _reopen_reorged(self) -> None:
+        """Put back in flight a transaction counted final that a reorg deeper than ``confirmations`` removed.
+
+        A mined transaction uses up its nonce, so a final one whose nonce the wallet's on-chain count has
+        fallen back to (or below) is no longer in the chain. Left as it was, the journal would say paid or
+        funded while the escrow says otherwise, and every later transaction would queue behind the nonce
+        gap forever. Re-opened, it is resolved like any other: the same bytes are sent again and land once.
+        """
+        latest = await self.chain.nonce("latest")
+        for tx in self.journal.txs_from_nonce(self.provider, latest):
+            if tx.state in ("confirmed", "reverted") and await self.chain.mined(tx.hash) is None:
+                log.warning(
+                    "tx %s was final but a reorg removed it; sending it again", tx.hash, extra={"job": tx.job}
+                )
+                self.journal.update_tx(
+                    tx.hash,
+                    state="sent",
+                    block_number=None,
+                    block_hash=None,
+                    note=f"{tx.purpose} transaction reorged out after it was final",
+                )
 
     async def _resolve_txs(self, head: int) -> bool:
         """Resolve every open transaction by hash; True if one is still not known to the chain."""

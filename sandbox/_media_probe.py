@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final, Literal, cast
 
-from node.errors import ExecutionError, RequestError
+from node.errors import ExecutionError, HearthError, RequestError
 from sandbox._media_common import (
     DEFAULT_PROBE_TIMEOUT_SECONDS,
     FFPROBE,
@@ -296,6 +296,36 @@ def probe_refusal(stderr: bytes, *, allowed_formats: Sequence[str] = INPUT_DEMUX
     if refused:
         return _format_refused(refused.group(1).decode(), allowed_formats)
     return bad_input("input_not_media", "the input is not a media file the node can read")
+
+
+def sandboxed_probe_refusal(
+    error: ExecutionError, *, allowed_formats: Sequence[str] = INPUT_DEMUXERS
+) -> HearthError:
+    """What a probe that failed in its sandbox means: a refusal of the input, or the node's own failure.
+
+    ffprobe reads headers and decodes a frame or two. An input that makes it exit with an error, outgrow
+    the probe's memory, outlast its time or flood its output is hostile or absurd: the requester's fault,
+    refused in ``validation`` (422, never retryable) as a host probe would refuse it. Anything else (the
+    engine down, the image missing) is the node's and comes back unchanged.
+    """
+    details = error.details
+    if error.code == "nonzero_exit":
+        return probe_refusal(str(details.get("stderr_tail", "")).encode(), allowed_formats=allowed_formats)
+    if error.code == "oom_killed":
+        return bad_input(
+            "input_probe_memory",
+            f"probing the input needed more than the probe's {details.get('memory_mb')} MB of memory",
+            memory_mb=details.get("memory_mb"),
+        )
+    if error.code == "timeout":
+        return bad_input(
+            "input_probe_timeout",
+            f"probing the input took longer than {details.get('timeout_seconds')} s",
+            timeout_seconds=details.get("timeout_seconds"),
+        )
+    if error.code == "output_cap_exceeded":
+        return bad_input("input_not_media", "the input's metadata is too large to be media the node accepts")
+    return error
 
 
 def decoders_for(info: MediaInfo, streams: Sequence[StreamInfo]) -> tuple[str, ...]:

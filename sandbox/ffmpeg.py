@@ -48,6 +48,7 @@ from sandbox._media_probe import (
     probe_argv,
     probe_file,
     probe_refusal,
+    sandboxed_probe_refusal,
 )
 from sandbox._media_progress import Progress, ProgressParser
 
@@ -79,6 +80,7 @@ __all__ = [
     "probe_refusal",
     "raise_for_checks",
     "run_plan",
+    "sandboxed_probe_refusal",
     "synthetic_clip_argv",
     "transcode_argv",
 ]

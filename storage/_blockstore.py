@@ -18,6 +18,7 @@ trace. One process owns a store directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import secrets
@@ -48,6 +49,15 @@ class StoreStats:
 
 
 def _io_error(action: str, exc: OSError, **details: object) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # the operator's disk, not an upstream: 507 (not 502) and said plainly, so clients retry later
+        return StorageError(
+            "blockstore_io_error",
+            f"the blockstore could not {action}: its disk is full",
+            details={"errno": exc.errno, "cause": "disk_full", **details},
+            retryable=True,
+            http_status=507,
+        )
     return StorageError(
         "blockstore_io_error",
         f"the blockstore could not {action}: {exc.strerror or exc}",

@@ -275,6 +275,48 @@ async def test_a_job_running_when_the_node_died_is_cleaned_up_and_retried(journa
         await sched.stop()
 
 
+async def test_a_retry_cut_off_by_a_crash_is_taken_at_the_next_start(journal: Journal) -> None:
+    """A kill -9 between a retryable failure and its retry (two journal writes) must not lose the job;
+    failures that rest (not retryable, or retries spent) stay as they are."""
+    ex = ScriptedExecutor()
+    sched, ledger = make(journal, ex, budget=2)
+
+    def fail(key: str, *, retryable: bool = True) -> None:
+        journal.transition(key, "running", actor="scheduler", reason="attempt", expect="accepted")
+        journal.transition(
+            key,
+            "failed",
+            actor="scheduler",
+            reason="x",
+            domain="execution",
+            retryable=retryable,
+            expect="running",
+        )
+
+    cut, spent, permanent = (accept(journal, ledger, name) for name in ("cut", "spent", "permanent"))
+    fail(cut)  # ... and the node died before the retry
+    for _ in range(2):
+        fail(spent)
+        journal.transition(
+            spent, "accepted", actor="scheduler", reason="retry", retry_budget=2, expect="failed"
+        )
+    fail(spent)
+    fail(permanent, retryable=False)
+    for key in (cut, spent, permanent):
+        ledger.release(key)  # a failed job holds nothing when the ledger is loaded at start
+    await sched.start()
+    try:
+        await until(lambda: "cut" in ex.running_now())
+        assert cut in ledger  # its capacity is held again while it runs
+        ex.finish("cut")
+        await until(lambda: journal.require(cut).state == "completed")
+        assert journal.require(cut).attempts == 1
+        assert [journal.require(k).state for k in (spent, permanent)] == ["failed", "failed"]
+        assert ex.started == ["cut"]
+    finally:
+        await sched.stop()
+
+
 async def test_a_job_larger_than_the_node_fails_in_scheduling(journal: Journal) -> None:
     ex = ScriptedExecutor()
     sched, ledger = make(journal, ex, cpus=1.0)
