@@ -3,7 +3,9 @@
 Order matters and is fixed here: verify the DID-JWT (cheap checks first, replay cache last) -> parse the
 envelope -> idempotency (same submission, same job; a different body under a used job_id is a conflict)
 -> policy screening (before any capacity is held) -> work estimate -> price against ``max_price`` ->
-reserve capacity until the quote expires -> journal -> sign. A refusal at any step leaves nothing held.
+hold capacity until the quote expires (within the unfunded shares, see provider.ledger) -> journal ->
+sign -> record the request's jti. A refusal at any step leaves nothing held and nothing recorded: the jti
+is written only once the request succeeded.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from node.config import NodeConfig
+from node.config import CapacitySection, NodeConfig
 from node.envelope import (
     FfmpegTranscodeEnvelope,
     VllmBatchEnvelope,
@@ -45,7 +47,7 @@ from node.metrics import Metrics
 from node.webhooks import check_callback
 from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
-from provider.capacity import CapacityLedger, Resources
+from provider.capacity import CapacityLedger, HoldPolicy, Resources
 from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe, WorkEstimate, estimator_for
 from provider.policy import screen
@@ -133,6 +135,15 @@ def resources_of(env: AnyEnvelope) -> Resources:
     return Resources(cpus=env.limits.cpus, memory_mb=env.limits.memory_mb, gpus=env.limits.gpus)
 
 
+def hold_policy(cfg: CapacitySection) -> HoldPolicy:
+    """The ledger's bounds on unfunded holds, from ``[capacity]``."""
+    return HoldPolicy(
+        unfunded_share=cfg.quote_hold_share,
+        per_requester_share=cfg.per_requester_hold_share,
+        busy_retry_seconds=cfg.busy_retry_after_seconds,
+    )
+
+
 class Admission:
     """Turns signed requests into quotes and accepted jobs; owns the capacity ledger's job holds."""
 
@@ -176,17 +187,20 @@ class Admission:
         self._envelopes: dict[tuple[str, bytes], _Parsed] = {}
 
     def reconfigure(self, cfg: NodeConfig) -> None:
-        """Take new prices and policy (SIGHUP); jobs and holds stay as they are."""
+        """Take new prices, policy and hold shares (SIGHUP); jobs and holds stay as they are."""
         self.cfg = cfg
         self.pricer = Pricer(cfg.pricing, gpu_model=self._gpu_model, models=cfg.models, home=self._home)
+        self.ledger.policy = hold_policy(cfg.capacity)
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def _verify(self, token: str) -> Incoming:
+    @contextmanager
+    def _admit(self, token: str) -> Iterator[Incoming]:
+        """The verified request and its envelope; the request's jti is recorded only if the block
+        succeeds (:meth:`RequestVerifier.admit`), so a refused request leaves no trace."""
         parsed: list[tuple[tuple[str, bytes] | None, AnyEnvelope | _Parsed]] = []
 
         def parse_job(payload: dict[str, Any]) -> None:
-            # before the jti is recorded: a malformed envelope is refused without a trace
             if "job" not in payload:
                 raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
             raw = payload["job"]
@@ -194,8 +208,12 @@ class Admission:
             hit = None if seen is None else self._envelopes.get(seen)
             parsed.append((seen, parse_envelope(raw) if hit is None else hit))
 
-        request = self._verify_token(token, parse_job)
-        seen, found = parsed[0]
+        with self._admit_token(token, parse_job) as request:
+            yield self._incoming(request, *parsed[0])
+
+    def _incoming(
+        self, request: VerifiedRequest, seen: tuple[str, bytes] | None, found: AnyEnvelope | _Parsed
+    ) -> Incoming:
         if isinstance(found, _Parsed):
             return Incoming(request, found.env, found.doc, found.hash, found.key, found.job_key)
         env = found
@@ -208,13 +226,19 @@ class Admission:
             self._envelopes[seen] = _Parsed(env, doc, digest, key, job_key)
         return Incoming(request=request, env=env, doc=doc, hash=digest, key=key, job_key=job_key)
 
-    def _verify_token(self, token: str, before_record: Callable[[dict[str, Any]], None]) -> VerifiedRequest:
-        """Verify a signed request; ``before_record`` refuses its payload before the jti is recorded."""
-        try:
-            return self.verifier.verify(token, before_record=before_record)
-        except AuthError as exc:
-            self.metrics.auth_rejected(exc.code)
-            raise
+    @contextmanager
+    def _admit_token(
+        self, token: str, before_record: Callable[[dict[str, Any]], None]
+    ) -> Iterator[VerifiedRequest]:
+        """A verified request whose jti is recorded if the block succeeds; verification refusals are
+        counted by code."""
+        with ExitStack() as stack:
+            try:
+                request = stack.enter_context(self.verifier.admit(token, before_record=before_record))
+            except AuthError as exc:
+                self.metrics.auth_rejected(exc.code)
+                raise
+            yield request
 
     @asynccontextmanager
     async def _job_lock(self, job: str) -> AsyncIterator[None]:
@@ -242,10 +266,10 @@ class Admission:
     async def quote(self, token: str) -> Quote:
         """POST /v1/quotes: a signed quote, or a structured refusal carrying the node's ask."""
         async with self.journal.batched():
-            return await self._quote(token)
+            with self._admit(token) as inc:
+                return await self._quote(inc)
 
-    async def _quote(self, token: str) -> Quote:
-        inc = self._verify(token)
+    async def _quote(self, inc: Incoming) -> Quote:
         enter_job(inc.job_key)
         async with self._job_lock(inc.job_key):
             existing = self._existing(inc)
@@ -277,15 +301,22 @@ class Admission:
         self.metrics.quote("reused", "ok")
         return Quote(job=job, jwt=job.quote_jwt, claims=claims, reused=True)
 
-    async def _price_and_hold(self, inc: Incoming, existing: JobRecord | None) -> Quote:
+    async def _price_and_hold(
+        self, inc: Incoming, existing: JobRecord | None, *, accepting: bool = False
+    ) -> Quote:
         """A new quote for ``inc`` (see :meth:`_bid`); a refusal to bid is counted with its error code."""
         try:
-            return await self._bid(inc, existing)
+            return await self._bid(inc, existing, accepting=accepting)
         except HearthError as exc:
             self.metrics.quote("refused", exc.code)
             raise
 
-    async def _bid(self, inc: Incoming, existing: JobRecord | None) -> Quote:
+    async def _bid(self, inc: Incoming, existing: JobRecord | None, *, accepting: bool = False) -> Quote:
+        """Screen, estimate, price and hold, then journal and sign the quote.
+
+        ``accepting`` (a bare request, bid and accept in one step): a quote whose capacity is not free now
+        is refused here, before anything is written, rather than issued and then refused at acceptance.
+        """
         request, env, job_key = inc.request, inc.env, inc.job_key
         now = self._now()
         policy = self.cfg.policy
@@ -308,10 +339,16 @@ class Admission:
         bid = await self.pricer.ask(env, estimate, self.ledger.utilisation(extra=need))
         check_max_price(bid, env.payment.max_price_decimal)
         expires_at = int(now) + self.cfg.api.quote_ttl_seconds
-        self.ledger.reserve(job_key, need, expires_at)
+        held_at = self._now()  # the probe may have taken a while
+        self.ledger.expire(held_at)  # holds lapsed since the last housekeeping round stand in no one's way
+        # An unfunded hold, within the [capacity] shares; beyond them (or when what is free now is too
+        # little) the quote is still issued but holds nothing, and its acceptance needs free capacity.
+        held = self.ledger.hold_unfunded(
+            job_key, request.iss, need, expires_at, now=held_at, must_fit=accepting
+        )
         try:
             quote_id = "q_" + secrets.token_hex(12)
-            claims = self._quote_claims(inc, quote_id, bid, estimate, now, expires_at)
+            claims = self._quote_claims(inc, quote_id, bid, estimate, now, expires_at, held=held)
             quote_jwt = sign_jwt(self.signer, claims)
             if existing is None:
                 job = self.journal.create_priced(
@@ -355,8 +392,18 @@ class Admission:
         return Quote(job=job, jwt=quote_jwt, claims=claims, reused=False)
 
     def _quote_claims(
-        self, inc: Incoming, quote_id: str, bid: Bid, estimate: WorkEstimate, now: float, expires_at: int
+        self,
+        inc: Incoming,
+        quote_id: str,
+        bid: Bid,
+        estimate: WorkEstimate,
+        now: float,
+        expires_at: int,
+        *,
+        held: bool,
     ) -> dict[str, Any]:
+        """The quote's claims. ``reserved`` is what the job will run with; ``held`` says whether that is
+        held for the requester until ``expires_at`` (False: an over-quote, accepted only if free then)."""
         env = inc.env
         claims: dict[str, Any] = {
             "iss": self.signer.did,
@@ -390,6 +437,7 @@ class Admission:
                     "memory_mb": env.limits.memory_mb,
                     "gpus": env.limits.gpus,
                 },
+                "held": held,
             },
         }
         if self.settlement is not None:
@@ -406,10 +454,10 @@ class Admission:
         checked before the job is accepted; without it the payer funds the escrow itself.
         """
         async with self.journal.batched():
-            return await self._submit(token, quote_jwt, funding)
+            with self._admit(token) as inc:
+                return await self._submit(inc, quote_jwt, funding)
 
-    async def _submit(self, token: str, quote_jwt: str | None, funding: Any) -> Submission:
-        inc = self._verify(token)
+    async def _submit(self, inc: Incoming, quote_jwt: str | None, funding: Any) -> Submission:
         enter_job(inc.job_key)
         request, env = inc.request, inc.env
         if funding is not None and self.settlement is None:
@@ -433,12 +481,11 @@ class Admission:
             elif existing is not None and self._quote_live(existing):
                 job = existing
             else:
-                job = (await self._price_and_hold(inc, existing)).job
+                job = (await self._price_and_hold(inc, existing, accepting=True)).job
             self._check_price_within(job, env)
             payment = await self._payment_terms(job, funding)
-            # The quote's hold becomes the job's, held until the job ends; should it have lapsed, hold anew.
-            if not self.ledger.set_expiry(job.id, None):
-                self.ledger.reserve(job.id, resources_of(env), None)
+            before = self.ledger.get(job.id)
+            self._hold_for_acceptance(job.id, request.iss, resources_of(env))
             try:
                 accepted, _ = self.journal.transition(
                     job.id,
@@ -448,13 +495,39 @@ class Admission:
                     expect="priced",
                 )
             except BaseException:
-                self.ledger.set_expiry(job.id, job.quote_expires_at)
+                self.ledger.restore(job.id, before)
                 raise
             if self.settlement is not None and payment is not None:
                 self.settlement.open_payment(accepted, *payment)
-            await self._committed(undo=lambda: self.ledger.set_expiry(job.id, job.quote_expires_at))
+            await self._committed(undo=lambda: self.ledger.restore(job.id, before))
             self.metrics.accepted()
             return Submission(job=accepted, accepted_now=True)
+
+    def _hold_for_acceptance(self, job: str, iss: str, need: Resources) -> None:
+        """Hold capacity for a job being accepted, or refuse (503 with ``retry_after_seconds``).
+
+        Without payments the job is work from now on: a committed hold (its quote's hold turns into it).
+        With payments it is still unfunded, and anyone can accept for free: its quote's hold is kept until
+        the funding deadline (:meth:`funded` commits it), and without one it is held within the unfunded
+        shares, or beyond them holds nothing until funded. Either way, a job whose quote held nothing (an
+        over-quote, or a lapsed hold) is accepted only if the capacity is free now.
+        """
+        now = self._now()
+        self.ledger.expire(now)
+        chain = self.cfg.chain
+        if self.settlement is None or chain is None:
+            self.ledger.commit(job, need, now=now)
+        else:
+            deadline = now + chain.funding_timeout_seconds
+            self.ledger.hold_unfunded(job, iss, need, deadline, now=now, must_fit=True)
+
+    def funded(self, job: str) -> None:
+        """``job``'s escrow funding is confirmed: its hold becomes committed, taken whatever else is held
+        (paid work goes before quotes; the scheduler queues what does not fit yet)."""
+        record = self.journal.get(job)
+        if record is not None and record.state == "accepted":
+            need = Resources(cpus=record.cpus, memory_mb=record.memory_mb, gpus=record.gpus)
+            self.ledger.commit(job, need, now=self._now(), must_fit=False)
 
     async def _payment_terms(
         self, job: JobRecord, funding: Any
@@ -525,10 +598,6 @@ class Admission:
 
     async def cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
         """Cancel for the job's requester: a signed request whose ``cancel`` claim names the job."""
-        async with self.journal.batched():
-            return await self._cancel(job, token)
-
-    async def _cancel(self, job: str, token: str) -> tuple[JobRecord, str]:
 
         def names_job(payload: dict[str, Any]) -> None:
             if payload.get("cancel") != job:
@@ -536,7 +605,11 @@ class Admission:
                     "invalid_cancel", "the signed request must carry {'cancel': <job id>}", http_status=422
                 )
 
-        request = self._verify_token(token, names_job)
+        async with self.journal.batched():
+            with self._admit_token(token, names_job) as request:
+                return await self._cancel(job, request)
+
+    async def _cancel(self, job: str, request: VerifiedRequest) -> tuple[JobRecord, str]:
         async with self._job_lock(job):
             record = self.journal.require(job)
             if record.iss != request.iss:

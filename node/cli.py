@@ -187,7 +187,13 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
 
     service = ServiceEnv.from_environ(os.environ, pid=os.getpid())  # systemd's variables, read once here
     node = Node.from_home(args.home, config_path=args.config, credentials_dir=service.credentials_dir)
-    configure_logging(node.cfg.logging.level, node.cfg.logging.format)  # HEARTH_LOGGING__LEVEL overrides
+    logging_cfg = node.cfg.logging  # HEARTH_LOGGING__LEVEL overrides
+    configure_logging(
+        logging_cfg.level,
+        logging_cfg.format,
+        repeat_burst=logging_cfg.repeat_burst,
+        repeat_window_seconds=logging_cfg.repeat_window_seconds,
+    )
     notifier = Notifier(service.notify_socket)
     host = args.host or node.cfg.api.host
     port = node.cfg.api.port if args.port is None else args.port

@@ -16,12 +16,25 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from core.untrusted import UntrustedJSONError, parse_json
 from node.errors import HearthError
 from payments.jwt import sign_jwt
 from payments.keys import Signer
 
 DEFAULT_REQUEST_TTL_SECONDS = 300
 DEFAULT_CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+
+
+def _error_doc(text: str) -> dict[str, Any]:
+    """A node's answer as a JSON object (parsed within bounds: the node may be anyone's); an answer that
+    is not one becomes a ``bad_response`` error."""
+    try:
+        body = parse_json(text) if text else {}
+    except UntrustedJSONError:
+        body = None
+    if not isinstance(body, dict):
+        return {"error": {"code": "bad_response", "message": text[:200]}}
+    return body
 
 
 class NodeError(HearthError):
@@ -101,10 +114,7 @@ class NodeClient:
                 status = resp.status
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise NodeUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
-        try:
-            body = json.loads(text) if text else {}
-        except json.JSONDecodeError:
-            body = {"error": {"code": "bad_response", "message": text[:200]}}
+        body = _error_doc(text)
         if status >= 400:
             raise NodeError(status, body)
         return status, body
@@ -170,14 +180,14 @@ class NodeClient:
         try:
             async with self.session.get(url, timeout=timeout) as resp:
                 if resp.status >= 400:
-                    raise NodeError(resp.status, json.loads(await resp.text() or "{}"))
+                    raise NodeError(resp.status, _error_doc(await resp.text()))
                 data_lines: list[str] = []
                 async for raw in resp.content:
                     line = raw.decode().rstrip("\r\n")
                     if line.startswith("data:"):
                         data_lines.append(line[5:].lstrip())
                     elif not line and data_lines:
-                        yield json.loads("\n".join(data_lines))
+                        yield parse_json("\n".join(data_lines))
                         data_lines = []
         except aiohttp.ClientConnectionError as exc:
             raise NodeUnreachable(self.base_url, str(exc)) from None

@@ -24,11 +24,20 @@ from pydantic import (
     model_validator,
 )
 
+from core.netpolicy import parse_networks
 from node.errors import ConfigError
 
 DEFAULT_PORT = 8787
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
+# The HTTP connection layer (node/http_guard.py): timeouts, the cap on open connections (clamped below
+# RLIMIT_NOFILE less the reserve) and the longest request or header line aiohttp's parser accepts.
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_RESERVED_DESCRIPTORS = 256
+DEFAULT_MAX_HEADER_LINE_BYTES = 8190
+DEFAULT_BODY_TIMEOUT_SECONDS = 10.0  # a signed request or receipt body must arrive whole within this
 DEFAULT_CLOCK_SKEW_SECONDS = 60
 DEFAULT_MAX_TOKEN_LIFETIME_SECONDS = 3600
 DEFAULT_QUOTE_TTL_SECONDS = 300
@@ -37,10 +46,12 @@ DEFAULT_PRICING_SCRIPT_TIMEOUT_SECONDS = 2.0
 DEFAULT_PER_DID_CONCURRENCY = 4
 DEFAULT_MAX_BLOB_MB = 2048
 DEFAULT_MAX_INPUT_MB = 4096
+DEFAULT_UPLOAD_STALL_SECONDS = 30.0
 DEFAULT_FETCH_TIMEOUT_SECONDS = 600.0
 DEFAULT_FETCH_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_FETCH_READ_TIMEOUT_SECONDS = 60.0
 DEFAULT_QUOTE_FETCH_TIMEOUT_SECONDS = 20.0
+DEFAULT_INPUT_MAX_REDIRECTS = 5  # each hop checked by the address policy before it is requested
 DEFAULT_PIDS_LIMIT = 256
 DEFAULT_TMPFS_MB = 256
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
@@ -49,7 +60,12 @@ DEFAULT_DOCKER_API_TIMEOUT_SECONDS = 30.0
 DEFAULT_OUTPUT_POLL_SECONDS = 0.25
 DEFAULT_STDERR_TAIL_BYTES = 8192
 DEFAULT_DRAIN_GRACE_SECONDS = 30.0
+DEFAULT_LOG_REPEAT_BURST = 10
+DEFAULT_LOG_REPEAT_WINDOW_SECONDS = 60.0
 DEFAULT_VLLM_SHM_MB = 512
+# ffprobe reads headers only: it runs in a sandbox with a small, fixed share of its own.
+DEFAULT_PROBE_TIMEOUT_SECONDS = 60.0
+DEFAULT_PROBE_MEMORY_MB = 256
 CONFIG_FILENAME = "node.toml"
 KEY_FILENAME = "node.key"
 # The systemd credentials (LoadCredential= IDs) that replace [node] key_file and [chain] wallet_key_file.
@@ -92,6 +108,12 @@ class ApiSection(_Section):
     clock_skew_seconds: int = Field(default=DEFAULT_CLOCK_SKEW_SECONDS, ge=0, le=600)
     max_token_lifetime_seconds: int = Field(default=DEFAULT_MAX_TOKEN_LIFETIME_SECONDS, ge=10, le=86_400)
     quote_ttl_seconds: int = Field(default=DEFAULT_QUOTE_TTL_SECONDS, ge=5, le=86_400)
+    body_timeout_seconds: float = Field(default=DEFAULT_BODY_TIMEOUT_SECONDS, gt=0, le=600)
+    header_timeout_seconds: float = Field(default=DEFAULT_HEADER_TIMEOUT_SECONDS, gt=0, le=600)
+    idle_timeout_seconds: float = Field(default=DEFAULT_IDLE_TIMEOUT_SECONDS, gt=0, le=3600)
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1, le=1_000_000)
+    reserved_descriptors: int = Field(default=DEFAULT_RESERVED_DESCRIPTORS, ge=16, le=1_000_000)
+    max_header_line_bytes: int = Field(default=DEFAULT_MAX_HEADER_LINE_BYTES, ge=1024, le=65_536)
 
 
 class SurgeSection(_Section):
@@ -141,6 +163,11 @@ class PolicySection(_Section):
     retry_budget: int = Field(default=DEFAULT_RETRY_BUDGET, ge=0, le=10)
 
 
+DEFAULT_QUOTE_HOLD_SHARE = 0.5
+DEFAULT_PER_REQUESTER_HOLD_SHARE = 0.25
+DEFAULT_BUSY_RETRY_AFTER_SECONDS = 30
+
+
 class CapacitySection(_Section):
     """What the node offers. ``auto`` reads the machine (psutil, NVML); numbers cap it."""
 
@@ -154,6 +181,26 @@ class CapacitySection(_Section):
         ge=1.0,
         le=1000.0,
         description="sell up to this multiple of CPU and memory; excess queues",
+    )
+    # Unfunded holds (quotes, and accepted jobs awaiting funding) cost their requester nothing, so they may
+    # take only these shares of the total; a quote beyond them is issued but holds nothing (README, Bidding).
+    quote_hold_share: float = Field(
+        default=DEFAULT_QUOTE_HOLD_SHARE,
+        ge=0,
+        le=1,
+        description="the share of each resource all unfunded holds together may take",
+    )
+    per_requester_hold_share: float = Field(
+        default=DEFAULT_PER_REQUESTER_HOLD_SHARE,
+        ge=0,
+        le=1,
+        description="the share of each resource one requester's unfunded holds may take",
+    )
+    busy_retry_after_seconds: int = Field(
+        default=DEFAULT_BUSY_RETRY_AFTER_SECONDS,
+        ge=1,
+        le=3600,
+        description="Retry-After of a 503 that only running or funded jobs (no known end) cause",
     )
 
 
@@ -169,6 +216,9 @@ class StorageSection(_Section):
 
     blocks_dir: str = "blocks"
     max_blob_mb: int = Field(default=DEFAULT_MAX_BLOB_MB, ge=1, le=1_000_000)
+    upload_stall_seconds: float = Field(
+        default=DEFAULT_UPLOAD_STALL_SECONDS, gt=0, le=3600, description="longest pause mid-upload of a blob"
+    )
     max_input_mb: int = Field(default=DEFAULT_MAX_INPUT_MB, ge=1, le=1_000_000)
     gateways: list[str] = Field(default_factory=list, description="trustless gateways for ipfs:// inputs")
     fetch_timeout_seconds: float = Field(
@@ -185,6 +235,23 @@ class StorageSection(_Section):
         le=600,
         description="how long a quote waits for its input to probe it; past that it prices on limits",
     )
+    # The address policy of https:// inputs (core/netpolicy.py): requester-named URLs may reach only public
+    # addresses unless these allow more. Configured gateways are the operator's and are trusted as named.
+    allow_private_addresses: bool = Field(
+        default=False, description="https inputs may reach loopback, private and link-local addresses"
+    )
+    allow_networks: list[str] = Field(
+        default_factory=list, max_length=256, description="networks https inputs may reach though not public"
+    )
+    max_redirects: int = Field(
+        default=DEFAULT_INPUT_MAX_REDIRECTS, ge=0, le=20, description="redirects an https input may follow"
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _input_networks(cls, v: list[str]) -> list[str]:
+        parse_networks(v)
+        return v
 
     @field_validator("gateways")
     @classmethod
@@ -218,13 +285,20 @@ class SandboxSection(_Section):
         default=DEFAULT_OUTPUT_POLL_SECONDS, ge=0.01, le=10, description="how often the output cap is checked"
     )
     stderr_tail_bytes: int = Field(default=DEFAULT_STDERR_TAIL_BYTES, ge=256, le=1024 * 1024)
+    probe_timeout_seconds: float = Field(
+        default=DEFAULT_PROBE_TIMEOUT_SECONDS, gt=0, le=600, description="ffprobe of one input (sandboxed)"
+    )
+    probe_memory_mb: int = Field(
+        default=DEFAULT_PROBE_MEMORY_MB, ge=64, le=65_536, description="memory of the ffprobe sandbox"
+    )
 
 
 class WebhooksSection(_Section):
     """Delivery of job status changes to an envelope's ``callback_url``: signed, retried with backoff.
 
-    ``allow_private_addresses`` lets callbacks reach loopback, private and link-local addresses; off by
-    default, so a requester cannot aim the node at services on its own network.
+    ``allow_private_addresses`` lets callbacks reach loopback, private and link-local addresses, and
+    ``allow_networks`` (``["10.20.0.0/16"]``) only the networks it names; both off by default, so a
+    requester cannot aim the node at services on its own network. Redirects are never followed.
     """
 
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
@@ -233,6 +307,15 @@ class WebhooksSection(_Section):
     backoff_max_seconds: float = Field(default=300.0, gt=0, le=86_400)
     poll_seconds: float = Field(default=0.5, ge=0.01, le=60)
     allow_private_addresses: bool = False
+    allow_networks: list[str] = Field(
+        default_factory=list, max_length=256, description="networks callbacks may reach though not public"
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _callback_networks(cls, v: list[str]) -> list[str]:
+        parse_networks(v)
+        return v
 
 
 class LoggingSection(_Section):
@@ -240,6 +323,10 @@ class LoggingSection(_Section):
 
     format: Literal["json", "text"] = "json"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Warnings and errors of one kind (logger, level, message template) pass repeat_burst times per
+    # window; the rest are counted and reported, so a fault repeated in a loop cannot flood the log.
+    repeat_burst: int = Field(default=DEFAULT_LOG_REPEAT_BURST, ge=1, le=100_000)
+    repeat_window_seconds: float = Field(default=DEFAULT_LOG_REPEAT_WINDOW_SECONDS, gt=0, le=86_400)
 
 
 class SchedulerSection(_Section):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.admission import Admission
+from node.admission import Admission, hold_policy
 from node.config import (
     NODE_KEY_CREDENTIAL,
     WALLET_KEY_CREDENTIAL,
@@ -82,7 +82,8 @@ class Node:
                 cpus=offered.cpus * cfg.capacity.overcommit,
                 memory_mb=int(offered.memory_mb * cfg.capacity.overcommit),
                 gpus=offered.gpus,
-            )
+            ),
+            hold_policy(cfg.capacity),
         )
         self._journal: Journal | None = None
         self._admission: Admission | None = None
@@ -205,9 +206,11 @@ class Node:
         journal.checkpoint_in_background()
         now = self.now()
         journal.expire_quotes(now)
+        # Live quotes with their requesters: the ledger holds them again under the unfunded shares they
+        # were held under (provider.ledger).
         self.ledger.load(
-            (job, Resources(cpus=cpus, memory_mb=mem, gpus=gpus), quote_exp)
-            for job, cpus, mem, gpus, quote_exp in journal.held_resources(now)
+            (id, Resources(cpus=cpus, memory_mb=memory_mb, gpus=gpus), expires_at, iss)
+            for id, cpus, memory_mb, gpus, expires_at, iss in journal.held_resources(now)
         )
         self.metrics.watch_journal(journal.count_by_state)
         self.metrics.watch_failures(journal.failed_by_domain)
@@ -284,6 +287,8 @@ class Node:
         return await self.inference.quote_probe(env)
 
     def _funded(self, job: str) -> None:
+        if self._admission is not None:  # before it exists the ledger was loaded with the job committed
+            self._admission.funded(job)
         if self._scheduler is not None:
             self._scheduler.admit(job)
 

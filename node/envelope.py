@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.errors import RequestError
 
 ENVELOPE_VERSION: Literal[1] = 1
+MAX_MEDIA_SECONDS = 86_400  # every time in a media envelope (clip, thumbnails, durations) lies within a day
 JOB_KINDS = ("ffmpeg_transcode", "vllm_batch")
 
 JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
@@ -40,14 +41,15 @@ InputUri = Annotated[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: no float field ever holds infinity or NaN, which JCS cannot write
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Clip(_Strict):
     """Cut ``duration_seconds`` starting at ``start_seconds`` of the input."""
 
-    start_seconds: float = Field(ge=0, le=86_400)
-    duration_seconds: float = Field(gt=0, le=86_400)
+    start_seconds: float = Field(ge=0, le=MAX_MEDIA_SECONDS)
+    duration_seconds: float = Field(gt=0, le=MAX_MEDIA_SECONDS)
 
 
 class Mp4Spec(_Strict):
@@ -89,8 +91,8 @@ class ThumbnailsSpec(_Strict):
     @field_validator("timestamps")
     @classmethod
     def _non_negative(cls, v: list[float]) -> list[float]:
-        if any(t < 0 or t > 86_400 for t in v):
-            raise ValueError("timestamps must lie in [0, 86400] seconds")
+        if any(not 0 <= t <= MAX_MEDIA_SECONDS for t in v):
+            raise ValueError(f"timestamps must lie in [0, {MAX_MEDIA_SECONDS}] seconds")
         return v
 
 
@@ -128,8 +130,8 @@ class Limits(_Strict):
 class Validation(_Strict):
     """What the validator will check of the result; the node runs the same checks before reporting."""
 
-    min_duration_seconds: float | None = Field(default=None, ge=0)
-    max_duration_seconds: float | None = Field(default=None, gt=0)
+    min_duration_seconds: float | None = Field(default=None, ge=0, le=MAX_MEDIA_SECONDS)
+    max_duration_seconds: float | None = Field(default=None, gt=0, le=MAX_MEDIA_SECONDS)
     required_streams: list[Literal["video", "audio"]] = Field(default_factory=list, max_length=2)
     all_answered: bool = True
 

@@ -44,8 +44,8 @@ from sandbox.ffmpeg import (
     collect_outputs,
     parse_probe,
     probe_argv,
-    probe_refusal,
     raise_for_checks,
+    sandboxed_probe_refusal,
     transcode_argv,
 )
 from sandbox.runner import Mount, RunSpec, SandboxRunner
@@ -53,9 +53,6 @@ from storage import CID, Blockstore, FetchedInput, fetch_input, import_path
 
 log = logging.getLogger("hearth.executor")
 
-# ffprobe reads headers only: it gets a small, fixed share of the job's limits.
-PROBE_TIMEOUT_SECONDS = 60.0
-PROBE_MEMORY_MB = 256
 PROBE_MAX_OUTPUT_BYTES = 1024 * 1024
 MAX_FFMPEG_THREADS = 16
 QUOTE_PROBE_CACHE_SIZE = 1024
@@ -148,7 +145,8 @@ class WorkloadExecutor:
     @contextlib.asynccontextmanager
     async def _quote_input(self, env: AnyEnvelope, name: str) -> AsyncIterator[FetchedInput | None]:
         """The job's input, fetched for its quote into a temporary folder removed afterwards; None when
-        the node cannot get it (not here, no gateway, an error) within the quote-time budget.
+        the node cannot get it (not here, no gateway, an error) within the quote-time budget. An input
+        URL the address policy refuses (``input_not_allowed``) refuses the quote.
         """
         if not self._reachable(env.input_uri):
             yield None
@@ -163,6 +161,8 @@ class WorkloadExecutor:
                 async with asyncio.timeout(self._cfg.storage.quote_fetch_timeout_seconds):
                     fetched = await self._fetch_for(env, dest)
             except (StorageError, TimeoutError) as exc:
+                if isinstance(exc, StorageError) and exc.code == "input_not_allowed":
+                    raise  # the address policy refuses the URL: a refusal of the job, not a miss
                 log.info("quote for %s priced without its input: not fetched (%s)", env.job_id, exc)
             yield fetched
 
@@ -314,9 +314,11 @@ class TranscodeExecutor(WorkloadExecutor):
         try:
             await self._probe_run(path, out, job_id, attempt, lines)
         except ExecutionError as exc:
-            if exc.code != "nonzero_exit":
+            # An input that fails, outgrows or outlasts its probe is refused (422), not a node failure (500).
+            refusal = sandboxed_probe_refusal(exc)
+            if refusal is exc:
                 raise
-            raise probe_refusal(str(exc.details.get("stderr_tail", "")).encode()) from None
+            raise refusal from None
         return parse_probe("\n".join(lines))
 
     async def _probe_run(self, path: Path, out: Path, job_id: str, attempt: int, lines: list[str]) -> None:
@@ -329,8 +331,8 @@ class TranscodeExecutor(WorkloadExecutor):
                 output_dir=out,
                 inputs=(Mount(host=path, target=CONTAINER_INPUT_PATH),),
                 cpus=1.0,
-                memory_mb=PROBE_MEMORY_MB,
-                timeout_seconds=PROBE_TIMEOUT_SECONDS,
+                memory_mb=self._cfg.sandbox.probe_memory_mb,
+                timeout_seconds=self._cfg.sandbox.probe_timeout_seconds,
                 max_output_bytes=PROBE_MAX_OUTPUT_BYTES,
                 pids_limit=self._cfg.sandbox.pids_limit,
                 tmpfs_mb=min(self._cfg.sandbox.tmpfs_mb, 64),
@@ -479,8 +481,8 @@ class TranscodeExecutor(WorkloadExecutor):
                     job_id="tool-versions",
                     output_dir=out,
                     cpus=0.5,
-                    memory_mb=PROBE_MEMORY_MB,
-                    timeout_seconds=PROBE_TIMEOUT_SECONDS,
+                    memory_mb=self._cfg.sandbox.probe_memory_mb,
+                    timeout_seconds=self._cfg.sandbox.probe_timeout_seconds,
                     max_output_bytes=PROBE_MAX_OUTPUT_BYTES,
                     user=self._cfg.sandbox.user,
                 ),

@@ -85,6 +85,8 @@ JobState = Literal[
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 
 EventType = Literal["transition", "progress", "note"]
+MAX_EVENT_SEQ: Final = 2**63 - 1
+"""The largest event position there can be (SQLite's largest integer); a position beyond names nothing."""
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = MappingProxyType(
@@ -326,7 +328,7 @@ class TxRecord:
         }
 
 
-HeldResources = tuple[str, float, int, int, float | None]
+HeldResources = tuple[str, float, int, int, float | None, str]
 """``(job id, cpus, memory_mb, gpus, expires_at)``: one hold of the capacity ledger."""
 
 # --------------------------------------------------------------------------------------------- schema
@@ -503,8 +505,8 @@ _SQL_LAST_EXPIRY_SOURCE: Final = (
 _SQL_DUE_QUOTES: Final = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'priced' AND quote_expires_at <= ?"
 # Two indexed ranges joined, rather than one OR that could fall back to scanning every job.
 _SQL_HELD: Final = (
-    "SELECT id, cpus, memory_mb, gpus, NULL FROM jobs WHERE state IN ('accepted', 'running') "
-    "UNION ALL SELECT id, cpus, memory_mb, gpus, quote_expires_at FROM jobs "
+    "SELECT id, cpus, memory_mb, gpus, NULL, iss FROM jobs WHERE state IN ('accepted', 'running') "
+    "UNION ALL SELECT id, cpus, memory_mb, gpus, quote_expires_at, iss FROM jobs "
     "WHERE state = 'priced' AND quote_expires_at > ?"
 )
 _SQL_HOLDING: Final = (
@@ -521,6 +523,7 @@ _SQL_COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
 _SQL_FAILED_BY_DOMAIN: Final = "SELECT failure_domain, COUNT(*) FROM jobs WHERE state = 'failed' GROUP BY 1"
 _SQL_NONCE_INSERT: Final = "INSERT OR IGNORE INTO nonces (iss, jti, exp) VALUES (?, ?, ?)"
 _SQL_NONCE_PRUNE: Final = "DELETE FROM nonces WHERE exp < ?"
+_SQL_NONCE_SEEN: Final = "SELECT 1 FROM nonces WHERE iss = ? AND jti = ?"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -598,6 +601,15 @@ def _write_error(exc: sqlite3.Error) -> JournalError:
     message = str(exc)
     if message.startswith("illegal_transition"):
         return IllegalTransitionError("illegal_transition", f"the database refused the change: {message}")
+    if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL:
+        # the operator's problem, not a bug: say so (storage, 507) so clients retry and alerts name the disk
+        return JournalError(
+            "journal_write_failed",
+            "the journal could not record the change: the disk holding it is full",
+            http_status=507,
+            domain="storage",
+            details={"cause": "disk_full"},
+        )
     return JournalError("journal_write_failed", f"the journal could not record the change: {message}")
 
 
@@ -631,6 +643,8 @@ class _Batch:
 
 
 _BATCH: ContextVar[_Batch | None] = ContextVar("hearth_journal_batch", default=None)
+# The open group a task last read from: those rows were not committed yet (see Journal.settled).
+_READ_IN_GROUP: ContextVar[_Group | None] = ContextVar("hearth_journal_read_in_group", default=None)
 
 
 class _Checkpointer:
@@ -877,10 +891,19 @@ class Journal:
             await self._wait(batch)
 
     async def settled(self) -> None:
-        """Wait for the open group commit, if any (a reader about to answer with what it read)."""
+        """Wait for the open group commit, if any (a reader about to answer with what it read).
+
+        A failed commit is raised only to a task that read while that group was open, since what it read
+        may have been rolled back. Any other task (a health check, a reader of committed rows) is not
+        failed by writes that were not its own, e.g. other requests' writes on a full disk.
+        """
         group = self._group
         if group is not None and group.thread == threading.get_ident():
-            await asyncio.shield(group.done)
+            with suppress(JournalError):
+                await asyncio.shield(group.done)
+        seen = _READ_IN_GROUP.get()
+        if seen is not None and seen.thread == threading.get_ident():
+            await asyncio.shield(seen.done)
 
     @staticmethod
     async def _wait(batch: _Batch) -> None:
@@ -940,11 +963,13 @@ class Journal:
                     conn.execute("ROLLBACK")
         if self._group is group:
             self._group = None
-            error = (
-                exc
-                if isinstance(exc, JournalError)
-                else JournalError("journal_write_failed", f"the journal dropped a transaction: {exc}")
-            )
+            full = _write_error(exc) if isinstance(exc, sqlite3.Error) else None
+            if isinstance(exc, JournalError):
+                error: BaseException = exc
+            elif full is not None and full.domain == "storage":
+                error = full  # a full disk: every writer of the group is told so, not of a bug
+            else:
+                error = JournalError("journal_write_failed", f"the journal dropped a transaction: {exc}")
             self._resolve(group, error)
 
     @staticmethod
@@ -977,6 +1002,8 @@ class Journal:
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self._connection()
+            if self._group is not None:
+                _READ_IN_GROUP.set(self._group)
             try:
                 yield conn
             except sqlite3.Error as exc:
@@ -1012,6 +1039,11 @@ class Journal:
         return None if row is None else _job(row)
 
     # ----------------------------------------------------------------------------------------- replay cache
+
+    def nonce_seen(self, iss: str, jti: str) -> bool:
+        """True if the nonce ``(iss, jti)`` is recorded (a write of the open group commit included)."""
+        with self._read() as conn:
+            return conn.execute(_SQL_NONCE_SEEN, (iss, jti)).fetchone() is not None
 
     def check_and_record(self, iss: str, jti: str, exp: float) -> bool:
         """Record the nonce ``(iss, jti)`` until ``exp``; ``False`` if it was already recorded (a replay).
@@ -1297,14 +1329,16 @@ class Journal:
             return [_job(row) for row in conn.execute(_SQL_HOLDING, (cutoff,)).fetchall()]
 
     def held_resources(self, now: float | None = None) -> list[HeldResources]:
-        """``(id, cpus, memory_mb, gpus, expires_at)`` of each job holding resources at ``now``.
+        """``(id, cpus, memory_mb, gpus, expires_at, iss)`` of each job holding resources at ``now``.
 
         This is the capacity ledger, rebuilt at start. ``expires_at`` is when the hold lapses by itself: the
-        quote's expiry for a ``priced`` job, ``None`` for an accepted or running one (held until it moves).
+        quote's expiry for a ``priced`` job, ``None`` for an accepted or running one (held until it moves);
+        ``iss`` is the requester whose share of unfunded holds a quote counts against.
         """
         cutoff = self._now() if now is None else now
         with self._read() as conn:
-            return [(r[0], r[1], r[2], r[3], r[4]) for r in conn.execute(_SQL_HELD, (cutoff,)).fetchall()]
+            rows = conn.execute(_SQL_HELD, (cutoff,)).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def active_count(self, iss: str, now: float | None = None, *, limit: int = -1) -> int:
         """How many of ``iss``'s jobs hold resources at ``now`` (for the per-DID concurrency policy).
@@ -1634,6 +1668,19 @@ class Journal:
                 "SELECT MAX(nonce) FROM chain_txs WHERE sender = ? AND state != 'dropped'", (sender,)
             ).fetchone()
         return 0 if row[0] is None else int(row[0]) + 1
+
+    def txs_from_nonce(self, sender: str, nonce: int) -> list[TxRecord]:
+        """``sender``'s recorded, not dropped, transactions with a nonce of ``nonce`` or more, by nonce.
+
+        Few in practice (those still in flight), found through the ``(sender, nonce)`` index.
+        """
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_TX_COLUMNS} FROM chain_txs WHERE sender = ? AND nonce >= ? AND state != 'dropped' "
+                "ORDER BY nonce",
+                (sender, nonce),
+            ).fetchall()
+        return [TxRecord(*row) for row in rows]
 
     @staticmethod
     def _fetch_payment(conn: sqlite3.Connection, job: str) -> PaymentRecord | None:

@@ -18,8 +18,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Final, Literal
+
+from node.config import DEFAULT_LOG_REPEAT_BURST, DEFAULT_LOG_REPEAT_WINDOW_SECONDS
 
 LogFormat = Literal["json", "text"]
 
@@ -100,9 +103,104 @@ def log_transition(event: Any) -> None:
     )
 
 
-def configure_logging(level: str = "INFO", fmt: LogFormat = "json") -> None:
-    """Send every logger's lines to stderr in ``fmt``; called once by ``hearth run``."""
+@dataclass
+class _Window:
+    start: float
+    passed: int = 1
+    suppressed: int = 0
+
+
+class RepeatFilter(logging.Filter):
+    """Lets ``burst`` warnings or errors of one kind through per ``window`` seconds and counts the rest.
+
+    A fault that repeats in a loop (``accept()`` failing with EMFILE once the descriptors run out, a
+    client sending garbage) must not fill the disk: the operator needs the first lines, and how many
+    more there were. A kind is the logger, the level and the message template (before ``%`` formatting).
+    The first line of a kind after its window carries ``suppressed`` (how many were dropped before it);
+    a kind that does not recur is reported by a summary line once its window has passed and the next
+    line of any kind is logged. Lines below WARNING (job transitions, the audit trail) always pass.
+    """
+
+    def __init__(
+        self,
+        burst: int = DEFAULT_LOG_REPEAT_BURST,
+        window: float = DEFAULT_LOG_REPEAT_WINDOW_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_kinds: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._max_kinds = max_kinds
+        self._kinds: dict[tuple[str, int, str], _Window] = {}
+        self._next_sweep = clock() + window
+        self._handler: logging.Handler | None = None
+
+    def attach(self, handler: logging.Handler) -> None:
+        """Filter ``handler``'s records; summaries of dropped lines are emitted through it."""
+        self._handler = handler
+        handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "repeat_summary", False):
+            return True
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, record.levelno, str(record.msg)[:200])
+        seen = self._kinds.get(kind)
+        if seen is None or now - seen.start >= self.window:
+            if seen is not None and seen.suppressed:
+                record.suppressed = seen.suppressed
+            if seen is None and len(self._kinds) >= self._max_kinds:
+                self._kinds.pop(next(iter(self._kinds)))  # the table is bounded too; counts may be lost
+            self._kinds[kind] = _Window(start=now)
+            return True
+        if seen.passed < self.burst:
+            seen.passed += 1
+            return True
+        seen.suppressed += 1
+        return False
+
+    def _sweep(self, now: float) -> None:
+        """Report and forget the kinds whose window has passed."""
+        self._next_sweep = now + self.window
+        for kind, seen in list(self._kinds.items()):
+            if now - seen.start < self.window:
+                continue
+            del self._kinds[kind]
+            if seen.suppressed and self._handler is not None:
+                name, level, template = kind
+                summary = logging.LogRecord(
+                    "hearth.logs",
+                    level,
+                    __file__,
+                    0,
+                    "similar lines suppressed: %d",
+                    (seen.suppressed,),
+                    None,
+                )
+                summary.repeat_summary = True
+                summary.suppressed = seen.suppressed
+                summary.of_logger = name
+                summary.of_message = template
+                self._handler.handle(summary)
+
+
+def configure_logging(
+    level: str = "INFO",
+    fmt: LogFormat = "json",
+    *,
+    repeat_burst: int = DEFAULT_LOG_REPEAT_BURST,
+    repeat_window_seconds: float = DEFAULT_LOG_REPEAT_WINDOW_SECONDS,
+) -> None:
+    """Send every logger's lines to stderr in ``fmt``, repeats limited; called once by ``hearth run``."""
     handler = logging.StreamHandler()
+    RepeatFilter(repeat_burst, repeat_window_seconds).attach(handler)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

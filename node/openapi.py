@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from node.envelope import Envelope
+from node.journal import MAX_EVENT_SEQ
 
 JWT_SCHEMA = {
     "type": "string",
@@ -234,12 +235,14 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "refused by policy or audience",
         404: "not found",
         406: "a directory asked for without a format (raw or car)",
+        408: "the body did not arrive in time (body_timeout, upload_stalled)",
         409: "conflict: replayed jti, job_id re-used, wrong state",
         413: "body over the node's cap",
         415: "unsupported content type",
         422: "invalid envelope or body",
         429: "per-requester concurrency limit",
         503: "no capacity, or not ready",
+        507: "the node's disk is full (journal or blockstore); nothing was recorded, retry later",
     }
     return {str(s): {"description": descriptions[s], **_json("Error")} for s in statuses}
 
@@ -248,11 +251,47 @@ _SIGNED_BODY = {
     "required": True,
     "content": {"application/jwt": {"schema": {"$ref": "#/components/schemas/Jwt"}}},
 }
-_AUTH_ERRORS = (400, 401, 403, 409, 413, 415, 422)
-_JOB_PARAM = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}]
-
-
-_CID_PARAM = {"name": "cid", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+_AUTH_ERRORS = (400, 401, 403, 408, 409, 413, 415, 422)
+# A node's job id: hj_ + 26 base32 characters of sha256(iss "\n" job_id) (node.envelope.node_job_id).
+JOB_ID_PATTERN = r"^hj_[a-z2-7]{26}$"
+_JOB_PARAM = [
+    {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+        "description": "the node's job id (hj_...), as quotes and acceptances name it",
+    }
+]
+# The CIDs this node makes and serves: CIDv1, base32, sha2-256, dag-pb ("bafybei...") or raw ("bafkrei..."),
+# 36 bytes in 58 characters whose last one carries two zero padding bits.
+CID_PATTERN = r"^b(afybei|afkrei)[a-z2-7]{51}[aeimquy4]$"
+_CID_PARAM = {
+    "name": "cid",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": CID_PATTERN},
+    "description": "a CIDv1 (base32, sha2-256; dag-pb or raw), e.g. from PUT /v1/blobs or a job's result",
+}
+EVENT_SCHEMA = {
+    "type": "object",
+    "description": "the data of one server-sent event (its SSE id is seq, its SSE event name is type); "
+    "a stream cut by a node-side failure ends with an event named 'error' whose data is an Error",
+    "required": ["seq", "job", "at", "type", "from", "to", "actor", "reason", "domain", "retryable", "data"],
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1},
+        "job": {"type": "string"},
+        "at": {"type": "number"},
+        "type": {"type": "string", "enum": ["transition", "progress", "note"]},
+        "from": {"type": ["string", "null"]},
+        "to": {"type": ["string", "null"]},
+        "actor": {"type": "string"},
+        "reason": {"type": "string"},
+        "domain": {"type": ["string", "null"]},
+        "retryable": {"type": ["boolean", "null"]},
+        "data": {"type": ["object", "null"]},
+    },
+}
 _FORMAT_PARAM = {
     "name": "format",
     "in": "query",
@@ -303,7 +342,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "the job's live quote, re-issued", **_json("QuoteResponse")},
                         "201": {"description": "a new signed quote", **_json("QuoteResponse")},
-                        **_errors(*_AUTH_ERRORS, 402, 429, 503),
+                        **_errors(*_AUTH_ERRORS, 402, 429, 503, 507),
                     },
                 }
             },
@@ -321,7 +360,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "already accepted (idempotent)", **_json(status_doc)},
                         "201": {"description": "accepted", **_json(status_doc)},
-                        **_errors(*_AUTH_ERRORS, 402, 429, 503),
+                        **_errors(*_AUTH_ERRORS, 402, 429, 503, 507),
                     },
                 }
             },
@@ -350,13 +389,35 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Server-sent events: transitions and progress (resume with Last-Event-ID)",
                     "parameters": [
                         *_JOB_PARAM,
-                        {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                        {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "send the events after this position (default 0)",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_SEQ},
+                        },
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "description": "as 'after' (wins over it): a reconnecting EventSource sends it",
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                        },
+                        {
+                            "name": "follow",
+                            "in": "query",
+                            "description": "true (default): stream until the job rests; false: backlog only",
+                            "schema": {"type": "boolean"},
+                        },
                     ],
                     "responses": {
                         "200": {
-                            "description": "event stream",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "description": "event stream: 'id: <seq>', 'event: <type>', 'data: <Event JSON>' "
+                            "per event, and ': keepalive' comments",
+                            "content": {
+                                "text/event-stream": {
+                                    "schema": {"type": "string"},
+                                    "itemSchema": {"$ref": "#/components/schemas/Event"},
+                                }
+                            },
                         },
                         **_errors(400, 404),
                     },
@@ -386,7 +447,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             ),
                         },
-                        **_errors(*_AUTH_ERRORS, 404),
+                        **_errors(*_AUTH_ERRORS, 404, 507),
                     },
                 }
             },
@@ -410,7 +471,7 @@ def openapi_document() -> dict[str, Any]:
                             "description": "receipt recorded; the transaction follows",
                             **_json(status_doc),
                         },
-                        **_errors(400, 404, 409, 413, 422, 503),
+                        **_errors(400, 404, 408, 409, 413, 415, 422, 503, 507),
                     },
                 }
             },
@@ -421,7 +482,9 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {
                         "required": True,
                         "content": {
-                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                            "application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary", "minLength": 1}
+                            }
                         },
                     },
                     "responses": {
@@ -435,7 +498,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             ),
                         },
-                        **_errors(413),
+                        **_errors(400, 408, 413, 507),
                     },
                 }
             },
@@ -591,6 +654,7 @@ def openapi_document() -> dict[str, Any]:
                 "Jwt": JWT_SCHEMA,
                 "Error": ERROR_SCHEMA,
                 "Job": JOB_SCHEMA,
+                "Event": EVENT_SCHEMA,
                 "Overview": OVERVIEW_SCHEMA,
                 "Envelope": envelope_schema,
                 **defs,

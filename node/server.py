@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,9 +20,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.untrusted import UntrustedJSONError, parse_json
 from node.daemon import Node
 from node.errors import CapacityError, HearthError, NotFoundError, RequestError, SettlementError
-from node.journal import TERMINAL_STATES, Event, JobRecord
+from node.http_errors import CLIENT_CLOSED, KEPT_HEADERS, error_body, error_response, http_error
+from node.journal import MAX_EVENT_SEQ, TERMINAL_STATES, Event, JobRecord
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.openapi import openapi_document
 from node.overview import add_routes as add_overview_routes
@@ -47,17 +50,6 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def _http_error(exc: web.HTTPException) -> HearthError:
-    codes = {
-        404: ("not_found", "no such route"),
-        405: ("method_not_allowed", "method not allowed on this route"),
-        413: ("body_too_large", "the request body exceeds the node's cap"),
-    }
-    code, message = codes.get(exc.status, ("http_error", exc.reason))
-    domain_status = exc.status if 400 <= exc.status < 600 else 400
-    return RequestError(code, message, http_status=domain_status)
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     node = request.app[NODE]
@@ -67,30 +59,36 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # a handler may have read what a concurrent request's group commit has yet to make durable
         await node.settled()
     except HearthError as exc:
-        response = _error_response(node, exc)
+        response = error_response(node.metrics, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _error_response(node, _http_error(exc))
+        response = error_response(node.metrics, http_error(exc))
+        for name in KEPT_HEADERS:
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = _error_response(
-            node, HearthError("internal_error", "the node failed to handle the request")
-        )
+    except Exception as exc:
+        if isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing()):
+            # the client left mid-request: nothing is wrong here and nobody reads the answer; counted as
+            # 499 (the status proxies use for it)
+            response = error_response(node.metrics, CLIENT_CLOSED)
+        else:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = error_response(
+                node.metrics, HearthError("internal_error", "the node failed to handle the request")
+            )
     node.metrics.http_requests.labels(route, str(response.status)).inc()
     return response
 
 
-def _error_response(node: Node, exc: HearthError) -> web.Response:
-    node.metrics.error(exc.domain, exc.code)
-    return json_response(exc.to_dict(), status=exc.http_status)
-
-
 async def read_body(request: web.Request) -> bytes:
-    """The body, refused with 413 from Content-Length before a byte is read when it is over the cap."""
-    cap = request.app[NODE].cfg.api.max_body_bytes
+    """The body, refused with 413 from Content-Length before a byte is read when it is over the cap, and
+    with 408 ``body_timeout`` when it does not arrive whole within ``[api] body_timeout_seconds`` (a
+    client trickling a body must not hold a connection and a handler for as long as it likes)."""
+    api = request.app[NODE].cfg.api
+    cap = api.max_body_bytes
     if request.content_length is not None and request.content_length > cap:
         raise RequestError(
             "body_too_large",
@@ -99,10 +97,31 @@ async def read_body(request: web.Request) -> bytes:
             details={"max_bytes": cap},
         )
     try:
-        return await request.read()
+        async with asyncio.timeout(api.body_timeout_seconds):
+            return await request.read()
+    except TimeoutError:
+        raise RequestError(
+            "body_timeout",
+            f"the body did not arrive within {api.body_timeout_seconds:g} s",
+            http_status=408,
+            details={"timeout_seconds": api.body_timeout_seconds},
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise RequestError(
             "body_too_large", f"the body exceeds {cap} bytes", http_status=413, details={"max_bytes": cap}
+        ) from None
+
+
+def json_body(raw: bytes) -> Any:
+    """A JSON body, parsed within the bounds of :func:`core.untrusted.parse_json` (depth, numbers,
+    duplicate names, Unicode); anything else is a 400 ``malformed_json`` naming the bound."""
+    try:
+        return parse_json(raw)
+    except UntrustedJSONError as exc:
+        raise RequestError(
+            "malformed_json",
+            f"the body is not JSON within this node's bounds: {exc.message}",
+            details={"bound": exc.reason},
         ) from None
 
 
@@ -120,10 +139,7 @@ async def read_signed(request: web.Request) -> tuple[str, dict[str, Any]]:
     """The signed request token and, for JSON bodies, the rest of the object (quote, funding)."""
     raw = await read_body(request)
     if request.content_type == "application/json":
-        try:
-            doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError("malformed_json", "the body is not valid JSON") from None
+        doc = json_body(raw)
         if not isinstance(doc, dict) or not isinstance(doc.get("request"), str):
             raise RequestError(
                 "malformed_body", "a JSON body must be an object with a 'request' JWT string", http_status=422
@@ -241,10 +257,7 @@ async def post_receipt(request: web.Request) -> web.Response:
     raw = await read_body(request)
     if request.content_type != "application/json":
         raise RequestError("unsupported_media_type", "send the receipt as application/json", http_status=415)
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError("malformed_json", "the body is not valid JSON") from None
+    doc = json_body(raw)
     if node.settlement is None:
         node.journal.require(job_key)
         raise SettlementError(
@@ -278,15 +291,27 @@ async def post_cancel(request: web.Request) -> web.Response:
     return json_response(signed(node, "status", job.id, {"job": job_view(job), "outcome": outcome}))
 
 
+_EVENT_SEQ_RE = re.compile(r"[0-9]{1,19}")
+_FOLLOW_VALUES = {"true": True, "false": False}
+
+
 def _after_seq(request: web.Request) -> int:
+    """``Last-Event-ID`` (which wins) or ``?after=``: a decimal event position, 0 to :data:`MAX_EVENT_SEQ`."""
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RequestError("invalid_query", "'after' / Last-Event-ID must be an integer") from None
-    if value < 0:
-        raise RequestError("invalid_query", "'after' / Last-Event-ID must be >= 0")
-    return value
+    if _EVENT_SEQ_RE.fullmatch(raw) is None or int(raw) > MAX_EVENT_SEQ:
+        raise RequestError(
+            "invalid_query",
+            f"'after' / Last-Event-ID must be an event position from 0 to {MAX_EVENT_SEQ}",
+            details={"parameter": "after", "max": MAX_EVENT_SEQ},
+        )
+    return int(raw)
+
+
+def _follow(request: web.Request) -> bool:
+    raw = request.query.get("follow", "true")
+    if raw not in _FOLLOW_VALUES:
+        raise RequestError("invalid_query", "'follow' must be true or false", details={"parameter": "follow"})
+    return _FOLLOW_VALUES[raw]
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
@@ -294,7 +319,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     job = _job(request)
     after = _after_seq(request)
-    follow = request.query.get("follow", "true").lower() not in ("0", "false", "no")
+    follow = _follow(request)
     hub = request.app[EVENT_HUB]
     queue = hub.subscribe(job.id)
     response = web.StreamResponse(
@@ -325,6 +350,15 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
         return response
     except ConnectionResetError:  # the client went away: the stream simply ends
+        return response
+    except HearthError as exc:
+        if not response.prepared:
+            raise
+        # the status line is gone: the error travels as the stream's last event, in the usual shape
+        log.warning("event stream of %s ended by %s", job.id, exc.code)
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"event: error\ndata: " + error_body(exc) + b"\n\n")
+            await response.write_eof()
         return response
     finally:
         hub.unsubscribe(job.id, queue)
@@ -450,20 +484,31 @@ async def serve(
     ``[scheduler] drain_grace_seconds``) while the API still answers, then everything closes. Cancelling
     (a second SIGTERM) cuts the drain short: what still runs is stopped and retried by the next start.
     """
+    from node.http_guard import ConnectionGuard, GuardedSite, descriptor_budget
+
+    # connection cap, header and idle timeouts, parser errors in the error shape (node/http_guard.py)
+    guard = ConnectionGuard(node.cfg.api, descriptor_budget(node.cfg.api), node.metrics)
     app = build_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_SECONDS, **guard.handler_kwargs
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    bound = port
-    for address in runner.addresses:  # the port actually bound (port 0 picks a free one)
-        bound = int(address[1])
-        break
-    if on_ready is not None:
-        on_ready(bound)
-    log.info("listening", extra={"host": host, "port": bound, "t": time.time()})
+    collector = guard.collector()
+    node.metrics.registry.register(collector)
+    site = GuardedSite(runner, guard, host, port)
     try:
+        await site.start()
+        bound = port
+        for address in runner.addresses:  # the port actually bound (port 0 picks a free one)
+            bound = int(address[1])
+            break
+        if on_ready is not None:
+            on_ready(bound)
+        budget = guard.budget
+        limits = {"max_connections": guard.cap, "nofile": budget.soft, "reserved": budget.reserved}
+        log.info("listening", extra={"host": host, "port": bound, "t": time.time()} | limits)
         await (drain or asyncio.Event()).wait()
         await node.drain(node.cfg.scheduler.drain_grace_seconds)
     finally:
         await runner.cleanup()
+        node.metrics.registry.unregister(collector)

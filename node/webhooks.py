@@ -9,24 +9,27 @@ between the POST and the cursor write sends that event again: receivers de-dupli
 The body is a JWT (``Content-Type: application/jwt``) signed by the node DID, like its quotes and
 results: ``{"iss": node, "aud": requester, "jti": event id, "event": {...}, "job": {...}}``. A failing
 delivery is retried with exponential backoff (``[webhooks]``) up to ``max_attempts`` per event, then the
-node gives up on that callback and says so in the job's status view. Callbacks that resolve to loopback,
-private or link-local addresses are refused unless ``allow_private_addresses`` is set.
+node gives up on that callback and says so in the job's status view.
+
+A callback is a URL a requester chose, so it obeys the address policy (:mod:`core.netpolicy`): a
+loopback, private, link-local or otherwise non-public host is refused as written (at admission and
+again before each send) and as resolved (by the session's connector, which connects only to the
+addresses it checked), unless ``[webhooks] allow_private_addresses`` or ``allow_networks`` allows it.
+Redirects are never followed: a 3xx answer is a failed delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
+from core.netpolicy import AddressNotAllowed, AddressPolicy, Lookup
 from node.config import WebhooksSection
 from node.errors import PolicyError
 from node.journal import Event, Journal, WebhookDue
@@ -42,6 +45,8 @@ MAX_CONCURRENT_DELIVERIES = 8
 # The least time between two delivery rounds. Transitions only wake the dispatcher; under load (thousands
 # of transitions a second) they share a round instead of each paying a journal query.
 MIN_ROUND_SECONDS = 0.05
+# The last_error of every connection-level failure (refused, reset, timeout, TLS), whatever it was.
+UNREACHABLE_ERROR = "the callback could not be reached"
 
 
 def event_id(event: Event) -> str:
@@ -49,32 +54,29 @@ def event_id(event: Event) -> str:
     return f"{event.job}:{event.seq}"
 
 
+def callback_policy(cfg: WebhooksSection) -> AddressPolicy:
+    """The address policy callbacks obey: ``[webhooks] allow_private_addresses`` and ``allow_networks``."""
+    return AddressPolicy.from_settings(
+        allow_private=cfg.allow_private_addresses, allow_networks=cfg.allow_networks
+    )
+
+
 def check_callback(url: str, cfg: WebhooksSection) -> None:
-    """Refuse, at admission, a callback naming a private address literally (names are checked on send)."""
-    host = urlsplit(url).hostname or ""
-    if not cfg.allow_private_addresses and _private(host):
-        raise PolicyError(
-            "callback_not_allowed",
-            f"callback_url points at a private or loopback address ({host}); this node does not call those",
-            details={"callback_url": url},
-        )
-
-
-def _private(host: str) -> bool:
+    """Refuse, at admission, a callback naming a non-public address as written (names: on each send)."""
     try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host.lower() == "localhost" or host.lower().endswith(".localhost")
-    return not address.is_global
+        callback_policy(cfg).check_url(url)
+    except AddressNotAllowed as exc:
+        raise _refused(url, exc) from None
 
 
-Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-async def _resolve(host: str, port: int) -> list[str]:
-    """The addresses ``host`` resolves to now (the system resolver, off the event loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
+def _refused(url: str, exc: AddressNotAllowed) -> PolicyError:
+    if exc.resolved:
+        message = f"callback host {exc.host} resolves to a private address ({exc.address})"
+    else:
+        message = (
+            f"callback_url points at a private or loopback address ({exc.host}); the node does not call it"
+        )
+    return PolicyError("callback_not_allowed", message, details={"callback_url": url, "reason": exc.reason})
 
 
 class WebhookDispatcher:
@@ -87,10 +89,11 @@ class WebhookDispatcher:
         signer: Signer,
         *,
         now: Callable[[], float] = time.time,
-        resolve: Resolver | None = None,
+        resolve: Lookup | None = None,
     ) -> None:
         self.cfg = cfg
-        self._resolve = resolve or _resolve
+        self._policy = callback_policy(cfg)
+        self._resolve = resolve
         self._journal = journal
         self._signer = signer
         self._now = now
@@ -99,7 +102,10 @@ class WebhookDispatcher:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds))
+        self._session = aiohttp.ClientSession(
+            connector=self._policy.connector(lookup=self._resolve),
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+        )
         self._journal.add_listener(self._on_event)
         self._task = asyncio.create_task(self._loop(), name="hearth-webhooks")
 
@@ -148,7 +154,7 @@ class WebhookDispatcher:
         assert self._session is not None
         event = due.event
         try:
-            await self._refuse_private(due.url)
+            self._policy.check_url(due.url)  # literals; the connector checks every address a name resolves to
             async with self._session.post(
                 due.url,
                 data=self._body(due).encode("ascii"),
@@ -159,12 +165,16 @@ class WebhookDispatcher:
                     self._journal.webhook_delivered(due.job, event.seq)
                     return
                 error = f"HTTP {resp.status}"
-        except PolicyError as exc:
-            log.warning("webhook for job %s refused: %s", due.job, exc.message, extra={"job": due.job})
-            self._journal.webhook_failed(due.job, exc.message, retry_at=None)
+        except AddressNotAllowed as exc:
+            message = _refused(due.url, exc).message
+            log.warning("webhook for job %s refused: %s", due.job, message, extra={"job": due.job})
+            self._journal.webhook_failed(due.job, message, retry_at=None)
             return
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:300]
+            # the status view shows last_error to anyone: refused, reset, timeout and TLS read the same
+            # there (no port-scan oracle); the detail goes to the operator's log
+            log.info("webhook %s unreachable: %s: %s", event_id(event), type(exc).__name__, exc)
+            error = UNREACHABLE_ERROR
         attempts = due.attempts + 1
         give_up = attempts >= self.cfg.max_attempts
         delay = min(self.cfg.backoff_base_seconds * 2 ** (attempts - 1), self.cfg.backoff_max_seconds)
@@ -179,21 +189,6 @@ class WebhookDispatcher:
                 extra={"job": due.job},
             )
         self._journal.webhook_failed(due.job, error, retry_at=retry_at)
-
-    async def _refuse_private(self, url: str) -> None:
-        """Refuse a callback whose host resolves to a private address, unless the operator allows them."""
-        if self.cfg.allow_private_addresses:
-            return
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        check_callback(url, self.cfg)
-        for address in await self._resolve(host, parts.port or (443 if parts.scheme == "https" else 80)):
-            if _private(address):
-                raise PolicyError(
-                    "callback_not_allowed",
-                    f"callback host {host} resolves to a private address ({address})",
-                    details={"callback_url": url},
-                )
 
     def _body(self, due: WebhookDue) -> str:
         event = due.event

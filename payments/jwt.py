@@ -6,7 +6,8 @@ resolves the two DID methods itself, without network or DID documents: a did:key
 and a did:pkh names the address an ES256K signature must recover to.
 
 :class:`RequestVerifier` admits signed job requests. It runs the cheap checks first and records the
-``jti`` in the replay cache last, so a token that fails any check leaves no trace. Every refusal is an
+``jti`` in the replay cache only once the request has been handled, so a token refused by any check,
+its own or the caller's, leaves no trace. Every refusal is an
 :class:`~node.errors.AuthError`; its ``details`` say what was expected and what came.
 """
 
@@ -16,11 +17,11 @@ import base64
 import binascii
 import hashlib
 import heapq
-import json
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, Final, Protocol
@@ -31,6 +32,7 @@ from eth_hash.auto import keccak
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from core.untrusted import UntrustedJSONError, parse_json
 from node.config import DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
 from node.errors import AuthError
 from payments.did import (
@@ -49,6 +51,9 @@ ALG_FOR_METHOD: Final[dict[DidMethod, Alg]] = {"key": "EdDSA", "pkh": "ES256K"}
 JTI_MIN_LENGTH = 8
 JTI_MAX_LENGTH = 128
 SIGNATURE_LENGTH = 64
+# The largest iat/exp/nbf accepted: 9999-12-31T23:59:59Z. Larger times are no real time, and beyond 64 bits
+# they would not even fit the journal.
+MAX_TIME_CLAIM = 253_402_300_799
 DEFAULT_REQUEST_LIFETIME_SECONDS = 300
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _SECP256K1_HALF_ORDER = SECP256K1_ORDER // 2
@@ -88,8 +93,12 @@ def b64url_decode(text: str) -> bytes:
 
 
 def _shown(value: object) -> object:
+    """``value`` as an error may echo it: short strings, JSON-safe numbers, else the type's name."""
     if isinstance(value, str):
         return value if len(value) <= _SHOWN_MAX else value[:_SHOWN_MAX] + "..."
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**53) <= value <= 2**53:
+        text = str(value)
+        return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
     if value is None or isinstance(value, bool | int | float):
         return value
     return type(value).__name__
@@ -122,29 +131,17 @@ def sign_jwt(signer: Signer, payload: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- decode
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate member name")
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-# Duplicate member names and NaN/Infinity are refused: parsers disagree on them.
-_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-
-
 def _json_object(part: str, name: str) -> dict[str, Any]:
     try:
-        text = b64url_decode(part).decode("utf-8")
-        value = _STRICT_JSON.decode(text)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        value = parse_json(b64url_decode(part))
+    except UntrustedJSONError as exc:
         raise _malformed(
-            f"the {name} is not base64url of a JSON object", part=name, error=str(exc)[:120]
+            f"the {name} is not JSON within this node's bounds: {exc.message}",
+            part=name,
+            bound=exc.reason,
         ) from None
+    except ValueError as exc:  # base64url
+        raise _malformed(f"the {name} is not base64url", part=name, error=str(exc)[:120]) from None
     if not isinstance(value, dict):
         raise _malformed(f"the {name} is not a JSON object", part=name, got=type(value).__name__)
     return value
@@ -279,6 +276,10 @@ class ReplayCache(Protocol):
     in the journal.
     """
 
+    def nonce_seen(self, iss: str, jti: str) -> bool:
+        """True if ``(iss, jti)`` is recorded (and not yet forgotten)."""
+        ...
+
     def check_and_record(self, iss: str, jti: str, exp: int) -> bool:
         """True if ``(iss, jti)`` was not seen before (and is now recorded); False if it was."""
         ...
@@ -294,6 +295,10 @@ class MemoryReplayCache:
 
     def __len__(self) -> int:
         return len(self._expiry)
+
+    def nonce_seen(self, iss: str, jti: str) -> bool:
+        self._prune(self._now())
+        return (iss, jti) in self._expiry
 
     def check_and_record(self, iss: str, jti: str, exp: int) -> bool:
         self._prune(self._now())
@@ -346,6 +351,13 @@ def _int_claim(payload: dict[str, Any], name: str) -> int:
         raise _malformed(
             f"{name} must be an integer (seconds since the epoch)", claim=name, got=_shown(value)
         )
+    if not 0 <= value <= MAX_TIME_CLAIM:
+        raise _malformed(
+            f"{name} must lie between 0 and {MAX_TIME_CLAIM} (seconds since the epoch)",
+            claim=name,
+            expected=[0, MAX_TIME_CLAIM],
+            got=_shown(value),
+        )
     return value
 
 
@@ -354,6 +366,15 @@ def _str_claim(payload: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise _malformed(f"{name} must be a string", claim=name, got=_shown(value))
     return value
+
+
+def _replayed(request: VerifiedRequest) -> AuthError:
+    return AuthError(
+        "replayed_jti",
+        "this token's jti has already been used",
+        details={"iss": request.iss, "jti": request.jti},
+        http_status=409,
+    )
 
 
 def _audiences(payload: dict[str, Any]) -> list[str]:
@@ -387,21 +408,48 @@ class RequestVerifier:
         self._skew = clock_skew_seconds
         self._max_lifetime = max_lifetime_seconds
         self._now = now
+        self._in_flight: set[tuple[str, str]] = set()  # tokens being handled now (see admit)
 
     def verify(
         self, token: str, *, before_record: Callable[[dict[str, Any]], None] | None = None
     ) -> VerifiedRequest:
-        """Verify ``token`` and record its ``jti``; raise :class:`~node.errors.AuthError` if any check fails.
+        """Verify ``token`` and record its ``jti`` at once: :meth:`admit` for a caller with nothing to do
+        between the checks and the record."""
+        with self.admit(token, before_record=before_record) as request:
+            return request
 
-        ``before_record(payload)`` runs after every signature and claim check but before the ``jti`` is
-        recorded, so a caller's own refusal of the payload (a malformed envelope) leaves no trace either.
+    @contextmanager
+    def admit(
+        self, token: str, *, before_record: Callable[[dict[str, Any]], None] | None = None
+    ) -> Iterator[VerifiedRequest]:
+        """Verify ``token``; record its ``jti`` only if the block the request is handled in succeeds.
 
-        In order: shape (``malformed_jwt``/``unsupported_alg``, 400); claims iss, aud, iat, exp, jti
-        (``missing_claim``/``malformed_jwt``, 400); the issuer's DID method (400); ``kid_mismatch``,
-        ``alg_mismatch``, ``bad_signature`` (401); ``wrong_audience`` (403); ``expired``,
-        ``not_yet_valid`` (``nbf``), ``issued_in_future``, ``lifetime_too_long`` (401); last,
-        ``replayed_jti`` (409). Only a token that passes everything is recorded in the replay cache.
+        A request refused anywhere, here or by the caller's own checks inside the block (a malformed
+        envelope, a price above ``max_price``, a cancel by someone who does not own the job), leaves no
+        trace: its token may be sent again and is judged again. While the block runs, the same token
+        sent again is refused as a replay, so a request is never handled twice at once.
+
+        ``before_record(payload)`` runs after every signature and claim check, before the block.
+
+        Checks, in order: shape (``malformed_jwt``/``unsupported_alg``, 400); claims iss, aud, iat, exp,
+        jti (``missing_claim``/``malformed_jwt``, 400; times between 0 and :data:`MAX_TIME_CLAIM`); the
+        issuer's DID method (400); ``kid_mismatch``, ``alg_mismatch``, ``bad_signature`` (401);
+        ``wrong_audience`` (403); ``expired``, ``not_yet_valid`` (``nbf``), ``issued_in_future``,
+        ``lifetime_too_long`` (401); last, ``replayed_jti`` (409).
         """
+        request = self._check(token, before_record)
+        key = (request.iss, request.jti)
+        if key in self._in_flight or self._replay.nonce_seen(*key):
+            raise _replayed(request)
+        self._in_flight.add(key)
+        try:
+            yield request
+            if not self._replay.check_and_record(request.iss, request.jti, request.exp + self._skew):
+                raise _replayed(request)
+        finally:
+            self._in_flight.discard(key)
+
+    def _check(self, token: str, before_record: Callable[[dict[str, Any]], None] | None) -> VerifiedRequest:
         header, payload, signing_input, signature = decode_unverified(token)
         iss = _str_claim(payload, "iss")
         audiences = _audiences(payload)
@@ -431,17 +479,8 @@ class RequestVerifier:
         self._check_times(iat, exp, nbf)
         if before_record is not None:
             before_record(payload)
-
-        canonical_iss = canonical_did(iss)
-        if not self._replay.check_and_record(canonical_iss, jti, exp + self._skew):
-            raise AuthError(
-                "replayed_jti",
-                "this token's jti has already been used",
-                details={"iss": canonical_iss, "jti": jti},
-                http_status=409,
-            )
         return VerifiedRequest(
-            iss=canonical_iss,
+            iss=canonical_did(iss),
             kid=header["kid"],
             alg=header["alg"],
             jti=jti,

@@ -44,6 +44,7 @@ import aiohttp
 import coincurve
 import didkit
 
+from core.untrusted import UntrustedJSONError, parse_json
 from node.client import NodeClient, NodeError, NodeUnreachable
 from node.config import StorageSection
 from node.envelope import (
@@ -374,8 +375,8 @@ def _feed(reader: CarReader, batch: BlockBatch, pieces: Sequence[bytes]) -> None
 
 def _json_or_empty(text: str) -> dict[str, Any]:
     try:
-        body = json.loads(text) if text else {}
-    except ValueError:
+        body = parse_json(text) if text else {}
+    except UntrustedJSONError:
         return {}
     return body if isinstance(body, dict) else {}
 

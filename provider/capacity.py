@@ -1,9 +1,11 @@
 """What this machine can offer, and which part of it is held right now.
 
 :func:`discover` reads the machine once (psutil for CPU, memory and disk; NVML for GPUs) and applies the
-operator's ``[capacity]`` caps and host reserve. :class:`CapacityLedger` then keeps the running account of
-holds: a quote holds resources until it expires, an accepted job holds them until it ends. The journal is
-the source of truth; the ledger is rebuilt from it at start with :meth:`CapacityLedger.load`.
+operator's ``[capacity]`` caps and host reserve. :class:`CapacityLedger` (in :mod:`provider.ledger`,
+named here too) then keeps the running account of holds: committed ones for accepted or funded jobs until
+they end, unfunded ones for quotes and jobs awaiting funding, bounded by the :class:`HoldPolicy` shares
+so that free quotes cannot hold the node. The journal is the source of truth; the ledger is rebuilt from
+it at start with :meth:`CapacityLedger.load`.
 
 NVML is reached only through the loader :func:`discover` takes (``nvml=``, the real ``pynvml`` by
 default), so the GPU path is tested against recorded NVML answers on machines without a GPU.
@@ -12,63 +14,28 @@ default), so the GPU path is tested against recorded NVML answers on machines wi
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psutil
 
 from node.config import CapacitySection
-from node.errors import CapacityError
+
+# The ledger lives in its own module; these names stay importable from here, where they always were.
+from provider.ledger import CapacityLedger as CapacityLedger
+from provider.ledger import Hold as Hold
+from provider.ledger import HoldPolicy as HoldPolicy
+from provider.ledger import Resources as Resources
 
 log = logging.getLogger("hearth.capacity")
 
 _T = TypeVar("_T")
 
 MIB = 1024 * 1024
-# CPU shares are kept as integer thousandths so that running totals never drift through float error.
-_MILLI = 1000
-# The expiry heap is rebuilt when stale entries outnumber live holds by this factor (plus a small floor).
-_HEAP_COMPACT_FACTOR = 2
-_HEAP_COMPACT_FLOOR = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Resources:
-    """An amount of CPU (cores, fractional), memory (MiB) and whole GPUs."""
-
-    cpus: float = 0.0
-    memory_mb: int = 0
-    gpus: int = 0
-
-    def __add__(self, other: Resources) -> Resources:
-        return Resources(self.cpus + other.cpus, self.memory_mb + other.memory_mb, self.gpus + other.gpus)
-
-    def __sub__(self, other: Resources) -> Resources:
-        return Resources(self.cpus - other.cpus, self.memory_mb - other.memory_mb, self.gpus - other.gpus)
-
-    def fits(self, within: Resources) -> bool:
-        """Whether this amount fits inside ``within`` on every axis."""
-        return (
-            _milli(self.cpus) <= _milli(within.cpus)
-            and self.memory_mb <= within.memory_mb
-            and self.gpus <= within.gpus
-        )
-
-    def clamp_zero(self) -> Resources:
-        """This amount with any negative axis raised to zero."""
-        return Resources(max(self.cpus, 0.0), max(self.memory_mb, 0), max(self.gpus, 0))
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {"cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus}
-
-
-def _milli(cpus: float) -> int:
-    return round(cpus * _MILLI)
 
 
 # --------------------------------------------------------------------------------------------- discovery
@@ -331,191 +298,3 @@ def discover(
         cuda_version=stack.cuda_version,
         offered=Resources(cpus=float(cpus), memory_mb=int(memory_mb), gpus=gpu_count),
     )
-
-
-# ------------------------------------------------------------------------------------------------ ledger
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """One reservation in the ledger: who holds it, how much, and until when (None = until released)."""
-
-    key: str
-    need: Resources
-    expires_at: float | None
-
-
-class CapacityLedger:
-    """Running account of capacity held by quotes and jobs, O(1) per reserve/release.
-
-    Totals are kept as running sums (CPU in integer thousandths) rather than recomputed; expiries sit in a
-    heap so :meth:`expire` touches only what has expired. Not thread-safe: it lives on the event loop.
-    """
-
-    def __init__(self, total: Resources) -> None:
-        self._total = total
-        self._holds: dict[str, Hold] = {}
-        self._used_mcpu = 0
-        self._used_memory = 0
-        self._used_gpus = 0
-        self._expiries: list[tuple[float, str]] = []
-
-    @property
-    def total(self) -> Resources:
-        return self._total
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._holds
-
-    def __len__(self) -> int:
-        return len(self._holds)
-
-    def get(self, key: str) -> Hold | None:
-        return self._holds.get(key)
-
-    def reserve(self, key: str, need: Resources, expires_at: float | None) -> None:
-        """Hold ``need`` under ``key`` until ``expires_at`` (a Unix time) or until released.
-
-        Re-reserving a key replaces its hold (need and expiry) as one step, so a retried quote never
-        holds twice. Raises :class:`CapacityError` when it does not fit: ``insufficient_capacity``
-        (503, retryable) when it would fit once others finish, ``exceeds_capacity`` (422, not retryable)
-        when it is larger than everything this node offers.
-        """
-        previous = self._holds.get(key)
-        if previous is not None and previous.need == need:
-            self.set_expiry(key, expires_at)
-            return
-        free = self.free() if previous is None else (self.free_raw() + previous.need).clamp_zero()
-        if not need.fits(free):
-            self._refuse(need, free)
-        if previous is not None:
-            self._take(previous.need, sign=-1)
-        self._take(need, sign=+1)
-        self._holds[key] = Hold(key, need, expires_at)
-        self._push_expiry(key, expires_at)
-
-    def _refuse(self, need: Resources, free: Resources) -> NoReturn:
-        details = {"need": need.to_dict(), "free": free.to_dict(), "total": self._total.to_dict()}
-        if not need.fits(self._total):
-            raise CapacityError(
-                "exceeds_capacity",
-                "the job needs more than this node offers in total",
-                details=details,
-                http_status=422,
-                retryable=False,
-            )
-        raise CapacityError(
-            "insufficient_capacity",
-            "not enough free capacity right now; retry later",
-            details=details,
-            http_status=503,
-            retryable=True,
-        )
-
-    def release(self, key: str) -> bool:
-        """Drop the hold under ``key``; returns whether there was one (releasing twice is harmless)."""
-        hold = self._holds.pop(key, None)
-        if hold is None:
-            return False
-        self._take(hold.need, sign=-1)
-        return True
-
-    def set_expiry(self, key: str, expires_at: float | None) -> bool:
-        """Change when ``key``'s hold lapses; ``None`` keeps it until released (a quote becoming a job).
-
-        Returns False, changing nothing, when nothing is held under ``key`` (its quote's hold already
-        lapsed): the caller must then reserve again rather than run a job that holds nothing.
-        """
-        hold = self._holds.get(key)
-        if hold is None:
-            return False
-        if hold.expires_at != expires_at:
-            self._holds[key] = Hold(key, hold.need, expires_at)
-            self._push_expiry(key, expires_at)
-        return True
-
-    def expire(self, now: float) -> list[str]:
-        """Release every hold whose ``expires_at`` is at or before ``now``; return their keys."""
-        expired: list[str] = []
-        while self._expiries and self._expiries[0][0] <= now:
-            when, key = heapq.heappop(self._expiries)
-            hold = self._holds.get(key)
-            # Stale heap entries (released keys, changed expiries) are skipped here rather than searched for.
-            if hold is not None and hold.expires_at == when:
-                self.release(key)
-                expired.append(key)
-        return expired
-
-    def load(self, rows: Iterable[tuple[str, Resources, float | None]]) -> None:
-        """Replace the ledger's holds with ``(key, need, expires_at)`` rows from the journal (at start).
-
-        Recorded holds are facts and are loaded even if they over-commit a since-shrunk machine; new
-        reservations then wait until enough is released. A key given twice keeps its last row. Call
-        :meth:`expire` afterwards to drop the lapsed.
-        """
-        self._holds.clear()
-        self._expiries.clear()
-        self._used_mcpu = self._used_memory = self._used_gpus = 0
-        for key, need, expires_at in rows:
-            if key in self._holds:
-                self._take(self._holds[key].need, sign=-1)
-            self._take(need, sign=+1)
-            self._holds[key] = Hold(key, need, expires_at)
-            self._push_expiry(key, expires_at)
-
-    def holds(self) -> list[Hold]:
-        return list(self._holds.values())
-
-    def used(self) -> Resources:
-        return Resources(self._used_mcpu / _MILLI, self._used_memory, self._used_gpus)
-
-    def free_raw(self) -> Resources:
-        """Total minus used; negative on an axis the journal over-committed."""
-        return Resources(
-            (_milli(self._total.cpus) - self._used_mcpu) / _MILLI,
-            self._total.memory_mb - self._used_memory,
-            self._total.gpus - self._used_gpus,
-        )
-
-    def free(self) -> Resources:
-        return self.free_raw().clamp_zero()
-
-    def utilisation(self, extra: Resources | None = None) -> float:
-        """The busiest axis: max of used/total over CPU, memory and GPU (GPU only where there are GPUs).
-
-        With ``extra``, the utilisation as if it were also held (what a new job would push load to); the
-        result may then exceed 1.0. An axis with a zero total is left out.
-        """
-        add = extra or Resources()
-        ratios = [0.0]
-        total_mcpu = _milli(self._total.cpus)
-        if total_mcpu > 0:
-            ratios.append((self._used_mcpu + _milli(add.cpus)) / total_mcpu)
-        if self._total.memory_mb > 0:
-            ratios.append((self._used_memory + add.memory_mb) / self._total.memory_mb)
-        if self._total.gpus > 0:
-            ratios.append((self._used_gpus + add.gpus) / self._total.gpus)
-        return max(ratios)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The ledger as plain JSON data, for ``GET /v1/capacity``."""
-        return {
-            "total": self._total.to_dict(),
-            "used": self.used().to_dict(),
-            "free": self.free().to_dict(),
-            "holds": len(self._holds),
-            "utilisation": round(self.utilisation(), 6),
-        }
-
-    def _take(self, need: Resources, *, sign: int) -> None:
-        self._used_mcpu += sign * _milli(need.cpus)
-        self._used_memory += sign * need.memory_mb
-        self._used_gpus += sign * need.gpus
-
-    def _push_expiry(self, key: str, expires_at: float | None) -> None:
-        if expires_at is None:
-            return
-        heapq.heappush(self._expiries, (expires_at, key))
-        if len(self._expiries) > _HEAP_COMPACT_FACTOR * len(self._holds) + _HEAP_COMPACT_FLOOR:
-            self._expiries = [(h.expires_at, h.key) for h in self._holds.values() if h.expires_at is not None]
-            heapq.heapify(self._expiries)

@@ -9,11 +9,11 @@ line costs no GPU time. :func:`check_batch_output` judges what vLLM wrote agains
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypedDict, TypeGuard
 
+from core.untrusted import UntrustedJSONError, parse_json
 from node.errors import RequestError
 
 BATCH_URL: Final = "/v1/chat/completions"
@@ -133,9 +133,9 @@ def _bad_line(number: int, reason: str, **details: Any) -> RequestError:
 
 def _parse_line(number: int, raw: bytes, seen: set[str], model: str) -> tuple[str, dict[str, Any]]:
     try:
-        line = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad_line(number, f"not valid JSON ({exc})") from None
+        line = parse_json(raw)
+    except UntrustedJSONError as exc:
+        raise _bad_line(number, f"not valid JSON ({exc.message})", bound=exc.reason) from None
     if not isinstance(line, dict):
         raise _bad_line(number, "a line must be a JSON object")
     custom_id = line.get("custom_id")
@@ -330,8 +330,8 @@ def _check(name: BatchCheckName, passed: bool, **detail: Any) -> BatchCheck:
 def _output_line(raw: bytes) -> tuple[str, int, tuple[int, int] | None] | None:
     """``(custom_id, status, (prompt, completion) tokens or None)`` of one output line, or None if bad."""
     try:
-        line = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        line = parse_json(raw)
+    except UntrustedJSONError:
         return None
     if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
         return None

@@ -9,9 +9,24 @@
   into the store so the input has a CID for replay.
 - a bare CID: a blob uploaded to this node (``PUT /v1/blobs``), read from the local store only.
 
+Where the node connects. An ``https://`` input is a URL a requester chose, so every connection for it
+obeys the address policy (:mod:`core.netpolicy`, ``[storage] allow_private_addresses`` and
+``allow_networks``): the host as written is checked before each request, every address a name resolves
+to is checked before aiohttp may connect to it, and redirects are followed (at most ``[storage]
+max_redirects``, ``https://`` only) one hop at a time, each hop checked the same way before it is
+requested. Gateways are the operator's: their configured hosts are trusted as named (a local Kubo on
+``http://127.0.0.1:8080`` works as is), and a gateway's redirect is never followed, so a requester, who
+chooses only the CID and path, cannot steer a gateway connection anywhere.
+
+What the requester sees. A refused address is ``input_not_allowed`` (403, not retryable). Anything that
+goes wrong on the connection itself (refused, reset, timed out, a TLS failure) is ``input_unreachable``
+(retryable) with one fixed message and no details, so a job's failure cannot tell a closed port from an
+open one; the operator's log keeps what happened.
+
 Failures are :class:`~node.errors.StorageError`: ``cid_mismatch``, ``sha256_mismatch``,
-``unexpected_block``, ``malformed_car`` and ``input_too_large`` are not retryable (the bytes are wrong or
-too many); ``gateway_unreachable`` and ``gateways_unavailable`` are.
+``unexpected_block``, ``malformed_car``, ``input_too_large``, ``input_not_allowed`` and
+``too_many_redirects`` are not retryable (the bytes or the URL are wrong); ``input_unreachable``,
+``gateway_unreachable`` and ``gateways_unavailable`` are.
 """
 
 from __future__ import annotations
@@ -29,7 +44,9 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
+from core.netpolicy import AddressNotAllowed, AddressPolicy
 from node.config import StorageSection
 from node.errors import NotFoundError, RequestError, StorageError
 from storage._blockstore import BlockBatch, Blockstore
@@ -49,6 +66,13 @@ FETCH_PIECE_BYTES = 1024 * 1024  # downloaded bytes gathered before one hop to a
 CAR_OVERHEAD_ALLOWANCE = 1 / 64
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# The one message every connection-level failure of an https:// input gets: what differs stays in the log.
+UNREACHABLE_MESSAGE = "the input's URL could not be fetched: its server gave no usable answer"
+NOT_ALLOWED_MESSAGE = (
+    "the input's URL names an address this node does not connect to "
+    "(loopback, private, link-local or otherwise not public)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +95,32 @@ def _too_large(subject: str, cap: int) -> StorageError:
     )
 
 
+def input_policy(config: StorageSection) -> AddressPolicy:
+    """The address policy for ``https://`` inputs and their redirects: ``[storage]``'s allowances."""
+    return AddressPolicy.from_settings(
+        allow_private=config.allow_private_addresses, allow_networks=config.allow_networks
+    )
+
+
+def gateway_policy(config: StorageSection) -> AddressPolicy:
+    """The input policy, with the configured gateways' hosts trusted: the operator chose them."""
+    hosts = [URL(g).raw_host or "" for g in config.gateways]  # as aiohttp will connect to them
+    return AddressPolicy.from_settings(
+        allow_private=config.allow_private_addresses,
+        allow_networks=config.allow_networks,
+        trusted_hosts=[h for h in hosts if h],
+    )
+
+
+def _not_allowed(exc: AddressNotAllowed) -> StorageError:
+    log.warning(
+        "input fetch refused by the address policy: %s",
+        exc,
+        extra={"host": exc.host, "address": exc.address, "reason": exc.reason},
+    )
+    return StorageError("input_not_allowed", NOT_ALLOWED_MESSAGE, http_status=403, retryable=False)
+
+
 def _segments(path: str) -> list[str]:
     segments = [s for s in path.split("/") if s]
     if any(s in (".", "..") for s in segments):
@@ -90,8 +140,9 @@ async def fetch_input(
 ) -> FetchedInput:
     """Fetch ``uri`` (``ipfs://``, ``https://`` or a bare CID) to ``dest``, verified.
 
-    ``session`` lets a caller share connections; ``ssl_context`` replaces the system trust store
-    (tests use it to trust a self-signed certificate; production leaves it out).
+    ``session`` lets a caller share its connections to the gateways (it is used for nothing else: an
+    ``https://`` input always goes through a session of the address policy); ``ssl_context`` replaces
+    the system trust store (tests use it to trust a self-signed certificate; production leaves it out).
     """
     if uri.startswith(IPFS_SCHEME):
         cid_text, _, path = uri[len(IPFS_SCHEME) :].partition("/")
@@ -106,16 +157,14 @@ async def fetch_input(
         )
     else:
         return await _from_store(store, CID.parse(uri), dest, config.max_input_mb * MIB)
-    own_session = session is None
-    client = session if session is not None else aiohttp.ClientSession()
-    try:
-        fetcher = _Fetcher(store, config, client, ssl_context)
+    policy = input_policy(config) if root is None else gateway_policy(config)
+    if root is not None and session is not None:
+        return await _Fetcher(store, config, session, policy, ssl_context).ipfs(root, segments, dest)
+    async with aiohttp.ClientSession(connector=policy.connector()) as client:
+        fetcher = _Fetcher(store, config, client, policy, ssl_context)
         if root is None:
             return await fetcher.https(uri, dest, sha256)
         return await fetcher.ipfs(root, segments, dest)
-    finally:
-        if own_session:
-            await client.close()
 
 
 async def _from_local(
@@ -165,11 +214,13 @@ class _Fetcher:
         store: Blockstore,
         config: StorageSection,
         session: aiohttp.ClientSession,
+        policy: AddressPolicy,
         ssl_context: ssl.SSLContext | None,
     ) -> None:
         self.store = store
         self.config = config
         self.session = session
+        self.policy = policy
         self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self.cap = config.max_input_mb * MIB
         self.timeout = aiohttp.ClientTimeout(
@@ -211,9 +262,17 @@ class _Fetcher:
         params = {"format": "car", "dag-scope": "all"}
         batch = self.store.batch()
         try:
+            self.policy.check_url(url)  # the gateway's own host is trusted; this guards how the URL is built
             async with self.session.get(
-                url, headers=headers, params=params, timeout=self.timeout, ssl=self.ssl
+                url, headers=headers, params=params, timeout=self.timeout, ssl=self.ssl, allow_redirects=False
             ) as response:
+                if response.status in _REDIRECT_STATUSES:
+                    raise StorageError(
+                        "gateway_bad_response",
+                        f"{gateway} answered a CAR request with a redirect, which the node does not follow",
+                        details={"gateway": gateway, "status": response.status},
+                        retryable=True,
+                    )
                 _check_status(gateway, response.status)
                 if response.content_type != CAR_MEDIA_TYPE:
                     raise StorageError(
@@ -224,10 +283,14 @@ class _Fetcher:
                     )
                 await self._ingest(response, root, batch)
             await asyncio.to_thread(batch.commit)
+        except AddressNotAllowed as exc:
+            raise _not_allowed(exc) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
+            # the detail stays in the operator's log: refused, reset, timeout and TLS read the same
+            log.warning("gateway %s unreachable: %s: %s", gateway, type(exc).__name__, exc)
             raise StorageError(
                 "gateway_unreachable",
-                f"{gateway}: {type(exc).__name__}: {exc}",
+                f"{gateway} could not be reached",
                 details={"gateway": gateway},
                 retryable=True,
             ) from None
@@ -277,12 +340,32 @@ class _Fetcher:
         imported = await asyncio.to_thread(import_path, dest, self.store)
         return FetchedInput(dest, size, actual, imported.cid, url)
 
+    async def _get(self, url: str) -> aiohttp.ClientResponse:
+        """The answer to ``GET url`` that is not a redirect, each hop checked by the policy before it is
+        requested (the very URL object checked is the one requested); the caller releases it.
+        """
+        hop = _parse_url(url)
+        for _ in range(self.config.max_redirects + 1):
+            self.policy.check_url(hop)
+            response = await self.session.get(hop, timeout=self.timeout, ssl=self.ssl, allow_redirects=False)
+            if response.status not in _REDIRECT_STATUSES:
+                return response
+            location = response.headers.get("Location", "")
+            response.release()
+            hop = _redirect_target(hop, location)
+        raise StorageError(
+            "too_many_redirects",
+            f"the input's URL redirected more than {self.config.max_redirects} times",
+            details={"max_redirects": self.config.max_redirects},
+            http_status=422,
+        )
+
     async def _download(self, url: str, temp: Path) -> tuple[str, int]:
         digest = hashlib.sha256()
         size = 0
         out = await asyncio.to_thread(open, temp, "wb")
         try:
-            async with self.session.get(url, timeout=self.timeout, ssl=self.ssl) as response:
+            async with asyncio.timeout(self.config.fetch_timeout_seconds), await self._get(url) as response:
                 _check_status(url[:200], response.status)
                 if response.content_length is not None and response.content_length > self.cap:
                     raise _too_large(url[:200], self.cap)
@@ -298,13 +381,13 @@ class _Fetcher:
                         await asyncio.to_thread(_write_hashed, out, pieces, digest)
                         pieces, held = [], 0
                 await asyncio.to_thread(_write_hashed, out, pieces, digest)
+        except AddressNotAllowed as exc:
+            raise _not_allowed(exc) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StorageError(
-                "input_unreachable",
-                f"{url[:200]}: {type(exc).__name__}: {exc}",
-                details={"uri": url[:200]},
-                retryable=True,
-            ) from None
+            # Refused, reset, timed out, TLS: one answer for the requester (no port-scan oracle), the
+            # detail for the operator.
+            log.warning("https input unreachable: %s: %s", type(exc).__name__, exc, extra={"uri": url[:200]})
+            raise StorageError("input_unreachable", UNREACHABLE_MESSAGE, retryable=True) from None
         finally:
             await asyncio.to_thread(out.close)
         return digest.hexdigest(), size
@@ -365,6 +448,28 @@ class _CarIngest:
                 f"the CAR's roots {sorted(str(r) for r in roots)} do not include {self.root}",
                 details={"cid": str(self.root)},
             )
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        return URL(url)
+    except (TypeError, ValueError):
+        raise RequestError("invalid_input_uri", "the input's URL cannot be parsed") from None
+
+
+def _redirect_target(url: URL, location: str) -> URL:
+    """Where a redirect from ``url`` leads (relative locations resolved); only ``https://`` is followed."""
+    try:
+        target = url.join(URL(location)) if location else None
+    except (TypeError, ValueError):
+        target = None
+    if target is None or not target.absolute:
+        raise StorageError("input_refused", "the input's URL redirected without a usable Location")
+    if target.scheme != "https":
+        raise StorageError(
+            "input_not_allowed", "the input's URL redirected to a URL that is not https://", http_status=403
+        )
+    return target
 
 
 def _check_status(source: str, status: int) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
 from aiohttp import web
@@ -118,9 +118,10 @@ def _take(pieces: Iterator[bytes]) -> list[bytes]:
 class Gateway:
     """The storage routes over one blockstore; :meth:`add_routes` mounts them on an application."""
 
-    def __init__(self, store: Blockstore, *, max_blob_bytes: int) -> None:
+    def __init__(self, store: Blockstore, *, max_blob_bytes: int, stall_seconds: float) -> None:
         self.store = store
         self.max_blob_bytes = max_blob_bytes
+        self.stall_seconds = stall_seconds
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/ipfs/{cid}", self.get_ipfs)
@@ -231,7 +232,7 @@ class Gateway:
         return response
 
     async def put_blob(self, request: web.Request) -> web.Response:
-        """``PUT /v1/blobs``: the raw body becomes one UnixFS file; 201 ``{"cid", "size"}``."""
+        """``PUT /v1/blobs``: the raw body (not empty) becomes one UnixFS file; 201 ``{"cid", "size"}``."""
         cap = self.max_blob_bytes
         if request.content_length is not None and request.content_length > cap:
             raise _blob_too_large(cap)
@@ -240,7 +241,7 @@ class Gateway:
         pieces: list[bytes] = []
         held = received = 0
         try:
-            async for piece in request.content.iter_any():
+            async for piece in _stall_bounded(request.content.iter_any(), self.stall_seconds):
                 received += len(piece)
                 if received > cap:
                     raise _blob_too_large(cap)
@@ -249,6 +250,10 @@ class Gateway:
                 if held >= UPLOAD_FLUSH_BYTES:
                     await asyncio.to_thread(_write_pieces, importer, pieces)
                     pieces, held = [], 0
+            if received == 0:
+                raise RequestError(
+                    "empty_body", "the blob is empty; an input needs bytes", details={"min_bytes": 1}
+                )
             result = await asyncio.to_thread(_finish_upload, importer, pieces, batch)
         except BaseException:
             batch.abort()  # waits for a put still running in a worker thread, then removes temp files
@@ -259,6 +264,25 @@ class Gateway:
             status=201,
             headers={"Location": f"/ipfs/{result.cid}"},
         )
+
+
+async def _stall_bounded(pieces: AsyncIterator[bytes], stall_seconds: float) -> AsyncIterator[bytes]:
+    """``pieces``, refused with 408 ``upload_stalled`` when none arrives for ``stall_seconds``: an upload
+    may be long, but a client that stops sending must not hold its connection and temp files forever."""
+    while True:
+        try:
+            async with asyncio.timeout(stall_seconds):
+                piece = await anext(pieces, None)
+        except TimeoutError:
+            raise RequestError(
+                "upload_stalled",
+                f"no bytes of the blob arrived for {stall_seconds:g} s",
+                http_status=408,
+                details={"stall_seconds": stall_seconds},
+            ) from None
+        if piece is None:
+            return
+        yield piece
 
 
 def _write_pieces(importer: FileImporter, pieces: list[bytes]) -> None:
@@ -298,6 +322,8 @@ def _blob_too_large(cap: int) -> RequestError:
 
 def add_routes(app: web.Application, store: Blockstore, config: StorageSection) -> Gateway:
     """Mount ``/ipfs/{cid}[/path]`` and ``PUT /v1/blobs`` over ``store`` on ``app``."""
-    gateway = Gateway(store, max_blob_bytes=config.max_blob_mb * MIB)
+    gateway = Gateway(
+        store, max_blob_bytes=config.max_blob_mb * MIB, stall_seconds=config.upload_stall_seconds
+    )
     gateway.add_routes(app)
     return gateway

@@ -565,12 +565,14 @@ def test_held_resources_and_active_count(journal: Journal, path: Path, clock: Cl
     step(journal, cancelled, "cancelled")
 
     held = sorted(journal.held_resources(T0))
-    assert held == [
-        (live, 1.0, 100, 0, T0 + QUOTE_TTL),
-        (lapsing, 2.0, 200, 0, T0 + 10),
-        (accepted, 4.0, 400, 1, None),  # held until it moves on, not until its old quote's expiry
-        (running, 8.0, 800, 0, None),
-    ]
+    assert held == sorted(
+        [
+            (live, 1.0, 100, 0, T0 + QUOTE_TTL, ISS),
+            (lapsing, 2.0, 200, 0, T0 + 10, ISS),
+            (accepted, 4.0, 400, 1, None, ISS),  # held until it moves on, not until its old quote's expiry
+            (running, 8.0, 800, 0, None, OTHER_ISS),
+        ]
+    )
     # A quote stops holding the moment it expires, before expire_quotes has even run.
     assert lapsing not in {h[0] for h in journal.held_resources(T0 + 10)}
     assert sorted(j.id for j in journal.holding(T0 + 10)) == [live, accepted, running]

@@ -359,6 +359,9 @@ def test_replay_cache_is_told_to_keep_the_entry_until_exp_plus_skew() -> None:
     calls: list[tuple[str, str, int]] = []
 
     class Recording:
+        def nonce_seen(self, iss: str, jti: str) -> bool:
+            return False
+
         def check_and_record(self, iss: str, jti: str, exp: int) -> bool:
             calls.append((iss, jti, exp))
             return True

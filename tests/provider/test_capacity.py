@@ -323,9 +323,14 @@ def test_load_rebuilds_from_journal_rows() -> None:
     ledger.reserve("stale", Resources(1, 1, 0), expires_at=None)
     ledger.load(
         [
-            ("job-1", Resources(2.0, 4096, 1), None),
-            ("quote-2", Resources(1.5, 1024, 0), 50.0),
-            ("quote-2", Resources(1.0, 1024, 0), 60.0),  # a key recorded twice keeps its last row
+            ("job-1", Resources(2.0, 4096, 1), None, "did:key:zA"),
+            ("quote-2", Resources(1.5, 1024, 0), 50.0, "did:key:zB"),
+            (
+                "quote-2",
+                Resources(1.0, 1024, 0),
+                60.0,
+                "did:key:zB",
+            ),  # a key recorded twice keeps its last row
         ]
     )
     assert "stale" not in ledger
@@ -337,7 +342,7 @@ def test_load_rebuilds_from_journal_rows() -> None:
 
 def test_load_keeps_an_over_commitment() -> None:
     ledger = CapacityLedger(Resources(cpus=1.0, memory_mb=1024, gpus=0))
-    ledger.load([("a", Resources(2.0, 512, 0), None)])
+    ledger.load([("a", Resources(2.0, 512, 0), None, "")])
     assert ledger.used().cpus == 2.0
     assert ledger.free() == Resources(0.0, 512, 0)
     assert ledger.free_raw().cpus == -1.0
@@ -349,12 +354,15 @@ def test_load_keeps_an_over_commitment() -> None:
 def test_snapshot() -> None:
     ledger = CapacityLedger(TOTAL)
     ledger.reserve("a", Resources(1.0, 2048, 0), expires_at=5.0)
+    assert ledger.hold_unfunded("q", "did:key:zq", Resources(0.5, 1024, 0), 9.0, now=0.0) is True
     snap = ledger.snapshot()
     assert snap == {
         "total": {"cpus": 4.0, "memory_mb": 8192, "gpus": 1},
-        "used": {"cpus": 1.0, "memory_mb": 2048, "gpus": 0},
-        "free": {"cpus": 3.0, "memory_mb": 6144, "gpus": 1},
-        "holds": 1,
-        "utilisation": 0.25,
+        "used": {"cpus": 1.5, "memory_mb": 3072, "gpus": 0},
+        "free": {"cpus": 2.5, "memory_mb": 5120, "gpus": 1},
+        "committed": {"cpus": 1.0, "memory_mb": 2048, "gpus": 0},
+        "unfunded": {"cpus": 0.5, "memory_mb": 1024, "gpus": 0},
+        "holds": 2,
+        "utilisation": 0.25,  # of committed work only: the quote does not count
     }
     json.dumps(snap)

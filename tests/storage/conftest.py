@@ -119,7 +119,10 @@ async def hearth_errors(
 async def gateway_server(store: Blockstore, config: StorageSection | None = None) -> AsyncIterator[str]:
     """A gateway over ``store`` on a real socket; yields its base URL."""
     app = web.Application(middlewares=[hearth_errors])
-    Gateway(store, max_blob_bytes=(config or StorageSection()).max_blob_mb * MIB).add_routes(app)
+    cfg = config or StorageSection()
+    Gateway(store, max_blob_bytes=cfg.max_blob_mb * MIB, stall_seconds=cfg.upload_stall_seconds).add_routes(
+        app
+    )
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:

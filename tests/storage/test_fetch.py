@@ -1,15 +1,22 @@
-"""Fetching inputs: ipfs:// from real gateways (honest, tampering, down), https:// over TLS, local CIDs."""
+"""Fetching inputs: ipfs:// from real gateways (honest, tampering, down), https:// over TLS, local CIDs,
+and the address policy on every connection an input makes (loopback only: 127.0.0.1 plays the private
+network the policy guards, 127.0.0.2 an allowed origin, through the operator's ``allow_networks``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import ipaddress
 import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -33,10 +40,12 @@ def remote(tmp_path: Path, sample_tree: Path) -> tuple[Blockstore, CID]:
 
 
 @asynccontextmanager
-async def serving(handler: Handler, *, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+async def serving(
+    handler: Handler, *, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
+    server = TestServer(app, host=host)
     await server.start_server(ssl=tls)
     try:
         yield str(server.make_url("")).rstrip("/")
@@ -62,14 +71,110 @@ def _tampering(car: bytes, needle: bytes) -> Handler:
     return handler
 
 
-def _closed_port_url() -> str:
+def closed_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+        s.bind((host, 0))
+        return int(s.getsockname()[1])  # nothing listens once the socket closes
 
 
-def _config(*gateways: str, max_input_mb: int = 64) -> StorageSection:
-    return StorageSection(gateways=list(gateways), max_input_mb=max_input_mb, connect_timeout_seconds=5)
+def _closed_port_url() -> str:
+    return f"http://127.0.0.1:{closed_port()}"
+
+
+def _config(*gateways: str, max_input_mb: int = 64, **storage: Any) -> StorageSection:
+    return StorageSection(
+        gateways=list(gateways), max_input_mb=max_input_mb, **{"connect_timeout_seconds": 5, **storage}
+    )
+
+
+# https:// origins in these tests listen on loopback, which the address policy refuses: the operator's
+# allow list lets 127.0.0.1 through where a test is about something else.
+LOOPBACK_ALLOWED = {"allow_networks": ["127.0.0.1/32"]}
+
+
+@dataclass
+class Listener:
+    """A TCP port that counts the connections it accepts and closes each at once.
+
+    The private target that must see none when the policy refuses a URL; and an open port that
+    speaks neither HTTP nor TLS.
+    """
+
+    host: str
+    port: int = 0
+    connections: int = 0
+
+
+@asynccontextmanager
+async def listening(host: str = "127.0.0.1") -> AsyncIterator[Listener]:
+    listener = Listener(host)
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        listener.connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(accept, host, 0)
+    listener.port = int(server.sockets[0].getsockname()[1])
+    try:
+        yield listener
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def loopback_name() -> str:
+    """A name, not spelled ``localhost``, that this machine resolves to loopback addresses only: one from
+    /etc/hosts (``ip6-localhost``, the container's name, ...), else the host name (Debian: 127.0.1.1).
+    """
+    names: list[str] = []
+    for line in Path("/etc/hosts").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        names += fields[1:]
+    for name in [*names, socket.gethostname()]:
+        if name.rstrip(".").lower().endswith("localhost"):
+            continue
+        try:
+            infos = socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+        except OSError:
+            continue
+        found = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+        if found and all(a.is_loopback for a in found):
+            return name
+    pytest.fail("no name on this machine resolves to loopback only (see /etc/hosts)")
+
+
+def refused_hosts(port: int, port6: int) -> list[str]:
+    """``host:port`` spellings of addresses the policy refuses. Those that reach this machine's loopback
+    name ``port`` (IPv4) or ``port6`` (``::1``), where a :class:`Listener` counts connections.
+    """
+    return [
+        f"127.0.0.1:{port}",
+        f"2130706433:{port}",  # decimal
+        f"0x7f000001:{port}",  # hex
+        f"0177.0.0.1:{port}",  # octal
+        f"0x7f.1:{port}",
+        f"127.1:{port}",
+        f"0.0.0.0:{port}",  # Linux connects this to loopback
+        f"[::ffff:127.0.0.1]:{port}",  # IPv4-mapped
+        f"[::ffff:7f00:1]:{port}",
+        f"[64:ff9b::7f00:1]:{port}",  # NAT64 of 127.0.0.1
+        f"[2002:7f00:1::]:{port}",  # 6to4 of 127.0.0.1
+        f"localhost:{port}",
+        f"LOCALHOST.:{port}",
+        f"hearth.localhost:{port}",
+        f"{loopback_name()}:{port}",  # a name: refused once resolved, before any connection
+        f"[::1]:{port6}",
+        f"[::]:{port6}",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",  # cloud metadata
+        "100.64.0.1",  # shared address space (CGNAT)
+        "[fe80::1]",
+        "[fc00::1]",
+        "[fec0::1]",  # site-local
+        "224.0.0.1",
+    ]
 
 
 async def test_ipfs_file_is_fetched_verified_and_kept(
@@ -189,21 +294,31 @@ async def test_bare_cid_is_a_local_blob(store: Blockstore, tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) TLS contexts over a fresh self-signed certificate for 127.0.0.1."""
-    d = tmp_path_factory.mktemp("tls")
+    """(server, client) TLS contexts over a fresh self-signed certificate for 127.0.0.1 and 127.0.0.2."""
+    cert, key = make_certificate(tmp_path_factory.mktemp("tls"))
+    return server_context(cert, key), ssl.create_default_context(cafile=str(cert))
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A fresh self-signed certificate (and its key) for 127.0.0.1 and 127.0.0.2."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"),
+            "-addext", "subjectAltName=IP:127.0.0.1,IP:127.0.0.2",
+            "-keyout", str(key), "-out", str(cert),
         ],
         check=True,
         capture_output=True,
     )  # fmt: skip
+    return cert, key
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(d / "cert.pem", d / "key.pem")
-    return server, ssl.create_default_context(cafile=str(d / "cert.pem"))
+    server.load_cert_chain(cert, key)
+    return server
 
 
 def _listing(directory: Path) -> list[Path]:
@@ -228,7 +343,7 @@ async def test_https_with_the_right_sha256(
             f"{url}/media/clip.mp4",
             tmp_path / "clip.mp4",
             store=store,
-            config=_config(),
+            config=_config(**LOOPBACK_ALLOWED),
             sha256=hashlib.sha256(data).hexdigest(),
             ssl_context=client_ctx,
         )
@@ -246,7 +361,7 @@ async def test_https_with_a_wrong_sha256(
                 f"{url}/clip.mp4",
                 tmp_path / "clip.mp4",
                 store=store,
-                config=_config(),
+                config=_config(**LOOPBACK_ALLOWED),
                 sha256=hashlib.sha256(b"what the requester expected").hexdigest(),
                 ssl_context=client_ctx,
             )
@@ -266,7 +381,7 @@ async def test_https_over_the_cap_is_refused(
                 f"{url}/big",
                 tmp_path / "big",
                 store=store,
-                config=_config(max_input_mb=1),
+                config=_config(max_input_mb=1, **LOOPBACK_ALLOWED),
                 sha256=hashlib.sha256(data).hexdigest(),
                 ssl_context=client_ctx,
             )
@@ -283,7 +398,7 @@ async def test_https_certificate_is_checked_by_default(
                 f"{url}/x",
                 tmp_path / "x",
                 store=store,
-                config=_config(),
+                config=_config(**LOOPBACK_ALLOWED),
                 sha256=hashlib.sha256(b"x").hexdigest(),
             )
     assert info.value.code == "input_unreachable"
@@ -298,3 +413,135 @@ async def test_https_needs_a_sha256_and_http_is_refused(store: Blockstore, tmp_p
             "http://example.invalid/x", tmp_path / "x", store=store, config=_config(), sha256="0" * 64
         )
     assert info.value.code == "unsupported_scheme"
+
+
+# -- the address policy ----------------------------------------------------------------------------------
+
+SHA = "0" * 64  # never reached: every fetch below ends before a byte of content arrives
+
+
+async def _refusal(uri: str, tmp_path: Path, store: Blockstore, config: StorageSection, **kw: Any) -> Any:
+    with pytest.raises(StorageError) as info:
+        await fetch_input(uri, tmp_path / "in", store=store, config=config, sha256=SHA, **kw)
+    return info.value
+
+
+async def test_https_inputs_at_private_addresses_are_refused_before_any_connection(
+    store: Blockstore, tmp_path: Path
+) -> None:
+    async with listening("127.0.0.1") as v4, listening("::1") as v6:
+        for host in refused_hosts(v4.port, v6.port):
+            error = await _refusal(f"https://{host}/clip.mp4", tmp_path, store, _config())
+            assert (error.code, error.http_status, error.retryable) == ("input_not_allowed", 403, False), host
+            assert error.details == {}, host  # nothing that differs with the address or the port
+        assert (v4.connections, v6.connections) == (0, 0)
+
+
+async def test_a_redirect_to_a_private_address_is_refused_before_it_is_followed(
+    store: Blockstore, tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    server_ctx, client_ctx = tls
+    async with listening("127.0.0.1") as target, listening("::1") as target6:
+        hops: list[str] = []
+        locations = [f"https://{h}/x" for h in refused_hosts(target.port, target6.port)]
+
+        async def redirect(request: web.Request) -> web.StreamResponse:
+            hops.append(request.path)
+            raise web.HTTPFound(locations[int(request.path.strip("/"))])
+
+        async with serving(redirect, tls=server_ctx, host="127.0.0.2") as origin:
+            config = _config(allow_networks=["127.0.0.2/32"])
+            for n in range(len(locations)):
+                error = await _refusal(f"{origin}/{n}", tmp_path, store, config, ssl_context=client_ctx)
+                assert error.code == "input_not_allowed", locations[n]
+        assert len(hops) == len(locations)  # the allowed origin was asked each time, the targets never
+        assert (target.connections, target6.connections) == (0, 0)
+
+
+async def test_redirects_are_followed_within_the_bound_and_over_https_only(
+    store: Blockstore, tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    data = random_bytes(4096, seed=25)
+    server_ctx, client_ctx = tls
+
+    async def chain(request: web.Request) -> web.StreamResponse:
+        step = request.path.strip("/")
+        if step.isdigit() and int(step) > 0:
+            raise web.HTTPTemporaryRedirect(f"/{int(step) - 1}")  # relative: the same origin
+        if step == "plain":
+            raise web.HTTPFound(f"http://127.0.0.2:{request.url.port}/0")
+        return web.Response(body=data)
+
+    async with serving(chain, tls=server_ctx, host="127.0.0.2") as origin:
+        config = _config(allow_networks=["127.0.0.2/32"], max_redirects=3)
+        got = await fetch_input(
+            f"{origin}/3",
+            tmp_path / "ok",
+            store=store,
+            config=config,
+            sha256=hashlib.sha256(data).hexdigest(),
+            ssl_context=client_ctx,
+        )
+        assert got.path.read_bytes() == data
+        too_many = await _refusal(f"{origin}/4", tmp_path, store, config, ssl_context=client_ctx)
+        downgrade = await _refusal(f"{origin}/plain", tmp_path, store, config, ssl_context=client_ctx)
+    assert (too_many.code, too_many.retryable) == ("too_many_redirects", False)
+    assert (downgrade.code, downgrade.http_status) == ("input_not_allowed", 403)
+
+
+async def test_connection_failures_all_read_the_same(
+    store: Blockstore, tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    """Closed port, a port that hangs up, one that never answers, a certificate not trusted: one answer.
+
+    That is what keeps a job's failure from telling a closed port from an open one.
+    """
+    server_ctx, _ = tls
+    held: list[asyncio.StreamWriter] = []  # accepted, never answered (closed at the end)
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.2", 0)
+    silent_port = int(silent.sockets[0].getsockname()[1])
+    config = _config(allow_networks=["127.0.0.2/32"], connect_timeout_seconds=0.5, read_timeout_seconds=0.5)
+    try:
+        async with (
+            listening("127.0.0.2") as hangs_up,
+            serving(_origin(b"x"), tls=server_ctx, host="127.0.0.2") as tls_url,
+        ):
+            uris = [
+                f"https://127.0.0.2:{closed_port('127.0.0.2')}/x",
+                f"https://127.0.0.2:{hangs_up.port}/x",
+                f"https://127.0.0.2:{silent_port}/x",
+                f"{tls_url}/x",  # its certificate is not in the system's trust store
+            ]
+            errors = [await _refusal(uri, tmp_path, store, config) for uri in uris]
+        assert hangs_up.connections >= 1  # the open port really was reached
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+    shapes = {str(e.to_dict()) for e in errors}
+    assert len(shapes) == 1, shapes
+    assert errors[0].code == "input_unreachable" and errors[0].retryable and errors[0].details == {}
+
+
+async def test_gateways_are_trusted_as_configured_but_their_redirects_are_not_followed(
+    store: Blockstore, remote: tuple[Blockstore, CID], sample_tree: Path, tmp_path: Path
+) -> None:
+    remote_store, _ = remote
+    big = import_path(sample_tree / "big.bin").cid
+    async with listening("127.0.0.1") as target:
+        asked: list[str] = []
+
+        async def redirecting(request: web.Request) -> web.StreamResponse:
+            asked.append(request.path)
+            raise web.HTTPFound(f"http://127.0.0.1:{target.port}{request.path_qs}")
+
+        # the operator's loopback gateway (127.0.0.1, as a local Kubo) serves without any allowance
+        async with serving(redirecting, host="127.0.0.2") as bad, gateway_server(remote_store) as good:
+            with pytest.raises(StorageError) as info:
+                await fetch_input(f"ipfs://{big}", tmp_path / "x", store=store, config=_config(bad))
+            got = await fetch_input(f"ipfs://{big}", tmp_path / "in", store=store, config=_config(bad, good))
+    assert info.value.code == "gateways_unavailable"
+    assert info.value.details["attempts"][0]["code"] == "gateway_bad_response"
+    assert got.source == good and got.path.read_bytes() == (sample_tree / "big.bin").read_bytes()
+    assert len(asked) == 2 and target.connections == 0
