@@ -1,7 +1,7 @@
 """Admission: the path from a signed request to a signed quote or an accepted job.
 
-Order matters and is fixed here: verify the DID-JWT (cheap checks first, replay cache last) -> parse the
-envelope -> idempotency (same submission, same job; a different body under a used job_id is a conflict)
+Order matters and is fixed here: verify the DID-JWT and parse the envelope (:mod:`node.intake`) ->
+idempotency (same submission, same job; a different body under a used job_id is a conflict)
 -> policy screening (before any capacity is held) -> work estimate -> price against ``max_price`` ->
 hold capacity until the quote expires (within the unfunded shares, see provider.ledger) -> journal ->
 sign -> record the request's jti. A refusal at any step leaves nothing held and nothing recorded: the jti
@@ -14,24 +14,15 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from node.config import CapacitySection, NodeConfig
-from node.envelope import (
-    FfmpegTranscodeEnvelope,
-    VllmBatchEnvelope,
-    envelope_dict,
-    envelope_digests,
-    node_job_id,
-    parse_envelope,
-)
+from node.envelope import VllmBatchEnvelope
 from node.errors import (
     AuthError,
     ConflictError,
@@ -41,11 +32,12 @@ from node.errors import (
     PricingError,
     RequestError,
 )
+from node.intake import AnyEnvelope, Incoming, Intake
 from node.journal import HOLDING_STATES, JobRecord, Journal
 from node.logs import enter_job
 from node.metrics import Metrics
 from node.webhooks import check_callback
-from payments.jwt import RequestVerifier, VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
+from payments.jwt import VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
 from provider.capacity import CapacityLedger, HoldPolicy, Resources
 from provider.catalog import ModelCatalog
@@ -57,7 +49,6 @@ if TYPE_CHECKING:  # web3 and eth-account take a second to import; a node withou
     from payments.receipts import Authorization, FundingTerms
     from payments.settlement import Settlement
 
-AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
 Prober = Callable[[AnyEnvelope], Awaitable[InputProbe | None]]
 """Finds what pricing needs of a job's input (ffprobe's duration and size), or None to price on limits."""
 
@@ -68,43 +59,6 @@ _PAST_ACCEPTANCE = frozenset(
 _CLOSED = frozenset({"rejected", "cancelled"})
 _CANCELLABLE = frozenset(HOLDING_STATES)
 _DONE = frozenset({"completed", "validated", "settled", "disputed", "refunded"})
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A verified request, its envelope, canonical hash, idempotency key and job id: computed once."""
-
-    request: VerifiedRequest
-    env: AnyEnvelope
-    doc: dict[str, Any]
-    hash: str
-    key: str
-    job_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    """A valid envelope with what :class:`Incoming` derives from it for one requester."""
-
-    env: AnyEnvelope
-    doc: dict[str, Any]
-    hash: str
-    key: str
-    job_key: str
-
-
-ENVELOPE_CACHE_SIZE = 4096
-
-
-def _envelope_key(iss: Any, raw: Any) -> tuple[str, bytes] | None:
-    """The cache key of a request's ``job`` claim: its issuer and exact JSON (``1``, ``1.0`` and ``true``
-    stay apart, as strict validation tells them apart); None for what JSON cannot write back."""
-    if not isinstance(iss, str) or not isinstance(raw, dict):
-        return None
-    try:
-        return iss, orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
-    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: validated the long way
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,19 +126,10 @@ class Admission:
         self._home = home
         self._gpu_model = gpu_model
         self.pricer = Pricer(cfg.pricing, gpu_model=gpu_model, models=cfg.models, home=home)
-        self.verifier = RequestVerifier(
-            signer.did,
-            journal,  # the replay cache: each nonce is committed with the request's own writes
-            clock_skew_seconds=cfg.api.clock_skew_seconds,
-            max_lifetime_seconds=cfg.api.max_token_lifetime_seconds,
-            now=now,
-        )
+        self.intake = Intake(signer.did, journal, cfg.api, metrics, now=now)
         self._now = now
         self._prober = prober
         self._locks: dict[str, asyncio.Lock] = {}
-        # envelopes already checked, by requester and exact JSON: a quote's envelope comes back with its
-        # acceptance (and with every retry), and need not be validated and hashed again
-        self._envelopes: dict[tuple[str, bytes], _Parsed] = {}
 
     def reconfigure(self, cfg: NodeConfig) -> None:
         """Take new prices, policy and hold shares (SIGHUP); jobs and holds stay as they are."""
@@ -193,52 +138,6 @@ class Admission:
         self.ledger.policy = hold_policy(cfg.capacity)
 
     # -- requests ---------------------------------------------------------------------------------------
-
-    @contextmanager
-    def _admit(self, token: str) -> Iterator[Incoming]:
-        """The verified request and its envelope; the request's jti is recorded only if the block
-        succeeds (:meth:`RequestVerifier.admit`), so a refused request leaves no trace."""
-        parsed: list[tuple[tuple[str, bytes] | None, AnyEnvelope | _Parsed]] = []
-
-        def parse_job(payload: dict[str, Any]) -> None:
-            if "job" not in payload:
-                raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
-            raw = payload["job"]
-            seen = _envelope_key(payload["iss"], raw)
-            hit = None if seen is None else self._envelopes.get(seen)
-            parsed.append((seen, parse_envelope(raw) if hit is None else hit))
-
-        with self._admit_token(token, parse_job) as request:
-            yield self._incoming(request, *parsed[0])
-
-    def _incoming(
-        self, request: VerifiedRequest, seen: tuple[str, bytes] | None, found: AnyEnvelope | _Parsed
-    ) -> Incoming:
-        if isinstance(found, _Parsed):
-            return Incoming(request, found.env, found.doc, found.hash, found.key, found.job_key)
-        env = found
-        doc = envelope_dict(env)
-        digest, key = envelope_digests(request.iss, doc)
-        job_key = node_job_id(request.iss, env.job_id)
-        if seen is not None:
-            if len(self._envelopes) >= ENVELOPE_CACHE_SIZE:
-                del self._envelopes[next(iter(self._envelopes))]  # the oldest
-            self._envelopes[seen] = _Parsed(env, doc, digest, key, job_key)
-        return Incoming(request=request, env=env, doc=doc, hash=digest, key=key, job_key=job_key)
-
-    @contextmanager
-    def _admit_token(
-        self, token: str, before_record: Callable[[dict[str, Any]], None]
-    ) -> Iterator[VerifiedRequest]:
-        """A verified request whose jti is recorded if the block succeeds; verification refusals are
-        counted by code."""
-        with ExitStack() as stack:
-            try:
-                request = stack.enter_context(self.verifier.admit(token, before_record=before_record))
-            except AuthError as exc:
-                self.metrics.auth_rejected(exc.code)
-                raise
-            yield request
 
     @asynccontextmanager
     async def _job_lock(self, job: str) -> AsyncIterator[None]:
@@ -266,7 +165,7 @@ class Admission:
     async def quote(self, token: str) -> Quote:
         """POST /v1/quotes: a signed quote, or a structured refusal carrying the node's ask."""
         async with self.journal.batched():
-            with self._admit(token) as inc:
+            with self.intake.job(token) as inc:
                 return await self._quote(inc)
 
     async def _quote(self, inc: Incoming) -> Quote:
@@ -454,7 +353,7 @@ class Admission:
         checked before the job is accepted; without it the payer funds the escrow itself.
         """
         async with self.journal.batched():
-            with self._admit(token) as inc:
+            with self.intake.job(token) as inc:
                 return await self._submit(inc, quote_jwt, funding)
 
     async def _submit(self, inc: Incoming, quote_jwt: str | None, funding: Any) -> Submission:
@@ -606,7 +505,7 @@ class Admission:
                 )
 
         async with self.journal.batched():
-            with self._admit_token(token, names_job) as request:
+            with self.intake.request(token, names_job) as request:
                 return await self._cancel(job, request)
 
     async def _cancel(self, job: str, request: VerifiedRequest) -> tuple[JobRecord, str]:

@@ -219,6 +219,21 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         d.stop()
 
 
+def labelled_containers(label: str, value: str) -> set[str]:
+    """IDs of every container whose ``label`` is ``value``, running or not (one listing: no race between
+    listing and inspecting one container after another)."""
+    import docker
+
+    from node.config import DEFAULT_DOCKER_URL
+
+    client = docker.APIClient(base_url=DEFAULT_DOCKER_URL)
+    try:
+        rows = client.containers(all=True, filters={"label": f"{label}={value}"})
+        return {str(row["Id"]) for row in rows}
+    finally:
+        client.close()
+
+
 @dataclass(frozen=True)
 class TinyModel:
     """The test model (provider.testmodel): where its weights are and their CID."""

@@ -22,7 +22,7 @@ from typing import Any
 from node.config import DEFAULT_DOCKER_URL, load_config, resolve_path
 from sandbox.runner import LABEL_NODE
 from tests.chaos.scoreboard import Row
-from tests.conftest import DaemonProcess, free_port, write_home
+from tests.conftest import DaemonProcess, free_port, labelled_containers, write_home
 
 SEED_ENV = "HEARTH_CHAOS_SEED"  # set it to replay a run's random moments (each row prints its seed)
 NODE_START_TIMEOUT_SECONDS = 60.0  # a start on a loaded 2-core machine, recovery included
@@ -174,15 +174,8 @@ def token_nonce(token: str) -> tuple[str, str]:
 
 
 def node_containers(did: str) -> set[str]:
-    """IDs of every container labelled as this node's, running or not (one listing)."""
-    import docker
-
-    client = docker.APIClient(base_url=DEFAULT_DOCKER_URL)
-    try:
-        rows = client.containers(all=True, filters={"label": f"{LABEL_NODE}={did}"})
-        return {str(row["Id"]) for row in rows}
-    finally:
-        client.close()
+    """IDs of every container labelled as this node's, running or not."""
+    return labelled_containers(LABEL_NODE, did)
 
 
 def remove_containers(ids: set[str]) -> None:

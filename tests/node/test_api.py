@@ -359,7 +359,7 @@ async def test_expired_quote_frees_capacity_and_can_be_requoted(tmp_path: Path, 
     async with live(home) as ln:
         clock = [ln.node.now()]
         ln.node.admission._now = lambda: clock[0]
-        ln.node.admission.verifier._now = lambda: clock[0]  # type: ignore[attr-defined]
+        ln.node.admission.intake.verifier._now = lambda: clock[0]  # type: ignore[attr-defined]
         async with ln.client() as c:
             q = await c.quote(ln.sign(requester, {"job": make_envelope()}, now=clock[0]))
             clock[0] += 10

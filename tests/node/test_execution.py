@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import pytest
 
-from node.config import DEFAULT_DOCKER_URL
 from payments.keys import Signer
 from sandbox.ffmpeg import make_test_clip
 from sandbox.runner import LABEL_JOB_ID
@@ -30,6 +28,7 @@ from tests.conftest import (
     DaemonProcess,
     LiveNode,
     free_port,
+    labelled_containers,
     live,
     make_envelope,
     sign_request,
@@ -98,13 +97,8 @@ def transcode(cid: str, job_id: str, **spec: Any) -> dict[str, Any]:
 
 
 def containers_of(job: str) -> set[str]:
-    """IDs of the containers labelled with ``job``, running or not (one listing: no per-container race)."""
-    client = docker.APIClient(base_url=DEFAULT_DOCKER_URL)
-    try:
-        rows = client.containers(all=True, filters={"label": f"{LABEL_JOB_ID}={job}"})
-        return {str(row["Id"]) for row in rows}
-    finally:
-        client.close()
+    """IDs of the containers labelled with ``job``, running or not."""
+    return labelled_containers(LABEL_JOB_ID, job)
 
 
 async def test_a_transcode_runs_and_its_artifact_verifies_with_an_independent_ipfs_client(

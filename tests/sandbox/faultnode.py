@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 
 from node.client import sign_request
-from node.config import DEFAULT_DOCKER_URL
 from payments.keys import Signer
 from sandbox.runner import LABEL_JOB_ID
-from tests.conftest import DaemonProcess, free_port, make_envelope, write_home
+from tests.conftest import DaemonProcess, free_port, labelled_containers, make_envelope, write_home
 
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 ERROR_FIELDS = frozenset({"code", "domain", "message", "retryable", "details"})
@@ -209,12 +207,7 @@ def transcode_envelope(
 
 def containers_of(job: str) -> set[str]:
     """IDs of the containers labelled with ``job``, running or not."""
-    client = docker.APIClient(base_url=DEFAULT_DOCKER_URL)
-    try:
-        rows = client.containers(all=True, filters={"label": f"{LABEL_JOB_ID}={job}"})
-        return {str(row["Id"]) for row in rows}
-    finally:
-        client.close()
+    return labelled_containers(LABEL_JOB_ID, job)
 
 
 def _node_did(url: str) -> str:

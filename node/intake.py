@@ -1,0 +1,137 @@
+"""Intake: a signed request made into what admission works on, refused before any side effect.
+
+:class:`Intake` verifies the DID-JWT (:class:`~payments.jwt.RequestVerifier`: cheap checks first, the
+replay cache last), validates the envelope and derives, once per requester and envelope, its canonical
+hash, idempotency key and the node's job id. Used as a context manager around the handling of one
+request, it records the request's jti only if that handling succeeds: a refusal, by intake or later by
+admission, leaves no trace, and the same token is judged the same way when it comes again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from node.config import ApiSection
+from node.envelope import (
+    FfmpegTranscodeEnvelope,
+    VllmBatchEnvelope,
+    envelope_dict,
+    envelope_digests,
+    node_job_id,
+    parse_envelope,
+)
+from node.errors import AuthError, RequestError
+from node.metrics import Metrics
+from payments.jwt import ReplayCache, RequestVerifier, VerifiedRequest
+
+AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
+ENVELOPE_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A verified request, its envelope, canonical hash, idempotency key and job id: computed once."""
+
+    request: VerifiedRequest
+    env: AnyEnvelope
+    doc: dict[str, Any]
+    hash: str
+    key: str
+    job_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A valid envelope with what :class:`Incoming` derives from it for one requester."""
+
+    env: AnyEnvelope
+    doc: dict[str, Any]
+    hash: str
+    key: str
+    job_key: str
+
+
+def _envelope_key(iss: Any, raw: Any) -> tuple[str, bytes] | None:
+    """The cache key of a request's ``job`` claim: its issuer and exact JSON (``1``, ``1.0`` and ``true``
+    stay apart, as strict validation tells them apart); None for what JSON cannot write back."""
+    if not isinstance(iss, str) or not isinstance(raw, dict):
+        return None
+    try:
+        return iss, orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: validated the long way
+        return None
+
+
+class Intake:
+    """Verified requests addressed to ``node_did``, with their envelopes checked once per requester."""
+
+    def __init__(
+        self,
+        node_did: str,
+        replay: ReplayCache,
+        api: ApiSection,
+        metrics: Metrics,
+        *,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.verifier = RequestVerifier(
+            node_did,
+            replay,  # the journal: each nonce is committed with the request's own writes
+            clock_skew_seconds=api.clock_skew_seconds,
+            max_lifetime_seconds=api.max_token_lifetime_seconds,
+            now=now,
+        )
+        self._metrics = metrics
+        # envelopes already checked, by requester and exact JSON: a quote's envelope comes back with its
+        # acceptance (and with every retry), and need not be validated and hashed again
+        self._envelopes: dict[tuple[str, bytes], _Parsed] = {}
+
+    @contextmanager
+    def job(self, token: str) -> Iterator[Incoming]:
+        """A job request (a ``job`` claim holding an envelope), verified and parsed; its jti is recorded
+        only if the block succeeds."""
+        parsed: list[tuple[tuple[str, bytes] | None, AnyEnvelope | _Parsed]] = []
+
+        def parse_job(payload: dict[str, Any]) -> None:
+            if "job" not in payload:
+                raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
+            raw = payload["job"]
+            seen = _envelope_key(payload["iss"], raw)
+            hit = None if seen is None else self._envelopes.get(seen)
+            parsed.append((seen, parse_envelope(raw) if hit is None else hit))
+
+        with self.request(token, parse_job) as request:
+            yield self._incoming(request, *parsed[0])
+
+    @contextmanager
+    def request(self, token: str, check: Callable[[dict[str, Any]], None]) -> Iterator[VerifiedRequest]:
+        """Any signed request, verified, with ``check(payload)`` run before the block; its jti is recorded
+        only if the block succeeds. Verification refusals are counted by code."""
+        with ExitStack() as stack:
+            try:
+                request = stack.enter_context(self.verifier.admit(token, before_record=check))
+            except AuthError as exc:
+                self._metrics.auth_rejected(exc.code)
+                raise
+            yield request
+
+    def _incoming(
+        self, request: VerifiedRequest, seen: tuple[str, bytes] | None, found: AnyEnvelope | _Parsed
+    ) -> Incoming:
+        if isinstance(found, _Parsed):
+            return Incoming(request, found.env, found.doc, found.hash, found.key, found.job_key)
+        env = found
+        doc = envelope_dict(env)
+        digest, key = envelope_digests(request.iss, doc)
+        job_key = node_job_id(request.iss, env.job_id)
+        if seen is not None:
+            if len(self._envelopes) >= ENVELOPE_CACHE_SIZE:
+                del self._envelopes[next(iter(self._envelopes))]  # the oldest
+            self._envelopes[seen] = _Parsed(env, doc, digest, key, job_key)
+        return Incoming(request=request, env=env, doc=doc, hash=digest, key=key, job_key=job_key)
