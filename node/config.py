@@ -112,7 +112,7 @@ class ApiSection(_Section):
     header_timeout_seconds: float = Field(default=DEFAULT_HEADER_TIMEOUT_SECONDS, gt=0, le=600)
     idle_timeout_seconds: float = Field(default=DEFAULT_IDLE_TIMEOUT_SECONDS, gt=0, le=3600)
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1, le=1_000_000)
-    reserved_descriptors: int = Field(default=DEFAULT_RESERVED_DESCRIPTORS, ge=16, le=1_000_000)
+    reserved_descriptors: int = Field(default=DEFAULT_RESERVED_DESCRIPTORS, ge=1, le=1_000_000)
     max_header_line_bytes: int = Field(default=DEFAULT_MAX_HEADER_LINE_BYTES, ge=1024, le=65_536)
 
 

@@ -329,7 +329,7 @@ class TxRecord:
 
 
 HeldResources = tuple[str, float, int, int, float | None, str]
-"""``(job id, cpus, memory_mb, gpus, expires_at)``: one hold of the capacity ledger."""
+"""``(job id, cpus, memory_mb, gpus, expires_at, iss)``: one hold of the capacity ledger and its requester."""
 
 # --------------------------------------------------------------------------------------------- schema
 
