@@ -26,7 +26,7 @@ from node.config import parse_config
 from node.errors import ConfigError
 from payments.keys import Signer
 from tests.conftest import DaemonProcess, make_envelope, write_home
-from tests.storage.test_fetch import (
+from tests.storage.netfixtures import (
     closed_port,
     listening,
     loopback_name,
