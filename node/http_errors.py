@@ -48,10 +48,19 @@ def error_response(metrics: Metrics, exc: HearthError) -> web.Response:
         log.exception("could not count error %r", exc)
     status = exc.http_status if isinstance(exc.http_status, int) and 400 <= exc.http_status < 600 else 500
     response = web.Response(body=error_body(exc), status=status, content_type="application/json")
+    retry_after = retry_after_header(exc)
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    return response
+
+
+def retry_after_header(exc: HearthError) -> str | None:
+    """The ``Retry-After`` value of ``exc``: its ``details.retry_after_seconds`` in whole seconds (at least
+    one), or None where it names none."""
     retry_after = exc.details.get("retry_after_seconds") if isinstance(exc.details, dict) else None
     if isinstance(retry_after, int | float) and not isinstance(retry_after, bool) and 0 <= retry_after < 1e9:
-        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    return response
+        return str(max(1, math.ceil(retry_after)))
+    return None
 
 
 def error_body(exc: HearthError) -> bytes:

@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from node.config import ApiSection
 from node.errors import HearthError, RequestError
-from node.http_errors import error_body
+from node.http_errors import error_body, retry_after_header
 from node.metrics import Metrics
 
 log = logging.getLogger("hearth.http")
@@ -157,7 +157,7 @@ def parser_refusal(exc: BaseException | None, max_line: int) -> RequestError:
 _REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
 
 
-def raw_response(error: HearthError, *, retry_after: int | None = None) -> bytes:
+def raw_response(error: HearthError) -> bytes:
     """A whole HTTP/1.1 response carrying ``error``, for a connection no handler runs on."""
     body = error_body(error)
     head = [
@@ -166,6 +166,7 @@ def raw_response(error: HearthError, *, retry_after: int | None = None) -> bytes
         f"Content-Length: {len(body)}",
         "Connection: close",
     ]
+    retry_after = retry_after_header(error)
     if retry_after is not None:
         head.append(f"Retry-After: {retry_after}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -315,7 +316,7 @@ class GuardedRequestHandler(RequestHandler):
                 details={"max_connections": self._guard.cap, "retry_after_seconds": 1},
             )
             if self.transport is not None:
-                self.transport.write(raw_response(refusal, retry_after=1))
+                self.transport.write(raw_response(refusal))
             self.force_close()  # flushes the answer, then closes
             return
         self._arm_header_timer()
