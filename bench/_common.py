@@ -8,7 +8,7 @@ repository on ``sys.path``.
   skeleton (:func:`job_envelope`) and :func:`unique` job ids;
 - docker: :func:`docker_run_argv`, ``docker run`` under the node's sandbox controls, and the output
   directory the sandbox user can write (:func:`sandbox_output_dir`);
-- the node: :class:`Daemon` (``python -m node.cli run`` on a home of its own), blob uploads, and
+- the node: :class:`Daemon` (``python -m cli.main run`` on a home of its own), blob uploads, and
   :func:`run_job`, a signed submit followed on the job's event stream to ``completed``;
 - the bench: medians, the rotating interleave of the ways (:func:`interleave`), the parts of the result
   document and of the printed report that both write, and :func:`finish` (print, exit code).
@@ -40,9 +40,9 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.client import sign_request  # noqa: E402
-from node.config import DEFAULT_PIDS_LIMIT, DEFAULT_SANDBOX_USER, DEFAULT_TMPFS_MB  # noqa: E402
+from core.config import DEFAULT_PIDS_LIMIT, DEFAULT_SANDBOX_USER, DEFAULT_TMPFS_MB  # noqa: E402
 from payments.keys import Signer, new_ed25519, save_key  # noqa: E402
+from requester.client import sign_request  # noqa: E402
 from sandbox._outdir import prepare_output_dir  # noqa: E402
 
 DEFAULT_CPUS = float(min(2, os.cpu_count() or 1))
@@ -208,7 +208,7 @@ def free_port() -> int:
 
 
 class Daemon:
-    """``python -m node.cli run`` on a home of its own, scheduler on, log to a file; restartable.
+    """``python -m cli.main run`` on a home of its own, scheduler on, log to a file; restartable.
 
     ``config`` is appended to the ``node.toml`` written at construction (after ``[api]`` and
     ``[scheduler]``).
@@ -232,7 +232,7 @@ class Daemon:
     def start(self) -> None:
         with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would stall the daemon
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), "--port", str(self.port)],
+                [sys.executable, "-m", "cli.main", "run", "--home", str(self.home), "--port", str(self.port)],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,

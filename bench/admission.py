@@ -39,10 +39,10 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.client import sign_request  # noqa: E402
-from node.envelope import envelope_dict, envelope_hash, idempotency_key, node_job_id, parse_envelope  # noqa: E402
-from node.journal import Journal  # noqa: E402
+from core.envelope import envelope_dict, envelope_hash, idempotency_key, node_job_id, parse_envelope  # noqa: E402
+from core.journal import Journal  # noqa: E402
 from payments.keys import new_ed25519, save_key  # noqa: E402
+from requester.client import sign_request  # noqa: E402
 
 BARE_SERVER = r"""
 import sys
@@ -229,7 +229,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def start_node(home: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "run", "--home", str(home), "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "run", "--home", str(home), "--port", str(port)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

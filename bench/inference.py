@@ -11,7 +11,7 @@ docker  the plain ``docker run`` CLI running that plan in the same image (``hear
         ``no-new-privileges``, the non-root sandbox user, pids limit, tmpfs ``/tmp``, ``--ipc private`` with
         the node's ``/dev/shm`` size, ``--init``, ``--rm``; its stdout and stderr are read, as the node
         reads them. The honest baseline: what the node adds is everything it does around that container.
-node    a real daemon (``python -m node.cli run``, scheduler on, the model in its ``[[models]]``). The
+node    a real daemon (``python -m cli.main run``, scheduler on, the model in its ``[[models]]``). The
         batch is uploaded first (``PUT /v1/blobs``, not timed); then timed from the signed submit (a bare
         request JWT: quote and accept in one step) until the job's event stream reports ``completed``:
         admission (every line's prompt counted with the model's tokenizer), queueing, the blob fetch, the
@@ -85,11 +85,11 @@ from _common import (  # first: importing it puts the repository on sys.path for
     upload,
 )
 
-from node.client import sign_request
-from node.config import DEFAULT_SANDBOX_USER, DEFAULT_VLLM_SHM_MB
+from core.config import DEFAULT_SANDBOX_USER, DEFAULT_VLLM_SHM_MB
 from payments.keys import Signer, new_ed25519
 from provider.catalog import hash_model_dir
 from provider.testmodel import MAX_CONTEXT, build_test_model
+from requester.client import sign_request
 from sandbox.vllm import (
     BATCH_URL,
     CONTAINER_BATCH_PATH,

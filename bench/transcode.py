@@ -10,7 +10,7 @@ docker  the plain ``docker run`` CLI running the same argv (container paths) in 
         mounted read-only, ``--network none``, every capability dropped, ``no-new-privileges``, the
         non-root sandbox user, pids limit, tmpfs ``/tmp``, ``--init``, ``--rm``. The honest baseline: what
         the node adds is everything the node does around that one container.
-node    a real daemon (``python -m node.cli run``, scheduler on). The clip is uploaded first
+node    a real daemon (``python -m cli.main run``, scheduler on). The clip is uploaded first
         (``PUT /v1/blobs``, not timed); then timed from the signed submit (a bare request JWT: bid and
         accept in one step) until the job's event stream reports ``completed``: admission, queueing, the
         blob fetch, the sandboxed ffprobe, the container, the output checks and the blockstore import.
@@ -77,13 +77,13 @@ from _common import (  # first: importing it puts the repository on sys.path for
     upload,
 )
 
-from node.envelope import FfmpegTranscodeEnvelope, Mp4Spec, parse_envelope
-from node.executor import ffmpeg_threads
+from core.envelope import FfmpegTranscodeEnvelope, Mp4Spec, parse_envelope
 from payments.keys import Signer, new_ed25519
 from sandbox.ffmpeg import (
     CONTAINER_INPUT_PATH,
     CONTAINER_OUTPUT_DIR,
     Plan,
+    ffmpeg_threads,
     make_test_clip,
     probe_file,
     run_plan,

@@ -21,9 +21,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node.config import CapacitySection, NodeConfig
-from node.envelope import VllmBatchEnvelope
-from node.errors import (
+from core.config import CapacitySection, NodeConfig
+from core.envelope import VllmBatchEnvelope
+from core.errors import (
     AuthError,
     ConflictError,
     FundingError,
@@ -32,9 +32,9 @@ from node.errors import (
     PricingError,
     RequestError,
 )
+from core.journal import HOLDING_STATES, JobRecord, Journal
+from core.logs import enter_job
 from node.intake import AnyEnvelope, Incoming, Intake
-from node.journal import HOLDING_STATES, JobRecord, Journal
-from node.logs import enter_job
 from node.metrics import Metrics
 from node.webhooks import check_callback
 from payments.jwt import VerifiedRequest, decode_unverified, sign_jwt, verify_node_token

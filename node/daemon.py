@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.admission import Admission, hold_policy
-from node.config import (
+from core.config import (
     NODE_KEY_CREDENTIAL,
     WALLET_KEY_CREDENTIAL,
     NodeConfig,
@@ -24,12 +23,13 @@ from node.config import (
     load_config,
     resolve_path,
 )
-from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
-from node.errors import ConfigError
+from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
+from core.errors import ConfigError
+from core.journal import Journal
+from core.logs import log_transition
+from node.admission import Admission, hold_policy
 from node.executor import Executors, TranscodeExecutor, Workspace
 from node.inference import InferenceExecutor
-from node.journal import Journal
-from node.logs import log_transition
 from node.metrics import Metrics
 from node.scheduler import Scheduler
 from node.webhooks import WebhookDispatcher

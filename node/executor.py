@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -26,10 +25,10 @@ from decimal import ROUND_UP, Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from node.config import NodeConfig
-from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, canonical_json, parse_envelope
-from node.errors import ExecutionError, HearthError, StorageError
-from node.journal import JobRecord
+from core.config import NodeConfig
+from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, canonical_json, parse_envelope
+from core.errors import ExecutionError, HearthError, StorageError
+from core.journal import JobRecord
 from node.scheduler import ProgressReport
 from payments.jwt import decode_unverified
 from provider.estimate import MIB, InputProbe, WorkEstimate
@@ -42,6 +41,7 @@ from sandbox.ffmpeg import (
     ProgressParser,
     check_output,
     collect_outputs,
+    ffmpeg_threads,
     parse_probe,
     probe_argv,
     raise_for_checks,
@@ -54,7 +54,6 @@ from storage import CID, Blockstore, FetchedInput, fetch_input, import_path
 log = logging.getLogger("hearth.executor")
 
 PROBE_MAX_OUTPUT_BYTES = 1024 * 1024
-MAX_FFMPEG_THREADS = 16
 QUOTE_PROBE_CACHE_SIZE = 1024
 _MB = Decimal(MIB)
 AnyEnvelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
@@ -68,11 +67,6 @@ class Artifact:
     size: int
     sha256: str
     files: list[dict[str, Any]]
-
-
-def ffmpeg_threads(cpus: float) -> int:
-    """The encoder thread count for a job's CPU limit; fixed per job so a replay makes the same bytes."""
-    return max(1, min(MAX_FFMPEG_THREADS, math.ceil(cpus)))
 
 
 @dataclass(frozen=True, slots=True)

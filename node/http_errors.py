@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from node.errors import HearthError, RequestError
+from core.errors import HearthError, RequestError
 from node.metrics import Metrics
 
 log = logging.getLogger("hearth.http")

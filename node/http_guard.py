@@ -49,8 +49,8 @@ from aiohttp.web_server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from node.config import ApiSection
-from node.errors import HearthError, RequestError
+from core.config import ApiSection
+from core.errors import HearthError, RequestError
 from node.http_errors import error_body, retry_after_header
 from node.metrics import Metrics
 

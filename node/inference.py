@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.config import NodeConfig
-from node.envelope import VllmBatchEnvelope, parse_envelope
-from node.errors import ExecutionError, OutputValidationError
+from core.config import NodeConfig
+from core.envelope import VllmBatchEnvelope, parse_envelope
+from core.errors import ExecutionError, OutputValidationError
+from core.journal import JobRecord
 from node.executor import WorkloadExecutor, Workspace
-from node.journal import JobRecord
 from node.scheduler import ProgressReport
 from provider.catalog import CatalogModel, ModelCatalog
 from provider.estimate import MIB, InputProbe, WorkEstimate

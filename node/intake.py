@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from node.config import ApiSection
-from node.envelope import (
+from core.config import ApiSection
+from core.envelope import (
     FfmpegTranscodeEnvelope,
     VllmBatchEnvelope,
     envelope_dict,
@@ -26,7 +26,7 @@ from node.envelope import (
     node_job_id,
     parse_envelope,
 )
-from node.errors import AuthError, RequestError
+from core.errors import AuthError, RequestError
 from node.metrics import Metrics
 from payments.jwt import ReplayCache, RequestVerifier, VerifiedRequest
 

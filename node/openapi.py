@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from node.envelope import Envelope
-from node.journal import MAX_EVENT_SEQ
+from core.envelope import Envelope
+from core.journal import MAX_EVENT_SEQ
 from node.openapi_schemas import (
     BODY_SCHEMAS,
     ERROR_SCHEMA,
@@ -60,7 +60,7 @@ _SIGNED_BODY = {
     "content": {"application/jwt": {"schema": {"$ref": "#/components/schemas/Jwt"}}},
 }
 _AUTH_ERRORS = (400, 401, 403, 408, 409, 413, 415, 422)
-# A node's job id: hj_ + 26 base32 characters of sha256(iss "\n" job_id) (node.envelope.node_job_id).
+# A node's job id: hj_ + 26 base32 characters of sha256(iss "\n" job_id) (core.envelope.node_job_id).
 JOB_ID_PATTERN = r"^hj_[a-z2-7]{26}$"
 _JOB_PARAM = [
     {

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from aiohttp import web
 
-from node.errors import NotFoundError, RequestError
-from node.journal import Event, JobRecord, Journal
+from core.errors import NotFoundError, RequestError
+from core.journal import Event, JobRecord, Journal
 
 if TYPE_CHECKING:
     from node.daemon import Node

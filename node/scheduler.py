@@ -31,9 +31,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from node.errors import ConflictError, HearthError, IllegalTransitionError, JournalError
-from node.journal import Event, JobRecord, Journal
-from node.logs import enter_job
+from core.errors import ConflictError, HearthError, IllegalTransitionError, JournalError
+from core.journal import Event, JobRecord, Journal
+from core.logs import enter_job
 from provider.capacity import CapacityLedger, Resources
 
 log = logging.getLogger("hearth.scheduler")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger("hearth.sdnotify")
 

@@ -20,15 +20,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.errors import CapacityError, HearthError, NotFoundError, RequestError, SettlementError
+from core.journal import MAX_EVENT_SEQ, TERMINAL_STATES, Event, JobRecord
 from core.untrusted import UntrustedJSONError, parse_json
 from node.daemon import Node
-from node.errors import CapacityError, HearthError, NotFoundError, RequestError, SettlementError
 from node.http_errors import CLIENT_CLOSED, KEPT_HEADERS, error_body, error_response, http_error
-from node.journal import MAX_EVENT_SEQ, TERMINAL_STATES, Event, JobRecord
 from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from node.openapi import openapi_document
 from node.overview import add_routes as add_overview_routes
-from node.signing import signed_document
+from payments.signing import signed_document
 from storage import add_routes as add_storage_routes
 
 log = logging.getLogger("hearth.http")

@@ -29,10 +29,10 @@ from typing import Any
 
 import aiohttp
 
+from core.config import WebhooksSection
+from core.errors import PolicyError
+from core.journal import Event, Journal, WebhookDue
 from core.netpolicy import AddressNotAllowed, AddressPolicy, Lookup
-from node.config import WebhooksSection
-from node.errors import PolicyError
-from node.journal import Event, Journal, WebhookDue
 from payments.jwt import sign_jwt
 from payments.keys import Signer
 

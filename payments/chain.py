@@ -38,8 +38,8 @@ from web3.exceptions import (
 from web3.providers import AsyncHTTPProvider
 from web3.types import BlockIdentifier
 
-from node.config import ChainSection
-from node.errors import ChainError, Domain, HearthError
+from core.config import ChainSection
+from core.errors import ChainError, Domain, HearthError
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner
 

@@ -35,7 +35,7 @@ from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.exceptions import Web3Exception
 
-from node.config import (
+from core.config import (
     CONFIG_FILENAME,
     DEFAULT_DEVNET_PORT,
     DEFAULT_WALLET_KEY_FILE,
@@ -44,7 +44,7 @@ from node.config import (
     parse_config,
     resolve_path,
 )
-from node.errors import ConfigError
+from core.errors import ConfigError
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, load_eth_key, new_eth, save_key
 

@@ -1,7 +1,7 @@
 """The two DID methods Hearth speaks: ``did:key`` (Ed25519) and ``did:pkh:eip155`` (Ethereum accounts).
 
 Parsing is strict and cached: a request's ``iss`` is parsed on every admission, so the decoded public key
-(or address) of a DID is kept in a small LRU. Every failure is an :class:`~node.errors.AuthError` with
+(or address) of a DID is kept in a small LRU. Every failure is an :class:`~core.errors.AuthError` with
 HTTP status 400 and one of the codes ``invalid_did``, ``unsupported_did_method`` or
 ``unsupported_key_type``.
 """
@@ -15,7 +15,7 @@ from typing import Literal
 import base58
 from eth_hash.auto import keccak
 
-from node.errors import AuthError
+from core.errors import AuthError
 
 DidMethod = Literal["key", "pkh"]
 

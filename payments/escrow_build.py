@@ -18,7 +18,7 @@ from eth_abi.abi import encode
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from node.errors import ConfigError
+from core.errors import ConfigError
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "contracts" / "artifacts"
 ESCROW_DOMAIN_NAME = "HearthEscrow"

@@ -8,7 +8,7 @@ and a did:pkh names the address an ES256K signature must recover to.
 :class:`RequestVerifier` admits signed job requests. It runs the cheap checks first and records the
 ``jti`` in the replay cache only once the request has been handled, so a token refused by any check,
 its own or the caller's, leaves no trace. Every refusal is an
-:class:`~node.errors.AuthError`; its ``details`` say what was expected and what came.
+:class:`~core.errors.AuthError`; its ``details`` say what was expected and what came.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from eth_hash.auto import keccak
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from core.config import DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+from core.errors import AuthError
 from core.untrusted import UntrustedJSONError, parse_json
-from node.config import DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
-from node.errors import AuthError
 from payments.did import (
     DID_CACHE_SIZE,
     DidMethod,

@@ -27,7 +27,7 @@ import coincurve
 from eth_hash.auto import keccak
 from nacl.signing import SigningKey
 
-from node.errors import ConfigError
+from core.errors import ConfigError
 from payments.did import did_key_from_ed25519, did_pkh, to_checksum_address, verification_fragment
 
 Alg = Literal["EdDSA", "ES256K"]

@@ -28,8 +28,8 @@ from typing import Any
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from node.envelope import canonical_json
-from node.errors import Domain, HearthError
+from core.envelope import canonical_json
+from core.errors import Domain, HearthError
 from payments.escrow_build import authorization_nonce, receipt_typed_data, receive_authorization_typed_data
 from payments.keys import EthSigner
 

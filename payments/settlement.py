@@ -36,10 +36,10 @@ from typing import Any, Final, Literal
 
 from eth_utils.address import to_checksum_address
 
-from node.config import ChainSection
-from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
-from node.errors import ChainError, ConflictError, FundingError, HearthError, NotFoundError, SettlementError
-from node.journal import TX_OPEN_STATES, JobRecord, JobState, Journal, PaymentRecord, TxPurpose, TxRecord
+from core.config import ChainSection
+from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
+from core.errors import ChainError, ConflictError, FundingError, HearthError, NotFoundError, SettlementError
+from core.journal import TX_OPEN_STATES, JobRecord, JobState, Journal, PaymentRecord, TxPurpose, TxRecord
 from payments.chain import Chain, EscrowJob, EscrowStatus, is_reverted
 from payments.did import parse_did_pkh
 from payments.jwt import decode_unverified
@@ -760,7 +760,7 @@ class Settlement:
 
 async def _check_credential(credential: Any, receipt: Receipt, signature: bytes) -> None:
     """A credential sent with a receipt must verify (didkit) and wrap exactly that receipt and signature."""
-    from payments.validator import verify_credential  # didkit loads only when a credential comes
+    from validator.validator import verify_credential  # didkit loads only when a credential comes
 
     if not isinstance(credential, dict):
         raise SettlementError("credential_invalid", "credential must be a JSON object (a W3C VC)")

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import psutil
 
-from node.config import CapacitySection
+from core.config import CapacitySection
 
 # The ledger lives in its own module; these names stay importable from here, where they always were.
 from provider.ledger import CapacityLedger as CapacityLedger

@@ -1,6 +1,6 @@
 """The model catalog: the models this node serves to ``vllm_batch`` jobs, verified, with their tokenizers.
 
-The operator declares each model in ``node.toml`` (``[[models]]``, see :class:`node.config.ModelSection`):
+The operator declares each model in ``node.toml`` (``[[models]]``, see :class:`core.config.ModelSection`):
 a name, a local weights directory and that directory's content hash, a CID. At start the node hashes
 every directory again (:meth:`ModelCatalog.verify`) and refuses to start when one changed, so a job never
 runs on weights other than those advertised. Envelopes name a model; any other name is refused before
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.config import ModelSection, resolve_path
-from node.envelope import VllmBatchEnvelope
-from node.errors import ConfigError, HearthError, PolicyError, RequestError
+from core.config import ModelSection, resolve_path
+from core.envelope import VllmBatchEnvelope
+from core.errors import ConfigError, HearthError, PolicyError, RequestError
 from sandbox.vllm import cpu_memory_needed_mb
 
 log = logging.getLogger("hearth.models")

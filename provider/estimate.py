@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from node.envelope import (
+from core.envelope import (
     AudioSpec,
     FfmpegTranscodeEnvelope,
     HlsSpec,
@@ -33,7 +33,7 @@ from node.envelope import (
     ThumbnailsSpec,
     VllmBatchEnvelope,
 )
-from node.errors import HearthError, RequestError
+from core.errors import HearthError, RequestError
 from sandbox.vllm import parse_batch
 
 Envelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope

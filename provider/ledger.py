@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from node.errors import CapacityError
+from core.errors import CapacityError
 
 # CPU shares are kept as integer thousandths so that running totals never drift through float error.
 _MILLI = 1000

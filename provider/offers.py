@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from node.config import NodeConfig
-from node.envelope import canonical_json
-from node.signing import signed_document
+from core.config import NodeConfig
+from core.envelope import canonical_json
 from payments.keys import Signer
+from payments.signing import signed_document
 from provider.capacity import CapacityLedger, DiskInfo, MachineInfo, read_disk
 from provider.catalog import ModelCatalog
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.config import PolicySection
-from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
-from node.errors import CapacityError, HearthError, PolicyError
+from core.config import PolicySection
+from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
+from core.errors import CapacityError, HearthError, PolicyError
 
 Envelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope
 

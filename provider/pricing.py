@@ -20,9 +20,9 @@ from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from node.config import ModelSection, PricingSection, resolve_path
-from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, envelope_dict
-from node.errors import PricingError
+from core.config import ModelSection, PricingSection, resolve_path
+from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, envelope_dict
+from core.errors import PricingError
 from provider.estimate import WorkEstimate
 
 Envelope = FfmpegTranscodeEnvelope | VllmBatchEnvelope

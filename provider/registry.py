@@ -32,8 +32,8 @@ from typing import Any, Final, Literal, Protocol
 
 import aiohttp
 
-from node.config import RegistrySection
-from node.errors import RegistryError
+from core.config import RegistrySection
+from core.errors import RegistryError
 from provider.offers import offer_fingerprint
 
 log = logging.getLogger("hearth.registry")

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypedDict, TypeGuard
 
+from core.errors import RequestError
 from core.untrusted import UntrustedJSONError, parse_json
-from node.errors import RequestError
 
 BATCH_URL: Final = "/v1/chat/completions"
 MAX_BATCH_BYTES: Final = 256 * 1024 * 1024  # a batch is read whole to be checked

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from node.errors import OutputValidationError
+from core.errors import OutputValidationError
 
 
 def raise_for_checks(checks: Mapping[str, Any]) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypedDict
 
-from node.envelope import Limits, Validation, canonical_json
-from node.errors import HearthError, OutputValidationError
+from core.envelope import Limits, Validation, canonical_json
+from core.errors import HearthError, OutputValidationError
 from sandbox._media_common import DEFAULT_PROBE_TIMEOUT_SECONDS
 from sandbox._media_plan import ExpectedMedia, Plan
 from sandbox._media_probe import IMAGE_DEMUXERS, MediaInfo, probe_file

@@ -6,7 +6,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Final
 
-from node.errors import ExecutionError, RequestError
+from core.errors import ExecutionError, RequestError
 
 FFMPEG: Final = "ffmpeg"
 FFPROBE: Final = "ffprobe"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from node.errors import ExecutionError
+from core.errors import ExecutionError
 from sandbox._media_common import (
     BITEXACT_OUTPUT,
     DEFAULT_TOOL_TIMEOUT_SECONDS,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Final, Literal
 
-from node.envelope import AudioSpec, Clip, HlsSpec, Mp4Spec, Resolution, ThumbnailsSpec, canonical_json
+from core.envelope import AudioSpec, Clip, HlsSpec, Mp4Spec, Resolution, ThumbnailsSpec, canonical_json
 from sandbox._media_common import (
     BITEXACT_OUTPUT,
     CONTAINER_INPUT_PATH,
@@ -51,6 +51,9 @@ JPEG_QSCALE: Final = 2
 MAX_OUTPUT_FPS: Final = Fraction(60)
 FALLBACK_FPS: Final = Fraction(30)
 MAX_THREADS: Final = 64
+# The encoder threads a job gets for its CPU limit: a rule, not a setting, so a replay or a validator
+# re-running the plan makes the same bytes.
+MAX_FFMPEG_THREADS: Final = 16
 # Swscale's SIMD paths differ between CPUs; "bitexact" keeps a replay on another machine byte-identical.
 SCALER_FLAGS: Final = "bicubic+accurate_rnd+bitexact"
 
@@ -75,6 +78,11 @@ _READ_BACK: Final = {
     "jpeg": "image2",
     "png": "png_pipe",
 }
+
+
+def ffmpeg_threads(cpus: float) -> int:
+    """The encoder thread count for a job's CPU limit; fixed per job so a replay makes the same bytes."""
+    return max(1, min(MAX_FFMPEG_THREADS, math.ceil(cpus)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final, Literal, cast
 
-from node.errors import ExecutionError, HearthError, RequestError
+from core.errors import ExecutionError, HearthError, RequestError
 from sandbox._media_common import (
     DEFAULT_PROBE_TIMEOUT_SECONDS,
     FFPROBE,

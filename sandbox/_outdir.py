@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import ExecutionError
+from core.errors import ExecutionError
 
 # Owner-only when the node (root) can hand the directory to the sandbox user outright.
 _OWNED_MODE = 0o700

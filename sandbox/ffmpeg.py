@@ -23,6 +23,7 @@ from __future__ import annotations
 from sandbox._checks import raise_for_checks
 from sandbox._media_checks import (
     DEFAULT_DURATION_TOLERANCE_SECONDS,
+    MAX_OUTPUT_FILES,
     Check,
     CheckName,
     Checks,
@@ -37,7 +38,7 @@ from sandbox._media_common import (
     DEFAULT_TOOL_TIMEOUT_SECONDS,
 )
 from sandbox._media_local import make_test_clip, run_plan, synthetic_clip_argv
-from sandbox._media_plan import ExpectedMedia, Plan, transcode_argv
+from sandbox._media_plan import MAX_FFMPEG_THREADS, ExpectedMedia, Plan, ffmpeg_threads, transcode_argv
 from sandbox._media_probe import (
     DEFAULT_PROBE_LIMITS,
     INPUT_DEMUXERS,
@@ -60,6 +61,8 @@ __all__ = [
     "DEFAULT_PROBE_TIMEOUT_SECONDS",
     "DEFAULT_TOOL_TIMEOUT_SECONDS",
     "INPUT_DEMUXERS",
+    "MAX_FFMPEG_THREADS",
+    "MAX_OUTPUT_FILES",
     "Check",
     "CheckName",
     "Checks",
@@ -73,6 +76,7 @@ __all__ = [
     "StreamInfo",
     "check_output",
     "collect_outputs",
+    "ffmpeg_threads",
     "make_test_clip",
     "parse_probe",
     "probe_argv",

@@ -12,7 +12,7 @@ left behind (:meth:`SandboxRunner.list_containers`, :meth:`SandboxRunner.remove_
 The docker SDK is synchronous: short calls run through :func:`asyncio.to_thread`; the two calls that block
 for a whole run (waiting for the exit, reading the output streams) get threads of their own, so that many
 concurrent runs cannot starve the loop's shared executor. Docker's own errors never leave this module: they
-become :class:`~node.errors.ExecutionError` with one of these codes:
+become :class:`~core.errors.ExecutionError` with one of these codes:
 
 ``docker_unavailable`` (retryable)  the engine does not answer
 ``image_missing``                   the image is not on this node (``scripts/docker.sh`` builds them)
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from node.config import (
+from core.config import (
     DEFAULT_DOCKER_API_TIMEOUT_SECONDS,
     DEFAULT_DOCKER_URL,
     DEFAULT_OUTPUT_POLL_SECONDS,
@@ -47,7 +47,7 @@ from node.config import (
     DEFAULT_TMPFS_MB,
     SandboxSection,
 )
-from node.errors import ExecutionError
+from core.errors import ExecutionError
 from sandbox._outdir import parse_user, prepare_output_dir, tree_size
 from sandbox._streams import LineSplitter, Tail
 

@@ -179,7 +179,7 @@ show hearth job quote "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE
 step "   ... accepted with gasless funding: the payer signs an EIP-3009 authorization, the node sends it"
 show hearth job submit "$DEMO/job.yaml" --key "$DEMO/requester.key" --wallet "$PAYER_KEY" --node "$NODE" --quote "$DEMO/quote.jwt" --wait
 REQUESTER_DID=$(hearth keys show "$DEMO/requester.key" --json | python -c 'import json,sys; print(json.load(sys.stdin)["did"])')
-JOB=$(python -c 'import sys; from node.envelope import node_job_id; print(node_job_id(sys.argv[1], "demo-job-1"))' "$REQUESTER_DID")
+JOB=$(python -c 'import sys; from core.envelope import node_job_id; print(node_job_id(sys.argv[1], "demo-job-1"))' "$REQUESTER_DID")
 
 numbered "The funded job runs in a hardened container ($ENGINE): its events, live, until it completes"
 show hearth job events "$JOB" --node "$NODE" --follow

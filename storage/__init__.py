@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.config import StorageSection, resolve_path
+from core.config import StorageSection, resolve_path
 from storage._blockstore import BlockBatch, Blockstore, StoreStats
 from storage._car import CarReader, read_car, write_car
 from storage._cid import CID, DAG_PB, RAW

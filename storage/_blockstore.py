@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from node.errors import NotFoundError, StorageError
+from core.errors import NotFoundError, StorageError
 from storage._cid import CID, RAW
 
 DEFAULT_WRITE_THREADS = 4

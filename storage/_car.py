@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
-from node.errors import StorageError
+from core.errors import StorageError
 from storage._blockstore import Blockstore
 from storage._cid import CID, decode_varint, encode_varint
 from storage._dag import DagScope, iter_blocks

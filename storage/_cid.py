@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import base58
 
-from node.errors import RequestError
+from core.errors import RequestError
 
 RAW = 0x55
 DAG_PB = 0x70

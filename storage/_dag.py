@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from node.errors import NotFoundError, StorageError
+from core.errors import NotFoundError, StorageError
 from storage._blockstore import Blockstore
 from storage._cid import CID, DAG_PB, RAW
 from storage._dagpb import PBLink, UnixFSData, UnixFSType, decode_node, decode_unixfs

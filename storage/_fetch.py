@@ -23,7 +23,7 @@ goes wrong on the connection itself (refused, reset, timed out, a TLS failure) i
 (retryable) with one fixed message and no details, so a job's failure cannot tell a closed port from an
 open one; the operator's log keeps what happened.
 
-Failures are :class:`~node.errors.StorageError`: ``cid_mismatch``, ``sha256_mismatch``,
+Failures are :class:`~core.errors.StorageError`: ``cid_mismatch``, ``sha256_mismatch``,
 ``unexpected_block``, ``malformed_car``, ``input_too_large``, ``input_not_allowed`` and
 ``too_many_redirects`` are not retryable (the bytes or the URL are wrong); ``input_unreachable``,
 ``gateway_unreachable`` and ``gateways_unavailable`` are.
@@ -46,9 +46,9 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from core.config import StorageSection
+from core.errors import NotFoundError, RequestError, StorageError
 from core.netpolicy import AddressNotAllowed, AddressPolicy
-from node.config import StorageSection
-from node.errors import NotFoundError, RequestError, StorageError
 from storage._blockstore import BlockBatch, Blockstore
 from storage._car import MAX_BLOCK_BYTES, CarReader
 from storage._cid import CID, DAG_PB

@@ -10,7 +10,7 @@ Responses by format, chosen by ``?format=`` or else by ``Accept``:
   directory answers 406 ``format_required`` (no listings, no HTML).
 
 An unknown CID (or one whose DAG this node holds only in part) is 404, an unparsable one 400. Errors are
-raised as :class:`~node.errors.HearthError` for the API's error middleware to render.
+raised as :class:`~core.errors.HearthError` for the API's error middleware to render.
 
 ``PUT /v1/blobs`` streams the raw body into the blockstore as one UnixFS file, capped at
 ``max_blob_mb`` (413, from ``Content-Length`` before reading or as soon as the stream passes the cap);
@@ -27,8 +27,8 @@ from typing import Literal
 
 from aiohttp import web
 
-from node.config import StorageSection
-from node.errors import HearthError, NotFoundError, RequestError
+from core.config import StorageSection
+from core.errors import HearthError, NotFoundError, RequestError
 from storage._blockstore import BlockBatch, Blockstore
 from storage._car import iter_car
 from storage._cid import CID

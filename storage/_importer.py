@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 
-from node.errors import StorageError
+from core.errors import StorageError
 from storage._blockstore import Blockstore
 from storage._cid import CID, DAG_PB, RAW
 from storage._dagpb import PBLink, UnixFSType, encode_node, encode_unixfs

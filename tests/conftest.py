@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from node.client import NodeClient, sign_request
-from node.config import parse_config
+from core.config import parse_config
 from node.daemon import Node
 from node.server import build_app
 from payments.keys import Signer, new_ed25519, new_eth
+from requester.client import NodeClient, sign_request
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -167,7 +167,7 @@ class DaemonProcess:
         """Start ``hearth run`` (with ``env`` added to the environment) without waiting for it."""
         with self.log.open("a") as log:  # a file, not a pipe: a full pipe would stall the daemon
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), "--port", str(self.port)],
+                [sys.executable, "-m", "cli.main", "run", "--home", str(self.home), "--port", str(self.port)],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -224,7 +224,7 @@ def labelled_containers(label: str, value: str) -> set[str]:
     listing and inspecting one container after another)."""
     import docker
 
-    from node.config import DEFAULT_DOCKER_URL
+    from core.config import DEFAULT_DOCKER_URL
 
     client = docker.APIClient(base_url=DEFAULT_DOCKER_URL)
     try:
@@ -263,7 +263,7 @@ def sandbox_images() -> dict[str, str]:
     """
     import docker
 
-    from node.config import DEFAULT_DOCKER_URL
+    from core.config import DEFAULT_DOCKER_URL
 
     proc = subprocess.run(
         [str(REPO / "scripts" / "docker.sh")],

@@ -23,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from node.errors import HearthError
+from core.errors import HearthError
 from storage import CID, Blockstore, write_car
 from storage._blockstore import TEMP_PREFIX
 from tests.chaos.harness import seeded

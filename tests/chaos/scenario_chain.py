@@ -39,11 +39,11 @@ from eth_account import Account
 from eth_utils.address import to_checksum_address as _addr
 from web3.exceptions import TransactionNotFound
 
-from node.client import NodeClient, NodeError
 from payments import devnet
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, Signer, new_ed25519
 from payments.receipts import FundingTerms, Receipt
+from requester.client import NodeClient, NodeError
 from sandbox.ffmpeg import make_test_clip
 from tests.chaos.harness import journal_path, node_did, read_journal, start
 from tests.chaos.scoreboard import Row, scenario

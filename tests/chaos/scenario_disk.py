@@ -41,10 +41,10 @@ from typing import Any
 
 import aiohttp
 
-from node.client import NodeClient, NodeError, sign_request
-from node.config import load_config, resolve_path
-from node.errors import HearthError
+from core.config import load_config, resolve_path
+from core.errors import HearthError
 from payments.keys import new_ed25519
+from requester.client import NodeClient, NodeError, sign_request
 from sandbox.ffmpeg import make_test_clip
 from storage import CID, Blockstore, write_car
 from storage._blockstore import TEMP_PREFIX

@@ -26,8 +26,8 @@ from typing import Any
 
 import aiohttp
 
-from node.client import NodeClient, NodeError, NodeUnreachable, sign_request
 from payments.keys import Signer, new_ed25519
+from requester.client import NodeClient, NodeError, NodeUnreachable, sign_request
 from sandbox.ffmpeg import make_test_clip
 from tests.chaos.harness import (
     NODE_START_TIMEOUT_SECONDS,

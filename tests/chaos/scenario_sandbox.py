@@ -19,8 +19,8 @@ from pathlib import Path
 
 import docker
 
-from node.config import DEFAULT_DOCKER_URL
-from node.errors import HearthError
+from core.config import DEFAULT_DOCKER_URL
+from core.errors import HearthError
 from payments.keys import new_ed25519
 from sandbox.runner import LABEL_NODE, SandboxRunner
 from tests.chaos.harness import seeded

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.client import NodeError, sign_request
-from node.envelope import node_job_id
-from node.journal import Journal
+from core.envelope import node_job_id
+from core.journal import Journal
 from payments.jwt import verify_node_token
 from payments.keys import Signer, new_ed25519
+from requester.client import NodeError, sign_request
 from tests.conftest import LiveNode, live, make_envelope, write_home
 
 

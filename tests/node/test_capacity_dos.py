@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.client import sign_request
-from node.envelope import node_job_id
+from core.envelope import node_job_id
 from payments.keys import Signer, new_ed25519
+from requester.client import sign_request
 from tests.conftest import DaemonProcess, free_port, make_envelope, write_home
 
 # One CPU and 2 GiB whatever the machine (a cap, and this box has at least that): shares are exact.

@@ -16,7 +16,7 @@ from tests.conftest import REPO, DaemonProcess, make_envelope
 
 def hearth(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"hearth {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

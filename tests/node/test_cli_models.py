@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from node.cli import main
-from node.config import ModelSection, load_config
+from cli.main import main
+from core.config import ModelSection, load_config
 from tests.conftest import TinyModel
 from tests.provider.test_catalog import copy_model, flip_a_byte
 

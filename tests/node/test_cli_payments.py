@@ -19,13 +19,13 @@ import pytest
 import yaml
 from web3 import Web3
 
-from node.cli import main
-from node.client import NodeClient
-from node.envelope import node_job_id
+from cli.main import main
+from core.envelope import node_job_id
 from payments import devnet
 from payments.jwt import decode_unverified, sign_jwt
 from payments.keys import Signer, new_ed25519, new_eth, save_key
 from payments.receipts import Authorization, FundingTerms, authorization_signer
+from requester.client import NodeClient
 from tests.conftest import LiveNode, live, make_envelope, write_home
 from tests.payments.paid import PaidHome, paid_envelope, paid_home, set_chain
 
@@ -243,7 +243,7 @@ async def test_wait_gives_up_at_the_funding_wait_when_nothing_can_fund_the_job(
 ) -> None:
     requester, key = requester_key
     set_chain(ph.home, funding_timeout_seconds=1)
-    monkeypatch.setattr("node.cli.FUNDING_WAIT_GRACE_SECONDS", 1.0)
+    monkeypatch.setattr("requester.paid.FUNDING_WAIT_GRACE_SECONDS", 1.0)
     job_file = envelope_file(tmp_path, paid_envelope(ph, "cli-paid-5", INPUT))
     async with live(ph.home) as node:
         devnet.stop(ph.home)  # the chain is gone: the node accepts the authorization but cannot send it

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from node.config import NodeConfig, load_config
-from node.errors import ConfigError
+from core.config import NodeConfig, load_config
+from core.errors import ConfigError
 
 
 def test_missing_file_means_defaults(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import parse_config
+from core.config import parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 

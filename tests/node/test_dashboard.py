@@ -27,9 +27,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from node.client import sign_request
 from node.overview import UI_FILES
 from payments.keys import Signer
+from requester.client import sign_request
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import DaemonProcess, LiveNode, free_port, write_home
 from tests.node.test_execution import RUN_CONFIG, containers_of, submit, transcode, upload, wait_state

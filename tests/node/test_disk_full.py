@@ -28,10 +28,10 @@ from typing import Any
 
 import aiohttp
 
-from node.client import sign_request
-from node.errors import JournalError
-from node.journal import Journal
+from core.errors import JournalError
+from core.journal import Journal
 from payments.keys import Signer, load_key
+from requester.client import sign_request
 from storage._blockstore import TEMP_PREFIX
 from tests.conftest import DaemonProcess, free_port, make_envelope, write_home
 from tests.node.test_scheduler import ScriptedExecutor, accept, make, until

@@ -11,7 +11,7 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.envelope import (
+from core.envelope import (
     canonical_json,
     envelope_dict,
     envelope_digests,
@@ -20,7 +20,7 @@ from node.envelope import (
     node_job_id,
     parse_envelope,
 )
-from node.errors import RequestError
+from core.errors import RequestError
 from tests.conftest import make_envelope
 
 

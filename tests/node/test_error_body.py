@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from node.errors import AuthError, HearthError, RequestError
+from core.errors import AuthError, HearthError, RequestError
 from node.http_errors import error_body
 
 

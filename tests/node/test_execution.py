@@ -154,7 +154,7 @@ async def test_a_transcode_runs_and_its_artifact_verifies_with_an_independent_ip
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "node.cli",
+        "cli.main",
         "job",
         "replay",
         job,
@@ -177,7 +177,7 @@ async def test_hls_output_is_published_as_a_directory(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "node.cli",
+        "cli.main",
         "blob",
         "put",
         str(clip),

@@ -28,11 +28,11 @@ from typing import Any
 import orjson
 import pytest
 
-from node.client import sign_request
-from node.config import DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVED_DESCRIPTORS
+from core.config import DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVED_DESCRIPTORS
+from core.logs import RepeatFilter
 from node.http_guard import connection_cap
-from node.logs import RepeatFilter
 from payments.keys import new_ed25519
+from requester.client import sign_request
 from tests.conftest import REPO, DaemonProcess, free_port, make_envelope, write_home
 from tests.promtext import sample
 
@@ -50,7 +50,7 @@ class LimitedDaemon(DaemonProcess):
 
     def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         limit = [] if self.nofile is None else ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"]
-        run = [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), "--port", str(self.port)]
+        run = [sys.executable, "-m", "cli.main", "run", "--home", str(self.home), "--port", str(self.port)]
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 [*limit, *run],

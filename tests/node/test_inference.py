@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.client import NodeClient, NodeError
+from core.envelope import parse_envelope
+from core.errors import ConfigError, PolicyError
 from node.daemon import Node
-from node.envelope import parse_envelope
-from node.errors import ConfigError, PolicyError
 from payments.keys import Signer
+from requester.client import NodeClient, NodeError
 from tests.conftest import TinyModel, live, make_envelope, sign_request, write_home
 from tests.node.test_execution import containers_of, events, upload, wait_state
 
@@ -316,10 +316,10 @@ class GpuEngine:
 async def test_a_gpu_job_runs_the_gpu_image_pinned_to_its_devices(
     tmp_path: Path, tiny_model: TinyModel
 ) -> None:
-    from node.config import load_config
+    from core.config import load_config
+    from core.journal import JobRecord
     from node.executor import Workspace
     from node.inference import InferenceExecutor
-    from node.journal import JobRecord
     from provider.catalog import ModelCatalog
     from provider.pricing import Pricer
     from storage import Blockstore, import_bytes

@@ -23,9 +23,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-import node.journal as journal_module
-from node.errors import ConflictError, IllegalTransitionError, JournalError, NotFoundError
-from node.journal import (
+import core.journal as journal_module
+from core.errors import ConflictError, IllegalTransitionError, JournalError, NotFoundError
+from core.journal import (
     JOB_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
@@ -529,7 +529,7 @@ def test_listeners_see_each_committed_event_once(journal: Journal, caplog: pytes
 
     journal.add_listener(broken)
     journal.add_listener(seen.append)
-    with caplog.at_level(logging.ERROR, logger="node.journal"):
+    with caplog.at_level(logging.ERROR, logger="core.journal"):
         id = make_job(journal).id
         step(journal, id, "accepted")
     assert [(e.from_state, e.to_state) for e in seen] == [
@@ -866,7 +866,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from node.journal import Journal
+    from core.journal import Journal
 
     j = Journal.open(Path(sys.argv[1]))
     for n in range(1_000_000):
@@ -932,7 +932,7 @@ _HALF_WRITER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from node.journal import Journal
+    from core.journal import Journal
 
     j = Journal.open(Path(sys.argv[1]), now=lambda: 1_800_000_000.0)
     def create(n, expires):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from node.logs import JsonFormatter, configure_logging, enter_job, job_context, log_transition, trace_id_for
+from core.logs import JsonFormatter, configure_logging, enter_job, job_context, log_transition, trace_id_for
 from payments.keys import Signer
 from tests.conftest import DaemonProcess, free_port, make_envelope, sign_request, write_home
 

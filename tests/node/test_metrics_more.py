@@ -18,11 +18,11 @@ import docker
 import pytest
 from aiohttp.test_utils import TestServer
 
-from node.client import sign_request
-from node.config import DEFAULT_DOCKER_URL, load_config
+from core.config import DEFAULT_DOCKER_URL, load_config
 from node.daemon import Node
 from node.server import build_app
 from payments.keys import Signer, load_key, new_ed25519
+from requester.client import sign_request
 from sandbox.ffmpeg import make_test_clip
 from sandbox.runner import LABEL_NODE
 from tests.conftest import LiveNode, live, make_envelope, write_home

@@ -21,12 +21,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node import cli
+from cli import common as cli_common
+from cli import main as cli
+from cli.status_view import sparkline
+from core.errors import Domain
+from core.journal import JobFields, Journal
 from node.daemon import Node
-from node.errors import Domain
-from node.journal import JobFields, Journal
 from node.overview import PERIODS
-from node.status_view import sparkline
 from payments.keys import Signer
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import REPO, LiveNode, live, make_envelope, write_home
@@ -262,14 +263,14 @@ async def test_bad_queries_are_refused_with_the_error_shape(live_node: LiveNode)
 
 async def test_status_against_no_node_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
     code, _ = await hearth(capsys, "status", "--node", "http://127.0.0.1:9", "--json")
-    assert code == cli.EXIT_UNREACHABLE
+    assert code == cli_common.EXIT_UNREACHABLE
 
 
 async def test_status_watch_redraws_until_ctrl_c(live_node: LiveNode) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "node.cli",
+        "cli.main",
         "status",
         "--node",
         live_node.url,

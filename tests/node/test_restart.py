@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node.client import NodeClient, NodeError, NodeUnreachable, sign_request
 from payments.keys import Signer
+from requester.client import NodeClient, NodeError, NodeUnreachable, sign_request
 from tests.conftest import DaemonProcess, free_port, make_envelope, write_home
 
 

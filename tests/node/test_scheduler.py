@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from node.errors import ExecutionError, StorageError
-from node.journal import JobRecord, Journal
+from core.errors import ExecutionError, StorageError
+from core.journal import JobRecord, Journal
 from node.scheduler import ProgressReport, Scheduler
 from provider.capacity import CapacityLedger, Resources
 

@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from node.client import sign_request
-from node.config import parse_config
-from node.errors import ConfigError
+from core.config import parse_config
+from core.errors import ConfigError
 from payments.keys import Signer
+from requester.client import sign_request
 from tests.conftest import DaemonProcess, make_envelope, write_home
 from tests.storage.netfixtures import (
     closed_port,

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 # what `hearth run` imports before it serves: the CLI, the server and the node
 PROBE = """
 import json, sys
-import node.cli, node.server, node.daemon
+import cli.main, node.server, node.daemon
 heavy = {"eth_account", "web3", "rich", "py_ecc"}
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
 """

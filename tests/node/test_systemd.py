@@ -31,9 +31,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.journal import Journal
+from cli.service import render_unit
+from core.journal import Journal
 from node.sdnotify import Notifier, ServiceEnv, keepalive
-from node.service_cli import render_unit
 from payments.keys import Signer, load_key, new_ed25519, save_key
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import REPO, DaemonProcess, free_port, sign_request, write_home
@@ -82,7 +82,7 @@ def test_the_unit_as_install_service_writes_it_passes_systemd_analyze_verify(tmp
 
 
 def test_the_stop_timeout_leaves_room_for_the_default_drain_grace() -> None:
-    from node.config import DEFAULT_DRAIN_GRACE_SECONDS
+    from core.config import DEFAULT_DRAIN_GRACE_SECONDS
 
     stop = re.search(r"^TimeoutStopSec=(\d+)s$", UNIT.read_text(), re.MULTILINE)
     assert stop is not None
@@ -168,7 +168,7 @@ class ServiceDaemon(DaemonProcess):
         self.deny_write_execute = deny_write_execute
 
     def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), "--port", str(self.port)]
+        argv = [sys.executable, "-m", "cli.main", "run", "--home", str(self.home), "--port", str(self.port)]
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 [*argv, *self.args],
@@ -250,7 +250,7 @@ def test_service_env_reads_what_systemd_sets_and_refuses_what_it_never_does(tmp_
     other = ServiceEnv.from_environ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "8"}, pid=7)
     assert other.watchdog_usec is None and other.watchdog_interval is None
     assert ServiceEnv.from_environ({}, pid=7) == ServiceEnv()
-    from node.errors import ConfigError
+    from core.errors import ConfigError
 
     for bad in ({"WATCHDOG_USEC": "soon"}, {"NOTIFY_SOCKET": "vsock:2:1"}):
         with pytest.raises(ConfigError) as exc:
@@ -539,7 +539,7 @@ def fake_root(root: Path) -> Path:
 
 def install(root: Path, *extra: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "install-service", "--root", str(root), "--json", *extra],
+        [sys.executable, "-m", "cli.main", "install-service", "--root", str(root), "--json", *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -612,7 +612,7 @@ def test_install_service_needs_dockers_group(tmp_path: Path) -> None:
     root = fake_root(tmp_path / "root")
     (root / "etc/group").write_text("root:x:0:\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "install-service", "--root", str(root), "--json"],
+        [sys.executable, "-m", "cli.main", "install-service", "--root", str(root), "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -648,7 +648,7 @@ async def test_the_installed_layout_runs_with_its_keys_from_systemd_credentials(
 
 
 def test_a_wallet_credential_replaces_the_configured_wallet_key(tmp_path: Path) -> None:
-    from node.config import key_path
+    from core.config import key_path
 
     wallet = tmp_path / "creds" / "wallet.key"
     wallet.parent.mkdir()

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from node.client import NodeClient, NodeError
 from payments.jwt import verify_node_token
 from payments.keys import Signer
+from requester.client import NodeClient, NodeError
 from tests.conftest import LiveNode, live, make_envelope, write_home
 
 FAST = {
@@ -206,8 +206,8 @@ async def test_a_callback_name_that_resolves_to_a_private_address_is_never_calle
     tmp_path: Path, requester: Signer, receiver: Receiver
 ) -> None:
     """A name passes the literal check at admission; resolved on send to 10.1.2.3, it is never called."""
-    from node.config import WebhooksSection
-    from node.journal import Journal
+    from core.config import WebhooksSection
+    from core.journal import Journal
     from node.webhooks import WebhookDispatcher
 
     resolved: list[str] = []

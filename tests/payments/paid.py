@@ -15,8 +15,7 @@ from typing import Any
 
 from web3 import Web3
 
-from node.client import NodeClient, sign_request
-from node.config import ChainSection, load_config
+from core.config import ChainSection, load_config
 from payments import devnet
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, Signer, load_key
@@ -28,6 +27,7 @@ from payments.receipts import (
     sign_receipt,
     usdc_units,
 )
+from requester.client import NodeClient, sign_request
 from tests.conftest import make_envelope, write_home
 
 

@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from web3.contract import Contract
 
-from node.errors import ConfigError
+from core.errors import ConfigError
 from payments.devnet import TOKEN_NAME, USDC
 from payments.escrow_build import ARTIFACTS_DIR, authorization_nonce, load_artifact, receipt_typed_data
 from tests.payments.contracts.chain import (

@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from node.client import NodeClient
-from node.journal import Journal
+from core.journal import Journal
 from payments import devnet
 from payments.receipts import FundingTerms
 from payments.settlement import FAULT_ENV
+from requester.client import NodeClient
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import DaemonProcess, free_port, live
 from tests.payments.paid import PaidHome, paid_envelope, paid_home, quote_and_fund, receipt_for, wait_for

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from web3 import Web3
 
-from node.cli import main
-from node.config import ChainSection, load_config, parse_config
-from node.errors import ConfigError
+from cli.main import main
+from core.config import ChainSection, load_config, parse_config
+from core.errors import ConfigError
 from payments import devnet
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, load_key
@@ -112,7 +112,7 @@ def test_devnet_deploys_funds_configures_reuses_and_stops(
 def test_foreground_devnet_stops_anvil_on_sigterm(home: Path) -> None:
     port = str(free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "devnet", "--home", str(home), "--port", port, "--json"],
+        [sys.executable, "-m", "cli.main", "devnet", "--home", str(home), "--port", port, "--json"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -8,7 +8,7 @@ import base58
 import didkit
 import pytest
 
-from node.errors import AuthError
+from core.errors import AuthError
 from payments import (
     Ed25519Signer,
     EthSigner,

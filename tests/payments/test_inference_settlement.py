@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from node.client import NodeClient
 from payments import devnet
 from payments.keys import new_ed25519
 from payments.receipts import usdc_units
-from payments.validator import fetch_signed_job, job_envelope, judge, validate
+from requester.client import NodeClient
 from tests.conftest import TinyModel, live
 from tests.node.test_inference import BATCH, LINE_CAPS, batch_envelope, infer_config
 from tests.payments.paid import paid_home, quote_and_fund, wait_for
+from validator.validator import fetch_signed_job, job_envelope, judge, validate
 
 
 async def test_a_batch_job_is_funded_run_validated_and_released(

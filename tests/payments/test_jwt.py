@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from node.errors import AuthError
+from core.errors import AuthError
 from payments import (
     Ed25519Signer,
     EthSigner,

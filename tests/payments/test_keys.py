@@ -15,7 +15,7 @@ from eth_keys.datatypes import PrivateKey as EthPrivateKey
 from eth_keys.datatypes import Signature as EthSignature
 from nacl.signing import VerifyKey
 
-from node.errors import ConfigError
+from core.errors import ConfigError
 from payments import (
     Ed25519Signer,
     EthSigner,

@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from web3.contract import Contract
 
-from node.envelope import canonical_json
-from node.errors import HearthError
+from core.envelope import canonical_json
+from core.errors import HearthError
 from payments.devnet import TOKEN_NAME
 from payments.escrow_build import authorization_nonce
 from payments.keys import EthSigner

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from eth_utils.address import to_checksum_address
 
-from node.client import NodeClient
-from node.config import load_config
+from core.config import load_config
 from payments import devnet
 from payments.keys import Signer
+from requester.client import NodeClient
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import live
 from tests.payments.paid import PaidHome, paid_envelope, paid_home, quote_and_fund, receipt_for, wait_for

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from node.client import NodeClient, NodeError, sign_request
 from payments import devnet
 from payments.keys import Signer
 from payments.receipts import FundingTerms, Receipt
-from payments.validator import issue_credential
+from requester.client import NodeClient, NodeError, sign_request
 from sandbox.ffmpeg import make_test_clip
 from tests.conftest import LiveNode, live
 from tests.payments.paid import (
@@ -28,6 +27,7 @@ from tests.payments.paid import (
     set_chain,
     wait_for,
 )
+from validator.validator import issue_credential
 
 RUN = {"scheduler": {"paused": False}}
 

@@ -28,16 +28,24 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from eth_utils.address import to_checksum_address
 
-from node.cli import Out, _client_opts, _common
-from node.client import NodeClient
-from node.envelope import FfmpegTranscodeEnvelope, parse_envelope
-from node.errors import ConfigError, FundingError, RequestError, SettlementError, StorageError
+from cli.common import Out
+from cli.common import client_opts as _client_opts
+from cli.common import common_opts as _common
+from cli.validator import add_parser
+from core.envelope import FfmpegTranscodeEnvelope, parse_envelope
+from core.errors import ConfigError, FundingError, RequestError, SettlementError, StorageError
 from payments import devnet
 from payments.devnet import TOKEN_NAME
 from payments.keys import EthSigner, new_ed25519, new_eth, save_key
 from payments.receipts import FundingTerms, Receipt, escrow_job_id, receipt_signer, result_digest, usdc_units
-from payments.validate_cli import add_parser
-from payments.validator import (
+from requester.client import NodeClient
+from sandbox.ffmpeg import make_test_clip
+from storage import CID, DAG_PB, RAW, Blockstore, import_path
+from storage._dagpb import PBLink, UnixFSType, encode_node, encode_unixfs
+from tests.conftest import LiveNode, live, make_envelope, write_home
+from tests.node.test_execution import FINISHED, RUN_CONFIG, submit, upload, wait_state
+from tests.payments.paid import paid_envelope, paid_home, quote_and_fund, wait_for
+from validator.validator import (
     MIB,
     SignedJob,
     check_terms,
@@ -50,12 +58,6 @@ from payments.validator import (
     validate,
     verify_credential,
 )
-from sandbox.ffmpeg import make_test_clip
-from storage import CID, DAG_PB, RAW, Blockstore, import_path
-from storage._dagpb import PBLink, UnixFSType, encode_node, encode_unixfs
-from tests.conftest import LiveNode, live, make_envelope, write_home
-from tests.node.test_execution import FINISHED, RUN_CONFIG, submit, upload, wait_state
-from tests.payments.paid import paid_envelope, paid_home, quote_and_fund, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -463,7 +465,7 @@ async def test_a_credential_must_carry_its_issuers_own_receipt_signature(done: D
 
 
 def _parser() -> argparse.ArgumentParser:
-    """``hearth`` with only ``validate``, wired as node/cli.py wires it."""
+    """``hearth`` with only ``validate``, wired as cli/main.py wires it."""
     parser = argparse.ArgumentParser(prog="hearth")
     add_parser(parser.add_subparsers(dest="command", required=True), [_common(), _client_opts()])
     return parser

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from node.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, parse_envelope
+from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope, parse_envelope
 
 MakeEnv = Callable[..., FfmpegTranscodeEnvelope | VllmBatchEnvelope]
 

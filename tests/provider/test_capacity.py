@@ -11,8 +11,8 @@ from typing import Any
 import psutil
 import pytest
 
-from node.config import CapacitySection
-from node.errors import CapacityError
+from core.config import CapacitySection
+from core.errors import CapacityError
 from provider.capacity import (
     CapacityLedger,
     GpuStack,

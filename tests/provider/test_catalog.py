@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from node.config import ModelSection
-from node.envelope import VllmBatchEnvelope, parse_envelope
-from node.errors import ConfigError, PolicyError, RequestError
+from core.config import ModelSection
+from core.envelope import VllmBatchEnvelope, parse_envelope
+from core.errors import ConfigError, PolicyError, RequestError
 from provider.catalog import (
     CatalogModel,
     ChatTokenizer,

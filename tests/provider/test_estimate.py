@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from node.errors import HearthError, RequestError
+from core.errors import HearthError, RequestError
 from provider.estimate import (
     BatchEstimator,
     InputProbe,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.errors import CapacityError
+from core.errors import CapacityError
 from provider.capacity import CapacityLedger, Hold, HoldPolicy, Resources
 
 TOTAL = Resources(cpus=4.0, memory_mb=8192, gpus=1)

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from node.config import NodeConfig, RegistrySection, parse_config
-from node.errors import ConfigError
+from core.config import NodeConfig, RegistrySection, parse_config
+from core.errors import ConfigError
 from payments import devnet
 from payments.jwt import verify_node_token
 from payments.keys import Signer, new_ed25519

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.config import PolicySection
-from node.errors import CapacityError, HearthError, PolicyError
+from core.config import PolicySection
+from core.errors import CapacityError, HearthError, PolicyError
 from provider.policy import DEFAULT_CHECKS, Screening, check_concurrency, check_limits, screen
 from tests.provider.conftest import MakeEnv
 

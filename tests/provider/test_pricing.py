@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ModelSection, PricingScriptSection, PricingSection
-from node.errors import PricingError
+from core.config import ModelSection, PricingScriptSection, PricingSection
+from core.errors import PricingError
 from provider.estimate import WorkEstimate
 from provider.pricing import Bid, Pricer, check_max_price, gpu_rate_for
 from tests.provider.conftest import MakeEnv

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from node.envelope import node_job_id
+from core.envelope import node_job_id
 from storage import import_bytes
 from tests.sandbox.faultnode import (
     RUN_CONFIG,

@@ -20,8 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from node.client import sign_request
 from payments.keys import Signer
+from requester.client import sign_request
 from sandbox.runner import LABEL_JOB_ID
 from tests.conftest import DaemonProcess, free_port, labelled_containers, make_envelope, write_home
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.envelope import AudioSpec, Clip, HlsSpec, Limits, Mp4Spec, ThumbnailsSpec, Validation
-from node.errors import ExecutionError, OutputValidationError, RequestError
+from core.envelope import AudioSpec, Clip, HlsSpec, Limits, Mp4Spec, ThumbnailsSpec, Validation
+from core.errors import ExecutionError, OutputValidationError, RequestError
 from sandbox.ffmpeg import (
     INPUT_DEMUXERS,
     Checks,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from node.envelope import node_job_id
-from node.errors import ExecutionError
+from core.envelope import node_job_id
+from core.errors import ExecutionError
 from payments.keys import new_ed25519
 from sandbox.ffmpeg import sandboxed_probe_refusal
 from tests.sandbox.attacks import QUOTE_BOUND_SECONDS, MediaKit, resource_round

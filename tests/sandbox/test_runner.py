@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from node.config import DEFAULT_SANDBOX_USER
-from node.errors import ExecutionError
+from core.config import DEFAULT_SANDBOX_USER
+from core.errors import ExecutionError
 from sandbox._streams import LineSplitter, Tail
 from sandbox.runner import (
     LABEL_ATTEMPT,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from node.errors import OutputValidationError, RequestError
+from core.errors import OutputValidationError, RequestError
 from sandbox.vllm import (
     CONTAINER_BATCH_PATH,
     CONTAINER_MODEL_DIR,

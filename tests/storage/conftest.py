@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from node.config import StorageSection
-from node.errors import HearthError
+from core.config import StorageSection
+from core.errors import HearthError
 from storage import Blockstore, Gateway
 
 ROOT = Path(__file__).resolve().parents[2]

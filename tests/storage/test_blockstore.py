@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import NotFoundError, StorageError
+from core.errors import NotFoundError, StorageError
 from storage import CID, DAG_PB, RAW, Blockstore
 from storage._blockstore import TEMP_PREFIX
 from tests.storage.conftest import ROOT, random_bytes

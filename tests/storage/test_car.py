@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import StorageError
+from core.errors import StorageError
 from storage import CID, Blockstore, CarReader, export_file, import_path, read_car, write_car
 from storage._car import encode_header
 from storage._cid import encode_varint

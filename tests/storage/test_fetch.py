@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from node.config import StorageSection
-from node.errors import RequestError, StorageError
+from core.config import StorageSection
+from core.errors import RequestError, StorageError
 from storage import CID, Blockstore, fetch_input, import_bytes, import_path, write_car
 from storage._blockstore import TEMP_PREFIX
 from storage._car import encode_header, section_prefix

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node.config import StorageSection
+from core.config import StorageSection
 from storage import CID, Blockstore, import_bytes, import_path, read_car
 from storage._blockstore import TEMP_PREFIX
 from storage._dag import iter_blocks

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import StorageError
+from core.errors import StorageError
 from storage import CID, DAG_PB, RAW, Blockstore, import_bytes, import_path, import_stream
 from storage._dag import first_missing, iter_blocks
 from storage._dagpb import UnixFSType, decode_node, decode_unixfs

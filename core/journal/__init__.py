@@ -17,7 +17,7 @@ with a live quote, ``accepted`` or ``running``; :meth:`Journal.held_resources` d
 
 The :class:`Journal` is synchronous and owns one connection; it is meant to be called from the event loop
 thread, each call costing tens of microseconds. No ``sqlite3`` exception leaves this module: they become
-:class:`~node.errors.JournalError` (``journal_write_failed``, retryable) at the boundary.
+:class:`~core.errors.JournalError` (``journal_write_failed``, retryable) at the boundary.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Final, Literal, TypedDict, cast, get_args
 
 import orjson
 
-from node.errors import DOMAINS, ConflictError, Domain, IllegalTransitionError, JournalError, NotFoundError
+from core.errors import DOMAINS, ConflictError, Domain, IllegalTransitionError, JournalError, NotFoundError
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT_MS",

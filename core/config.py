@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from core.errors import ConfigError
 from core.netpolicy import parse_networks
-from node.errors import ConfigError
 
 DEFAULT_PORT = 8787
 DEFAULT_HOST = "127.0.0.1"

@@ -16,7 +16,7 @@ import orjson
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.errors import RequestError
+from core.errors import RequestError
 
 ENVELOPE_VERSION: Literal[1] = 1
 MAX_MEDIA_SECONDS = 86_400  # every time in a media envelope (clip, thumbnails, durations) lies within a day

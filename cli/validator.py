@@ -1,4 +1,4 @@
-"""``hearth validate <job>``: the validator's command (see :mod:`payments.validator` for what it checks).
+"""``hearth validate <job>``: the validator's command (see :mod:`validator.validator` for what it checks).
 
 Wired into ``hearth`` by :func:`add_parser`. Exit codes as the rest of the CLI: 0 the result passed and
 the receipt was signed (and accepted by the node, unless ``--no-post``); 1 the result failed its checks,
@@ -14,14 +14,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node.client import NodeClient, NodeError, NodeUnreachable
-from node.errors import HearthError, RequestError
+from cli.common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, Out, node_url, read_envelope
+from core.errors import HearthError, RequestError
 from payments.keys import EthSigner, load_eth_key
+from requester.client import NodeClient, NodeError, NodeUnreachable
 
 if TYPE_CHECKING:  # the validator's stack (web3, didkit, storage) loads only when the command runs
-    from node.cli import Out
     from payments.receipts import FundingTerms
-    from payments.validator import ValidationReport
+    from validator.validator import ValidationReport
 
 # Refusals about the command's own input (its key, its envelope): bad usage, not a verdict.
 _USAGE_DOMAINS = ("request", "config")
@@ -67,15 +67,13 @@ def read_terms(path: Path) -> FundingTerms:
 
 
 def cmd_validate(args: argparse.Namespace, out: Out) -> int:
-    from payments.validator import validate
+    from validator.validator import validate
 
-    """Run :func:`~payments.validator.validate` for ``args.job``, print the report, return the exit code."""
-    from node import cli  # imported when run, not at load: node.cli imports this module to wire it in
-
+    """Run :func:`~validator.validator.validate` for ``args.job``, print the report, return the exit code."""
     signer = validator_key(args.key)
-    envelope = cli.read_envelope(args.envelope) if args.envelope else None
+    envelope = read_envelope(args.envelope) if args.envelope else None
     terms = read_terms(args.terms) if args.terms else None
-    url = cli.node_url(args.home, args.node)
+    url = node_url(args.home, args.node)
     posting = not args.no_post
 
     async def go() -> ValidationReport:
@@ -99,12 +97,12 @@ def cmd_validate(args: argparse.Namespace, out: Out) -> int:
         if exc.domain in _USAGE_DOMAINS:
             raise
         out.error(exc)
-        return cli.EXIT_REFUSED
+        return EXIT_REFUSED
     out.emit(report.to_json(), lambda: _print_report(report, posting=posting))
     if posting and not report.posted:
         unreachable = _answer_error(report.node_answer).get("code") == "node_unreachable"
-        return cli.EXIT_UNREACHABLE if unreachable else cli.EXIT_REFUSED
-    return cli.EXIT_OK if report.passed else cli.EXIT_REFUSED
+        return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
+    return EXIT_OK if report.passed else EXIT_REFUSED
 
 
 def _print_report(report: ValidationReport, *, posting: bool) -> None:

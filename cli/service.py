@@ -21,14 +21,13 @@ import sys
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from node.config import CONFIG_FILENAME, DEFAULT_HOST, DEFAULT_PORT, parse_config
-from node.errors import ConfigError
+from cli.common import EXIT_OK, Out
+from cli.operator import NODE_TOML_TEMPLATE
+from core.config import CONFIG_FILENAME, DEFAULT_HOST, DEFAULT_PORT, parse_config
+from core.errors import ConfigError
 from payments.keys import KEY_FILE_MODE, load_key, new_ed25519, save_key
-
-if TYPE_CHECKING:
-    from node.cli import Out
 
 SERVICE_USER = "hearth"
 DOCKER_GROUP = "docker"
@@ -103,8 +102,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def cmd_install_service(args: argparse.Namespace, out: Out) -> int:
-    from node import cli  # imported when run: node.cli imports this module to wire it in
-
     plan = Plan(root=args.root.resolve(), dry_run=args.dry_run)
     if not plan.dry_run and os.geteuid() != 0:
         raise ServiceInstallError(
@@ -124,7 +121,7 @@ def cmd_install_service(args: argparse.Namespace, out: Out) -> int:
     uid, gid = _ids(plan, SERVICE_USER)
     ensure_dir(plan, CONFIG_DIR, CONFIG_DIR_MODE, 0, gid)
     ensure_dir(plan, STATE_DIR, STATE_DIR_MODE, uid, gid)
-    template = cli.NODE_TOML_TEMPLATE.format(
+    template = NODE_TOML_TEMPLATE.format(
         name=args.name, host=args.host, port=args.port, key_file=str(NODE_KEY_PATH)
     )
     parse_config(tomllib.loads(template), source="node.toml template")  # never write what the node refuses
@@ -135,7 +132,7 @@ def cmd_install_service(args: argparse.Namespace, out: Out) -> int:
     unit_changed = ensure_file(plan, UNIT_PATH, render_unit(hearth), UNIT_FILE_MODE, 0, 0, replace=True)
     report = finish(plan, hearth, did, unit_changed)
     out.emit(report, lambda: _print(report))
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 # -- steps --------------------------------------------------------------------------------------------

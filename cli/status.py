@@ -14,11 +14,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from cli.common import Out
 from node.overview import DEFAULT_PERIOD, MAX_RECENT, PERIODS
 
 if TYPE_CHECKING:
-    from node.cli import Out
-    from node.client import NodeClient
+    from requester.client import NodeClient
 
 __all__ = ["add_parser", "cmd_status"]
 
@@ -95,7 +95,7 @@ async def cmd_status(args: argparse.Namespace, out: Out, client: NodeClient) -> 
     from rich.live import Live
     from rich.text import Text
 
-    from node.status_view import print_frame, render
+    from cli.status_view import print_frame, render
 
     if args.watch is None:
         doc = await fetch()

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from node.config import CONFIG_FILENAME, MODEL_NAME_PATTERN, ModelSection, load_config, parse_config
-from node.errors import ConfigError, HearthError
-
-if TYPE_CHECKING:
-    from node.cli import Out
+from cli.common import Out
+from core.config import CONFIG_FILENAME, MODEL_NAME_PATTERN, ModelSection, load_config, parse_config
+from core.errors import ConfigError, HearthError
 
 
 def add_parser(

@@ -22,7 +22,7 @@ Nothing the node says is taken on trust beyond its signature, and every byte is 
 
 :func:`validate` runs them in that order and returns a :class:`ValidationReport`. A result that cannot be
 judged (a bad signature, an artifact that does not verify, terms that do not fit) is refused with a
-:class:`~node.errors.HearthError` and no receipt; a result that is judged and fails gets a failing receipt,
+:class:`~core.errors.HearthError` and no receipt; a result that is judged and fails gets a failing receipt,
 which lets the payer take the escrow back.
 """
 
@@ -44,18 +44,16 @@ import aiohttp
 import coincurve
 import didkit
 
-from core.untrusted import UntrustedJSONError, parse_json
-from node.client import NodeClient, NodeError, NodeUnreachable
-from node.config import StorageSection
-from node.envelope import (
+from core.config import StorageSection
+from core.envelope import (
     FfmpegTranscodeEnvelope,
     VllmBatchEnvelope,
     canonical_json,
     envelope_hash,
     parse_envelope,
 )
-from node.errors import FundingError, HearthError, NotFoundError, RequestError, SettlementError, StorageError
-from node.executor import MAX_FFMPEG_THREADS, ffmpeg_threads
+from core.errors import FundingError, HearthError, NotFoundError, RequestError, SettlementError, StorageError
+from core.untrusted import UntrustedJSONError, parse_json
 from payments.did import parse_did_pkh
 from payments.jwt import b64url_encode, decode_unverified, verify_node_token
 from payments.keys import EthSigner
@@ -69,8 +67,19 @@ from payments.receipts import (
     sign_receipt,
     usdc_units,
 )
-from sandbox._media_checks import MAX_OUTPUT_FILES
-from sandbox.ffmpeg import Checks, OutputFile, Plan, check_output, collect_outputs, probe_file, transcode_argv
+from requester.client import NodeClient, NodeError, NodeUnreachable
+from sandbox.ffmpeg import (
+    MAX_FFMPEG_THREADS,
+    MAX_OUTPUT_FILES,
+    Checks,
+    OutputFile,
+    Plan,
+    check_output,
+    collect_outputs,
+    ffmpeg_threads,
+    probe_file,
+    transcode_argv,
+)
 from sandbox.vllm import BatchChecks, check_batch_output, parse_batch
 from storage import (
     CID,

@@ -16,8 +16,8 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from core.errors import HearthError
 from core.untrusted import UntrustedJSONError, parse_json
-from node.errors import HearthError
 from payments.jwt import sign_jwt
 from payments.keys import Signer
 

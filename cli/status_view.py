@@ -1,7 +1,7 @@
 """The terminal rendering of ``hearth status``: the overview document drawn with ``rich``.
 
 Capacity, running jobs with progress bars, failures by domain, earnings with a sparkline over time and the
-recent jobs; :mod:`node.status_cli` imports this only when the command runs.
+recent jobs; :mod:`cli.status` imports this only when the command runs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,78 @@
+"""The ``hearth`` command: one entry point, one module per audience.
+
+- :mod:`cli.operator` (with :mod:`cli.service`, :mod:`cli.status`, :mod:`cli.models`): the GPU owner
+  running a node;
+- :mod:`cli.requester`: submitting and following jobs;
+- :mod:`cli.validator`: checking a result and signing its receipt;
+- :mod:`cli.devnet`: a local chain and the demo.
+
+:mod:`cli.common` holds the exit codes (0 done, 1 the node refused, 2 bad usage or local input, 3 the node
+could not be reached) and the output for people or for machines (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli import devnet, models, operator, requester, service, status, validator
+from cli.common import (
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Out,
+    client_opts,
+    common_opts,
+    config_opt,
+    request_opts,
+    run_async,
+)
+from core.config import default_home
+from core.errors import HearthError
+from requester.client import NodeError, NodeUnreachable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common, client, request, config = common_opts(), client_opts(), request_opts(), config_opt()
+    parser = argparse.ArgumentParser(prog="hearth", description="Hearth provider node", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+    operator.add_parser(sub, common, config)
+    devnet.add_parser(sub, common)
+    job = requester.add_parser(sub, common, client, request)
+    operator.add_replay_parser(job, common, config)
+    validator.add_parser(sub, [common, client])
+    models.add_parser(sub, [common, config])
+    service.add_parser(sub)
+    status.add_parser(sub, [common, client])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.home is None:
+        args.home = default_home()
+    out = Out(args.json)
+    try:
+        if hasattr(args, "afunc"):
+            return run_async(args, out, args.afunc)
+        result: int = args.func(args, out)
+        return result
+    except NodeUnreachable as exc:
+        out.error(exc)
+        return EXIT_UNREACHABLE
+    except NodeError as exc:
+        out.error(exc)
+        return EXIT_REFUSED
+    except HearthError as exc:
+        out.error(exc)
+        return EXIT_USAGE
+    except OSError as exc:
+        out.error(HearthError("os_error", str(exc), http_status=400, domain="request"))
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]
