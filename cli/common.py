@@ -70,7 +70,7 @@ def read_envelope(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise HearthError(
-            "unreadable_envelope", f"{path}: {exc}", http_status=400, domain="request"
+            "unreadable_envelope", f"{path}: {exc}", domain="request"
         ) from None
     if isinstance(data, dict) and "job" in data and len(data) == 1:
         data = data["job"]
@@ -80,7 +80,7 @@ def read_envelope(path: Path) -> dict[str, Any]:
 
 
 def usage(message: str) -> HearthError:
-    return HearthError("usage", message, http_status=400, domain="request")
+    return HearthError("usage", message, domain="request")
 
 
 def utc(timestamp: float) -> str:

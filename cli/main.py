@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         out.error(exc)
         return EXIT_USAGE
     except OSError as exc:
-        out.error(HearthError("os_error", str(exc), http_status=400, domain="request"))
+        out.error(HearthError("os_error", str(exc), domain="request"))
         return EXIT_USAGE
 
 

@@ -77,7 +77,7 @@ def cmd_init(args: argparse.Namespace, out: Out) -> int:
     if cfg_path.exists() and not args.force:
         out.error(
             HearthError(
-                "already_initialised", f"{cfg_path} exists; pass --force to overwrite", http_status=400
+                "already_initialised", f"{cfg_path} exists; pass --force to overwrite"
             )
         )
         return EXIT_USAGE

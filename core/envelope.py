@@ -207,7 +207,6 @@ def parse_envelope(data: Any) -> FfmpegTranscodeEnvelope | VllmBatchEnvelope:
             "invalid_envelope",
             f"the job envelope is invalid ({len(problems)} problem(s))",
             details={"problems": problems},
-            http_status=422,
         ) from None
 
 

@@ -2,15 +2,18 @@
 
 ::
 
-    HearthError                      root; every error the node reports is one of these
-    ├── RequestError                 the request itself is unusable (400/404/409/413/422)
-    │   ├── NotFoundError            a job, quote or resource that does not exist (404)
-    │   └── ConflictError            a job_id re-used with a different body, or a state clash (409)
-    ├── AuthError                    the signature, DID or claims of a signed request fail (400/401/403/409)
+    HearthError                      root; every error Hearth reports is one of these
+    ├── RequestError                 the request itself is unusable (malformed, too large, wrong state)
+    │   ├── NotFoundError            a job, quote or resource that does not exist
+    │   └── ConflictError            a job_id re-used with a different body, or a state clash
+    ├── AuthError                    the signature, DID or claims of a signed request fail
     ├── PolicyError                  the operator's policy refuses the job before any capacity is held
     ├── PricingError                 no bid: the ask exceeds max_price, or pricing itself failed
-    ├── CapacityError                not enough free capacity right now (retryable, 503/429)
-    ├── JournalError                 the journal could not record a fact (500, retryable)
+    ├── CapacityError                not enough free capacity right now (retryable)
+    ├── FundingError                 a job's funding is unusable: terms, authorization, escrow entry
+    ├── SettlementError              a receipt cannot settle the job: signer, digest, amount, simulation
+    ├── ChainError                   the chain's RPC is unreachable or answers nonsense (retryable)
+    ├── JournalError                 the journal could not record a fact (retryable)
     │   └── IllegalTransitionError   a state change the lifecycle forbids (never written)
     ├── StorageError                 a blob, block or input could not be stored, fetched or verified
     ├── ExecutionError               the workload failed in its sandbox (OOM, timeout, output cap, exit)
@@ -20,7 +23,8 @@
 
 Every error carries ``code`` (a stable snake_case identifier agents can switch on), ``domain`` (one of the
 lifecycle's failure domains), ``retryable`` (whether the same request may succeed later) and ``details``.
-The HTTP layer turns any of them into ``{"error": {...}}`` with :attr:`HearthError.http_status` in one place.
+None carries an HTTP status: the node's HTTP boundary (``node.http_errors.status_of``) chooses it from the
+error's class and code, and renders ``{"error": {...}}`` in one place.
 """
 
 from __future__ import annotations
@@ -47,12 +51,11 @@ DOMAINS: tuple[str, ...] = get_args(Domain)
 class HearthError(Exception):
     """Root of every error Hearth raises on purpose.
 
-    Subclasses fix the default domain and status; each raise names a ``code`` that says exactly what went
+    Subclasses fix the default domain; each raise names a ``code`` that says exactly what went
     wrong. Foreign exceptions (sqlite3, aiohttp, nacl, ...) are translated into these at the boundary.
     """
 
     domain: Domain = "internal"
-    http_status: int = 500
     retryable: bool = False
 
     def __init__(
@@ -61,7 +64,6 @@ class HearthError(Exception):
         message: str,
         *,
         details: dict[str, Any] | None = None,
-        http_status: int | None = None,
         retryable: bool | None = None,
         domain: Domain | None = None,
     ) -> None:
@@ -69,8 +71,6 @@ class HearthError(Exception):
         self.code = code
         self.message = message
         self.details: dict[str, Any] = details or {}
-        if http_status is not None:
-            self.http_status = http_status
         if retryable is not None:
             self.retryable = retryable
         if domain is not None:
@@ -99,19 +99,16 @@ class RequestError(HearthError):
     """
 
     domain: Domain = "request"
-    http_status = 400
 
 
 class NotFoundError(RequestError):
     """Raised when the job, quote or blob named does not exist on this node."""
 
-    http_status = 404
 
 
 class ConflictError(RequestError):
     """Raised when a job_id is re-used with a different body, or an action clashes with the job's state."""
 
-    http_status = 409
 
 
 class AuthError(HearthError):
@@ -121,7 +118,6 @@ class AuthError(HearthError):
     """
 
     domain: Domain = "auth"
-    http_status = 401
 
 
 class PolicyError(HearthError):
@@ -131,7 +127,6 @@ class PolicyError(HearthError):
     """
 
     domain: Domain = "pricing"
-    http_status = 403
 
 
 class PricingError(HearthError):
@@ -141,14 +136,12 @@ class PricingError(HearthError):
     """
 
     domain: Domain = "pricing"
-    http_status = 402
 
 
 class CapacityError(HearthError):
     """Raised when the job fits the policy but not the capacity free right now. Retry later."""
 
     domain: Domain = "scheduling"
-    http_status = 503
     retryable = True
 
 
@@ -156,14 +149,12 @@ class JournalError(HearthError):
     """Raised when the journal (SQLite) cannot record a fact; the action it guarded did not happen."""
 
     domain: Domain = "internal"
-    http_status = 500
     retryable = True
 
 
 class IllegalTransitionError(JournalError):
     """Raised when a job would move between states the lifecycle does not connect. Nothing is written."""
 
-    http_status = 409
     retryable = False
 
 
@@ -174,7 +165,6 @@ class StorageError(HearthError):
     """
 
     domain: Domain = "storage"
-    http_status = 502
 
 
 class ExecutionError(HearthError):
@@ -184,21 +174,18 @@ class ExecutionError(HearthError):
     """
 
     domain: Domain = "execution"
-    http_status = 500
 
 
 class OutputValidationError(HearthError):
     """Raised when a finished workload's output fails the envelope's checks (duration, streams, size)."""
 
     domain: Domain = "validation"
-    http_status = 422
 
 
 class ConfigError(HearthError):
     """Raised at start (or on reload) when node.toml or an env override is invalid; names the field."""
 
     domain: Domain = "config"
-    http_status = 500
 
 
 class FundingError(HearthError):
@@ -207,7 +194,6 @@ class FundingError(HearthError):
     """
 
     domain: Domain = "funding"
-    http_status = 422
 
 
 class SettlementError(HearthError):
@@ -216,7 +202,6 @@ class SettlementError(HearthError):
     """
 
     domain: Domain = "settlement"
-    http_status = 422
 
 
 class ChainError(HearthError):
@@ -226,7 +211,6 @@ class ChainError(HearthError):
     """
 
     domain: Domain = "settlement"
-    http_status = 503
     retryable = True
 
 
@@ -239,5 +223,4 @@ class RegistryError(HearthError):
     """
 
     domain: Domain = "callback"
-    http_status = 502
     retryable = True

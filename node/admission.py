@@ -81,7 +81,7 @@ class Submission:
 
 def _quote_expired() -> PricingError:
     return PricingError(
-        "quote_expired", "the quote has expired; ask for a new one", http_status=409, retryable=True
+        "quote_expired", "the quote has expired; ask for a new one", retryable=True
     )
 
 
@@ -501,7 +501,7 @@ class Admission:
         def names_job(payload: dict[str, Any]) -> None:
             if payload.get("cancel") != job:
                 raise RequestError(
-                    "invalid_cancel", "the signed request must carry {'cancel': <job id>}", http_status=422
+                    "invalid_cancel", "the signed request must carry {'cancel': <job id>}"
                 )
 
         async with self.journal.batched():
@@ -512,7 +512,7 @@ class Admission:
         async with self._job_lock(job):
             record = self.journal.require(job)
             if record.iss != request.iss:
-                raise AuthError("not_job_owner", "only the job's requester may cancel it", http_status=403)
+                raise AuthError("not_job_owner", "only the job's requester may cancel it")
             if record.state == "cancelled":
                 return record, "cancelled"
             if record.state in _DONE:

@@ -15,12 +15,146 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core.errors import HearthError, RequestError
+from core.errors import (
+    AuthError,
+    CapacityError,
+    ChainError,
+    ConfigError,
+    ConflictError,
+    ExecutionError,
+    FundingError,
+    HearthError,
+    IllegalTransitionError,
+    JournalError,
+    NotFoundError,
+    OutputValidationError,
+    PolicyError,
+    PricingError,
+    RegistryError,
+    RequestError,
+    SettlementError,
+    StorageError,
+)
 from node.metrics import Metrics
 
 log = logging.getLogger("hearth.http")
 
-CLIENT_CLOSED = RequestError("client_closed_request", "the client closed the connection", http_status=499)
+
+class BoundaryError(RequestError):
+    """A refusal made at the HTTP boundary itself (the parser, the connection guard, aiohttp's own answers),
+    where the status is the protocol's and not a Hearth decision: it carries its status."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int,
+        details: dict[str, Any] | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(code, message, details=details, retryable=retryable)
+        self.status = status
+
+
+# The HTTP status of every error is chosen here, from its class (the most specific class listed first) and,
+# where one code of a class needs another status, from its code. Nothing below the node picks a status.
+STATUS_BY_CLASS: tuple[tuple[type[HearthError], int], ...] = (
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (RequestError, 400),
+    (AuthError, 401),
+    (PolicyError, 403),
+    (PricingError, 402),
+    (CapacityError, 503),
+    (FundingError, 422),
+    (SettlementError, 422),
+    (ChainError, 503),
+    (IllegalTransitionError, 409),
+    (JournalError, 500),
+    (StorageError, 502),
+    (ExecutionError, 500),
+    (OutputValidationError, 422),
+    (RegistryError, 502),
+    (ConfigError, 500),
+)
+STATUS_BY_CODE: dict[str, int] = {
+    # 400: malformed tokens and DIDs (an AuthError is 401 otherwise)
+    "malformed_jwt": 400,
+    "unsupported_alg": 400,
+    "missing_claim": 400,
+    "invalid_did": 400,
+    "unsupported_did_method": 400,
+    "unsupported_key_type": 400,
+    # 402/403
+    "price_above_max": 402,
+    "did_denied": 403,
+    "wrong_audience": 403,
+    "not_job_owner": 403,
+    "input_not_allowed": 403,
+    # 404
+    "blob_not_found": 404,
+    # 406/408
+    "format_required": 406,
+    "unsupported_car_version": 406,
+    "body_timeout": 408,
+    "upload_stalled": 408,
+    # 409
+    "replayed_jti": 409,
+    "quote_expired": 409,
+    "result_not_ready": 409,
+    "envelope_mismatch": 409,
+    # 413/415
+    "body_too_large": 413,
+    "blob_too_large": 413,
+    "input_too_large": 413,
+    "unsupported_media_type": 415,
+    # 422: well-formed but unusable
+    "invalid_envelope": 422,
+    "malformed_body": 422,
+    "invalid_cancel": 422,
+    "unknown_kind": 422,
+    "unknown_model": 422,
+    "max_tokens_exceeds_context": 422,
+    "kind_not_offered": 422,
+    "limits_exceeded": 422,
+    "exceeds_capacity": 422,
+    "unsupported_file_type": 422,
+    "directory_needs_sharding": 422,
+    "invalid_file_name": 422,
+    "not_a_file": 422,
+    "too_many_redirects": 422,
+    "escrow_reverted": 422,
+    # 429/501/503/507
+    "did_concurrency": 429,
+    "unsupported_codec": 501,
+    "unsupported_hamt_directory": 501,
+    "pricing_script_failed": 503,
+    "not_ready": 503,
+    "journal_write_failed": 507,
+    "blockstore_io_error": 507,
+}
+# Any other refusal of the input or the output judged at validation (the sandbox's checks) is a 422.
+STATUS_BY_DOMAIN: dict[str, int] = {"validation": 422}
+# A retryable 429/503 that names no wait of its own still tells the client when to come back.
+DEFAULT_RETRY_AFTER_SECONDS = 2
+CLIENT_CLOSED = BoundaryError("client_closed_request", "the client closed the connection", status=499)
+
+
+def status_of(exc: HearthError) -> int:
+    """The HTTP status of ``exc`` (400-599), chosen from its class and code; never fails."""
+    try:
+        if isinstance(exc, BoundaryError):
+            status = exc.status
+        elif exc.code in STATUS_BY_CODE:
+            status = STATUS_BY_CODE[exc.code]
+        elif isinstance(exc, RequestError) and exc.domain in STATUS_BY_DOMAIN:
+            status = STATUS_BY_DOMAIN[exc.domain]
+        else:
+            status = next((s for cls, s in STATUS_BY_CLASS if isinstance(exc, cls)), 500)
+        return status if isinstance(status, int) and 400 <= status < 600 else 500
+    except Exception:  # a code that cannot even be hashed: the answer is still an answer
+        return 500
 # Headers an aiohttp refusal carries that its JSON replacement must keep (405 names the allowed methods).
 KEPT_HEADERS = ("Allow",)
 
@@ -37,7 +171,7 @@ def http_error(exc: web.HTTPException) -> HearthError:
     details: dict[str, Any] = {}
     if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
         details["allowed"] = sorted(exc.allowed_methods)
-    return RequestError(code, message, http_status=domain_status, details=details)
+    return BoundaryError(code, message, status=domain_status, details=details)
 
 
 def error_response(metrics: Metrics, exc: HearthError) -> web.Response:
@@ -46,7 +180,7 @@ def error_response(metrics: Metrics, exc: HearthError) -> web.Response:
         metrics.error(exc.domain, exc.code)
     except Exception:  # a metric must not cost the requester the answer
         log.exception("could not count error %r", exc)
-    status = exc.http_status if isinstance(exc.http_status, int) and 400 <= exc.http_status < 600 else 500
+    status = status_of(exc)
     response = web.Response(body=error_body(exc), status=status, content_type="application/json")
     retry_after = retry_after_header(exc)
     if retry_after is not None:
@@ -56,10 +190,12 @@ def error_response(metrics: Metrics, exc: HearthError) -> web.Response:
 
 def retry_after_header(exc: HearthError) -> str | None:
     """The ``Retry-After`` value of ``exc``: its ``details.retry_after_seconds`` in whole seconds (at least
-    one), or None where it names none."""
+    one); for a retryable 429 or 503 that names none, :data:`DEFAULT_RETRY_AFTER_SECONDS`; else None."""
     retry_after = exc.details.get("retry_after_seconds") if isinstance(exc.details, dict) else None
     if isinstance(retry_after, int | float) and not isinstance(retry_after, bool) and 0 <= retry_after < 1e9:
         return str(max(1, math.ceil(retry_after)))
+    if exc.retryable is True and status_of(exc) in (429, 503):
+        return str(DEFAULT_RETRY_AFTER_SECONDS)
     return None
 
 

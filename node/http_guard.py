@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from core.config import ApiSection
 from core.errors import HearthError, RequestError
-from node.http_errors import error_body, retry_after_header
+from node.http_errors import BoundaryError, error_body, retry_after_header, status_of
 from node.metrics import Metrics
 
 log = logging.getLogger("hearth.http")
@@ -128,10 +128,10 @@ _BAD_MESSAGE_CODES: tuple[tuple[str, int, str, str], ...] = (
 def parser_refusal(exc: BaseException | None, max_line: int) -> RequestError:
     """The structured refusal of a request aiohttp's parser rejected, without any of the client's bytes."""
     if isinstance(exc, http_exceptions.LineTooLong):
-        return RequestError(
+        return BoundaryError(
             "header_too_large",
             f"a request or header line is longer than {max_line} bytes",
-            http_status=431,
+            status=431,
             details={"max_line_bytes": max_line},
         )
     if isinstance(exc, http_exceptions.BadHttpMethod):
@@ -150,7 +150,7 @@ def parser_refusal(exc: BaseException | None, max_line: int) -> RequestError:
         described = exc.message.split(":", 1)[0].lower()
         for needle, status, code, message in _BAD_MESSAGE_CODES:
             if needle in described:
-                return RequestError(code, message, http_status=status)
+                return BoundaryError(code, message, status=status)
     return RequestError("malformed_request", "the request is not valid HTTP/1.1")
 
 
@@ -161,7 +161,7 @@ def raw_response(error: HearthError) -> bytes:
     """A whole HTTP/1.1 response carrying ``error``, for a connection no handler runs on."""
     body = error_body(error)
     head = [
-        f"HTTP/1.1 {error.http_status} {_REASONS.get(error.http_status, 'Error')}",
+        f"HTTP/1.1 {status_of(error)} {_REASONS.get(status_of(error), 'Error')}",
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Connection: close",
@@ -253,10 +253,10 @@ class ConnectionGuard:
         log.warning(
             "refused a malformed request: %s",
             error.code,
-            extra={"code": error.code, "status": error.http_status, "peer": peer or "-"},
+            extra={"code": error.code, "status": status_of(error), "peer": peer or "-"},
         )
         if count and self.metrics is not None:
-            self.metrics.http_requests.labels(MALFORMED_ROUTE, str(error.http_status)).inc()
+            self.metrics.http_requests.labels(MALFORMED_ROUTE, str(status_of(error))).inc()
             self.metrics.error(error.domain, error.code)
 
     def collector(self) -> Collector:
@@ -308,10 +308,10 @@ class GuardedRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if not self._guard.admit(self):
-            refusal = RequestError(
+            refusal = BoundaryError(
                 "too_many_connections",
                 "the node has as many connections open as it allows; retry shortly",
-                http_status=503,
+                status=503,
                 retryable=True,
                 details={"max_connections": self._guard.cap, "retry_after_seconds": 1},
             )
@@ -386,10 +386,10 @@ class GuardedRequestHandler(RequestHandler):
             return
         self._guard.header_timed_out()
         timeout = self._guard.api.header_timeout_seconds
-        refusal = RequestError(
+        refusal = BoundaryError(
             "header_timeout",
             f"the request headers did not arrive within {timeout} s",
-            http_status=408,
+            status=408,
             retryable=True,
             details={"header_timeout_seconds": timeout},
         )
@@ -409,12 +409,12 @@ class GuardedRequestHandler(RequestHandler):
         error: HearthError
         if status >= 500:
             log.error("request failed outside the error middleware (%d)", status, exc_info=exc)
-            error = HearthError("internal_error", "the node failed to handle the request", http_status=status)
+            error = BoundaryError("internal_error", "the node failed to handle the request", status=status)
         else:
             error = parser_refusal(exc, self.max_line_size)
             self._guard.refused_request(error, request.remote)
         response = web.Response(
-            body=error_body(error), status=error.http_status, content_type="application/json"
+            body=error_body(error), status=status_of(error), content_type="application/json"
         )
         response.force_close()
         return response

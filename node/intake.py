@@ -100,7 +100,7 @@ class Intake:
 
         def parse_job(payload: dict[str, Any]) -> None:
             if "job" not in payload:
-                raise RequestError("invalid_envelope", "the request has no 'job' claim", http_status=422)
+                raise RequestError("invalid_envelope", "the request has no 'job' claim")
             raw = payload["job"]
             seen = _envelope_key(payload["iss"], raw)
             hit = None if seen is None else self._envelopes.get(seen)

@@ -93,7 +93,6 @@ async def read_body(request: web.Request) -> bytes:
         raise RequestError(
             "body_too_large",
             f"the body is {request.content_length} bytes; this node accepts at most {cap}",
-            http_status=413,
             details={"max_bytes": cap},
         )
     try:
@@ -103,12 +102,11 @@ async def read_body(request: web.Request) -> bytes:
         raise RequestError(
             "body_timeout",
             f"the body did not arrive within {api.body_timeout_seconds:g} s",
-            http_status=408,
             details={"timeout_seconds": api.body_timeout_seconds},
         ) from None
     except web.HTTPRequestEntityTooLarge:
         raise RequestError(
-            "body_too_large", f"the body exceeds {cap} bytes", http_status=413, details={"max_bytes": cap}
+            "body_too_large", f"the body exceeds {cap} bytes", details={"max_bytes": cap}
         ) from None
 
 
@@ -142,17 +140,16 @@ async def read_signed(request: web.Request) -> tuple[str, dict[str, Any]]:
         doc = json_body(raw)
         if not isinstance(doc, dict) or not isinstance(doc.get("request"), str):
             raise RequestError(
-                "malformed_body", "a JSON body must be an object with a 'request' JWT string", http_status=422
+                "malformed_body", "a JSON body must be an object with a 'request' JWT string"
             )
         if doc.get("quote") is not None and not isinstance(doc["quote"], str):
-            raise RequestError("malformed_body", "'quote' must be a JWT string", http_status=422)
+            raise RequestError("malformed_body", "'quote' must be a JWT string")
         return doc["request"], doc
     if request.content_type in ("application/jwt", "text/plain", "application/octet-stream", ""):
         return _token_from_text(raw), {}
     raise RequestError(
         "unsupported_media_type",
         f"send application/jwt or application/json, not {request.content_type}",
-        http_status=415,
     )
 
 
@@ -256,7 +253,7 @@ async def post_receipt(request: web.Request) -> web.Response:
     job_key = request.match_info["id"]
     raw = await read_body(request)
     if request.content_type != "application/json":
-        raise RequestError("unsupported_media_type", "send the receipt as application/json", http_status=415)
+        raise RequestError("unsupported_media_type", "send the receipt as application/json")
     doc = json_body(raw)
     if node.settlement is None:
         node.journal.require(job_key)
@@ -276,7 +273,6 @@ async def get_result(request: web.Request) -> web.Response:
         raise RequestError(
             "result_not_ready",
             f"job {job.id} is {job.state}; it has no result yet",
-            http_status=409,
             retryable=job.state not in STREAM_END_STATES,
             details={"job": job.id, "state": job.state},
         )
@@ -382,7 +378,7 @@ async def readyz(request: web.Request) -> web.Response:
     node = request.app[NODE]
     refuse_while_draining(node)
     if not node.ready:
-        raise HearthError("not_ready", "the node is starting", http_status=503, retryable=True)
+        raise HearthError("not_ready", "the node is starting", retryable=True)
     return json_response({"status": "ready", "node": node.did})
 
 

@@ -267,7 +267,6 @@ class Chain:
         return HearthError(
             "escrow_reverted",
             f"the escrow would revert: {name}",
-            http_status=422,
             domain=domain,
             details={"error": name, "args": args},
         )

@@ -44,7 +44,7 @@ _CHAIN_ID_RE = re.compile(r"[1-9][0-9]{0,31}")
 def _invalid(did: object, reason: str) -> AuthError:
     shown = did[:MAX_DID_LENGTH] if isinstance(did, str) else type(did).__name__
     return AuthError(
-        "invalid_did", f"not a valid DID: {reason}", details={"did": shown, "reason": reason}, http_status=400
+        "invalid_did", f"not a valid DID: {reason}", details={"did": shown, "reason": reason}
     )
 
 
@@ -75,14 +75,12 @@ def did_method(did: str) -> DidMethod:
                 "unsupported_did_method",
                 f"did:pkh namespace {namespace!r} is not supported",
                 details={"did": did, "expected": "did:pkh:eip155", "got": f"did:pkh:{namespace}"},
-                http_status=400,
             )
         return "pkh"
     raise AuthError(
         "unsupported_did_method",
         f"DID method {method!r} is not supported",
         details={"did": did, "expected": ["did:key", "did:pkh:eip155"], "got": f"did:{method}"},
-        http_status=400,
     )
 
 
@@ -125,7 +123,6 @@ def _ed25519_public_cached(did: str) -> bytes:
             "unsupported_key_type",
             f"did:key of key type {key_type} is not supported",
             details={"did": did, "expected": "ed25519", "got": key_type},
-            http_status=400,
         )
     public_key = raw[2:]
     if len(public_key) != ED25519_PUBLIC_KEY_LENGTH:

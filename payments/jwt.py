@@ -106,7 +106,7 @@ def _shown(value: object) -> object:
 
 def _malformed(reason: str, **details: Any) -> AuthError:
     return AuthError(
-        "malformed_jwt", f"malformed JWT: {reason}", details={"reason": reason, **details}, http_status=400
+        "malformed_jwt", f"malformed JWT: {reason}", details={"reason": reason, **details}
     )
 
 
@@ -167,7 +167,6 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes
             "unsupported_alg",
             f"JWS alg {_shown(alg)!r} is not supported",
             details={"expected": list(SUPPORTED_ALGS), "got": _shown(alg)},
-            http_status=400,
         )
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
@@ -340,7 +339,7 @@ class VerifiedRequest:
 def _claim(payload: dict[str, Any], name: str) -> Any:
     if name not in payload:
         raise AuthError(
-            "missing_claim", f"the JWT has no {name!r} claim", details={"claim": name}, http_status=400
+            "missing_claim", f"the JWT has no {name!r} claim", details={"claim": name}
         )
     return payload[name]
 
@@ -373,7 +372,6 @@ def _replayed(request: VerifiedRequest) -> AuthError:
         "replayed_jti",
         "this token's jti has already been used",
         details={"iss": request.iss, "jti": request.jti},
-        http_status=409,
     )
 
 
@@ -474,7 +472,6 @@ class RequestVerifier:
                 "wrong_audience",
                 "the token is not addressed to this node",
                 details={"expected": self.node_did, "got": [_shown(a) for a in audiences[:8]]},
-                http_status=403,
             )
         self._check_times(iat, exp, nbf)
         if before_record is not None:
@@ -548,7 +545,6 @@ def verify_node_token(
             "wrong_audience",
             "the token is not addressed to the expected audience",
             details={"expected": audience, "got": _shown(payload.get("aud"))},
-            http_status=403,
         )
     current = now()
     if exp <= current - clock_skew_seconds:

@@ -29,7 +29,7 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from core.envelope import canonical_json
-from core.errors import Domain, HearthError
+from core.errors import Domain, FundingError, HearthError, RequestError, SettlementError
 from payments.escrow_build import authorization_nonce, receipt_typed_data, receive_authorization_typed_data
 from payments.keys import EthSigner
 
@@ -113,7 +113,9 @@ def hex32(value: bytes) -> str:
 
 
 def _bad(code: str, message: str, domain: Domain, **details: Any) -> HearthError:
-    return HearthError(code, message, http_status=422, domain=domain, details=details)
+    """A refusal of a funding or settlement document: the error of its domain (a request error otherwise)."""
+    kind = {"funding": FundingError, "settlement": SettlementError}.get(domain, RequestError)
+    return kind(code, message, domain=domain, details=details)
 
 
 class _Reader:

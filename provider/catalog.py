@@ -230,7 +230,6 @@ class ModelCatalog:
                 "unknown_model",
                 f"this node serves no model called {name!r}",
                 details={"model": name, "known": self.names},
-                http_status=422,
             )
         return model
 
@@ -268,7 +267,6 @@ class ModelCatalog:
                 f"{model.name!r}'s context of {model.entry.max_context} tokens",
                 details=details
                 | {"max_tokens": env.output_spec.max_tokens, "max_context": model.entry.max_context},
-                http_status=422,
             )
         return model
 

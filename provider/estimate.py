@@ -301,7 +301,6 @@ def estimator_for(kind: str, models: BatchModels | None = None) -> WorkEstimator
         "unknown_kind",
         f"no estimator for job kind {kind!r}",
         details={"kind": kind, "known": ["ffmpeg_transcode", "vllm_batch"]},
-        http_status=422,
     )
 
 
@@ -313,7 +312,6 @@ class _NoModels:
             "unknown_model",
             f"this node serves no model called {model!r}",
             details={"model": model, "known": []},
-            http_status=422,
         )
 
     def prompt_tokens(self, model: str, messages: Sequence[Mapping[str, str]]) -> int:

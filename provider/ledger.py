@@ -423,7 +423,6 @@ class CapacityLedger:
                 "exceeds_capacity",
                 "the job needs more than this node offers in total",
                 details=self._details(need),
-                http_status=422,
                 retryable=False,
             )
 
@@ -433,7 +432,6 @@ class CapacityLedger:
             "insufficient_capacity",
             f"not enough free capacity right now; retry in {retry} s",
             details={**self._details(need), "retry_after_seconds": retry},
-            http_status=503,
             retryable=True,
         )
 

@@ -39,7 +39,7 @@ def check_did(s: Screening) -> HearthError | None:
         reason = "the requester DID is not on this node's allow list"
     else:
         return None
-    return PolicyError("did_denied", reason, details={"iss": s.iss}, domain="auth", http_status=403)
+    return PolicyError("did_denied", reason, details={"iss": s.iss}, domain="auth")
 
 
 def check_kind(s: Screening) -> HearthError | None:
@@ -50,7 +50,6 @@ def check_kind(s: Screening) -> HearthError | None:
         "kind_not_offered",
         f"this node does not offer {s.env.kind} jobs",
         details={"kind": s.env.kind, "offered": list(s.policy.kinds)},
-        http_status=422,
     )
 
 
@@ -73,7 +72,6 @@ def check_limits(s: Screening) -> HearthError | None:
         "limits_exceeded",
         f"limits.{first['limit']} = {first['asked']} is above this node's maximum of {first['max']}",
         details={**first, "exceeded": exceeded},
-        http_status=422,
     )
 
 
@@ -86,7 +84,6 @@ def check_concurrency(s: Screening) -> HearthError | None:
         "did_concurrency",
         f"this requester already has {s.active_for_did} active job(s); the limit per DID is {most}",
         details={"active": s.active_for_did, "max": most},
-        http_status=429,
         retryable=True,
     )
 

@@ -247,7 +247,6 @@ def _script_failed(reason: str) -> PricingError:
         "pricing_script_failed",
         f"no bid: {reason}",
         details={"reason": reason},
-        http_status=503,
         retryable=True,
     )
 
@@ -297,5 +296,4 @@ def check_max_price(bid: Bid, max_price: Decimal) -> None:
             "breakdown": dict(bid.breakdown),
             "surge_factor": _s(bid.surge_factor),
         },
-        http_status=402,
     )

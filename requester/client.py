@@ -46,10 +46,10 @@ class NodeError(HearthError):
             str(err.get("code", "http_error")),
             str(err.get("message", f"HTTP {status}")),
             details=err.get("details") or {},
-            http_status=status,
             retryable=bool(err.get("retryable", False)),
             domain=err.get("domain", "request"),
         )
+        self.status = status
         self.body = body
 
 
@@ -57,7 +57,7 @@ class NodeUnreachable(HearthError):
     """Raised when no answer came from the node (refused connection, DNS, timeout)."""
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__("node_unreachable", f"cannot reach {url}: {reason}", retryable=True, http_status=503)
+        super().__init__("node_unreachable", f"cannot reach {url}: {reason}", retryable=True)
 
 
 def sign_request(

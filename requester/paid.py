@@ -78,14 +78,12 @@ def payer_wallet(path: Path, env: Envelope) -> EthSigner:
             "wallet_not_ethereum",
             f"{path} holds a {signer.key_type} key; --wallet takes an Ethereum key "
             "(hearth keys new --type eth)",
-            http_status=400,
             details={"wallet": str(path), "did": signer.did},
         )
     if signer.address.lower() != env.payment.payer.lower():
         raise FundingError(
             "wallet_not_payer",
             f"the wallet {signer.address} is not the envelope's payer {env.payment.payer}",
-            http_status=400,
             details={"wallet": signer.address, "payer": env.payment.payer},
         )
     return signer

@@ -51,7 +51,7 @@ PromptCounter = Callable[[Sequence[Mapping[str, str]]], int]
 def bad_batch(code: str, message: str, **details: Any) -> RequestError:
     """A refusal of the batch: the requester's fault, judged at validation, never retryable."""
     return RequestError(
-        code, message, details=dict(details), domain="validation", http_status=422, retryable=False
+        code, message, details=dict(details), domain="validation", retryable=False
     )
 
 

@@ -61,7 +61,7 @@ def bad_input(code: str, message: str, **details: object) -> RequestError:
     Messages and details carry only numbers and ffmpeg's own format/codec names, never the file's bytes.
     """
     return RequestError(
-        code, message, details=dict(details), domain="validation", http_status=422, retryable=False
+        code, message, details=dict(details), domain="validation", retryable=False
     )
 
 

@@ -56,7 +56,6 @@ def _io_error(action: str, exc: OSError, **details: object) -> StorageError:
             f"the blockstore could not {action}: its disk is full",
             details={"errno": exc.errno, "cause": "disk_full", **details},
             retryable=True,
-            http_status=507,
         )
     return StorageError(
         "blockstore_io_error",

@@ -48,7 +48,6 @@ def _unsupported_codec(cid: CID) -> StorageError:
         "unsupported_codec",
         f"{cid} uses codec 0x{cid.codec:x}; only raw and dag-pb (UnixFS) DAGs are supported",
         details={"cid": str(cid)},
-        http_status=501,
     )
 
 
@@ -81,7 +80,6 @@ def resolve_path(store: Blockstore, root: CID, segments: Sequence[str]) -> tuple
                 "unsupported_hamt_directory",
                 f"{here} under {root} is a HAMT-sharded directory, which this node does not traverse",
                 details={"cid": str(cid)},
-                http_status=501,
             )
         if kind != UnixFSType.DIRECTORY:
             raise _path_not_found(root, segments, f"{here} is not a directory")
@@ -176,7 +174,7 @@ def _file_root(cid: CID, block: bytes) -> _Node:
     node = _decode(cid, block)
     if node.unixfs is None or node.unixfs.type not in (UnixFSType.FILE, UnixFSType.RAW):
         raise StorageError(
-            "not_a_file", f"{cid} is not a UnixFS file", details={"cid": str(cid)}, http_status=422
+            "not_a_file", f"{cid} is not a UnixFS file", details={"cid": str(cid)}
         )
     return node
 
@@ -223,7 +221,6 @@ def export_file(store: Blockstore, cid: CID, dest: Path, *, max_bytes: int | Non
                         "input_too_large",
                         f"{cid} is larger than the {max_bytes}-byte input cap",
                         details={"cid": str(cid), "max_bytes": max_bytes},
-                        http_status=413,
                     )
                 digest.update(piece)
                 out.write(piece)

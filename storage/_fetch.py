@@ -91,7 +91,6 @@ def _too_large(subject: str, cap: int) -> StorageError:
         "input_too_large",
         f"{subject} is larger than the input cap of {cap} bytes",
         details={"max_bytes": cap},
-        http_status=413,
     )
 
 
@@ -118,7 +117,7 @@ def _not_allowed(exc: AddressNotAllowed) -> StorageError:
         exc,
         extra={"host": exc.host, "address": exc.address, "reason": exc.reason},
     )
-    return StorageError("input_not_allowed", NOT_ALLOWED_MESSAGE, http_status=403, retryable=False)
+    return StorageError("input_not_allowed", NOT_ALLOWED_MESSAGE, retryable=False)
 
 
 def _segments(path: str) -> list[str]:
@@ -182,7 +181,6 @@ async def _from_store(store: Blockstore, cid: CID, dest: Path, cap: int) -> Fetc
             "blob_not_found",
             f"{cid} is not stored on this node; upload it with PUT /v1/blobs or use ipfs://",
             details={"cid": str(cid)},
-            http_status=404,
         )
     return exported
 
@@ -200,7 +198,7 @@ def _export_if_complete(
         return None
     if entity_kind(store, target) != "file":
         raise StorageError(
-            "not_a_file", f"input {target} is not a file", details={"cid": str(target)}, http_status=422
+            "not_a_file", f"input {target} is not a file", details={"cid": str(target)}
         )
     if file_size(store, target) > cap:
         raise _too_large(f"input {target}", cap)
@@ -357,7 +355,6 @@ class _Fetcher:
             "too_many_redirects",
             f"the input's URL redirected more than {self.config.max_redirects} times",
             details={"max_redirects": self.config.max_redirects},
-            http_status=422,
         )
 
     async def _download(self, url: str, temp: Path) -> tuple[str, int]:
@@ -467,7 +464,7 @@ def _redirect_target(url: URL, location: str) -> URL:
         raise StorageError("input_refused", "the input's URL redirected without a usable Location")
     if target.scheme != "https":
         raise StorageError(
-            "input_not_allowed", "the input's URL redirected to a URL that is not https://", http_status=403
+            "input_not_allowed", "the input's URL redirected to a URL that is not https://"
         )
     return target
 

@@ -67,7 +67,6 @@ def _negotiate(request: web.Request) -> Format:
                 raise RequestError(
                     "unsupported_car_version",
                     f"CAR version {version[:8]!r} is not served; ask for version=1",
-                    http_status=406,
                 )
             return "car"
     return "file"
@@ -189,7 +188,6 @@ class Gateway:
                 "format_required",
                 f"{target} is not a file; ask for ?format=car or ?format=raw "
                 f"(Accept: {CAR_MEDIA_TYPE} or {RAW_MEDIA_TYPE})",
-                http_status=406,
                 details={"cid": str(target), "formats": ["car", "raw"]},
             )
         etag = f'"{target}"'
@@ -277,7 +275,6 @@ async def _stall_bounded(pieces: AsyncIterator[bytes], stall_seconds: float) -> 
             raise RequestError(
                 "upload_stalled",
                 f"no bytes of the blob arrived for {stall_seconds:g} s",
-                http_status=408,
                 details={"stall_seconds": stall_seconds},
             ) from None
         if piece is None:
@@ -315,7 +312,6 @@ def _blob_too_large(cap: int) -> RequestError:
     return RequestError(
         "blob_too_large",
         f"the blob exceeds this node's cap of {cap} bytes ({cap // MIB} MiB)",
-        http_status=413,
         details={"max_bytes": cap},
     )
 

@@ -181,7 +181,6 @@ def _unsupported(path: str, what: str) -> StorageError:
         "unsupported_file_type",
         f"{path} is {what}; only regular files and directories can be imported",
         details={"path": path},
-        http_status=422,
     )
 
 
@@ -193,7 +192,6 @@ def _entry_name(entry: os.DirEntry[str]) -> str:
             "invalid_file_name",
             f"{entry.path!r} has a name that is not UTF-8",
             details={"path": repr(entry.path)},
-            http_status=422,
         ) from None
     return entry.name
 
@@ -230,7 +228,6 @@ def _needs_sharding(path: str, why: str) -> StorageError:
         "directory_needs_sharding",
         f"{path} has {why}; HAMT-sharded directories are not supported, split it into subdirectories",
         details={"path": path},
-        http_status=422,
     )
 
 

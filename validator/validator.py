@@ -212,7 +212,6 @@ def job_envelope(job: Mapping[str, Any], given: Mapping[str, Any] | None = None)
             "envelope_mismatch",
             "this envelope is not the one the job was accepted with (sha256 of its JCS differs)",
             details={"job": job.get("id"), "expected": job.get("envelope_hash"), "actual": digest},
-            http_status=409,
         )
     return env
 

@@ -606,7 +606,6 @@ def _write_error(exc: sqlite3.Error) -> JournalError:
         return JournalError(
             "journal_write_failed",
             "the journal could not record the change: the disk holding it is full",
-            http_status=507,
             domain="storage",
             details={"cause": "disk_full"},
         )

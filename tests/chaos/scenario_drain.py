@@ -161,15 +161,15 @@ class _Run:
     def judge_refusal(self, exc: NodeError, signalled: list[float], seen: _Answers) -> None:
         err = exc.body.get("error") if isinstance(exc.body, dict) else None
         if not isinstance(err, dict) or not {"code", "domain", "message", "retryable"} <= err.keys():
-            self.row.fail("not_json_error", f"{exc.http_status}: {str(exc.body)[:200]}")
+            self.row.fail("not_json_error", f"{exc.status}: {str(exc.body)[:200]}")
         elif exc.code == "draining":
-            if exc.http_status != 503 or not err["retryable"]:
-                self.row.fail("draining_shape", f"{exc.http_status} retryable={err['retryable']}")
+            if exc.status != 503 or not err["retryable"]:
+                self.row.fail("draining_shape", f"{exc.status} retryable={err['retryable']}")
             if not signalled:
                 self.row.fail("draining_before_signal", "a 503 draining before any SIGTERM")
             seen.drain_503 += 1
-        elif exc.http_status >= 500 and exc.http_status != 503:
-            self.row.fail("server_error", f"{exc.http_status} {exc.code}: {exc.message}")
+        elif exc.status >= 500 and exc.status != 503:
+            self.row.fail("server_error", f"{exc.status} {exc.code}: {exc.message}")
         else:
             self.tally(f"refused_{exc.code}")
 

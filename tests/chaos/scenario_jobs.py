@@ -131,7 +131,7 @@ class _Run:
             except (NodeUnreachable, aiohttp.ClientError):
                 self.tally("submissions_cut_by_kill")
             except NodeError as exc:  # a refusal of a valid job the node has room to queue
-                self.fail_once("submit_refused", f"round {n}", f"{exc.http_status} {exc.code}: {exc.message}")
+                self.fail_once("submit_refused", f"round {n}", f"{exc.status} {exc.code}: {exc.message}")
 
     async def resubmit_cut_off(self) -> None:
         """Send again, with a fresh token, every submission the kill cut off or kept from being sent (as a
@@ -144,7 +144,7 @@ class _Run:
                     await self.submit(client, sub)
                     self.tally("jobs_accepted")
                 except NodeError as exc:
-                    self.fail_once("resubmit_refused", job_id, f"{exc.http_status} {exc.code}: {exc.message}")
+                    self.fail_once("resubmit_refused", job_id, f"{exc.status} {exc.code}: {exc.message}")
 
     # -- checks ---------------------------------------------------------------------------------------
 

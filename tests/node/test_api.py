@@ -139,7 +139,7 @@ async def test_forged_quote_is_refused(live_node: LiveNode, requester: Signer) -
         with pytest.raises(NodeError) as exc:
             await c.submit(live_node.sign(requester, {"job": make_envelope()}), forged)
     assert exc.value.code == "invalid_quote"
-    assert exc.value.http_status == 401
+    assert exc.value.status == 401
 
 
 async def test_tampered_request_is_refused(live_node: LiveNode, requester: Signer) -> None:

@@ -30,6 +30,7 @@ import aiohttp
 
 from core.errors import JournalError
 from core.journal import Journal
+from node.http_errors import status_of
 from payments.keys import Signer, load_key
 from requester.client import sign_request
 from storage._blockstore import TEMP_PREFIX
@@ -143,7 +144,7 @@ async def test_a_failed_group_commit_fails_only_the_tasks_that_read_its_rows(tmp
                     journal.check_and_record("did:key:z6MkA", "during", time.time() + 60)
                 outcome["writer"] = "ok"
             except JournalError as exc:
-                outcome["writer"] = (exc.code, exc.http_status, exc.domain)
+                outcome["writer"] = (exc.code, status_of(exc), exc.domain)
 
         async def task(read: bool) -> object:
             # gathered after the writer, this runs right after its write: the group is open, uncommitted
@@ -152,7 +153,7 @@ async def test_a_failed_group_commit_fails_only_the_tasks_that_read_its_rows(tmp
             try:
                 await journal.settled()
             except JournalError as exc:
-                return (exc.code, exc.http_status)
+                return (exc.code, status_of(exc))
             return "answered"
 
         with full(fs, fs / "journal.sqlite3"):

@@ -21,6 +21,7 @@ from core.envelope import (
     parse_envelope,
 )
 from core.errors import RequestError
+from node.http_errors import status_of
 from tests.conftest import make_envelope
 
 
@@ -28,7 +29,7 @@ def problems(data: object) -> list[dict[str, str]]:
     with pytest.raises(RequestError) as exc:
         parse_envelope(data)
     assert exc.value.code == "invalid_envelope"
-    assert exc.value.http_status == 422
+    assert status_of(exc.value) == 422
     result: list[dict[str, str]] = exc.value.details["problems"]
     return result
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from core.errors import AuthError, HearthError, RequestError
-from node.http_errors import error_body
+from node.http_errors import error_body, status_of
 
 
 class Opaque:
@@ -38,7 +38,7 @@ def nested(depth: int) -> Any:
     ],
 )
 def test_details_json_cannot_carry_still_give_a_json_error(details: dict[Any, Any]) -> None:
-    exc = AuthError("malformed_jwt", "message \ud800", details=details, http_status=400)
+    exc = AuthError("malformed_jwt", "message \ud800", details=details)
     doc = json.loads(error_body(exc))
     err = doc["error"]
     assert set(err) == {"code", "domain", "message", "retryable", "details"}
@@ -55,3 +55,21 @@ def test_safe_details_keep_what_they_can() -> None:
 def test_an_ordinary_error_is_written_as_is() -> None:
     exc = HearthError("internal_error", "boom", details={"a": [1, 2.5, None, True]})
     assert json.loads(error_body(exc)) == exc.to_dict()
+
+
+def test_status_is_chosen_at_the_boundary_from_class_and_code() -> None:
+    from core.errors import CapacityError, ChainError, NotFoundError, StorageError
+    from node.http_errors import DEFAULT_RETRY_AFTER_SECONDS, BoundaryError, retry_after_header
+
+    assert status_of(NotFoundError("job_not_found", "x")) == 404
+    assert status_of(AuthError("bad_signature", "x")) == 401
+    assert status_of(AuthError("wrong_audience", "x")) == 403  # a code of the class with its own status
+    assert status_of(StorageError("blob_not_found", "x")) == 404
+    assert status_of(StorageError("gateway_down", "x")) == 502
+    assert status_of(BoundaryError("header_too_large", "x", status=431)) == 431
+    assert status_of(BoundaryError("odd", "x", status=999)) == 500  # never a status outside 400-599
+    # A retryable 503 that names no wait still says when to come back; one that names a wait says that.
+    assert retry_after_header(ChainError("chain_unavailable", "x")) == str(DEFAULT_RETRY_AFTER_SECONDS)
+    busy = CapacityError("insufficient_capacity", "x", details={"retry_after_seconds": 7.2})
+    assert retry_after_header(busy) == "8"
+    assert retry_after_header(NotFoundError("job_not_found", "x")) is None

@@ -187,7 +187,7 @@ async def test_bad_batches_are_refused_at_quote_time_with_the_line_that_breaks_t
         for n, (data, code, details) in enumerate(cases):
             cid = await upload(url, data)
             err = await refusal(client, did, requester, batch_envelope(cid, f"bad-{n}"))
-            assert (err.http_status, err.code) == (422, code), err.body
+            assert (err.status, err.code) == (422, code), err.body
             assert err.body["error"]["domain"] == "validation"
             assert details.items() <= err.body["error"]["details"].items()
         # the context check uses exact prompt tokens: this one is over by its own count
@@ -203,11 +203,11 @@ async def test_unknown_models_and_limits_a_model_cannot_run_in_are_refused_befor
         cid = await upload(url, jsonl(line("a", "hi")))
         env = batch_envelope(cid, "x", output_spec={"format": "openai_batch_jsonl", "model": "llama-70b"})
         err = await refusal(client, did, requester, env)
-        assert (err.http_status, err.code) == (422, "unknown_model")
+        assert (err.status, err.code) == (422, "unknown_model")
         assert err.body["error"]["details"] == {"model": "llama-70b", "known": [MODEL]}
         small = batch_envelope(cid, "y", limits={"cpus": 1, "memory_mb": 1024})
         err = await refusal(client, did, requester, small)
-        assert (err.http_status, err.code) == (403, "memory_too_small_for_model")
+        assert (err.status, err.code) == (403, "memory_too_small_for_model")
         assert err.body["error"]["details"]["min_memory_mb"] == 2560 + 2 + 1024
         offer = await client.capacity()
     assert quote_node.node.ledger.snapshot()["holds"] == 0

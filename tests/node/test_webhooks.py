@@ -195,11 +195,11 @@ async def test_private_callbacks_are_refused_unless_the_operator_allows_them(
         ):
             with pytest.raises(NodeError) as info:
                 await client.quote(node.sign(requester, {"job": make_envelope("p", callback_url=url)}))
-            assert (info.value.http_status, info.value.code) == (403, "callback_not_allowed")
+            assert (info.value.status, info.value.code) == (403, "callback_not_allowed")
         assert node.node.ledger.snapshot()["holds"] == 0
         with pytest.raises(NodeError) as info:
             await client.quote(node.sign(requester, {"job": make_envelope("p", callback_url="ftp://x/y")}))
-        assert (info.value.http_status, info.value.code) == (422, "invalid_envelope")
+        assert (info.value.status, info.value.code) == (422, "invalid_envelope")
 
 
 async def test_a_callback_name_that_resolves_to_a_private_address_is_never_called(

@@ -9,6 +9,7 @@ import didkit
 import pytest
 
 from core.errors import AuthError
+from node.http_errors import status_of
 from payments import (
     Ed25519Signer,
     EthSigner,
@@ -41,7 +42,7 @@ EIP55_ADDRESSES = [
 
 def _auth_error(excinfo: pytest.ExceptionInfo[AuthError], code: str, http_status: int) -> AuthError:
     error = excinfo.value
-    assert (error.code, error.http_status, error.domain) == (code, http_status, "auth")
+    assert (error.code, status_of(error), error.domain) == (code, http_status, "auth")
     return error
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from core.errors import AuthError
+from node.http_errors import status_of
 from payments import (
     Ed25519Signer,
     EthSigner,
@@ -85,7 +86,7 @@ def _refused(
     with pytest.raises(AuthError) as excinfo:
         (verifier or _verifier()).verify(token)  # type: ignore[arg-type]
     error = excinfo.value
-    assert (error.code, error.http_status, error.domain) == (code, http_status, "auth"), error.details
+    assert (error.code, status_of(error), error.domain) == (code, http_status, "auth"), error.details
     return error
 
 
@@ -544,26 +545,26 @@ def test_verify_node_token_accepts_the_same_token_repeatedly() -> None:
 def test_node_token_from_another_issuer_is_wrong_issuer() -> None:
     with pytest.raises(AuthError) as excinfo:
         verify_node_token(sign_jwt(ED, _quote(iss=ED.did)), NODE.did, now=lambda: NOW)
-    assert (excinfo.value.code, excinfo.value.http_status) == ("wrong_issuer", 401)
+    assert (excinfo.value.code, status_of(excinfo.value)) == ("wrong_issuer", 401)
 
 
 def test_expired_node_token_is_expired() -> None:
     with pytest.raises(AuthError) as excinfo:
         verify_node_token(sign_jwt(NODE, _quote(exp=NOW - SKEW)), NODE.did, now=lambda: NOW)
-    assert (excinfo.value.code, excinfo.value.http_status) == ("expired", 401)
+    assert (excinfo.value.code, status_of(excinfo.value)) == ("expired", 401)
 
 
 def test_node_token_for_another_audience_is_wrong_audience() -> None:
     with pytest.raises(AuthError) as excinfo:
         verify_node_token(sign_jwt(NODE, _quote()), NODE.did, audience=ETH.did, now=lambda: NOW)
-    assert (excinfo.value.code, excinfo.value.http_status) == ("wrong_audience", 403)
+    assert (excinfo.value.code, status_of(excinfo.value)) == ("wrong_audience", 403)
 
 
 def test_tampered_node_token_is_bad_signature() -> None:
     header, _, signature = sign_jwt(NODE, _quote()).split(".")
     with pytest.raises(AuthError) as excinfo:
         verify_node_token(f"{header}.{_part(_quote(price='0.1'))}.{signature}", NODE.did, now=lambda: NOW)
-    assert (excinfo.value.code, excinfo.value.http_status) == ("bad_signature", 401)
+    assert (excinfo.value.code, status_of(excinfo.value)) == ("bad_signature", 401)
 
 
 # ---------------------------------------------------------------------------------------------- setup, speed

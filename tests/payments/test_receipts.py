@@ -21,6 +21,7 @@ from web3.contract import Contract
 
 from core.envelope import canonical_json
 from core.errors import HearthError
+from node.http_errors import status_of
 from payments.devnet import TOKEN_NAME
 from payments.escrow_build import authorization_nonce
 from payments.keys import EthSigner
@@ -334,7 +335,7 @@ def test_from_json_refuses_a_bad_field_by_name(cls: Any, doc: dict[str, Any], fi
     with pytest.raises(HearthError) as info:
         cls.from_json(bad)
     code, domain = EXPECTED[cls]
-    assert (info.value.code, info.value.domain, info.value.http_status) == (code, domain, 422)
+    assert (info.value.code, info.value.domain, status_of(info.value)) == (code, domain, 422)
     assert info.value.details["field"] == field
     assert field in info.value.message
 

@@ -128,7 +128,7 @@ async def test_quotes_refuse_payment_terms_the_node_cannot_take(
             with pytest.raises(NodeError) as info:
                 await client.quote(sign_request(requester, node.did, {"job": env}))
             error = info.value.body["error"]
-            assert info.value.http_status == 422 and error["code"] == "payment_terms_unsupported", error
+            assert info.value.status == 422 and error["code"] == "payment_terms_unsupported", error
             assert error["domain"] == "funding" and error["details"]["field"] == f"payment.{name}"
 
 
@@ -166,7 +166,7 @@ async def test_bad_receipts_are_refused_and_leave_the_job_completed_then_a_faili
         for code, body in bad.items():
             with pytest.raises(NodeError) as info:
                 await client.post_receipt(job, body)
-            assert info.value.http_status == 422 and info.value.body["error"]["code"] == code, info.value.body
+            assert info.value.status == 422 and info.value.body["error"]["code"] == code, info.value.body
         assert (await client.status(job))["job"]["state"] == "completed"
 
         assert (await client.post_receipt(job, failing))["job"]["state"] == "disputed"

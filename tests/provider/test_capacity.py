@@ -13,6 +13,7 @@ import pytest
 
 from core.config import CapacitySection
 from core.errors import CapacityError
+from node.http_errors import status_of
 from provider.capacity import (
     CapacityLedger,
     GpuStack,
@@ -225,7 +226,7 @@ def test_insufficient_capacity() -> None:
         ledger.reserve("b", Resources(2.0, 1024, 0), expires_at=None)
     err = info.value
     assert err.code == "insufficient_capacity"
-    assert err.http_status == 503 and err.retryable is True and err.domain == "scheduling"
+    assert status_of(err) == 503 and err.retryable is True and err.domain == "scheduling"
     assert err.details["need"] == {"cpus": 2.0, "memory_mb": 1024, "gpus": 0}
     assert err.details["free"] == {"cpus": 1.0, "memory_mb": 7168, "gpus": 0}
     assert "b" not in ledger
@@ -237,7 +238,7 @@ def test_need_above_total_is_not_retryable() -> None:
     with pytest.raises(CapacityError) as info:
         ledger.reserve("a", Resources(1.0, 1024, 2), expires_at=None)
     assert info.value.code == "exceeds_capacity"
-    assert info.value.http_status == 422 and info.value.retryable is False
+    assert status_of(info.value) == 422 and info.value.retryable is False
     assert len(ledger) == 0
 
 

@@ -17,6 +17,7 @@ import pytest
 from core.config import ModelSection
 from core.envelope import VllmBatchEnvelope, parse_envelope
 from core.errors import ConfigError, PolicyError, RequestError
+from node.http_errors import status_of
 from provider.catalog import (
     CatalogModel,
     ChatTokenizer,
@@ -236,7 +237,7 @@ def test_an_unknown_model_lists_the_known_ones(tiny_model: TinyModel) -> None:
     with pytest.raises(RequestError) as info:
         catalog.get("gpt-4o")
     err = info.value
-    assert (err.code, err.http_status) == ("unknown_model", 422)
+    assert (err.code, status_of(err)) == ("unknown_model", 422)
     assert err.details == {"model": "gpt-4o", "known": [MODEL]}
     with pytest.raises(RequestError) as info:
         catalog.check(batch_env(model="gpt-4o"))
@@ -285,7 +286,7 @@ def test_max_tokens_must_leave_room_for_a_prompt(tiny_model: TinyModel) -> None:
     with pytest.raises(RequestError) as info:
         catalog.check(batch_env(max_tokens=64))
     err = info.value
-    assert (err.code, err.http_status) == ("max_tokens_exceeds_context", 422)
+    assert (err.code, status_of(err)) == ("max_tokens_exceeds_context", 422)
     assert err.details == {"model": MODEL, "max_tokens": 64, "max_context": 64}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from core.errors import HearthError, RequestError
+from node.http_errors import status_of
 from provider.estimate import (
     BatchEstimator,
     InputProbe,
@@ -140,7 +141,7 @@ class WordModels:
 
     def context_of(self, model: str) -> int:
         if model != MODEL:
-            raise RequestError("unknown_model", f"no model {model!r}", http_status=422)
+            raise RequestError("unknown_model", f"no model {model!r}")
         return self.context
 
     def prompt_tokens(self, model: str, messages: Sequence[Mapping[str, str]]) -> int:
@@ -257,7 +258,7 @@ def test_malformed_batch_line(make_env: MakeEnv, data: bytes, line: int, reason:
     with pytest.raises(RequestError) as info:
         BatchEstimator(WordModels()).estimate(make_env(kind="vllm_batch"), InputProbe(data=data))
     err = info.value
-    assert err.code == "invalid_batch" and err.http_status == 422
+    assert err.code == "invalid_batch" and status_of(err) == 422
     assert (err.domain, err.retryable) == ("validation", False)
     assert err.details["line"] == line
     assert reason in str(err.details.get("reason", err.message))
@@ -325,4 +326,4 @@ def test_estimator_for_dispatches_by_kind() -> None:
     assert isinstance(estimator_for("vllm_batch", WordModels()), BatchEstimator)
     with pytest.raises(RequestError) as info:
         estimator_for("blender_render")
-    assert info.value.code == "unknown_kind" and info.value.http_status == 422
+    assert info.value.code == "unknown_kind" and status_of(info.value) == 422

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import CapacityError
+from node.http_errors import status_of
 from provider.capacity import CapacityLedger, Hold, HoldPolicy, Resources
 
 TOTAL = Resources(cpus=4.0, memory_mb=8192, gpus=1)
@@ -28,7 +29,7 @@ def quote(led: CapacityLedger, key: str, owner: str, cpus: float, *, at: float =
 
 def refusal(info: pytest.ExceptionInfo[CapacityError]) -> tuple[str, int, int | None]:
     err = info.value
-    return err.code, err.http_status, err.details.get("retry_after_seconds")
+    return err.code, status_of(err), err.details.get("retry_after_seconds")
 
 
 def test_fresh_dids_asking_for_everything_hold_at_most_the_total_share() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from core.config import PolicySection
 from core.errors import CapacityError, HearthError, PolicyError
+from node.http_errors import status_of
 from provider.policy import DEFAULT_CHECKS, Screening, check_concurrency, check_limits, screen
 from tests.provider.conftest import MakeEnv
 
@@ -23,7 +24,7 @@ def test_denied_did(make_env: MakeEnv) -> None:
     with pytest.raises(PolicyError) as info:
         screen(make_env(), MALLORY, PolicySection(deny_dids=[MALLORY]), active_for_did=0)
     err = info.value
-    assert err.code == "did_denied" and err.domain == "auth" and err.http_status == 403
+    assert err.code == "did_denied" and err.domain == "auth" and status_of(err) == 403
     assert err.retryable is False
     assert err.details == {"iss": MALLORY}
 
@@ -33,7 +34,7 @@ def test_did_missing_from_allow_list(make_env: MakeEnv) -> None:
     screen(make_env(), ALICE, policy, active_for_did=0)
     with pytest.raises(PolicyError) as info:
         screen(make_env(), MALLORY, policy, active_for_did=0)
-    assert info.value.code == "did_denied" and info.value.http_status == 403
+    assert info.value.code == "did_denied" and status_of(info.value) == 403
     assert "allow list" in info.value.message
 
 
@@ -49,7 +50,7 @@ def test_kind_not_offered(make_env: MakeEnv) -> None:
             make_env(kind="vllm_batch"), ALICE, PolicySection(kinds=["ffmpeg_transcode"]), active_for_did=0
         )
     err = info.value
-    assert err.code == "kind_not_offered" and err.http_status == 422 and err.domain == "pricing"
+    assert err.code == "kind_not_offered" and status_of(err) == 422 and err.domain == "pricing"
     assert err.details == {"kind": "vllm_batch", "offered": ["ffmpeg_transcode"]}
 
 
@@ -70,7 +71,7 @@ def test_each_limit_above_policy(
     with pytest.raises(PolicyError) as info:
         screen(make_env(limits={limit: asked}), ALICE, policy, active_for_did=0)
     err = info.value
-    assert err.code == "limits_exceeded" and err.http_status == 422
+    assert err.code == "limits_exceeded" and status_of(err) == 422
     assert (err.details["limit"], err.details["asked"], err.details["max"]) == (limit, asked, most)
     assert err.details["exceeded"] == [{"limit": limit, "asked": asked, "max": most}]
 
@@ -94,7 +95,7 @@ def test_per_did_concurrency(make_env: MakeEnv) -> None:
     with pytest.raises(CapacityError) as info:
         screen(make_env(), ALICE, policy, active_for_did=2)
     err = info.value
-    assert err.code == "did_concurrency" and err.http_status == 429 and err.retryable is True
+    assert err.code == "did_concurrency" and status_of(err) == 429 and err.retryable is True
     assert err.details == {"active": 2, "max": 2}
 
 
@@ -114,7 +115,7 @@ def test_checks_are_pluggable(make_env: MakeEnv) -> None:
 
     def no_weekend_jobs(s: Screening) -> HearthError | None:
         seen.append(s.iss)
-        return PolicyError("closed", "closed today", http_status=422)
+        return PolicyError("closed", "closed today")
 
     with pytest.raises(PolicyError) as info:
         screen(

@@ -15,6 +15,7 @@ import pytest
 
 from core.config import ModelSection, PricingScriptSection, PricingSection
 from core.errors import PricingError
+from node.http_errors import status_of
 from provider.estimate import WorkEstimate
 from provider.pricing import Bid, Pricer, check_max_price, gpu_rate_for
 from tests.provider.conftest import MakeEnv
@@ -142,7 +143,7 @@ def test_check_max_price() -> None:
     with pytest.raises(PricingError) as info:
         check_max_price(make_bid("2.500001"), Decimal("2.50"))
     err = info.value
-    assert err.code == "price_above_max" and err.http_status == 402 and err.domain == "pricing"
+    assert err.code == "price_above_max" and status_of(err) == 402 and err.domain == "pricing"
     assert err.details["ask"] == "2.500001"
     assert err.details["max_price"] == "2.50"
     assert err.details["currency"] == "usdc"
@@ -198,7 +199,7 @@ async def test_script_path_is_resolved_against_home(make_env: MakeEnv, tmp_path:
 
 def assert_script_failed(err: PricingError) -> None:
     assert err.code == "pricing_script_failed"
-    assert err.http_status == 503 and err.retryable is True and err.domain == "pricing"
+    assert status_of(err) == 503 and err.retryable is True and err.domain == "pricing"
 
 
 def process_gone(pid: int) -> bool:

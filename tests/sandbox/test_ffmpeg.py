@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from core.envelope import AudioSpec, Clip, HlsSpec, Limits, Mp4Spec, ThumbnailsSpec, Validation
 from core.errors import ExecutionError, OutputValidationError, RequestError
+from node.http_errors import status_of
 from sandbox.ffmpeg import (
     INPUT_DEMUXERS,
     Checks,
@@ -118,7 +119,7 @@ def refused(code: str, call: Callable[[], object]) -> RequestError:
     assert err.value.code == code, err.value.to_dict()
     assert err.value.domain == "validation"
     assert err.value.retryable is False
-    assert err.value.http_status == 422
+    assert status_of(err.value) == 422
     return err.value
 
 

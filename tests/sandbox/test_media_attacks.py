@@ -15,6 +15,7 @@ import pytest
 
 from core.envelope import node_job_id
 from core.errors import ExecutionError
+from node.http_errors import status_of
 from payments.keys import new_ed25519
 from sandbox.ffmpeg import sandboxed_probe_refusal
 from tests.sandbox.attacks import QUOTE_BOUND_SECONDS, MediaKit, resource_round
@@ -75,7 +76,7 @@ def test_a_probe_stopped_by_its_sandbox_refuses_the_input(
     sandbox_code: str, details: dict[str, object], refusal: str
 ) -> None:
     refused = sandboxed_probe_refusal(ExecutionError(sandbox_code, "stopped", details=details))
-    assert (refused.code, refused.domain, refused.http_status, refused.retryable) == (
+    assert (refused.code, refused.domain, status_of(refused), refused.retryable) == (
         refusal,
         "validation",
         422,

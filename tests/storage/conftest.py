@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from core.config import StorageSection
 from core.errors import HearthError
+from node.http_errors import status_of
 from storage import Blockstore, Gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +113,7 @@ async def hearth_errors(
     try:
         return await handler(request)
     except HearthError as exc:
-        return web.json_response(exc.to_dict(), status=exc.http_status)
+        return web.json_response(exc.to_dict(), status=status_of(exc))
 
 
 @asynccontextmanager
