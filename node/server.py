@@ -35,6 +35,9 @@ log = logging.getLogger("hearth.http")
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 SSE_HEARTBEAT_SECONDS = 15.0
+# An event stream reads the journal this many events at a time: a job's history (a progress event every
+# second it runs) may hold far more, and a stream's memory stays bounded however long it is.
+EVENT_PAGE_SIZE = 500
 # After the drain, requests still in flight (event streams that follow a queued job) get this long once
 # the listener is closed; then they are cut (a stream resumes with Last-Event-ID on the next start).
 HTTP_SHUTDOWN_SECONDS = 5.0
@@ -311,38 +314,31 @@ def _follow(request: web.Request) -> bool:
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: the job's past events after ``after``/Last-Event-ID, then live ones."""
+    """Server-sent events: the job's past events after ``after``/Last-Event-ID, then live ones.
+
+    The journal is the stream's only source, read a page of :data:`EVENT_PAGE_SIZE` events at a time however
+    long the job's history; the hub's queue only wakes a following stream, so a queue that overflowed
+    loses nothing.
+    """
     node = request.app[NODE]
     job = _job(request)
     after = _after_seq(request)
     follow = _follow(request)
     hub = request.app[EVENT_HUB]
-    queue = hub.subscribe(job.id)
+    queue = hub.subscribe(job.id)  # before the first read: nothing committed after it goes unnoticed
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     try:
         await response.prepare(request)
         last = after
-        await node.settled()  # the backlog holds only committed events
-        for event in node.journal.events(job.id, after_seq=after):
-            await _send_event(response, event)
-            last = event.seq
-        state = node.journal.require(job.id).state
-        while follow and state not in STREAM_END_STATES:
-            try:
-                async with asyncio.timeout(SSE_HEARTBEAT_SECONDS):  # not wait_for: see node.webhooks
-                    event = await queue.get()
-            except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
-            if event.seq <= last:
-                continue
-            await _send_event(response, event)
-            last = event.seq
-            if event.to_state is not None and queue.empty():
-                # caught up: the journal says whether the job rests (a failure may already be retried)
-                state = node.journal.require(job.id).state
+        while True:
+            # the state before the pages: they then hold the event that brought the job there
+            state = node.journal.require(job.id).state
+            last = await _send_backlog(response, node, job.id, last)
+            if not follow or state in STREAM_END_STATES:
+                break
+            await _wait_for_news(response, queue, last)
         await response.write_eof()
         return response
     except ConnectionResetError:  # the client went away: the stream simply ends
@@ -358,6 +354,37 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         hub.unsubscribe(job.id, queue)
+
+
+async def _send_backlog(response: web.StreamResponse, node: Node, job: str, after: int) -> int:
+    """Send ``job``'s committed events after ``after``, a page at a time; returns the last position sent."""
+    last = after
+    while True:
+        page = node.journal.events(job, after_seq=last, limit=EVENT_PAGE_SIZE)
+        await node.settled()  # only committed events go out (raises if the page was read from a failed group)
+        for event in page:
+            await _send_event(response, event)
+            last = event.seq
+        if len(page) < EVENT_PAGE_SIZE:
+            return last
+
+
+async def _wait_for_news(response: web.StreamResponse, queue: asyncio.Queue[Event], last: int) -> None:
+    """Return once an event after ``last`` was journaled, or a heartbeat after nothing came.
+
+    After a heartbeat the caller reads the journal again anyway: a cheap look that no wake-up can miss.
+    """
+    while True:
+        try:
+            async with asyncio.timeout(SSE_HEARTBEAT_SECONDS):  # not wait_for: see node.webhooks
+                newest = (await queue.get()).seq
+        except TimeoutError:
+            await response.write(b": keepalive\n\n")
+            return
+        while not queue.empty():  # the wake-ups that piled up while the stream was writing
+            newest = max(newest, queue.get_nowait().seq)
+        if newest > last:
+            return
 
 
 async def _send_event(response: web.StreamResponse, event: Event) -> None:
@@ -424,7 +451,7 @@ class EventHub:
 
     def publish(self, event: Event) -> None:
         for queue in self._subs.get(event.job, ()):
-            with contextlib.suppress(asyncio.QueueFull):  # a stalled reader resumes from the journal
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue already wakes its reader
                 queue.put_nowait(event)
 
 
