@@ -1125,43 +1125,6 @@ def _accepted_with_payment(j: Journal, n: int = 0) -> JobRecord:
     return job
 
 
-def test_a_schema_1_journal_is_migrated_in_place_and_keeps_its_jobs(path: Path, clock: Clock) -> None:
-    with Journal.open(path, now=clock) as j:
-        make_job(j, 1)
-    conn = sqlite3.connect(path)
-    with conn:  # what a schema-1 node left: no payment tables, no webhook cursors
-        conn.execute("DROP TRIGGER chain_txs_no_delete")
-        conn.execute("DROP TABLE chain_txs")
-        conn.execute("DROP TABLE payments")
-        conn.execute("DROP TABLE webhooks")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    conn.close()
-    with Journal.open(path, now=clock) as j:
-        assert j.require(node_id(1)).state == "priced"
-        j.transition(node_id(1), "accepted", actor="node", reason="accepted")
-        record = j.open_payment(node_id(1), escrow_job_id="0x" + "1" * 64, terms={"a": 1}, wait_until=T0 + 1)
-        assert record.funding == "awaiting"
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
-    conn.close()
-
-
-def test_a_schema_2_journal_gains_webhook_cursors(path: Path, clock: Clock) -> None:
-    with Journal.open(path, now=clock) as j:
-        make_job(j, 1)
-    conn = sqlite3.connect(path)
-    with conn:  # what a schema-2 node left: no webhook cursors
-        conn.execute("DROP TABLE webhooks")
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    conn.close()
-    with Journal.open(path, now=clock) as j:
-        assert j.require(node_id(1)).state == "priced"
-        assert j.webhook(node_id(1)) is None and j.webhooks_due(T0 + 10) == []
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
-    conn.close()
-
-
 def test_open_payment_is_idempotent_and_only_adds_a_missing_authorization(journal: Journal) -> None:
     job = _accepted_with_payment(journal)
     again = journal.open_payment(job.id, escrow_job_id="0x" + "f" * 64, terms={"other": 1}, wait_until=T0 + 1)
