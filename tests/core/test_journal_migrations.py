@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from node.errors import IllegalTransitionError
-from node.journal import SCHEMA_VERSION, TRANSITIONS, Journal
+from core.errors import IllegalTransitionError
+from core.journal import SCHEMA_VERSION, TRANSITIONS, Journal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
 VERSIONS = (1, 2, 3)

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from node.journal import Event, Journal
+from core.journal import Event, Journal
 from payments.keys import Signer
 from tests.conftest import LiveNode, make_envelope
 
