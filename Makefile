@@ -4,10 +4,19 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup images demo test lint typecheck unit bench chaos clean
+.PHONY: setup lock images demo test lint typecheck unit bench chaos clean
 
 setup:
 	@scripts/setup.sh
+
+# requirements.lock: every package `make setup` installs, pinned with hashes, from pyproject.toml's
+# dependencies and its dev extra, for any platform and Python >= 3.11. Versions already in the lock are
+# kept where they still fit; LOCK_ARGS passes options (e.g. --upgrade, --upgrade-package NAME).
+LOCK_ARGS ?=
+lock:
+	@[[ -x .venv/bin/uv ]] || { [[ -x .venv/bin/python ]] || python3 -m venv .venv; .venv/bin/pip install -q uv; }
+	.venv/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command 'make lock' --quiet -o requirements.lock $(LOCK_ARGS)
 
 images:
 	@scripts/docker.sh
@@ -18,6 +27,7 @@ demo: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports  # the floors of the house and private modules (pyproject.toml [tool.importlinter])
 
 typecheck: setup
 	.venv/bin/mypy

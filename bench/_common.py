@@ -40,7 +40,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.config import DEFAULT_PIDS_LIMIT, DEFAULT_SANDBOX_USER, DEFAULT_TMPFS_MB  # noqa: E402
+from core.defaults import DEFAULT_PIDS_LIMIT, DEFAULT_SANDBOX_USER, DEFAULT_TMPFS_MB  # noqa: E402
 from payments.keys import Signer, new_ed25519, save_key  # noqa: E402
 from requester.client import sign_request  # noqa: E402
 from sandbox._outdir import prepare_output_dir  # noqa: E402

@@ -85,7 +85,7 @@ from _common import (  # first: importing it puts the repository on sys.path for
     upload,
 )
 
-from core.config import DEFAULT_SANDBOX_USER, DEFAULT_VLLM_SHM_MB
+from core.defaults import DEFAULT_SANDBOX_USER, DEFAULT_VLLM_SHM_MB
 from payments.keys import Signer, new_ed25519
 from provider.catalog import hash_model_dir
 from provider.testmodel import MAX_CONTEXT, build_test_model

@@ -69,9 +69,7 @@ def read_envelope(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise HearthError(
-            "unreadable_envelope", f"{path}: {exc}", domain="request"
-        ) from None
+        raise HearthError("unreadable_envelope", f"{path}: {exc}", domain="request") from None
     if isinstance(data, dict) and "job" in data and len(data) == 1:
         data = data["job"]
     parse_envelope(data)

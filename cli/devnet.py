@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli.common import EXIT_OK, Out
-from core.config import DEFAULT_DEVNET_PORT
+from core.defaults import DEFAULT_DEVNET_PORT
 from core.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -16,7 +16,8 @@ import tomllib
 from pathlib import Path
 
 from cli.common import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Out
-from core.config import CONFIG_FILENAME, DEFAULT_HOST, DEFAULT_PORT, KEY_FILENAME, parse_config, resolve_path
+from core.config import CONFIG_FILENAME, parse_config, resolve_path
+from core.defaults import DEFAULT_HOST, DEFAULT_NODE_NAME, DEFAULT_PORT, KEY_FILENAME
 from core.errors import HearthError
 from payments.keys import load_key, new_ed25519, new_eth, public_summary, save_key
 
@@ -75,11 +76,7 @@ def cmd_init(args: argparse.Namespace, out: Out) -> int:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     cfg_path = home / CONFIG_FILENAME
     if cfg_path.exists() and not args.force:
-        out.error(
-            HearthError(
-                "already_initialised", f"{cfg_path} exists; pass --force to overwrite"
-            )
-        )
+        out.error(HearthError("already_initialised", f"{cfg_path} exists; pass --force to overwrite"))
         return EXIT_USAGE
     text = NODE_TOML_TEMPLATE.format(name=args.name, host=args.host, port=args.port, key_file=KEY_FILENAME)
     cfg = parse_config(tomllib.loads(text), source=str(cfg_path))
@@ -229,7 +226,7 @@ def add_parser(
     p = sub.add_parser("init", parents=[common], help="write a validated node.toml and the node key")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--name", default="hearth-node")
+    p.add_argument("--name", default=DEFAULT_NODE_NAME)
     p.add_argument("--force", action="store_true", help="overwrite an existing config and key")
     p.set_defaults(func=cmd_init)
 

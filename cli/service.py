@@ -25,7 +25,8 @@ from typing import Any
 
 from cli.common import EXIT_OK, Out
 from cli.operator import NODE_TOML_TEMPLATE
-from core.config import CONFIG_FILENAME, DEFAULT_HOST, DEFAULT_PORT, parse_config
+from core.config import CONFIG_FILENAME, parse_config
+from core.defaults import DEFAULT_HOST, DEFAULT_NODE_NAME, DEFAULT_PORT
 from core.errors import ConfigError
 from payments.keys import KEY_FILE_MODE, load_key, new_ed25519, save_key
 
@@ -96,7 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="API port of a new node.toml")
     p.add_argument("--host", default=DEFAULT_HOST, help="API address of a new node.toml")
-    p.add_argument("--name", default="hearth-node", help="node name of a new node.toml")
+    p.add_argument("--name", default=DEFAULT_NODE_NAME, help="node name of a new node.toml")
     p.set_defaults(func=cmd_install_service)
     return p
 

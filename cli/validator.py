@@ -1,4 +1,4 @@
-"""``hearth validate <job>``: the validator's command (see :mod:`validator.validator` for what it checks).
+"""``hearth validate <job>``: the validator's command (see :mod:`validator` for what it checks).
 
 Wired into ``hearth`` by :func:`add_parser`. Exit codes as the rest of the CLI: 0 the result passed and
 the receipt was signed (and accepted by the node, unless ``--no-post``); 1 the result failed its checks,
@@ -21,7 +21,7 @@ from requester.client import NodeClient, NodeError, NodeUnreachable
 
 if TYPE_CHECKING:  # the validator's stack (web3, didkit, storage) loads only when the command runs
     from payments.receipts import FundingTerms
-    from validator.validator import ValidationReport
+    from validator import ValidationReport
 
 # Refusals about the command's own input (its key, its envelope): bad usage, not a verdict.
 _USAGE_DOMAINS = ("request", "config")
@@ -67,9 +67,9 @@ def read_terms(path: Path) -> FundingTerms:
 
 
 def cmd_validate(args: argparse.Namespace, out: Out) -> int:
-    from validator.validator import validate
+    """Run :func:`~validator.validate` for ``args.job``, print the report, return the exit code."""
+    from validator import validate  # the validator's stack loads only when the command runs
 
-    """Run :func:`~validator.validator.validate` for ``args.job``, print the report, return the exit code."""
     signer = validator_key(args.key)
     envelope = read_envelope(args.envelope) if args.envelope else None
     terms = read_terms(args.terms) if args.terms else None

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from core.config import DEFAULT_LOG_REPEAT_BURST, DEFAULT_LOG_REPEAT_WINDOW_SECONDS
+from core.defaults import DEFAULT_LOG_REPEAT_BURST, DEFAULT_LOG_REPEAT_WINDOW_SECONDS
 
 LogFormat = Literal["json", "text"]
 

@@ -32,7 +32,8 @@ from core.errors import (
     PricingError,
     RequestError,
 )
-from core.journal import HOLDING_STATES, JobRecord, Journal
+from core.journal import JobRecord, Journal
+from core.lifecycle import CANCELLABLE_STATES, CLOSED_STATES, PAST_ACCEPTANCE_STATES, RESULT_STATES
 from core.logs import enter_job
 from node.intake import AnyEnvelope, Incoming, Intake
 from node.metrics import Metrics
@@ -51,14 +52,6 @@ if TYPE_CHECKING:  # web3 and eth-account take a second to import; a node withou
 
 Prober = Callable[[AnyEnvelope], Awaitable[InputProbe | None]]
 """Finds what pricing needs of a job's input (ffprobe's duration and size), or None to price on limits."""
-
-# States in which a job no longer takes a quote or an acceptance; re-submitting returns the job as it is.
-_PAST_ACCEPTANCE = frozenset(
-    {"accepted", "running", "completed", "validated", "settled", "disputed", "refunded", "failed"}
-)
-_CLOSED = frozenset({"rejected", "cancelled"})
-_CANCELLABLE = frozenset(HOLDING_STATES)
-_DONE = frozenset({"completed", "validated", "settled", "disputed", "refunded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +73,7 @@ class Submission:
 
 
 def _quote_expired() -> PricingError:
-    return PricingError(
-        "quote_expired", "the quote has expired; ask for a new one", retryable=True
-    )
+    return PricingError("quote_expired", "the quote has expired; ask for a new one", retryable=True)
 
 
 def resources_of(env: AnyEnvelope) -> Resources:
@@ -176,7 +167,7 @@ class Admission:
                 if self._quote_live(existing):
                     self._check_price_within(existing, inc.env)
                     return self._reuse_quote(existing)
-                if existing.state in _PAST_ACCEPTANCE or existing.state in _CLOSED:
+                if existing.state in PAST_ACCEPTANCE_STATES or existing.state in CLOSED_STATES:
                     raise ConflictError(
                         "job_not_quotable",
                         f"job {existing.id} is {existing.state}; it takes no new quote",
@@ -365,11 +356,11 @@ class Admission:
             )
         async with self._job_lock(inc.job_key):
             existing = self._existing(inc)
-            if existing is not None and existing.state in _PAST_ACCEPTANCE:
+            if existing is not None and existing.state in PAST_ACCEPTANCE_STATES:
                 if funding is not None and existing.state == "accepted":
                     await self._open_payment(existing, funding)  # a retry that brings the authorization
                 return Submission(job=existing, accepted_now=False)
-            if existing is not None and existing.state in _CLOSED:
+            if existing is not None and existing.state in CLOSED_STATES:
                 raise ConflictError(
                     "job_closed",
                     f"job {existing.id} is {existing.state}",
@@ -500,9 +491,7 @@ class Admission:
 
         def names_job(payload: dict[str, Any]) -> None:
             if payload.get("cancel") != job:
-                raise RequestError(
-                    "invalid_cancel", "the signed request must carry {'cancel': <job id>}"
-                )
+                raise RequestError("invalid_cancel", "the signed request must carry {'cancel': <job id>}")
 
         async with self.journal.batched():
             with self.intake.request(token, names_job) as request:
@@ -515,9 +504,9 @@ class Admission:
                 raise AuthError("not_job_owner", "only the job's requester may cancel it")
             if record.state == "cancelled":
                 return record, "cancelled"
-            if record.state in _DONE:
+            if record.state in RESULT_STATES:
                 return record, "already_completed"
-            if record.state not in _CANCELLABLE:
+            if record.state not in CANCELLABLE_STATES:
                 raise ConflictError(
                     "job_closed",
                     f"job {job} is {record.state}",

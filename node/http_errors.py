@@ -21,6 +21,7 @@ from core.errors import (
     ChainError,
     ConfigError,
     ConflictError,
+    Domain,
     ExecutionError,
     FundingError,
     HearthError,
@@ -52,8 +53,9 @@ class BoundaryError(RequestError):
         status: int,
         details: dict[str, Any] | None = None,
         retryable: bool | None = None,
+        domain: Domain | None = None,
     ) -> None:
-        super().__init__(code, message, details=details, retryable=retryable)
+        super().__init__(code, message, details=details, retryable=retryable, domain=domain)
         self.status = status
 
 
@@ -155,6 +157,8 @@ def status_of(exc: HearthError) -> int:
         return status if isinstance(status, int) and 400 <= status < 600 else 500
     except Exception:  # a code that cannot even be hashed: the answer is still an answer
         return 500
+
+
 # Headers an aiohttp refusal carries that its JSON replacement must keep (405 names the allowed methods).
 KEPT_HEADERS = ("Allow",)
 

@@ -409,7 +409,9 @@ class GuardedRequestHandler(RequestHandler):
         error: HearthError
         if status >= 500:
             log.error("request failed outside the error middleware (%d)", status, exc_info=exc)
-            error = BoundaryError("internal_error", "the node failed to handle the request", status=status)
+            error = BoundaryError(
+                "internal_error", "the node failed to handle the request", status=status, domain="internal"
+            )
         else:
             error = parser_refusal(exc, self.max_line_size)
             self._guard.refused_request(error, request.remote)

@@ -21,7 +21,8 @@ import orjson
 from aiohttp import web
 
 from core.errors import CapacityError, HearthError, NotFoundError, RequestError, SettlementError
-from core.journal import MAX_EVENT_SEQ, TERMINAL_STATES, Event, JobRecord
+from core.journal import Event, JobRecord
+from core.lifecycle import MAX_EVENT_SEQ, STREAM_END_STATES
 from core.untrusted import UntrustedJSONError, parse_json
 from node.daemon import Node
 from node.http_errors import CLIENT_CLOSED, KEPT_HEADERS, error_body, error_response, http_error
@@ -41,10 +42,6 @@ EVENT_PAGE_SIZE = 500
 # After the drain, requests still in flight (event streams that follow a queued job) get this long once
 # the listener is closed; then they are cut (a stream resumes with Last-Event-ID on the next start).
 HTTP_SHUTDOWN_SECONDS = 5.0
-# An event stream ends where the job rests: a terminal state, an expired quote (re-quoting starts anew), a
-# completed job (its result is ready; validation and settlement are later, separate steps) or a failure
-# that is not being retried.
-STREAM_END_STATES = TERMINAL_STATES | {"expired", "completed", "failed"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -142,9 +139,7 @@ async def read_signed(request: web.Request) -> tuple[str, dict[str, Any]]:
     if request.content_type == "application/json":
         doc = json_body(raw)
         if not isinstance(doc, dict) or not isinstance(doc.get("request"), str):
-            raise RequestError(
-                "malformed_body", "a JSON body must be an object with a 'request' JWT string"
-            )
+            raise RequestError("malformed_body", "a JSON body must be an object with a 'request' JWT string")
         if doc.get("quote") is not None and not isinstance(doc["quote"], str):
             raise RequestError("malformed_body", "'quote' must be a JWT string")
         return doc["request"], doc

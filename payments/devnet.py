@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import platform
-import re
 import secrets
 import signal
 import socket
@@ -31,19 +30,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
+import tomlkit
 from eth_utils.address import to_checksum_address
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import Table
 from web3 import Web3
 from web3.exceptions import Web3Exception
 
-from core.config import (
-    CONFIG_FILENAME,
-    DEFAULT_DEVNET_PORT,
-    DEFAULT_WALLET_KEY_FILE,
-    ChainSection,
-    load_config,
-    parse_config,
-    resolve_path,
-)
+from core.config import CONFIG_FILENAME, ChainSection, load_config, parse_config, resolve_path
+from core.defaults import DEFAULT_DEVNET_PORT, DEFAULT_WALLET_KEY_FILE
 from core.errors import ConfigError
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, load_eth_key, new_eth, save_key
@@ -82,7 +77,9 @@ VALIDATOR_KEY_FILENAME = "validator.key"
 Role = Literal["node", "requester", "validator"]
 # anvils this process spawned detached, by pid: polled to reap them once they exit.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-_TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$")
+CHAIN_TABLE_COMMENT = (
+    "Written by `hearth devnet`; for a real chain set the RPC URL and deployed addresses here."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -352,27 +349,23 @@ def connect(
 
 
 def set_chain_config(home: Path, chain: ChainSection) -> Path:
-    """Write ``chain`` as the ``[chain]`` table of ``<home>/node.toml``, leaving every other line as it is.
+    """Write ``chain`` as the ``[chain]`` table of ``<home>/node.toml``, keeping comments and formatting.
 
-    The old ``[chain]`` table is cut out and the new one appended; the result must parse to exactly the old
+    An existing ``[chain]`` table is edited in place (its comments, and the layout of the keys whose values
+    stay the same, are kept); otherwise a new one is appended. The result must parse to exactly the old
     document with the new chain and pass validation, else nothing is written (``config_not_editable``).
     """
     path = home / CONFIG_FILENAME
     text = path.read_text() if path.exists() else ""
     before = _toml(text, path)
-    kept = _without_chain_table(text)
-    new_text = (kept.rstrip("\n") + "\n\n" if kept.strip() else "") + _chain_table(chain)
+    new_text = _with_chain_table(text, chain, path)
     try:
         after: dict[str, Any] | None = tomllib.loads(new_text)
-    except tomllib.TOMLDecodeError:  # e.g. chain also set as an inline table or dotted keys
+    except tomllib.TOMLDecodeError:
         after = None
     expected = {k: v for k, v in before.items() if k != "chain"} | {"chain": chain.model_dump()}
     if after is None or after != expected:
-        raise ConfigError(
-            "config_not_editable",
-            f"{path} defines chain outside a plain [chain] table; move it into one and re-run",
-            details={"source": str(path)},
-        )
+        raise _not_editable(path)
     parse_config(after, source=str(path))
     _write_atomically(path, new_text)
     return path
@@ -564,26 +557,49 @@ def _toml(text: str, source: Path) -> dict[str, Any]:
         raise ConfigError("invalid_toml", f"{source}: {exc}", details={"source": str(source)}) from None
 
 
-def _without_chain_table(text: str) -> str:
-    """``text`` minus the ``[chain]`` table (and any ``[chain.*]`` sub-tables), line by line."""
-    kept: list[str] = []
-    in_chain = False
-    for line in text.splitlines(keepends=True):
-        header = _TABLE_HEADER.match(line)
-        if header:
-            name = header.group(1).replace(" ", "")
-            in_chain = name == "chain" or name.startswith("chain.")
-        if not in_chain:
-            kept.append(line)
-    return "".join(kept)
+def _with_chain_table(text: str, chain: ChainSection, path: Path) -> str:
+    """``text`` with its ``[chain]`` table holding exactly ``chain``'s values; everything else as written.
+
+    Only a plain ``[chain]`` table is edited: chain as an inline table, as dotted keys or as ``[chain.*]``
+    tables alone is refused (``config_not_editable``).
+    """
+    try:
+        doc = tomlkit.parse(text)
+    except TOMLKitError:  # what tomllib reads, tomlkit should too
+        raise _not_editable(path) from None
+    values = chain.model_dump()
+    table = doc.get("chain")
+    if table is None:  # appended after one blank line, under a comment saying where it came from
+        head = text.rstrip("\n") + "\n\n" if text.strip() else ""
+        return f"{head}# {CHAIN_TABLE_COMMENT}\n{tomlkit.dumps({'chain': values})}"
+    if not isinstance(table, Table) or table.is_super_table():
+        raise _not_editable(path)
+    for key in [k for k in table if k not in values]:  # e.g. [chain.*] sub-tables: chain is replaced whole
+        del table[key]
+    for key, value in values.items():
+        if key in table and table[key] != value:
+            table[key] = value  # a replaced value keeps its line's comment
+    # New keys go after the table's last key, indented like it, not after the comments that close the
+    # table (those usually introduce the next one).
+    body = table.value.body
+    end = max((i + 1 for i, (key, _) in enumerate(body) if key is not None), default=0)
+    for key, value in values.items():
+        if key in table:
+            continue
+        item = tomlkit.item(value)
+        if end:
+            item.trivia.indent = body[end - 1][1].trivia.indent
+        if end < len(body):
+            table.value._insert_at(end, key, item)
+        else:
+            table.add(key, item)
+        end += 1
+    return tomlkit.dumps(doc)
 
 
-def _chain_table(chain: ChainSection) -> str:
-    lines = [
-        "# Written by `hearth devnet`; for a real chain set the RPC URL and deployed addresses here.",
-        "[chain]",
-    ]
-    for key, value in chain.model_dump().items():
-        # JSON string escapes are valid TOML basic-string escapes.
-        lines.append(f"{key} = {json.dumps(value) if isinstance(value, str) else value}")
-    return "\n".join(lines) + "\n"
+def _not_editable(path: Path) -> ConfigError:
+    return ConfigError(
+        "config_not_editable",
+        f"{path} defines chain outside a plain [chain] table; move it into one and re-run",
+        details={"source": str(path)},
+    )

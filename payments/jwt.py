@@ -32,7 +32,7 @@ from eth_hash.auto import keccak
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from core.config import DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+from core.defaults import DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
 from core.errors import AuthError
 from core.untrusted import UntrustedJSONError, parse_json
 from payments.did import (
@@ -105,9 +105,7 @@ def _shown(value: object) -> object:
 
 
 def _malformed(reason: str, **details: Any) -> AuthError:
-    return AuthError(
-        "malformed_jwt", f"malformed JWT: {reason}", details={"reason": reason, **details}
-    )
+    return AuthError("malformed_jwt", f"malformed JWT: {reason}", details={"reason": reason, **details})
 
 
 def _bad_signature(reason: str) -> AuthError:
@@ -338,9 +336,7 @@ class VerifiedRequest:
 
 def _claim(payload: dict[str, Any], name: str) -> Any:
     if name not in payload:
-        raise AuthError(
-            "missing_claim", f"the JWT has no {name!r} claim", details={"claim": name}
-        )
+        raise AuthError("missing_claim", f"the JWT has no {name!r} claim", details={"claim": name})
     return payload[name]
 
 

@@ -28,8 +28,9 @@ from typing import Any
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from core.envelope import canonical_json
-from core.errors import Domain, FundingError, HearthError, RequestError, SettlementError
+from core.envelope import Payment, canonical_json
+from core.errors import Domain, FundingError, HearthError, SettlementError
+from payments.did import parse_did_pkh
 from payments.escrow_build import authorization_nonce, receipt_typed_data, receive_authorization_typed_data
 from payments.keys import EthSigner
 
@@ -113,9 +114,10 @@ def hex32(value: bytes) -> str:
 
 
 def _bad(code: str, message: str, domain: Domain, **details: Any) -> HearthError:
-    """A refusal of a funding or settlement document: the error of its domain (a request error otherwise)."""
-    kind = {"funding": FundingError, "settlement": SettlementError}.get(domain, RequestError)
-    return kind(code, message, domain=domain, details=details)
+    """A refusal of a funding or settlement document: the error of its domain."""
+    if domain == "funding":
+        return FundingError(code, message, domain=domain, details=details)
+    return SettlementError(code, message, domain=domain, details=details)
 
 
 class _Reader:
@@ -242,6 +244,50 @@ class FundingTerms:
     def nonce(self) -> bytes:
         """The EIP-3009 nonce binding an authorization to these terms (as the escrow computes it)."""
         return authorization_nonce(self.job_id, self.provider, self.validator, self.amount, self.deadline)
+
+
+def terms_mismatches(
+    terms: FundingTerms, payment: Payment, *, escrow_job_id: bytes | None = None
+) -> list[dict[str, object]]:
+    """Where escrow ``terms`` depart from an envelope's ``payment``: one ``{"field", "terms", "expected"}``
+    row per field, empty when the terms are the ones the envelope agreed to.
+
+    ``chain_id``, ``escrow`` and ``payer`` must be the envelope's (addresses in any case); ``validator``
+    must be the account of the envelope's ``did:pkh`` validator, on the terms' chain (any other DID can
+    sign no receipt, so it never matches); ``amount`` must be at most the envelope's ``max_price`` in
+    base units. With ``escrow_job_id``, the terms' escrow job id must be it too.
+    """
+    rows: list[dict[str, object]] = []
+
+    def differ(field: str, got: object, want: object) -> None:
+        rows.append({"field": field, "terms": got, "expected": want})
+
+    if terms.chain_id != payment.chain_id:
+        differ("chain_id", terms.chain_id, payment.chain_id)
+    if terms.escrow.lower() != payment.escrow.lower():
+        differ("escrow", terms.escrow, payment.escrow)
+    if terms.payer.lower() != payment.payer.lower():
+        differ("payer", terms.payer, payment.payer)
+    if terms.validator.lower() != str(_validator_account(payment.validator, terms.chain_id)).lower():
+        differ("validator", terms.validator, _validator_account(payment.validator, terms.chain_id))
+    if terms.amount > usdc_units(payment.max_price):
+        differ("amount", usdc_str(terms.amount), f"at most {payment.max_price}")
+    if escrow_job_id is not None and terms.job_id != escrow_job_id:
+        differ("escrow_job_id", hex32(terms.job_id), hex32(escrow_job_id))
+    return rows
+
+
+def _validator_account(did: str, chain_id: int) -> str:
+    """The account a ``did:pkh`` validator on ``chain_id`` signs with; the DID itself for any other DID
+    (no address equals it, so terms naming an account never match one that cannot sign EIP-712).
+    """
+    if not did.startswith("did:pkh:"):
+        return did
+    try:
+        chain, account = parse_did_pkh(did)
+    except HearthError:
+        return did
+    return account if chain == chain_id else did
 
 
 # -- EIP-3009 authorization --------------------------------------------------------------------------------

@@ -1,0 +1,10 @@
+"""A requester's side of the market, a roof of the house: what a person, script or agent uses to buy work.
+
+Public face:
+
+- :class:`requester.client.NodeClient` — the node's HTTP API as async calls; refusals are
+  :class:`~requester.client.NodeError` (the node's structured error, with the HTTP status) and
+  :class:`~requester.client.NodeUnreachable`; :func:`requester.client.sign_request` signs a request.
+- :mod:`requester.paid` — a paid submission: the payer's wallet and the quoted escrow terms checked,
+  the EIP-3009 authorization signed, the wait for the escrow to be funded.
+"""

@@ -19,7 +19,7 @@ from core.envelope import Envelope, envelope_hash
 from core.errors import AuthError, FundingError, RequestError
 from payments.jwt import verify_node_token
 from payments.keys import EthSigner, load_key
-from payments.receipts import Authorization, FundingTerms, sign_authorization
+from payments.receipts import Authorization, FundingTerms, sign_authorization, terms_mismatches
 from requester.client import NodeClient
 
 # `submit --wait` polls this often, and gives the node this long past the funding's wait_until
@@ -121,26 +121,14 @@ def quoted_terms(quote_jwt: str, node_did: str, env: Envelope) -> FundingTerms:
 
 
 def check_terms(terms: FundingTerms, env: Envelope) -> None:
-    """Refuse escrow terms other than the envelope's: chain, escrow, payer, validator, amount <= max_price."""
-    from payments.did import parse_did_pkh
-    from payments.receipts import usdc_str, usdc_units
-
-    pay = env.payment
-    agreed: dict[str, tuple[object, object]] = {
-        "chain_id": (pay.chain_id, terms.chain_id),
-        "escrow": (pay.escrow, terms.escrow),
-        "payer": (pay.payer, terms.payer),
-        "validator": (parse_did_pkh(pay.validator)[1], terms.validator),
-    }
+    """Refuse escrow terms other than the envelope's (:func:`~payments.receipts.terms_mismatches`: chain,
+    escrow, payer, validator, amount <= max_price) with ``funding_terms_mismatch``, each mismatch as
+    ``{"field", "envelope", "quote"}``.
+    """
     mismatches = [
-        {"field": name, "envelope": want, "quote": got}
-        for name, (want, got) in agreed.items()
-        if str(want).lower() != str(got).lower()
+        {"field": row["field"], "envelope": row["expected"], "quote": row["terms"]}
+        for row in terms_mismatches(terms, env.payment)
     ]
-    if terms.amount > usdc_units(pay.max_price):
-        mismatches.append(
-            {"field": "amount", "envelope": f"at most {pay.max_price}", "quote": usdc_str(terms.amount)}
-        )
     if mismatches:
         raise PaymentTermsRefused(
             "funding_terms_mismatch",

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from core.config import (
+from core.config import SandboxSection
+from core.defaults import (
     DEFAULT_DOCKER_API_TIMEOUT_SECONDS,
     DEFAULT_DOCKER_URL,
     DEFAULT_OUTPUT_POLL_SECONDS,
@@ -45,7 +46,6 @@ from core.config import (
     DEFAULT_SANDBOX_USER,
     DEFAULT_STDERR_TAIL_BYTES,
     DEFAULT_TMPFS_MB,
-    SandboxSection,
 )
 from core.errors import ExecutionError
 from sandbox._outdir import parse_user, prepare_output_dir, tree_size

@@ -4,7 +4,11 @@
 #   2. starts the engine when it is not answering (systemd when it runs the machine, else dockerd in the
 #      background, logging to $HEARTH_DOCKERD_LOG);
 #   3. produces the base image hearth/base:bookworm locally (debootstrap --variant=minbase + docker import),
-#      because no image registry may be reachable; the rootfs tarball is cached in $HEARTH_CACHE_DIR;
+#      because no image registry may be reachable; the rootfs tarball is cached in $HEARTH_CACHE_DIR.
+#      The Debian mirror is $HEARTH_DEBIAN_MIRROR, else the one the host's own apt uses
+#      (scripts/apt_mirror.py), else deb.debian.org. The image's apt keeps using that mirror, so the base
+#      (and the tarball) is rebuilt when the mirror changes, and only then: the mirror each was built
+#      from is read back from its /etc/apt/sources.list;
 #   4. builds every sandbox/images/<name>/Dockerfile as hearth/<name>:latest, skipping an image whose
 #      build context and base are unchanged (a label on the image records their hash). An image folder
 #      with a requirements.txt is built with a wheelhouse beside it (`wheels/`, made on the host with the
@@ -17,7 +21,8 @@ cd "$(dirname "$0")/.."
 
 CACHE_DIR="${HEARTH_CACHE_DIR:-/var/cache/hearth}"
 DOCKERD_LOG="${HEARTH_DOCKERD_LOG:-/var/log/hearth-dockerd.log}"
-MIRROR="${HEARTH_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+DEFAULT_MIRROR=http://deb.debian.org/debian
+MIRROR=""  # choose_mirror sets it
 SUITE=bookworm
 BASE_TAG="hearth/base:$SUITE"
 ROOTFS_TAR="$CACHE_DIR/debian-$SUITE-minbase.tar.gz"
@@ -45,6 +50,7 @@ install_packages() {
   local need=()
   command -v dockerd >/dev/null || need+=(docker.io)
   command -v debootstrap >/dev/null || need+=(debootstrap)
+  command -v python3 >/dev/null || need+=(python3)  # scripts/apt_mirror.py
   ((${#need[@]})) || return 0
   log "apt-get install ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -78,8 +84,39 @@ start_engine() {
   log "engine ready ($(docker version --format '{{.Server.Version}}'))"
 }
 
+choose_mirror() {
+  local from
+  if [[ -n "${HEARTH_DEBIAN_MIRROR:-}" ]]; then
+    MIRROR=$HEARTH_DEBIAN_MIRROR from="HEARTH_DEBIAN_MIRROR"
+  elif MIRROR="$(python3 scripts/apt_mirror.py "${HEARTH_APT_DIR:-/etc/apt}")"; then
+    from="the host's apt sources in ${HEARTH_APT_DIR:-/etc/apt}"
+  else
+    MIRROR=$DEFAULT_MIRROR from="the default: no Debian archive in ${HEARTH_APT_DIR:-/etc/apt}"
+  fi
+  MIRROR="${MIRROR%/}"
+  log "Debian mirror $MIRROR ($from)"
+}
+
+# The archive an apt sources.list on stdin reads first (debootstrap writes that line), without a trailing /.
+first_deb_uri() { awk '$1 == "deb" && uri == "" { uri = $2 } END { sub("/$", "", uri); print uri }'; }
+
+# The mirror the base image (or the cached tarball) was built from; empty when that cannot be read.
+image_mirror() {
+  local id
+  id="$(docker create --pull never "$BASE_TAG")" || return 0
+  docker cp "$id:/etc/apt/sources.list" - 2>/dev/null | tar -xO | first_deb_uri || true
+  docker rm "$id" >/dev/null
+}
+tarball_mirror() { tar -xzOf "$ROOTFS_TAR" ./etc/apt/sources.list 2>/dev/null | first_deb_uri || true; }
+
 build_rootfs_tarball() {
-  [[ -s "$ROOTFS_TAR" ]] && return 0
+  if [[ -s "$ROOTFS_TAR" ]]; then
+    local cached
+    cached="$(tarball_mirror)"
+    [[ "$cached" == "$MIRROR" ]] && return 0
+    log "the cached rootfs came from ${cached:-an unknown mirror}: building it again"
+    rm -f "$ROOTFS_TAR"
+  fi
   log "debootstrap --variant=minbase $SUITE from $MIRROR (cached in $CACHE_DIR)"
   mkdir -p "$CACHE_DIR"
   ROOTFS_TMP="$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")"
@@ -98,8 +135,13 @@ build_rootfs_tarball() {
 
 import_base() {
   if docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
-    log "$BASE_TAG present"
-    return 0
+    local built
+    built="$(image_mirror)"
+    if [[ "$built" == "$MIRROR" ]]; then
+      log "$BASE_TAG present"
+      return 0
+    fi
+    log "$BASE_TAG came from ${built:-an unknown mirror}: building it again from $MIRROR"
   fi
   build_rootfs_tarball
   log "docker import $ROOTFS_TAR as $BASE_TAG"
@@ -177,6 +219,7 @@ print_ids() {
 }
 
 install_packages
+choose_mirror
 start_engine
 import_base
 build_images

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Hearth needs on a Debian machine (root), idempotently: system packages, the Python
-# virtual environment with Hearth and its dev tools, and the npm packages the interop tests use.
+# virtual environment with Hearth and its dev tools (the versions requirements.lock pins), and the npm
+# packages the interop tests use.
 # Each step is skipped when its inputs have not changed (stamps in .stamps/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +34,22 @@ if sys.version_info < (3, 11):
     sys.exit(f"Hearth needs Python 3.11+, found {sys.version.split()[0]}")
 PY
 
-py_stamp="$STAMPS/venv.$(sha256sum pyproject.toml | cut -c1-16)"
+# The venv holds exactly requirements.lock (`make lock` writes it from pyproject.toml; pip checks its
+# hashes), then hearth itself, editable, with no dependency of its own choosing.
+py_stamp="$STAMPS/venv.$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [[ ! -x .venv/bin/python || ! -f "$py_stamp" ]]; then
-  log "python venv (.venv) with hearth[dev]"
+  log "python venv (.venv) from requirements.lock, with hearth (editable)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q -r requirements.lock
+  .venv/bin/pip install -q -e . --no-deps
+  mapfile -t extra < <(.venv/bin/python scripts/venv_lock.py extras)
+  if ((${#extra[@]})); then
+    log "pip uninstall ${extra[*]} (not in requirements.lock)"
+    .venv/bin/pip uninstall -q -y "${extra[@]}"
+  fi
+  .venv/bin/python scripts/venv_lock.py check  # a lock older than pyproject.toml stops here
+  .venv/bin/pip check >/dev/null || { .venv/bin/pip check; exit 1; }
   rm -f "$STAMPS"/venv.*; touch "$py_stamp"
 fi
 

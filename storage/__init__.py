@@ -6,7 +6,10 @@
 - :class:`Gateway` (or :func:`add_routes`) serves ``/ipfs/{cid}`` as a Trustless Gateway and takes
   uploads on ``PUT /v1/blobs``.
 - :func:`fetch_input` brings a job's input (``ipfs://``, ``https://`` with sha256, or a local blob CID)
-  to a local file, verified.
+  to a local file, verified; :func:`fetch_car` brings any DAG from one trustless gateway into a store
+  (every block checked against its CID and the DAG's links, the size bounded).
+- :func:`export_file` writes one UnixFS file out of a store; :func:`export_tree` a whole file or
+  directory DAG, under limits that hold against a hostile DAG.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from core.config import StorageSection, resolve_path
 from storage._blockstore import BlockBatch, Blockstore, StoreStats
 from storage._car import CarReader, read_car, write_car
 from storage._cid import CID, DAG_PB, RAW
-from storage._dag import ExportedFile, export_file
-from storage._fetch import FetchedInput, fetch_input
+from storage._dag import ExportedFile, export_file, export_tree
+from storage._fetch import FetchedInput, fetch_car, fetch_input
 from storage._gateway import Gateway, add_routes
 from storage._importer import ImportResult, import_bytes, import_path, import_stream
 
@@ -36,6 +39,8 @@ __all__ = [
     "StoreStats",
     "add_routes",
     "export_file",
+    "export_tree",
+    "fetch_car",
     "fetch_input",
     "import_bytes",
     "import_path",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from core.errors import NotFoundError, StorageError
+from core.errors import NotFoundError, RequestError, StorageError
 from storage._blockstore import Blockstore
 from storage._cid import CID, DAG_PB, RAW
 from storage._dagpb import PBLink, UnixFSData, UnixFSType, decode_node, decode_unixfs
@@ -173,9 +173,7 @@ def _file_root(cid: CID, block: bytes) -> _Node:
         raise _unsupported_codec(cid)
     node = _decode(cid, block)
     if node.unixfs is None or node.unixfs.type not in (UnixFSType.FILE, UnixFSType.RAW):
-        raise StorageError(
-            "not_a_file", f"{cid} is not a UnixFS file", details={"cid": str(cid)}
-        )
+        raise StorageError("not_a_file", f"{cid} is not a UnixFS file", details={"cid": str(cid)})
     return node
 
 
@@ -232,3 +230,130 @@ def export_file(store: Blockstore, cid: CID, dest: Path, *, max_bytes: int | Non
     finally:
         temp.unlink(missing_ok=True)
     return ExportedFile(dest, size, digest.hexdigest())
+
+
+MAX_ENTRY_NAME_BYTES = 255  # the longest file name the common file systems take
+
+
+def _dag_malformed(cid: CID, why: str) -> StorageError:
+    return StorageError("dag_malformed", f"entry {cid}: {why}", details={"cid": str(cid)})
+
+
+def safe_entry_name(name: str) -> bool:
+    """Whether ``name`` is one plain path component: not empty, ``.`` or ``..``, no ``/`` or NUL, at
+    most :data:`MAX_ENTRY_NAME_BYTES` bytes of UTF-8.
+    """
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and "\x00" not in name
+        and len(name.encode()) <= MAX_ENTRY_NAME_BYTES
+    )
+
+
+def export_tree(
+    store: Blockstore,
+    cid: CID,
+    dest: Path,
+    *,
+    max_bytes: int,
+    max_files: int,
+    max_depth: int,
+    file_name: str | None = None,
+) -> list[ExportedFile]:
+    """Write the UnixFS DAG ``cid`` to the new path ``dest``: files byte for byte, directories as
+    folders, nothing else; the files written, in DFS order.
+
+    A directory becomes ``dest`` itself. A file becomes ``dest`` too, or, with ``file_name`` (a file
+    published without its name), ``dest/file_name`` in a new folder ``dest``. The DAG is not trusted:
+    every entry name must be a plain, unique name (:func:`safe_entry_name`), folders may nest at most
+    ``max_depth`` deep, and at most ``max_files`` files and ``max_bytes`` bytes in all are written (a
+    link repeated a million times writes no more than that), so a hostile DAG can neither escape
+    ``dest`` nor fill the disk.
+
+    Refusals: :class:`~core.errors.RequestError` ``invalid_file_name`` for a ``file_name`` that is not a
+    plain name; :class:`StorageError` ``dag_malformed`` (anything but raw blocks, UnixFS files and plain
+    directories, a bad or repeated name, too deep, too many files), ``dag_too_large`` (details ``cid``,
+    ``max_bytes``), ``export_failed`` (the disk); :class:`NotFoundError` ``block_not_found`` for a block
+    the store lacks. What was written before a refusal stays under ``dest`` for the caller to remove.
+    """
+    exporter = _TreeExporter(store, max_bytes=max_bytes, max_files=max_files, max_depth=max_depth)
+    try:
+        if file_name is not None and exporter.links(cid) is None:
+            if not safe_entry_name(file_name):
+                raise RequestError(
+                    "invalid_file_name",
+                    f"{file_name[:80]!r} is not a plain file name",
+                    details={"name": file_name[:256]},
+                )
+            dest.mkdir()
+            exporter.file(cid, dest / file_name)
+        else:
+            exporter.entry(cid, dest, 0)
+    except OSError as exc:
+        raise StorageError(
+            "export_failed", f"cannot write under {dest}: {exc.strerror or exc}", details={"path": str(dest)}
+        ) from None
+    return exporter.written
+
+
+class _TreeExporter:
+    """The walk behind :func:`export_tree`, counting the files and bytes written so far."""
+
+    def __init__(self, store: Blockstore, *, max_bytes: int, max_files: int, max_depth: int) -> None:
+        self.store = store
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.max_depth = max_depth
+        self.written: list[ExportedFile] = []
+        self.size = 0
+
+    def links(self, cid: CID) -> list[PBLink] | None:
+        """None for a file; a directory's links for a directory; ``dag_malformed`` for anything else."""
+        if cid.codec == RAW:
+            return None
+        if cid.codec != DAG_PB:
+            raise _dag_malformed(cid, f"codec 0x{cid.codec:x} is not UnixFS")
+        try:
+            links, data = decode_node(self.store.get(cid))
+            kind = decode_unixfs(data).type if data is not None else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _dag_malformed(cid, f"not valid dag-pb/UnixFS ({exc})") from None
+        if kind in (UnixFSType.FILE, UnixFSType.RAW):
+            return None
+        if kind == UnixFSType.DIRECTORY:
+            return links
+        raise _dag_malformed(cid, f"UnixFS {kind.name if kind is not None else 'without data'} is not a file")
+
+    def entry(self, cid: CID, dest: Path, depth: int) -> None:
+        links = self.links(cid)
+        if links is None:
+            self.file(cid, dest)
+            return
+        if depth >= self.max_depth:
+            raise _dag_malformed(cid, f"folders nest deeper than {self.max_depth}")
+        dest.mkdir()
+        seen: set[str] = set()
+        for link in links:
+            if not safe_entry_name(link.name) or link.name in seen:
+                raise _dag_malformed(cid, f"entry name {link.name[:80]!r} is not a plain, unique name")
+            seen.add(link.name)
+            self.entry(link.cid, dest / link.name, depth + 1)
+
+    def file(self, cid: CID, dest: Path) -> None:
+        if len(self.written) >= self.max_files:
+            raise _dag_malformed(cid, f"more than {self.max_files} files")
+        try:
+            exported = export_file(self.store, cid, dest, max_bytes=self.max_bytes - self.size)
+        except StorageError as exc:
+            if exc.code in ("not_a_file", "malformed_block", "unsupported_codec"):
+                raise _dag_malformed(cid, exc.message) from None
+            if exc.code != "input_too_large":
+                raise
+            raise StorageError(
+                "dag_too_large",
+                f"the DAG holds more than {self.max_bytes} bytes of files, at {cid}",
+                details={"cid": str(cid), "max_bytes": self.max_bytes},
+            ) from None
+        self.size += exported.size
+        self.written.append(exported)

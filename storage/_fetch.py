@@ -1,4 +1,8 @@
-"""Fetching a job's input to a local file, verified end to end.
+"""Fetching a job's input to a local file, verified end to end, and any DAG as a verified CAR.
+
+:func:`fetch_car` brings one DAG from one trustless gateway into a blockstore (every block checked
+against its CID and against the DAG's links, the size bounded); the node's ``ipfs://`` inputs and the
+validator's artifacts both come through it.
 
 - ``ipfs://CID[/path]``: served from the local blockstore when its DAG is complete there; otherwise
   fetched as a CAR from each configured trustless gateway in turn. Every block is checked against its
@@ -38,6 +42,7 @@ import os
 import re
 import secrets
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -197,9 +202,7 @@ def _export_if_complete(
     if first_missing(store, target) is not None:
         return None
     if entity_kind(store, target) != "file":
-        raise StorageError(
-            "not_a_file", f"input {target} is not a file", details={"cid": str(target)}
-        )
+        raise StorageError("not_a_file", f"input {target} is not a file", details={"cid": str(target)})
     if file_size(store, target) > cap:
         raise _too_large(f"input {target}", cap)
     exported = export_file(store, target, dest, max_bytes=cap)
@@ -242,7 +245,17 @@ class _Fetcher:
         failures: list[tuple[str, StorageError]] = []
         for gateway in self.config.gateways:
             try:
-                await self._car_from(gateway, root, segments)
+                await fetch_car(
+                    self.session,
+                    gateway,
+                    root,
+                    store=self.store,
+                    max_bytes=self.cap,
+                    path=segments,
+                    http_timeout=self.timeout,
+                    ssl=self.ssl,
+                    policy=self.policy,
+                )
                 fetched = await _from_local(self.store, root, segments, dest, self.cap)
                 if fetched is not None:
                     return FetchedInput(fetched.path, fetched.size, fetched.sha256, fetched.cid, gateway)
@@ -253,62 +266,6 @@ class _Fetcher:
                 log.warning("gateway fetch failed", extra={"gateway": gateway, "code": exc.code})
                 failures.append((gateway, exc))
         raise _all_failed(root, failures)
-
-    async def _car_from(self, gateway: str, root: CID, segments: list[str]) -> None:
-        url = "/".join([f"{gateway}/ipfs/{root}", *(quote(s, safe="") for s in segments)])
-        headers = {"Accept": CAR_CONTENT_TYPE}
-        params = {"format": "car", "dag-scope": "all"}
-        batch = self.store.batch()
-        try:
-            self.policy.check_url(url)  # the gateway's own host is trusted; this guards how the URL is built
-            async with self.session.get(
-                url, headers=headers, params=params, timeout=self.timeout, ssl=self.ssl, allow_redirects=False
-            ) as response:
-                if response.status in _REDIRECT_STATUSES:
-                    raise StorageError(
-                        "gateway_bad_response",
-                        f"{gateway} answered a CAR request with a redirect, which the node does not follow",
-                        details={"gateway": gateway, "status": response.status},
-                        retryable=True,
-                    )
-                _check_status(gateway, response.status)
-                if response.content_type != CAR_MEDIA_TYPE:
-                    raise StorageError(
-                        "gateway_bad_response",
-                        f"{gateway} answered {response.content_type}, not a CAR",
-                        details={"gateway": gateway},
-                        retryable=True,
-                    )
-                await self._ingest(response, root, batch)
-            await asyncio.to_thread(batch.commit)
-        except AddressNotAllowed as exc:
-            raise _not_allowed(exc) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # the detail stays in the operator's log: refused, reset, timeout and TLS read the same
-            log.warning("gateway %s unreachable: %s: %s", gateway, type(exc).__name__, exc)
-            raise StorageError(
-                "gateway_unreachable",
-                f"{gateway} could not be reached",
-                details={"gateway": gateway},
-                retryable=True,
-            ) from None
-        finally:
-            batch.abort()  # a no-op once committed; otherwise no block of a failed fetch is kept
-
-    async def _ingest(self, response: aiohttp.ClientResponse, root: CID, batch: BlockBatch) -> None:
-        ingest = _CarIngest(root, batch, self.cap)
-        pieces: list[bytes] = []
-        held = 0
-        async for piece in response.content.iter_any():
-            if ingest.reader.bytes_read + held + len(piece) > ingest.byte_limit:
-                raise _too_large(f"the CAR for {root}", self.cap)
-            pieces.append(piece)
-            held += len(piece)
-            if held >= FETCH_PIECE_BYTES:
-                await asyncio.to_thread(ingest.feed, pieces)
-                pieces, held = [], 0
-        await asyncio.to_thread(ingest.feed, pieces)
-        ingest.finish()
 
     # -- https:// -------------------------------------------------------------------------------------
 
@@ -396,11 +353,103 @@ def _write_hashed(out: BinaryIO, pieces: list[bytes], digest: hashlib._Hash) -> 
         out.write(piece)
 
 
+async def fetch_car(
+    session: aiohttp.ClientSession,
+    gateway: str,
+    root: CID,
+    *,
+    store: Blockstore,
+    max_bytes: int,
+    path: Sequence[str] = (),
+    http_timeout: aiohttp.ClientTimeout | None = None,
+    ssl: ssl.SSLContext | bool = True,
+    policy: AddressPolicy | None = None,
+) -> int:
+    """``GET {gateway}/ipfs/{root}[/path]?format=car&dag-scope=all`` into ``store``, verified; the CAR's
+    byte count.
+
+    Every block must hash to its CID and be one the DAG so far links to (parents come first in a DFS
+    CAR), the CAR's roots, if it names any, must include ``root``, and the download may be at most
+    ``max_bytes`` of content plus :data:`CAR_OVERHEAD_ALLOWANCE` and one block of framing; a UnixFS file
+    node that declares more than ``max_bytes`` ends it at once. Blocks become visible in ``store`` only
+    once the whole CAR has verified; nothing of a refused one is kept.
+
+    The gateway is asked once, redirects are refused (``gateway_bad_response``), and ``policy``, when
+    given, checks the URL before it is requested. Refusals are :class:`~core.errors.StorageError`:
+    ``gateway_unreachable`` and ``gateway_bad_response`` (retryable), the status codes of a non-200
+    answer (``input_not_found``, ``input_unavailable``, ``input_refused``, details ``source`` and
+    ``status``), ``input_too_large`` (details ``max_bytes``), ``unexpected_block``, ``car_root_mismatch``
+    (details ``cid`` and ``roots``), ``malformed_block``, and :class:`CarReader`'s own.
+    """
+    url = "/".join([f"{gateway}/ipfs/{root}", *(quote(s, safe="") for s in path)])
+    batch = store.batch()
+    try:
+        if policy is not None:
+            policy.check_url(url)  # a gateway's own host is trusted; this guards how the URL is built
+        async with session.get(
+            url,
+            headers={"Accept": CAR_CONTENT_TYPE},
+            params={"format": "car", "dag-scope": "all"},
+            timeout=http_timeout,
+            ssl=ssl,
+            allow_redirects=False,
+        ) as response:
+            if response.status in _REDIRECT_STATUSES:
+                raise StorageError(
+                    "gateway_bad_response",
+                    f"{gateway} answered a CAR request with a redirect, which is not followed",
+                    details={"gateway": gateway, "status": response.status},
+                    retryable=True,
+                )
+            _check_status(gateway, response.status)
+            if response.content_type != CAR_MEDIA_TYPE:
+                raise StorageError(
+                    "gateway_bad_response",
+                    f"{gateway} answered {response.content_type}, not a CAR",
+                    details={"gateway": gateway},
+                    retryable=True,
+                )
+            read = await _ingest(response, _CarIngest(root, batch, max_bytes))
+        await asyncio.to_thread(batch.commit)
+        return read
+    except AddressNotAllowed as exc:
+        raise _not_allowed(exc) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # the detail stays in the operator's log: refused, reset, timeout and TLS read the same
+        log.warning("gateway %s unreachable: %s: %s", gateway, type(exc).__name__, exc)
+        raise StorageError(
+            "gateway_unreachable",
+            f"{gateway} could not be reached",
+            details={"gateway": gateway},
+            retryable=True,
+        ) from None
+    finally:
+        await asyncio.to_thread(batch.abort)  # a no-op once committed; otherwise no block is kept
+
+
+async def _ingest(response: aiohttp.ClientResponse, ingest: _CarIngest) -> int:
+    """Feed the response body to ``ingest`` (verified in a worker thread, a piece at a time)."""
+    pieces: list[bytes] = []
+    held = 0
+    async for piece in response.content.iter_any():
+        if ingest.reader.bytes_read + held + len(piece) > ingest.byte_limit:
+            raise _too_large(f"the CAR for {ingest.root}", ingest.cap)
+        pieces.append(piece)
+        held += len(piece)
+        if held >= FETCH_PIECE_BYTES:
+            await asyncio.to_thread(ingest.feed, pieces)
+            pieces, held = [], 0
+    await asyncio.to_thread(ingest.feed, pieces)
+    ingest.finish()
+    return ingest.reader.bytes_read
+
+
 class _CarIngest:
     """Verified blocks of one gateway's CAR into a batch, refusing any block the DAG does not link to.
 
     Blocks arrive in DFS order, parents first, so every block must already be linked from one before
-    it. A UnixFS file node whose ``filesize`` is over the cap ends the fetch as soon as it arrives.
+    it. The CAR's roots are checked as soon as its header is in, before any block is looked at; a
+    UnixFS file node whose ``filesize`` is over the cap ends the fetch as soon as it arrives.
     """
 
     def __init__(self, root: CID, batch: BlockBatch, cap: int) -> None:
@@ -410,10 +459,14 @@ class _CarIngest:
         self.reader = CarReader()
         self.expected = {root.v1()}
         self.byte_limit = int(cap * (1 + CAR_OVERHEAD_ALLOWANCE)) + MAX_BLOCK_BYTES
+        self.roots_checked = False
 
     def feed(self, pieces: list[bytes]) -> None:
         for piece in pieces:
-            for cid, block in self.reader.feed(piece):
+            blocks = self.reader.feed(piece)
+            if not self.roots_checked and self.reader.roots is not None:
+                self._check_roots(self.reader.roots)
+            for cid, block in blocks:
                 if cid.v1() not in self.expected:
                     raise StorageError(
                         "unexpected_block",
@@ -423,6 +476,15 @@ class _CarIngest:
                 if cid.codec == DAG_PB:
                     self._follow(cid, block)
                 self.batch.put(cid, block)
+
+    def _check_roots(self, roots: list[CID]) -> None:
+        self.roots_checked = True
+        if roots and self.root.v1() not in {r.v1() for r in roots}:
+            raise StorageError(
+                "car_root_mismatch",
+                f"the CAR's roots {[str(r) for r in roots]} do not include {self.root}",
+                details={"cid": str(self.root), "roots": [str(r) for r in roots]},
+            )
 
     def _follow(self, cid: CID, block: bytes) -> None:
         try:
@@ -438,13 +500,8 @@ class _CarIngest:
 
     def finish(self) -> None:
         self.reader.finish()
-        roots = {r.v1() for r in self.reader.roots or []}
-        if roots and self.root.v1() not in roots:
-            raise StorageError(
-                "car_root_mismatch",
-                f"the CAR's roots {sorted(str(r) for r in roots)} do not include {self.root}",
-                details={"cid": str(self.root)},
-            )
+        if not self.roots_checked and self.reader.roots is not None:
+            self._check_roots(self.reader.roots)
 
 
 def _parse_url(url: str) -> URL:
@@ -463,9 +520,7 @@ def _redirect_target(url: URL, location: str) -> URL:
     if target is None or not target.absolute:
         raise StorageError("input_refused", "the input's URL redirected without a usable Location")
     if target.scheme != "https":
-        raise StorageError(
-            "input_not_allowed", "the input's URL redirected to a URL that is not https://"
-        )
+        raise StorageError("input_not_allowed", "the input's URL redirected to a URL that is not https://")
     return target
 
 

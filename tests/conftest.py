@@ -224,7 +224,7 @@ def labelled_containers(label: str, value: str) -> set[str]:
     listing and inspecting one container after another)."""
     import docker
 
-    from core.config import DEFAULT_DOCKER_URL
+    from core.defaults import DEFAULT_DOCKER_URL
 
     client = docker.APIClient(base_url=DEFAULT_DOCKER_URL)
     try:
@@ -263,7 +263,7 @@ def sandbox_images() -> dict[str, str]:
     """
     import docker
 
-    from core.config import DEFAULT_DOCKER_URL
+    from core.defaults import DEFAULT_DOCKER_URL
 
     proc = subprocess.run(
         [str(REPO / "scripts" / "docker.sh")],

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import pytest
 
-from core.config import DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVED_DESCRIPTORS
+from core.defaults import DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVED_DESCRIPTORS
 from core.logs import RepeatFilter
 from node.http_guard import connection_cap
 from payments.keys import new_ed25519

@@ -18,7 +18,8 @@ import docker
 import pytest
 from aiohttp.test_utils import TestServer
 
-from core.config import DEFAULT_DOCKER_URL, load_config
+from core.config import load_config
+from core.defaults import DEFAULT_DOCKER_URL
 from node.daemon import Node
 from node.server import build_app
 from payments.keys import Signer, load_key, new_ed25519

@@ -82,7 +82,7 @@ def test_the_unit_as_install_service_writes_it_passes_systemd_analyze_verify(tmp
 
 
 def test_the_stop_timeout_leaves_room_for_the_default_drain_grace() -> None:
-    from core.config import DEFAULT_DRAIN_GRACE_SECONDS
+    from core.defaults import DEFAULT_DRAIN_GRACE_SECONDS
 
     stop = re.search(r"^TimeoutStopSec=(\d+)s$", UNIT.read_text(), re.MULTILINE)
     assert stop is not None

@@ -188,6 +188,51 @@ def test_set_chain_config_replaces_the_table_and_keeps_the_rest(tmp_path: Path) 
     assert "port = 9000  # kept" in (tmp_path / "node.toml").read_text()
 
 
+OPERATOR_CHAIN = f"""# The settlement chain, tuned by hand.
+[chain]
+rpc_url = "http://127.0.0.1:1"  # the chain this node used before
+chain_id = 1
+escrow = "0x{"11" * 20}"
+token = "0x{"22" * 20}"
+confirmations = 3              # reorgs here have run two blocks deep
+# Settlement gets a week.
+settlement_window_seconds = 604800
+
+"""
+
+
+def test_devnet_edits_an_existing_chain_table_in_place(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_text = (home / "node.toml").read_text()
+    (home / "node.toml").write_text(OPERATOR_CHAIN + init_text)
+    rc, net = run_devnet(capsys, "--home", str(home), "--port", str(free_port()), "--detach")
+    assert rc == 0, net
+
+    text = (home / "node.toml").read_text()
+    assert text.endswith(init_text)  # the sections after [chain], comments included, as written
+    old, new = OPERATOR_CHAIN.splitlines(), text.splitlines()
+    # Only the lines holding where the chain is changed; the operator's comments and knobs stay put, and
+    # the keys the table lacked are added to it.
+    assert [line for line in old if line not in new] == old[2:6]
+    assert new[2] == f'rpc_url = "{net["rpc_url"]}"  # the chain this node used before'
+    assert new[3:6] == ["chain_id = 31337", f'escrow = "{net["escrow"]}"', f'token = "{net["token"]}"']
+    assert text.count("[chain]") == 1 and devnet.CHAIN_TABLE_COMMENT not in text
+    chain = load_config(home).chain
+    assert chain is not None
+    assert (chain.rpc_url, chain.chain_id, chain.escrow, chain.token) == (
+        net["rpc_url"],
+        31337,
+        net["escrow"],
+        net["token"],
+    )
+    assert (chain.confirmations, chain.settlement_window_seconds) == (3, 604800)
+    assert chain.token_name == devnet.TOKEN_NAME
+
+    devnet.set_chain_config(home, chain)  # the same values again: not a byte changes
+    assert (home / "node.toml").read_text() == text
+
+
 def test_set_chain_config_refuses_chain_outside_a_table(tmp_path: Path) -> None:
     original = 'chain = { rpc_url = "http://x:1" }\n[api]\nport = 9000\n'
     (tmp_path / "node.toml").write_text(original)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.config import DEFAULT_SANDBOX_USER
+from core.defaults import DEFAULT_SANDBOX_USER
 from sandbox.runner import Mount, RunSpec, SandboxRunner
 
 MIB = 1024 * 1024

@@ -14,7 +14,7 @@ from typing import Any
 import docker
 import pytest
 
-from core.config import DEFAULT_DOCKER_URL
+from core.defaults import DEFAULT_DOCKER_URL
 from sandbox.runner import LABEL_NODE, SandboxRunner
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from core.config import DEFAULT_SANDBOX_USER
+from core.defaults import DEFAULT_SANDBOX_USER
 from core.errors import ExecutionError
 from sandbox._streams import LineSplitter, Tail
 from sandbox.runner import (

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -21,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from core.config import StorageSection
 from core.errors import RequestError, StorageError
 from node.http_errors import status_of
-from storage import CID, Blockstore, fetch_input, import_bytes, import_path, write_car
+from storage import CID, Blockstore, export_tree, fetch_car, fetch_input, import_bytes, import_path, write_car
 from storage._blockstore import TEMP_PREFIX
 from storage._car import encode_header, section_prefix
 from tests.storage.conftest import MIB, gateway_server, random_bytes
@@ -165,6 +166,75 @@ async def test_unrelated_blocks_are_refused(store: Blockstore, tmp_path: Path) -
             await fetch_input(f"ipfs://{wanted}", tmp_path / "in", store=store, config=_config(url))
     assert info.value.code == "unexpected_block"
     assert not store.has(junk_cid)
+
+
+# -- fetch_car: one DAG from one gateway, as the validator fetches an artifact -----------------------------
+
+
+async def test_fetch_car_brings_a_whole_tree_verified(
+    store: Blockstore, remote: tuple[Blockstore, CID], sample_tree: Path, tmp_path: Path
+) -> None:
+    remote_store, root = remote
+    car = _car_bytes(remote_store, root)
+    async with gateway_server(remote_store) as url, aiohttp.ClientSession() as session:
+        read = await fetch_car(session, url, root, store=store, max_bytes=4 * MIB)
+    assert read == len(car)
+    written = export_tree(store, root, tmp_path / "out", max_bytes=4 * MIB, max_files=10, max_depth=4)
+    assert import_path(tmp_path / "out").cid == root
+    assert {f.path.relative_to(tmp_path / "out").as_posix() for f in written} == {
+        p.relative_to(sample_tree).as_posix() for p in sample_tree.rglob("*") if p.is_file()
+    }
+
+
+async def test_fetch_car_refuses_a_block_outside_the_dag_after_a_whole_one(
+    store: Blockstore, remote: tuple[Blockstore, CID]
+) -> None:
+    remote_store, root = remote
+    junk = random_bytes(5000, seed=23)
+    junk_cid = CID.for_block(0x55, junk)
+    stuffed = _car_bytes(remote_store, root) + section_prefix(junk_cid, len(junk)) + junk
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=stuffed, content_type="application/vnd.ipld.car")
+
+    async with serving(handler) as url, aiohttp.ClientSession() as session:
+        with pytest.raises(StorageError) as info:
+            await fetch_car(session, url, root, store=store, max_bytes=4 * MIB)
+    assert (info.value.code, info.value.details) == ("unexpected_block", {"cid": str(junk_cid)})
+    assert store.stats().blocks == 0  # every block of the DAG verified, and still none is kept
+
+
+async def test_fetch_car_refuses_a_car_whose_roots_are_another_dag_before_any_block(
+    store: Blockstore, remote: tuple[Blockstore, CID], sample_tree: Path
+) -> None:
+    remote_store, root = remote
+    wanted = import_path(sample_tree / "index.m3u8").cid
+    body = _car_bytes(remote_store, root)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/vnd.ipld.car")
+
+    async with serving(handler) as url, aiohttp.ClientSession() as session:
+        with pytest.raises(StorageError) as info:
+            await fetch_car(session, url, wanted, store=store, max_bytes=4 * MIB)
+    assert info.value.code == "car_root_mismatch"
+    assert info.value.details == {"cid": str(wanted), "roots": [str(root)]}
+
+
+async def test_fetch_car_bounds_the_download_and_says_what_the_gateway_answered(
+    store: Blockstore, remote: tuple[Blockstore, CID], sample_tree: Path
+) -> None:
+    remote_store, _ = remote
+    big = import_path(sample_tree / "big.bin").cid
+    absent = CID.for_block(0x55, b"on no gateway")
+    async with gateway_server(remote_store) as url, aiohttp.ClientSession() as session:
+        with pytest.raises(StorageError) as too_large:
+            await fetch_car(session, url, big, store=store, max_bytes=MIB)
+        with pytest.raises(StorageError) as not_found:
+            await fetch_car(session, url, absent, store=store, max_bytes=MIB)
+    assert (too_large.value.code, too_large.value.details) == ("input_too_large", {"max_bytes": MIB})
+    assert not_found.value.code == "input_not_found" and not_found.value.details["status"] == 404
+    assert store.stats().blocks == 0
 
 
 async def test_unreachable_gateway_is_retryable(store: Blockstore, tmp_path: Path) -> None:

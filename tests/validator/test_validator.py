@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,28 +36,28 @@ from cli.validator import add_parser
 from core.envelope import FfmpegTranscodeEnvelope, parse_envelope
 from core.errors import ConfigError, FundingError, RequestError, SettlementError, StorageError
 from payments import devnet
+from payments.credentials import issue_credential, verify_credential
 from payments.devnet import TOKEN_NAME
 from payments.keys import EthSigner, new_ed25519, new_eth, save_key
 from payments.receipts import FundingTerms, Receipt, escrow_job_id, receipt_signer, result_digest, usdc_units
 from requester.client import NodeClient
 from sandbox.ffmpeg import make_test_clip
-from storage import CID, DAG_PB, RAW, Blockstore, import_path
+from storage import CID, DAG_PB, RAW, Blockstore, import_path, write_car
+from storage._car import section_prefix
 from storage._dagpb import PBLink, UnixFSType, encode_node, encode_unixfs
 from tests.conftest import LiveNode, live, make_envelope, write_home
 from tests.node.test_execution import FINISHED, RUN_CONFIG, submit, upload, wait_state
 from tests.payments.paid import paid_envelope, paid_home, quote_and_fund, wait_for
-from validator.validator import (
+from validator import (
     MIB,
     SignedJob,
     check_terms,
     fetch_artifact,
     fetch_signed_job,
-    issue_credential,
     judge,
     sign_verdict,
     unpack_artifact,
     validate,
-    verify_credential,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -223,9 +224,10 @@ async def lying_node(
     *,
     path: Callable[[str], str] = lambda p: p,
     edit: Callable[[str, dict[str, Any]], None] = lambda p, doc: None,
+    raw: Callable[[str, bytes], bytes] = lambda p, body: body,
 ) -> AsyncIterator[str]:
-    """A proxy in front of ``upstream`` that may send a request elsewhere (``path``) or change a JSON
-    answer (``edit``) before passing it on; yields its URL.
+    """A proxy in front of ``upstream`` that may send a request elsewhere (``path``), change a JSON
+    answer (``edit``) or any other answer's bytes (``raw``) before passing it on; yields its URL.
     """
     async with aiohttp.ClientSession() as session:
 
@@ -242,6 +244,8 @@ async def lying_node(
                     doc = json.loads(body)
                     edit(request.path, doc)
                     body = json.dumps(doc).encode()
+                else:
+                    body = raw(request.path, body)
                 return web.Response(status=r.status, body=body, content_type=r.content_type)
 
         app = web.Application()
@@ -278,6 +282,61 @@ async def test_an_artifact_that_is_not_the_results_is_refused(done: Done) -> Non
             await validate(client, done.job, done.validator, terms=done.terms, post=False)
     assert info.value.code == "car_root_mismatch"
     assert info.value.details["roots"] == [result["provenance"]["input_cid"]]
+
+
+def _stuffed(car: bytes) -> tuple[bytes, CID]:
+    """``car`` with one more, well-formed block appended that no block of its DAG links to."""
+    junk = b"a block the artifact does not link to" * 100
+    junk_cid = CID.for_block(RAW, junk)
+    return car + section_prefix(junk_cid, len(junk)) + junk, junk_cid
+
+
+async def test_a_car_carrying_a_block_outside_the_artifacts_dag_is_refused(done: Done) -> None:
+    result = await _result(done)
+    artifact = f"/ipfs/{result['artifact_cid']}"
+    stuffed: list[CID] = []
+
+    def stuff(path: str, body: bytes) -> bytes:
+        if path != artifact:
+            return body
+        car, junk = _stuffed(body)
+        stuffed.append(junk)
+        return car
+
+    async with lying_node(done.node.url, raw=stuff) as url, NodeClient(url) as client:
+        with pytest.raises(StorageError) as info:
+            await validate(client, done.job, done.validator, terms=done.terms, post=False)
+    assert info.value.code == "unexpected_block"
+    assert stuffed and info.value.details == {"cid": str(stuffed[0])}
+
+
+async def test_fetch_artifact_keeps_nothing_of_a_car_with_an_unlinked_block(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "master.m3u8").write_text("#EXTM3U\n")
+    (tree / "seg_00000.ts").write_bytes(bytes(range(256)) * 64)
+    origin = Blockstore.open(tmp_path / "origin")
+    root = import_path(tree, origin).cid  # a folder node and its two files: three verified blocks
+    car = io.BytesIO()
+    write_car(origin, root, car)
+    body, junk = _stuffed(car.getvalue())
+
+    async def gateway(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/vnd.ipld.car")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", gateway)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    store = Blockstore.open(tmp_path / "blocks")
+    try:
+        async with NodeClient(str(server.make_url("")).rstrip("/")) as client:
+            with pytest.raises(StorageError) as info:
+                await fetch_artifact(client, root, store, max_bytes=MIB)
+    finally:
+        await server.close()
+    assert info.value.code == "unexpected_block" and info.value.details == {"cid": str(junk)}
+    assert store.stats().blocks == 0  # the artifact's own, verified blocks are not kept either
 
 
 async def test_an_envelope_that_is_not_the_jobs_is_refused(done: Done) -> None:
