@@ -25,6 +25,7 @@ from core.config import (
 )
 from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
 from core.errors import ConfigError
+from core.faults import NO_FAULTS, FaultPoints
 from core.journal import Journal
 from core.logs import log_transition
 from node.admission import Admission, hold_policy
@@ -67,13 +68,16 @@ class Node:
         now: Callable[[], float] = time.time,
         config_path: Path | None = None,
         credentials_dir: Path | None = None,
+        faults: FaultPoints | None = None,
     ) -> None:
+        """``faults``: the fault points settlement reaches (:mod:`core.faults`); none fire when omitted."""
         self.home = home
         self.cfg = cfg
         self.config_path = config_path
         self.credentials_dir = credentials_dir
         self.signer = signer
         self.now = now
+        self.faults: FaultPoints = NO_FAULTS if faults is None else faults
         self.metrics = Metrics()
         self.machine: MachineInfo = discover(cfg.capacity, disk_path=resolve_path(home, cfg.node.state_dir))
         offered = self.machine.offered
@@ -229,6 +233,7 @@ class Node:
                 on_funded=self._funded,
                 on_closed=self.ledger.release,
                 now=self.now,
+                faults=self.faults,
             )
             self._settlement = settlement
             self.metrics.watch_payments(journal.payment_totals, lambda: settlement.chain_up)

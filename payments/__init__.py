@@ -1,7 +1,10 @@
-"""Hearth payments: DIDs, keys and signatures (DID-JWT); escrow client and contracts later.
+"""Hearth payments: DIDs, keys and signatures (DID-JWT), the escrow and getting paid through it.
 
-The public surface is re-exported here; ``payments.did``, ``payments.keys`` and ``payments.jwt`` hold
-the implementations.
+DIDs, keys and DID-JWTs are re-exported here; ``payments.did``, ``payments.keys`` and ``payments.jwt`` hold
+the implementations. The escrow side loads web3 and eth-account, so it is imported from its modules, only
+by a node with a chain: :class:`payments.settlement.Settlement` is the one object a node holds for it,
+composing the terms of quotes (:mod:`payments.terms`), the funding watcher (:mod:`payments.funding`), the
+receipts and their verdicts (:mod:`payments.verdicts`) and the transaction outbox (:mod:`payments.outbox`).
 """
 
 from payments.did import (

@@ -43,9 +43,7 @@ _CHAIN_ID_RE = re.compile(r"[1-9][0-9]{0,31}")
 
 def _invalid(did: object, reason: str) -> AuthError:
     shown = did[:MAX_DID_LENGTH] if isinstance(did, str) else type(did).__name__
-    return AuthError(
-        "invalid_did", f"not a valid DID: {reason}", details={"did": shown, "reason": reason}
-    )
+    return AuthError("invalid_did", f"not a valid DID: {reason}", details={"did": shown, "reason": reason})
 
 
 def _split(did: str) -> tuple[str, str]:

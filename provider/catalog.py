@@ -135,12 +135,28 @@ def check_readable(path: Path) -> None:
                 )
 
 
-def transformers_module() -> Any:
-    """``transformers``, imported on first use (it is slow to import) and without its torch advisory."""
-    # The node needs tokenizers and configs, not torch; transformers says so at import unless told not to.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import transformers
+class _TorchAdvisory(logging.Filter):
+    """Drops the advisory ``transformers`` logs on its own logger when torch is absent."""
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and "PyTorch" in record.getMessage())
+
+
+def transformers_module() -> Any:
+    """``transformers``, imported on first use (it is slow to import) and without its torch advisory.
+
+    The node needs tokenizers and configs, not torch, and transformers warns at import that torch is
+    missing. That one warning is filtered out on the ``transformers`` logger for the length of the import;
+    the process environment is left as it was (transformers' own switch for it is an environment
+    variable, which a library has no business setting for the whole process).
+    """
+    logger = logging.getLogger("transformers")
+    advisory = _TorchAdvisory()
+    logger.addFilter(advisory)
+    try:
+        import transformers
+    finally:
+        logger.removeFilter(advisory)
     return transformers
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import DEFAULT_DOCKER_URL, load_config, resolve_path
+from core.config import load_config, resolve_path
+from core.defaults import DEFAULT_DOCKER_URL
 from sandbox.runner import LABEL_NODE
 from tests.chaos.scoreboard import Row
 from tests.conftest import DaemonProcess, free_port, labelled_containers, write_home

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import docker
 
-from core.config import DEFAULT_DOCKER_URL
+from core.defaults import DEFAULT_DOCKER_URL
 from core.errors import HearthError
 from payments.keys import new_ed25519
 from sandbox.runner import LABEL_NODE, SandboxRunner

@@ -1,11 +1,11 @@
 """Settlement survives crashes and chain outages: nothing is paid twice, nothing is lost.
 
-- ``kill -9`` between broadcast and recording, 20 times: the daemon (a real ``hearth run`` process) kills
-  itself with SIGKILL right after ``eth_sendRawTransaction`` returned and before it recorded the fact, once
-  per life, for 10 gasless fundings and then 10 releases. Every restart resolves the transaction by hash.
-  At the end every job is settled exactly once: one ``settled`` transition each, one ``Released`` event
-  each on chain, the provider's balance up by exactly the receipts' sum, and the node's wallet sent
-  exactly 20 transactions.
+- ``kill -9`` between broadcast and recording, 20 times: the daemon (a real ``hearth run`` process, started
+  through :mod:`tests.crashnode` with the ``after_broadcast`` fault point) kills itself with SIGKILL right
+  after ``eth_sendRawTransaction`` returned and before it recorded the fact, once per life, for 10 gasless
+  fundings and then 10 releases. Every restart resolves the transaction by hash. At the end every job is
+  settled exactly once: one ``settled`` transition each, one ``Released`` event each on chain, the
+  provider's balance up by exactly the receipts' sum, and the node's wallet sent exactly 20 transactions.
 - The RPC stopped for 30 s mid-settlement (anvil frozen with SIGSTOP): the receipt is still taken, the
   node reports the chain down and retries with backoff, and the release completes once anvil is back.
 """
@@ -16,6 +16,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +26,11 @@ import pytest
 
 from core.journal import Journal
 from payments import devnet
+from payments.outbox import AFTER_BROADCAST
 from payments.receipts import FundingTerms
-from payments.settlement import FAULT_ENV
 from requester.client import NodeClient
 from sandbox.ffmpeg import make_test_clip
-from tests.conftest import DaemonProcess, free_port, live
+from tests.conftest import REPO, DaemonProcess, free_port, live
 from tests.payments.paid import PaidHome, paid_envelope, paid_home, quote_and_fund, receipt_for, wait_for
 
 JOBS = 10
@@ -61,11 +62,22 @@ def crash_home(tmp_path: Path, sandbox_images: dict[str, str]) -> Iterator[tuple
         devnet.stop(ph.home)
 
 
-def _env(*, rpc_url: str, paused: bool, fault: str | None = None) -> dict[str, str]:
-    env = {"HEARTH_CHAIN__RPC_URL": rpc_url, "HEARTH_SCHEDULER__PAUSED": "true" if paused else "false"}
-    if fault is not None:
-        env[FAULT_ENV] = fault
-    return env
+def _env(*, rpc_url: str, paused: bool) -> dict[str, str]:
+    return {"HEARTH_CHAIN__RPC_URL": rpc_url, "HEARTH_SCHEDULER__PAUSED": "true" if paused else "false"}
+
+
+def _spawn_crashing(daemon: DaemonProcess, point: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``daemon``'s ``hearth run`` through tests.crashnode, dying at fault ``point``; no wait."""
+    argv = ["run", "--home", str(daemon.home), "--port", str(daemon.port)]
+    with daemon.log.open("a") as log:  # a file, not a pipe: a full pipe would stall the daemon
+        daemon.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.crashnode", point, *argv],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+    return daemon.proc
 
 
 def _dead_rpc() -> str:
@@ -76,7 +88,7 @@ def _crash_lives(daemon: DaemonProcess, rpc_url: str, count: int) -> list[int]:
     """Run ``count`` daemon lives that each die at their first broadcast; their exit codes."""
     codes = []
     for _ in range(count):
-        proc = daemon.spawn(_env(rpc_url=rpc_url, paused=True, fault="after_broadcast"))
+        proc = _spawn_crashing(daemon, AFTER_BROADCAST, _env(rpc_url=rpc_url, paused=True))
         try:
             codes.append(proc.wait(LIFE_TIMEOUT_SECONDS))
         except subprocess.TimeoutExpired:
@@ -146,7 +158,7 @@ async def test_kill_9_between_broadcast_and_recording_20_times_settles_every_job
             await wait_for(client, job, {"settled"}, limit=60)
     daemon.stop()
 
-    assert daemon.log.read_text().count("fault point after_broadcast") == 2 * JOBS
+    assert daemon.log.read_text().count(f"fault point {AFTER_BROADCAST}: killing the node") == 2 * JOBS
     jobs, settled, txs = _journal_view(ph)
     assert set(jobs.values()) == {"settled"} and all(n == 1 for n in settled.values())
     for job, t in terms.items():
@@ -208,3 +220,16 @@ async def test_rpc_stopped_for_30s_mid_settlement_settles_after_it_returns(
         assert ph.released_events(terms.to_json()["escrow_job_id"]) == 1
     finally:
         devnet.stop(ph.home)
+
+
+def test_the_crash_launcher_refuses_a_fault_point_that_does_not_exist() -> None:
+    """A misspelt point would never fire and the crash test would wait out its lives: it is refused."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.crashnode", "after_nothing", "run", "--home", "/nonexistent"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "usage: python -m tests.crashnode {after_record,after_broadcast}" in done.stderr

@@ -18,7 +18,7 @@ from requester.client import NodeClient
 from tests.conftest import TinyModel, live
 from tests.node.test_inference import BATCH, LINE_CAPS, batch_envelope, infer_config
 from tests.payments.paid import paid_home, quote_and_fund, wait_for
-from validator.validator import fetch_signed_job, job_envelope, judge, validate
+from validator import fetch_signed_job, job_envelope, judge, validate
 
 
 async def test_a_batch_job_is_funded_run_validated_and_released(

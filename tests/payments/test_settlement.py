@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from payments import devnet
+from payments.credentials import issue_credential
 from payments.keys import Signer
 from payments.receipts import FundingTerms, Receipt
 from requester.client import NodeClient, NodeError, sign_request
@@ -27,7 +28,6 @@ from tests.payments.paid import (
     set_chain,
     wait_for,
 )
-from validator.validator import issue_credential
 
 RUN = {"scheduler": {"paused": False}}
 

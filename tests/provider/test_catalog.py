@@ -8,7 +8,10 @@ shared with every other test.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from provider.catalog import (
 )
 from provider.testmodel import build_test_model
 from sandbox.vllm import cpu_memory_needed_mb
-from tests.conftest import TinyModel, make_envelope
+from tests.conftest import REPO, TinyModel, make_envelope
 
 MODEL = "tiny-llama"
 RATES = {"input_1k_tokens": "0.0002", "output_1k_tokens": "0.0006"}
@@ -368,3 +371,40 @@ def test_a_directory_without_a_tokenizer_is_refused(tiny_model: TinyModel, tmp_p
         ChatTokenizer(bare)
     assert info.value.code == "model_tokenizer_unusable"
     assert info.value.details == {"path": str(bare)}
+
+
+# A fresh process: transformers is imported for the first time there, through the catalog, as in the node.
+FIRST_USE_PROBE = """
+import json, os, sys
+from pathlib import Path
+before = dict(os.environ)
+from core.config import ModelSection
+from provider.catalog import ModelCatalog
+entry = ModelSection(name="tiny-llama", path=sys.argv[1], cid=sys.argv[2], max_context=2048)
+catalog = ModelCatalog.verify(Path("/"), [entry])
+tokens = catalog.prompt_tokens("tiny-llama", [{"role": "user", "content": "hello world 0"}])
+print(json.dumps({"tokens": tokens, "transformers": "transformers" in sys.modules,
+                  "environ_changed": sorted(set(os.environ.items()) ^ set(before.items()))}))
+"""
+
+
+def test_using_the_catalog_leaves_the_environment_as_it_was(tiny_model: TinyModel) -> None:
+    """Loading a tokenizer (and with it transformers) sets nothing in ``os.environ`` and prints no torch
+    advisory; in this process and in a fresh one where transformers is imported for the first time."""
+    before = dict(os.environ)
+    catalog_of(tiny_model).prompt_tokens(MODEL, [{"role": "user", "content": "hello world 0"}])
+    ChatTokenizer(tiny_model.path)
+    assert dict(os.environ) == before
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_USE_PROBE, str(tiny_model.path), tiny_model.cid],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(done.stdout) == {"tokens": 7, "transformers": True, "environ_changed": []}
+    assert "PyTorch" not in done.stderr, done.stderr
