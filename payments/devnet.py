@@ -7,48 +7,42 @@ recorded in ``<home>/devnet/anvil.pid`` still answers and the recorded contracts
 reused and only the balances are topped up. :func:`stop` ends that anvil; its chain state is kept in
 ``<home>/devnet/state.json`` so the next :func:`up` finds the same contracts again.
 
-Everything here speaks to anvil's unlocked dev accounts; a real chain is configured by editing ``[chain]``.
+The anvil process itself is :mod:`payments.devnet_anvil`'s, the editing of ``[chain]``
+:mod:`payments.devnet_config`'s; their public names are re-exported here. Everything here speaks to anvil's
+unlocked dev accounts; a real chain is configured by editing ``[chain]``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
-import os
-import platform
-import secrets
 import signal
-import socket
-import subprocess
 import threading
-import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-import tomlkit
 from eth_utils.address import to_checksum_address
-from tomlkit.exceptions import TOMLKitError
-from tomlkit.items import Table
 from web3 import Web3
 from web3.exceptions import Web3Exception
 
-from core.config import CONFIG_FILENAME, ChainSection, load_config, parse_config, resolve_path
+from core.config import ChainSection, load_config, resolve_path
 from core.defaults import DEFAULT_DEVNET_PORT, DEFAULT_WALLET_KEY_FILE
 from core.errors import ConfigError
+from payments.devnet_anvil import DEVNET_CHAIN_ID as DEVNET_CHAIN_ID
+from payments.devnet_anvil import DEVNET_HOST as DEVNET_HOST
+from payments.devnet_anvil import RPC_TIMEOUT_SECONDS, alive, terminate
+from payments.devnet_anvil import connect as connect
+from payments.devnet_anvil import find_anvil as find_anvil
+from payments.devnet_anvil import spawn_anvil as spawn_anvil
+from payments.devnet_config import CHAIN_TABLE_COMMENT as CHAIN_TABLE_COMMENT
+from payments.devnet_config import set_chain_config as set_chain_config
+from payments.devnet_config import write_atomically
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, load_eth_key, new_eth, save_key
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ANVIL = REPO_ROOT / "node_modules" / ".bin" / "anvil"
-DEVNET_CHAIN_ID = 31337
-DEVNET_HOST = "127.0.0.1"
-# anvil's well-known development mnemonic: every dev account (and so every address) is the same each run.
-DEV_MNEMONIC = "test test test test test test test test test test test junk"
 DEVNET_CONFIRMATIONS = 1
 # anvil mines a block per transaction: polling fast keeps the demo snappy at no cost
 DEVNET_POLL_SECONDS = 0.25
@@ -59,12 +53,7 @@ REQUESTER_USDC = 1000 * USDC
 NODE_GAS_WEI = 10 * ETHER
 REQUESTER_GAS_WEI = 10 * ETHER
 VALIDATOR_GAS_WEI = 1 * ETHER
-ANVIL_START_TIMEOUT_SECONDS = 20.0
-ANVIL_STOP_TIMEOUT_SECONDS = 10.0
-RPC_TIMEOUT_SECONDS = 10.0
-POLL_SECONDS = 0.05
 HOLD_POLL_SECONDS = 0.5
-LOG_TAIL_BYTES = 2000
 
 DEVNET_DIRNAME = "devnet"
 PID_FILENAME = "anvil.pid"
@@ -75,11 +64,6 @@ REQUESTER_KEY_FILENAME = "requester.key"
 VALIDATOR_KEY_FILENAME = "validator.key"
 
 Role = Literal["node", "requester", "validator"]
-# anvils this process spawned detached, by pid: polled to reap them once they exit.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-CHAIN_TABLE_COMMENT = (
-    "Written by `hearth devnet`; for a real chain set the RPC URL and deployed addresses here."
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,18 +193,12 @@ def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT) -> Devnet:
 def stop(home: Path) -> int | None:
     """Stop the devnet anvil recorded under ``home`` and return its pid; ``None`` if none was running.
 
-    SIGTERM lets anvil dump its state; past :data:`ANVIL_STOP_TIMEOUT_SECONDS` it is killed.
+    SIGTERM lets anvil dump its state; past :data:`~payments.devnet_anvil.ANVIL_STOP_TIMEOUT_SECONDS` it is
+    killed.
     """
     pid = running_pid(home)
     if pid is not None:
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + ANVIL_STOP_TIMEOUT_SECONDS
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(POLL_SECONDS)
-        if _alive(pid):
-            _signal_group(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(POLL_SECONDS)
+        terminate(pid)
     with contextlib.suppress(FileNotFoundError):
         (devnet_dir(home) / PID_FILENAME).unlink()
     return pid
@@ -248,7 +226,7 @@ def stop_requested() -> Iterator[threading.Event]:
 
 def hold(pid: int, stopping: threading.Event) -> None:
     """Block until ``stopping`` is set (see :func:`stop_requested`) or the anvil ``pid`` exits."""
-    while not stopping.wait(HOLD_POLL_SECONDS) and _alive(pid):
+    while not stopping.wait(HOLD_POLL_SECONDS) and alive(pid):
         pass
 
 
@@ -261,114 +239,10 @@ def running_pid(home: Path) -> int | None:
         return None
     except (OSError, ValueError):
         pid = 0
-    if pid > 0 and _alive(pid):
+    if pid > 0 and alive(pid):
         return pid
     pid_file.unlink(missing_ok=True)
     return None
-
-
-def find_anvil() -> Path:
-    """The anvil executable: the platform binary the npm package ships, else its node wrapper.
-
-    Running the binary itself means the pid we record is anvil's own, so SIGTERM reaches the process
-    that dumps the state. Raises ``ConfigError("anvil_missing")`` when neither is installed.
-    """
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        platform.machine(), platform.machine()
-    )
-    binary = REPO_ROOT / "node_modules" / "@foundry-rs" / f"anvil-{platform.system().lower()}-{arch}" / "bin"
-    for candidate in (binary / "anvil", ANVIL):
-        if candidate.exists():
-            return candidate
-    raise ConfigError(
-        "anvil_missing",
-        f"anvil is not installed at {ANVIL}; run `make setup`",
-        details={"path": str(ANVIL)},
-    )
-
-
-def spawn_anvil(
-    port: int, *, state_file: Path | None = None, log: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start anvil on loopback ``port`` in a session of its own (chain 31337, the dev mnemonic).
-
-    With ``state_file`` the chain is loaded from it if present and dumped to it on exit.
-    Raises ``devnet_port_in_use`` if something already listens on ``port``.
-    """
-    anvil = find_anvil()
-    _check_port_free(port)
-    argv = [str(anvil), "--host", DEVNET_HOST, "--port", str(port), "--chain-id", str(DEVNET_CHAIN_ID)]
-    argv += ["--mnemonic", DEV_MNEMONIC, "--silent"]
-    if state_file is not None:
-        argv += ["--state", str(state_file)]
-    try:
-        with open(log if log is not None else os.devnull, "ab") as sink:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, start_new_session=True
-            )
-    except OSError as exc:
-        raise ConfigError(
-            "anvil_missing",
-            f"cannot start anvil ({exc.strerror}); run `make setup`",
-            details={"path": str(anvil)},
-        ) from None
-    _CHILDREN[proc.pid] = proc  # reaped (and never warned about) while this process lives
-    return proc
-
-
-def connect(
-    rpc_url: str,
-    *,
-    pid: int | None = None,
-    log: Path | None = None,
-    timeout: float = ANVIL_START_TIMEOUT_SECONDS,
-) -> Web3:
-    """A web3 connection to the devnet at ``rpc_url`` once it answers with chain id 31337.
-
-    With ``pid``, gives up early (``devnet_anvil_exited``, with the log's tail) if that process dies;
-    otherwise ``devnet_rpc_unreachable`` after ``timeout`` seconds.
-    """
-    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": RPC_TIMEOUT_SECONDS}))
-    deadline = time.monotonic() + timeout
-    while not _answers(w3):
-        if pid is not None and not _alive(pid):
-            raise ConfigError(
-                "devnet_anvil_exited",
-                f"anvil (pid {pid}) exited before answering at {rpc_url}",
-                details={"rpc_url": rpc_url, "log_tail": _tail(log)},
-            )
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                "devnet_rpc_unreachable",
-                f"no devnet RPC answered at {rpc_url} within {timeout:g}s",
-                details={"rpc_url": rpc_url},
-                retryable=True,
-            )
-        time.sleep(POLL_SECONDS)
-    return w3
-
-
-def set_chain_config(home: Path, chain: ChainSection) -> Path:
-    """Write ``chain`` as the ``[chain]`` table of ``<home>/node.toml``, keeping comments and formatting.
-
-    An existing ``[chain]`` table is edited in place (its comments, and the layout of the keys whose values
-    stay the same, are kept); otherwise a new one is appended. The result must parse to exactly the old
-    document with the new chain and pass validation, else nothing is written (``config_not_editable``).
-    """
-    path = home / CONFIG_FILENAME
-    text = path.read_text() if path.exists() else ""
-    before = _toml(text, path)
-    new_text = _with_chain_table(text, chain, path)
-    try:
-        after: dict[str, Any] | None = tomllib.loads(new_text)
-    except tomllib.TOMLDecodeError:
-        after = None
-    expected = {k: v for k, v in before.items() if k != "chain"} | {"chain": chain.model_dump()}
-    if after is None or after != expected:
-        raise _not_editable(path)
-    parse_config(after, source=str(path))
-    _write_atomically(path, new_text)
-    return path
 
 
 # -- chain work ----------------------------------------------------------------------------------------
@@ -404,7 +278,7 @@ def _deployment(w3: Web3, folder: Path, rpc_url: str) -> tuple[str, str, bool]:
     token = _deploy(w3, deployer, "TestUSDC", TOKEN_NAME, deployer)
     escrow = _deploy(w3, deployer, "HearthEscrow", token)
     record = {"rpc_url": rpc_url, "chain_id": DEVNET_CHAIN_ID, "token": token, "escrow": escrow}
-    _write_atomically(folder / DEPLOYMENT_FILENAME, json.dumps(record, indent=2) + "\n")
+    write_atomically(folder / DEPLOYMENT_FILENAME, json.dumps(record, indent=2) + "\n")
     return token, escrow, False
 
 
@@ -440,19 +314,12 @@ def _fund(w3: Web3, token: str, gas_wei: dict[str, int], requester: str) -> None
             raise ConfigError("devnet_funding_failed", "a funding transaction reverted", details={})
 
 
-def _answers(w3: Web3) -> bool:
-    try:
-        return bool(w3.eth.chain_id == DEVNET_CHAIN_ID)
-    except (Web3Exception, OSError, ValueError):  # connection refused while anvil starts
-        return False
-
-
-# -- files and processes -------------------------------------------------------------------------------
+# -- files and keys ------------------------------------------------------------------------------------
 
 
 def _spawn_detached(folder: Path, port: int) -> int:
     proc = spawn_anvil(port, state_file=folder / STATE_FILENAME, log=folder / LOG_FILENAME)
-    _write_atomically(folder / PID_FILENAME, f"{proc.pid}\n")
+    write_atomically(folder / PID_FILENAME, f"{proc.pid}\n")
     return proc.pid
 
 
@@ -473,133 +340,3 @@ def _recorded_deployment(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a running (not zombie) anvil; reaps it first if this process started it."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        # Our own child: its exit status is the truth. Its cmdline is not, right after the fork: until
-        # the exec it still reads as this Python process.
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    # A recycled pid belongs to some other program: never signal that.
-    return state != "Z" and b"anvil" in cmdline
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    # anvil leads a session of its own, so the group also reaches the binary when the npm wrapper runs.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
-
-
-def _check_port_free(port: int) -> None:
-    with socket.socket() as s:
-        # Like anvil's own listener: connections left in TIME_WAIT by a stopped devnet do not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((DEVNET_HOST, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise ConfigError("devnet_port_unusable", f"cannot use port {port}: {exc.strerror}") from None
-            raise ConfigError(
-                "devnet_port_in_use",
-                f"port {port} is already in use; pick another with --port",
-                details={"port": port},
-            ) from None
-
-
-def _tail(log: Path | None) -> str:
-    if log is None:
-        return ""
-    try:
-        return log.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new file, keeping an existing mode."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise ConfigError(
-            "config_unwritable", f"cannot write {path}: {exc.strerror}", details={"path": str(path)}
-        ) from None
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-# -- TOML ------------------------------------------------------------------------------------------------
-
-
-def _toml(text: str, source: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("invalid_toml", f"{source}: {exc}", details={"source": str(source)}) from None
-
-
-def _with_chain_table(text: str, chain: ChainSection, path: Path) -> str:
-    """``text`` with its ``[chain]`` table holding exactly ``chain``'s values; everything else as written.
-
-    Only a plain ``[chain]`` table is edited: chain as an inline table, as dotted keys or as ``[chain.*]``
-    tables alone is refused (``config_not_editable``).
-    """
-    try:
-        doc = tomlkit.parse(text)
-    except TOMLKitError:  # what tomllib reads, tomlkit should too
-        raise _not_editable(path) from None
-    values = chain.model_dump()
-    table = doc.get("chain")
-    if table is None:  # appended after one blank line, under a comment saying where it came from
-        head = text.rstrip("\n") + "\n\n" if text.strip() else ""
-        return f"{head}# {CHAIN_TABLE_COMMENT}\n{tomlkit.dumps({'chain': values})}"
-    if not isinstance(table, Table) or table.is_super_table():
-        raise _not_editable(path)
-    for key in [k for k in table if k not in values]:  # e.g. [chain.*] sub-tables: chain is replaced whole
-        del table[key]
-    for key, value in values.items():
-        if key in table and table[key] != value:
-            table[key] = value  # a replaced value keeps its line's comment
-    # New keys go after the table's last key, indented like it, not after the comments that close the
-    # table (those usually introduce the next one).
-    body = table.value.body
-    end = max((i + 1 for i, (key, _) in enumerate(body) if key is not None), default=0)
-    for key, value in values.items():
-        if key in table:
-            continue
-        item = tomlkit.item(value)
-        if end:
-            item.trivia.indent = body[end - 1][1].trivia.indent
-        if end < len(body):
-            table.value._insert_at(end, key, item)
-        else:
-            table.add(key, item)
-        end += 1
-    return tomlkit.dumps(doc)
-
-
-def _not_editable(path: Path) -> ConfigError:
-    return ConfigError(
-        "config_not_editable",
-        f"{path} defines chain outside a plain [chain] table; move it into one and re-run",
-        details={"source": str(path)},
-    )

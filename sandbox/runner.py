@@ -5,9 +5,11 @@ Every run gets all of §6's controls, none of them optional: a read-only root fi
 read-only, one writable output directory (``/out``), no network, every capability dropped,
 ``no-new-privileges``, a non-root user, pids/memory (no swap)/CPU limits, a size-limited ``noexec`` tmpfs
 on ``/tmp``, no ``/dev/shm`` unless asked for, no core dumps, a wall-clock timeout and an output size cap
-(watched while the workload runs, checked again at its end). Containers carry the labels
-``hearth.job_id``, ``hearth.node`` and ``hearth.attempt``, so that after a crash the node can find what it
-left behind (:meth:`SandboxRunner.list_containers`, :meth:`SandboxRunner.remove_containers`).
+(watched while the workload runs, checked again at its end). The container's settings are made in
+:mod:`sandbox._hardening`; the run's specification and its checks live in :mod:`sandbox.spec` (re-exported
+here). Containers carry the labels ``hearth.job_id``, ``hearth.node`` and ``hearth.attempt``, so that after
+a crash the node can find what it left behind (:meth:`SandboxRunner.list_containers`,
+:meth:`SandboxRunner.remove_containers`).
 
 The docker SDK is synchronous: short calls run through :func:`asyncio.to_thread`; the two calls that block
 for a whole run (waiting for the exit, reading the output streams) get threads of their own, so that many
@@ -32,9 +34,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 from core.config import SandboxSection
@@ -42,115 +42,32 @@ from core.defaults import (
     DEFAULT_DOCKER_API_TIMEOUT_SECONDS,
     DEFAULT_DOCKER_URL,
     DEFAULT_OUTPUT_POLL_SECONDS,
-    DEFAULT_PIDS_LIMIT,
-    DEFAULT_SANDBOX_USER,
     DEFAULT_STDERR_TAIL_BYTES,
-    DEFAULT_TMPFS_MB,
 )
 from core.errors import ExecutionError
-from sandbox._outdir import parse_user, prepare_output_dir, tree_size
+from sandbox._engine import close_stream, kill, remove
+from sandbox._engine import sdk as _sdk
+from sandbox._hardening import create_kwargs as _create_kwargs
+from sandbox._outdir import prepare_output_dir, tree_size
 from sandbox._streams import LineSplitter, Tail
+from sandbox.spec import LABEL_ATTEMPT as LABEL_ATTEMPT
+from sandbox.spec import LABEL_JOB_ID as LABEL_JOB_ID
+from sandbox.spec import LABEL_NODE as LABEL_NODE
+from sandbox.spec import OUTPUT_MOUNT as OUTPUT_MOUNT
+from sandbox.spec import TMP_MOUNT as TMP_MOUNT
+from sandbox.spec import Mount as Mount
+from sandbox.spec import RunResult as RunResult
+from sandbox.spec import RunSpec as RunSpec
+from sandbox.spec import SandboxContainer as SandboxContainer
 
 log = logging.getLogger(__name__)
 
-OUTPUT_MOUNT = "/out"
-TMP_MOUNT = "/tmp"
-LABEL_JOB_ID = "hearth.job_id"
-LABEL_NODE = "hearth.node"
-LABEL_ATTEMPT = "hearth.attempt"
-
-_MIN_MEMORY_MB = 6  # the engine refuses a smaller memory limit
-# Input mounts may not hide or nest inside these (a mount point inside /out would land in the output).
-_RESERVED_TARGETS = (OUTPUT_MOUNT, TMP_MOUNT, "/dev", "/proc", "/sys")
-_NVIDIA_DRIVER = "nvidia"
+# ``_create_kwargs`` and ``_sdk`` are looked up in this module on every run, so that a test can loosen the
+# container a run creates (tests/sandbox/test_hardening.py) and see the escape checks notice.
 
 _T = TypeVar("_T")
 
-
-@functools.cache
-def _sdk() -> Any:
-    """The docker SDK, imported on first use: it is slow to import, and a node starts without it."""
-    import docker
-    import docker.errors
-    import docker.types
-
-    return docker
-
-
 _StopReason = Literal["timeout", "output_cap_exceeded"]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Mount:
-    """A host file or directory that the workload reads at ``target``; always mounted read-only."""
-
-    host: Path
-    target: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RunSpec:
-    """One run of one workload: what to run, what it may see, and the limits it runs under.
-
-    ``image`` is best an image ID (``sha256:...``, see :meth:`SandboxRunner.image_digest`) so that a run
-    is pinned to exact bytes; a tag works too. ``argv`` is the whole command (``argv[0]`` replaces the
-    image's entrypoint); it is never given to a shell. ``output_dir`` is mounted read-write at ``/out``
-    and is the only place the workload can write apart from its size-limited ``/tmp``; the runner creates
-    it and makes it writable for ``user``. Inputs must be readable by ``user``: world-readable, or (when
-    the node is not root) group-readable by the node's group, which ``user`` then joins. ``gpu_ids`` pins
-    the run to those NVIDIA devices (by index or UUID). ``shm_mb`` 0 means no ``/dev/shm`` at all.
-    """
-
-    image: str
-    argv: tuple[str, ...]
-    job_id: str
-    output_dir: Path
-    cpus: float
-    memory_mb: int
-    timeout_seconds: float
-    max_output_bytes: int
-    attempt: int = 0
-    inputs: tuple[Mount, ...] = ()
-    pids_limit: int = DEFAULT_PIDS_LIMIT
-    tmpfs_mb: int = DEFAULT_TMPFS_MB
-    shm_mb: int = 0
-    gpu_ids: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str = OUTPUT_MOUNT
-    user: str = DEFAULT_SANDBOX_USER
-
-    def __post_init__(self) -> None:
-        problems = list(_spec_problems(self))
-        if problems:
-            raise ValueError("invalid RunSpec: " + "; ".join(problems))
-
-    @property
-    def gpus(self) -> int:
-        """How many GPUs the run is pinned to."""
-        return len(self.gpu_ids)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RunResult:
-    """How a successful run went: its exit code (0), wall time, output size and what ran it."""
-
-    exit_code: int
-    wall_seconds: float
-    output_bytes: int
-    container_id: str
-    image_id: str
-    stderr_tail: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SandboxContainer:
-    """A container this node made, as found on the engine (e.g. one a crash left behind)."""
-
-    container_id: str
-    job_id: str
-    attempt: int | None
-    state: str  # the engine's word: created, running, exited, dead, ...
-    image_id: str
 
 
 class SandboxRunner:
@@ -259,7 +176,7 @@ class SandboxRunner:
         client = await self._docker()
         with self._errors():
             for container in found:
-                await asyncio.to_thread(_remove, client, container.container_id)
+                await asyncio.to_thread(remove, client, container.container_id)
         return [c.container_id for c in found]
 
     def close(self) -> None:
@@ -322,13 +239,13 @@ class SandboxRunner:
                 )
                 stop = await self._watch(exited, spec, started)
                 if stop is not None:
-                    await asyncio.to_thread(_kill, client, container_id)
+                    await asyncio.to_thread(kill, client, container_id)
                 await asyncio.wait_for(exited, self._api_timeout)
                 wall_seconds = time.monotonic() - started
                 await asyncio.wait_for(pumped, self._api_timeout)  # every stdout line delivered
                 attrs = await asyncio.to_thread(client.api.inspect_container, container_id)
         finally:
-            _close_stream(stream)
+            close_stream(stream)
         size = await asyncio.to_thread(tree_size, spec.output_dir)
         state = attrs["State"]
         facts |= {
@@ -366,7 +283,7 @@ class SandboxRunner:
 
     def _discard(self, client: Any, container_id: str) -> None:
         try:
-            _remove(client, container_id)
+            remove(client, container_id)
         except (_sdk().errors.DockerException, OSError) as exc:
             # Not fatal to the run's outcome: the labels let recovery find and remove it later.
             log.warning("could not remove sandbox container %s: %s", container_id[:12], exc)
@@ -398,79 +315,6 @@ class SandboxRunner:
                 details={**context, "docker_url": self._url},
                 retryable=True,
             ) from exc
-
-
-def _spec_problems(spec: RunSpec) -> Iterable[str]:
-    if not spec.argv or not spec.argv[0]:
-        yield "argv must name a program"
-    if spec.cpus <= 0:
-        yield "cpus must be positive"
-    if spec.memory_mb < _MIN_MEMORY_MB:
-        yield f"memory_mb must be at least {_MIN_MEMORY_MB}"
-    if spec.timeout_seconds <= 0:
-        yield "timeout_seconds must be positive"
-    if spec.max_output_bytes < 0:
-        yield "max_output_bytes must not be negative"
-    if spec.pids_limit < 1 or spec.tmpfs_mb < 1 or spec.shm_mb < 0:
-        yield "pids_limit and tmpfs_mb must be positive, shm_mb not negative"
-    try:
-        parse_user(spec.user)
-    except ValueError as exc:
-        yield str(exc)
-    if not PurePosixPath(spec.workdir).is_absolute():
-        yield "workdir must be an absolute path"
-    targets = [str(PurePosixPath(m.target)) for m in spec.inputs]
-    for target in targets:
-        path = PurePosixPath(target)
-        reserved = any(path.is_relative_to(r) for r in _RESERVED_TARGETS)
-        if not path.is_absolute() or target == "/" or ".." in path.parts or reserved:
-            yield f"input target {target!r} must be an absolute path outside / {' '.join(_RESERVED_TARGETS)}"
-    if len(set(targets)) != len(targets):
-        yield "input targets must be distinct"
-
-
-def _create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[str, Any]:
-    """Everything ``containers.create`` is told: the controls of DESIGN §6 for this spec."""
-    mounts = [_sdk().types.Mount(OUTPUT_MOUNT, str(spec.output_dir.resolve()), type="bind", read_only=False)]
-    mounts += [
-        _sdk().types.Mount(m.target, str(m.host.resolve()), type="bind", read_only=True) for m in spec.inputs
-    ]
-    kwargs: dict[str, Any] = {
-        "entrypoint": [spec.argv[0]],
-        "command": list(spec.argv[1:]),
-        "user": spec.user,
-        "working_dir": spec.workdir,
-        "environment": dict(spec.env),
-        "labels": {LABEL_JOB_ID: spec.job_id, LABEL_NODE: node, LABEL_ATTEMPT: str(spec.attempt)},
-        "read_only": True,
-        "mounts": mounts,
-        "tmpfs": {TMP_MOUNT: f"rw,noexec,nosuid,nodev,size={spec.tmpfs_mb}m"},
-        "network_mode": "none",
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges:true"],
-        "pids_limit": spec.pids_limit,
-        "mem_limit": f"{spec.memory_mb}m",
-        "memswap_limit": f"{spec.memory_mb}m",  # equal to the memory limit: no swap
-        "nano_cpus": round(spec.cpus * 1e9),
-        "ulimits": [_sdk().types.Ulimit(name="core", soft=0, hard=0)],
-        "init": True,  # a real PID 1 reaps the workload's children and forwards signals
-        "log_config": _sdk().types.LogConfig(type="none"),  # output is read live; nothing piles up on disk
-        "stdin_open": False,
-        "tty": False,
-    }
-    if group_add:
-        kwargs["group_add"] = group_add
-    if spec.shm_mb:
-        kwargs |= {"ipc_mode": "private", "shm_size": f"{spec.shm_mb}m"}
-    else:
-        kwargs["ipc_mode"] = "none"
-    if spec.gpu_ids:
-        kwargs["device_requests"] = [
-            _sdk().types.DeviceRequest(
-                driver=_NVIDIA_DRIVER, device_ids=list(spec.gpu_ids), capabilities=[["gpu"]]
-            )
-        ]
-    return kwargs
 
 
 def _raise_for_failure(
@@ -517,29 +361,6 @@ def _container_from_row(row: dict[str, Any]) -> SandboxContainer:
         state=row.get("State", ""),
         image_id=row.get("ImageID", ""),
     )
-
-
-def _remove(client: Any, container_id: str) -> None:
-    with contextlib.suppress(_sdk().errors.NotFound):
-        client.api.remove_container(container_id, force=True, v=True)
-
-
-def _kill(client: Any, container_id: str) -> None:
-    # 404/409: it exited (or went) on its own meanwhile, which is what killing it was for.
-    with contextlib.suppress(_sdk().errors.NotFound, _sdk().errors.APIError):
-        client.api.kill(container_id)
-
-
-def _close_stream(stream: Any) -> None:
-    """Close an attach stream for good, the HTTP response under it included.
-
-    ``CancellableStream.close()`` shuts the socket down but leaves the response's file object holding it;
-    the descriptor would then be freed only by the garbage collector (with a ResourceWarning).
-    """
-    stream.close()
-    response = getattr(stream, "_response", None)
-    if response is not None:
-        response.close()
 
 
 def _emitter(on_stdout: Callable[[str], None] | None) -> Callable[[str], None] | None:

@@ -1,7 +1,7 @@
 """The pieces of the journal's transactions: one write, a group commit and a task's share in it, the
 checkpoint thread, and the translation of SQLite's errors into :class:`~core.errors.JournalError`.
 
-:class:`~core.journal.engine.JournalEngine` puts them together; nothing here touches a table.
+The journal's engine puts them together; nothing here touches a table, and nothing here imports the engine.
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.errors import IllegalTransitionError, JournalError
 from core.journal.records import Event
-
-if TYPE_CHECKING:
-    from core.journal.engine import JournalEngine
 
 logger = logging.getLogger("hearth.journal")
 
@@ -63,7 +59,7 @@ class _Group:
 class _Batch:
     """One task's share in group commits: the journal, its thread and the groups it wrote into."""
 
-    journal: JournalEngine
+    journal: object  # the engine whose groups these are (compared by identity only)
     thread: int
     groups: list[_Group] = field(default_factory=list)
 

@@ -19,7 +19,7 @@ from web3 import Web3
 from cli.main import main
 from core.config import ChainSection, load_config, parse_config
 from core.errors import ConfigError
-from payments import devnet
+from payments import devnet, devnet_anvil
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, load_key
 from tests.payments.contracts.chain import free_port
@@ -153,8 +153,8 @@ def test_port_in_use_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[
 
 
 def test_missing_anvil_says_run_make_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devnet, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(devnet, "ANVIL", tmp_path / "node_modules" / ".bin" / "anvil")
+    monkeypatch.setattr(devnet_anvil, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(devnet_anvil, "ANVIL", tmp_path / "node_modules" / ".bin" / "anvil")
     with pytest.raises(ConfigError) as info:
         devnet.spawn_anvil(free_port())
     assert info.value.code == "anvil_missing"
