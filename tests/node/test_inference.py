@@ -25,6 +25,7 @@ from payments.keys import Signer
 from requester.client import NodeClient, NodeError
 from tests.conftest import TinyModel, live, make_envelope, sign_request, write_home
 from tests.node.test_execution import containers_of, events, upload, wait_state
+from tests.promtext import sample
 
 MODEL = "tiny-llama"
 FINISHED = {"completed", "failed", "cancelled"}
@@ -171,6 +172,11 @@ async def test_a_batch_runs_in_vllm_and_is_charged_for_the_tokens_it_used(
     stages = [e["data"]["stage"] for e in await events(url, job) if e["type"] == "progress"]
     assert {"fetching", "validating", "loading_model", "inferring", "checking"} <= set(stages)
     assert not containers_of(job)
+    # One container for the whole job: the quote counts tokens on the host, and the output checks read
+    # the file the run left, with no second container (no probe, no re-run to check).
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        assert r.status == 200
+        assert sample(await r.text(), "hearth_container_starts_total") == 1
 
 
 async def test_bad_batches_are_refused_at_quote_time_with_the_line_that_breaks_them(
