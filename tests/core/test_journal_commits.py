@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -196,23 +197,58 @@ async def test_one_group_commit_spans_every_store(path: Path, clock: Clock) -> N
         assert j.check_and_record(ISS, "jti-span-2", T0 + 60) is True  # the nonce was never kept
 
 
-def _wal_bytes_after_writes(path: Path, clock: Clock, *, background: bool) -> int:
-    with Journal.open(path, now=clock) as j:
-        if background:
-            j.checkpoint_in_background(interval_seconds=0.02)
-            assert "hearth-journal-checkpoint" in {t.name for t in threading.enumerate()}
-        else:
-            j._connection().execute("PRAGMA wal_autocheckpoint = 0")  # what the thread replaces
+def _wal_frames(path: Path) -> tuple[int, int]:
+    """``(frames in the WAL, frames of them already copied into the database)``, as SQLite's shared
+    wal-index (the ``-shm`` file, native byte order) records them: ``mxFrame`` at byte 16 of its header,
+    ``nBackfill`` at byte 96. Reading it takes no lock and checkpoints nothing."""
+    head = path.with_name(path.name + "-shm").read_bytes()[:100]
+    (version,) = struct.unpack_from("=I", head, 0)
+    assert version == 3007000, f"unknown wal-index format {version}"  # the only one since SQLite 3.7.0
+    (frames,) = struct.unpack_from("=I", head, 16)
+    (backfilled,) = struct.unpack_from("=I", head, 96)
+    return frames, backfilled
+
+
+def _wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number (big-endian, byte 12): +1 each time a write starts
+    the WAL over from its first frame."""
+    (restarts,) = struct.unpack_from(">I", path.with_name(path.name + "-wal").read_bytes()[:16], 12)
+    return int(restarts)
+
+
+def _caught_up(path: Path, limit: float = 30.0) -> None:
+    """Wait (no writes meanwhile) until a checkpoint copied every frame of the WAL into the database."""
+    deadline = time.monotonic() + limit
+    while (state := _wal_frames(path))[1] != state[0]:
+        assert time.monotonic() < deadline, f"no complete checkpoint within {limit} s: {state}"
+        time.sleep(0.01)
+
+
+def test_background_checkpoints_start_the_wal_over_and_stop_on_close(tmp_path: Path, clock: Clock) -> None:
+    unchecked = tmp_path / "a.sqlite3"
+    with Journal.open(unchecked, now=clock) as j:
+        j._connection().execute("PRAGMA wal_autocheckpoint = 0")  # what the thread replaces
         for n in range(1, 301):
             make_job(j, n)
-            if n % 50 == 0:
-                time.sleep(0.1)  # room for a checkpoint between bursts
-        return path.with_name(path.name + "-wal").stat().st_size
+        appended = unchecked.with_name(unchecked.name + "-wal").stat().st_size
 
-
-def test_background_checkpoints_keep_the_wal_small_and_stop_on_close(tmp_path: Path, clock: Clock) -> None:
-    unchecked = _wal_bytes_after_writes(tmp_path / "a.sqlite3", clock, background=False)
-    checked = _wal_bytes_after_writes(tmp_path / "b.sqlite3", clock, background=True)
-    # without checkpoints every write appends; with them the WAL restarts from its start after each one
-    assert checked * 3 < unchecked
+    path = tmp_path / "b.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+    with Journal.open(path, now=clock) as j:
+        j.checkpoint_in_background(interval_seconds=0.02)
+        assert "hearth-journal-checkpoint" in {t.name for t in threading.enumerate()}
+        # commits no longer checkpoint: every restart below is the thread's work
+        assert j._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        for n in range(1, 101):
+            make_job(j, n)
+        first, restarts = wal.stat().st_size, _wal_restarts(path)
+        for burst in range(4):  # the same 300 writes: 100 first, then bursts of 50, each after a checkpoint
+            _caught_up(path)
+            for n in range(101 + 50 * burst, 151 + 50 * burst):
+                make_job(j, n)
+            assert _wal_restarts(path) > restarts  # the burst began at the WAL's first frame
+            restarts = _wal_restarts(path)
+        # each burst after the first overwrote frames the first one left: the file never grew past it
+        assert wal.stat().st_size == first
+    assert 2 * first < appended  # without the thread the same writes only append
     assert "hearth-journal-checkpoint" not in {t.name for t in threading.enumerate()}  # close() stopped it

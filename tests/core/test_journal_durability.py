@@ -1,5 +1,5 @@
 """The journal keeps what it committed: across restarts, under SIGKILL mid-write, over random walks of the
-lifecycle with restarts, and a large journal reopens fast.
+lifecycle with restarts, and a large journal reopens without reading its jobs.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from core.errors import IllegalTransitionError, JournalError
-from core.journal import JOB_STATES, TRANSITIONS, JobRecord, JobState, Journal, is_allowed
+from core.journal import JOB_STATES, TRANSITIONS, JobRecord, JobState, Journal, is_allowed, schema
 from tests.core.journal_support import (
     ISS,
     QUOTE_TTL,
@@ -327,28 +327,55 @@ TestJournalMachine = JournalMachine.TestCase
 TestJournalMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 
 
-# --------------------------------------------------------------------------------------------- speed
+# ---------------------------------------------------------------------------------------- restart cost
 
 
-def test_ten_thousand_jobs_reopen_fast(path: Path) -> None:
-    """Restart-to-ready regression guard: reopen + capacity ledger + counts with 10k jobs in under 1 s."""
-    n_jobs = 10_000
-    clock = Clock()
-    with Journal.open(path, now=clock) as j:
-        started = time.perf_counter()
+def test_reopening_ten_thousand_jobs_reads_no_job_rows_and_the_ledger_uses_the_state_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restart-to-ready regression guard, by the work done rather than the seconds taken (the time itself,
+    with 10k jobs, is bench/admission.py's restart-to-ready target): opening runs the same SQLite
+    instructions whatever the journal holds, and the capacity ledger and the counts read an index."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # go on
+
+    connect = sqlite3.connect
+
+    def counted(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        conn.set_progress_handler(tick, 1)  # called for every instruction of SQLite's VM
+        return conn
+
+    def steps_to_open(path: Path) -> int:
+        nonlocal steps
+        with monkeypatch.context() as patch:
+            patch.setattr(sqlite3, "connect", counted)  # meanwhile only the journal opens one
+            steps = 0
+            Journal.open(path).close()
+            return steps
+
+    empty, path, n_jobs = tmp_path / "empty.sqlite3", tmp_path / "full.sqlite3", 10_000
+    Journal.open(empty).close()
+    with Journal.open(path, now=Clock()) as j:
         for n in range(n_jobs):
             make_job(j, n, iss=f"did:key:z6Mk{n % 50}", expires_at=T0 + (QUOTE_TTL if n % 4 else -1))
-        per_create = (time.perf_counter() - started) / n_jobs
         for n in range(0, n_jobs, 10):
             step(j, node_id(n), "accepted")
-    started = time.perf_counter()
-    with Journal.open(path, now=clock) as j:
+    assert steps_to_open(path) == steps_to_open(empty) > 0
+
+    with Journal.open(path, now=Clock()) as j:
         held = j.held_resources(T0)
         counts = j.count_by_state()
-        elapsed = time.perf_counter() - started
+        plans = {
+            sql: [row[3] for row in j._connection().execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+            for sql, args in ((schema._SQL_HELD, (T0,)), (schema._SQL_COUNT_BY_STATE, ()))
+        }
     assert counts["priced"] == n_jobs - n_jobs // 10 and counts["accepted"] == n_jobs // 10
     # 3 in 4 quotes are live, plus every accepted job.
     assert len(held) == sum(1 for n in range(n_jobs) if n % 10 == 0 or n % 4)
-    assert elapsed < 1.0, f"reopen + held_resources + count_by_state took {elapsed:.3f}s"
-    assert per_create < 0.002, f"create_priced took {per_create * 1e6:.0f} us per job"
-    print(f"\n10k jobs: create {per_create * 1e6:.0f} us/job; reopen+held+counts {elapsed * 1e3:.1f} ms")
+    reads = [detail for details in plans.values() for detail in details if " jobs" in detail]
+    assert len(reads) == 3 and all("INDEX jobs_state" in detail for detail in reads), plans  # no row scan
