@@ -105,10 +105,8 @@ class NotFoundError(RequestError):
     """Raised when the job, quote or blob named does not exist on this node."""
 
 
-
 class ConflictError(RequestError):
     """Raised when a job_id is re-used with a different body, or an action clashes with the job's state."""
-
 
 
 class AuthError(HearthError):

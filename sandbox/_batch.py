@@ -50,9 +50,7 @@ PromptCounter = Callable[[Sequence[Mapping[str, str]]], int]
 
 def bad_batch(code: str, message: str, **details: Any) -> RequestError:
     """A refusal of the batch: the requester's fault, judged at validation, never retryable."""
-    return RequestError(
-        code, message, details=dict(details), domain="validation", retryable=False
-    )
+    return RequestError(code, message, details=dict(details), domain="validation", retryable=False)
 
 
 @dataclass(frozen=True, slots=True)

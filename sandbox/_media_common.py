@@ -60,9 +60,7 @@ def bad_input(code: str, message: str, **details: object) -> RequestError:
 
     Messages and details carry only numbers and ffmpeg's own format/codec names, never the file's bytes.
     """
-    return RequestError(
-        code, message, details=dict(details), domain="validation", retryable=False
-    )
+    return RequestError(code, message, details=dict(details), domain="validation", retryable=False)
 
 
 def seconds_arg(value: float) -> str:
