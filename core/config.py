@@ -194,7 +194,7 @@ class StorageSection(_Section):
 
 
 class SandboxSection(_Section):
-    """The Docker engine and the per-container controls every workload runs under (DESIGN §6)."""
+    """The Docker engine and the per-container controls every workload runs under (the README's Execution)."""
 
     docker_url: str = d.DEFAULT_DOCKER_URL
     ffmpeg_image: str = d.DEFAULT_SANDBOX_FFMPEG_IMAGE  # tag; the node runs its image ID

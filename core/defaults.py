@@ -101,7 +101,8 @@ DEFAULT_STORAGE_ALLOW_PRIVATE_ADDRESSES: Final = False
 DEFAULT_STORAGE_ALLOW_NETWORKS: Final[tuple[str, ...]] = ()
 DEFAULT_INPUT_MAX_REDIRECTS: Final = 5  # each hop checked by the address policy before it is requested
 
-# [sandbox]: the Docker engine and the per-container controls every workload runs under (DESIGN §6).
+# [sandbox]: the Docker engine and the per-container controls every workload runs under (the README's
+# Execution).
 DEFAULT_DOCKER_URL: Final = "unix:///var/run/docker.sock"
 # Image tags (built from sandbox/images/); the node resolves each to its image ID and runs that.
 DEFAULT_SANDBOX_FFMPEG_IMAGE: Final = "hearth/ffmpeg:latest"

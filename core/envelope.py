@@ -1,4 +1,4 @@
-"""The job envelope of DESIGN §3: strict models, canonical (JCS) hashing and the idempotency key.
+"""The job envelope of docs/protocol.md: strict models, canonical (JCS) hashing and the idempotency key.
 
 Every model forbids unknown fields and coerces nothing: a requester (often an agent) learns at once and
 precisely what is wrong with an envelope, instead of the node guessing. Kinds form a closed, versioned set;
@@ -282,13 +282,14 @@ def envelope_dict(env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> dict[str,
 
 
 def envelope_hash(env: FfmpegTranscodeEnvelope | VllmBatchEnvelope | dict[str, Any]) -> str:
-    """``sha256(JCS(envelope))`` as hex (DESIGN §2); takes the model or its :func:`envelope_dict`."""
+    """``sha256(JCS(envelope))`` as hex (docs/protocol.md); takes the model or its :func:`envelope_dict`."""
     doc = env if isinstance(env, dict) else envelope_dict(env)
     return sha256_hex(canonical_json(doc))
 
 
 def idempotency_key(iss: str, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope | dict[str, Any]) -> str:
-    """``sha256(JCS({iss, job_id, kind, input, output_spec}))``: same submission, same job (DESIGN §3)."""
+    """``sha256(JCS({iss, job_id, kind, input, output_spec}))``: same submission, same job
+    (docs/protocol.md)."""
     d = env if isinstance(env, dict) else envelope_dict(env)
     return sha256_hex(canonical_json(_idempotency_doc(iss, d)))
 

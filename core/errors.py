@@ -77,7 +77,7 @@ class HearthError(Exception):
             self.domain = domain
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire shape of DESIGN §9: ``{"error": {code, domain, message, retryable, details}}``."""
+        """The wire shape of docs/protocol.md: ``{"error": {code, domain, message, retryable, details}}``."""
         return {
             "error": {
                 "code": self.code,

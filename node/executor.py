@@ -5,8 +5,8 @@ fetch the input (verified: CID or sha256; a mismatch fails in ``storage`` before
 -> run ffmpeg in a sandbox, streaming progress -> check the outputs (ffprobe, sizes, hashes) -> publish
 them to the blockstore (a CID is recorded only once every block is stored) -> the result document.
 
-Every container runs under the controls of DESIGN §6 (see :mod:`sandbox.runner`); the attempt's folder
-holds the input and the outputs and is removed when the attempt ends, whatever the outcome.
+Every container runs under the controls of the README's Execution (see :mod:`sandbox.runner`); the attempt's
+folder holds the input and the outputs and is removed when the attempt ends, whatever the outcome.
 """
 
 from __future__ import annotations

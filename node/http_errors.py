@@ -1,4 +1,4 @@
-"""Errors on the wire: every refusal the HTTP layer sends, in the one shape of DESIGN §9.
+"""Errors on the wire: every refusal the HTTP layer sends, in the one shape of docs/protocol.md.
 
 ``{"error": {"code", "domain", "message", "retryable", "details"}}`` with the error's status. The error path
 is the most robust code in the house: :func:`error_body` writes valid JSON in that shape whatever the
@@ -204,7 +204,7 @@ def retry_after_header(exc: HearthError) -> str | None:
 
 
 def error_body(exc: HearthError) -> bytes:
-    """The error's JSON (DESIGN §9 shape). Details JSON cannot carry (integers beyond 64 bits, infinite
+    """The error's JSON (docs/protocol.md shape). Details JSON cannot carry (integers beyond 64 bits, infinite
     floats, lone surrogates, objects) are written as text; should even that fail, they are left out."""
     try:
         return orjson.dumps(exc.to_dict())

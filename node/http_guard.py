@@ -20,8 +20,8 @@ connection layer inside a budget that is decided once, at start:
   (aiohttp's ``keepalive_timeout``, which also bounds a new connection that never sends a byte).
 - **Parser errors** (bad request line, over-long or too many headers, Content-Length with
   Transfer-Encoding, bad chunked framing, the bytes after a short Content-Length) are answered in the
-  error shape of DESIGN §9 with a 4xx, counted in the HTTP metrics, and logged as one short warning that
-  carries no client bytes (aiohttp logged them at error level with the offending bytes).
+  error shape of docs/protocol.md with a 4xx, counted in the HTTP metrics, and logged as one short warning
+  that carries no client bytes (aiohttp logged them at error level with the offending bytes).
 
 It reaches into aiohttp's :class:`~aiohttp.web_protocol.RequestHandler` (3.x) at a few attributes of its
 protocol: ``_request_count`` (requests parsed on the connection), ``_waiter`` (pending while the

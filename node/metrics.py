@@ -161,8 +161,8 @@ class Metrics:
     ) -> None:
         """An attempt ended (the scheduler's ``on_attempt``).
 
-        A completed attempt's ``result`` (DESIGN §3) adds its runtime, and the part of it spent outside the
-        container, to the per-kind histograms; failed and cancelled attempts have no result.
+        A completed attempt's ``result`` (docs/protocol.md) adds its runtime, and the part of it spent outside
+        the container, to the per-kind histograms; failed and cancelled attempts have no result.
         """
         self.job_runs.labels(outcome, domain).inc()
         self.job_run_seconds.observe(seconds)

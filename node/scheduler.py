@@ -1,8 +1,8 @@
 """The scheduler: runs accepted jobs up to the node's capacity, FIFO with per-requester fairness.
 
-Every step is journalled before it is acted on (DESIGN §4): ``accepted -> running`` before a container
-starts, ``running -> completed`` (with the result) or ``running -> failed`` (with its domain) after it
-ends. A retryable failure goes back to ``accepted`` while the retry budget lasts; a permanent one fails
+Every step is journalled before it is acted on (docs/architecture.md): ``accepted -> running`` before a
+container starts, ``running -> completed`` (with the result) or ``running -> failed`` (with its domain) after
+it ends. A retryable failure goes back to ``accepted`` while the retry budget lasts; a permanent one fails
 once. A cancel (``running -> cancelled``, written by admission) stops the job's task, which stops its
 container.
 
@@ -62,7 +62,8 @@ class AttemptObserver(Protocol):
 
 
 class Executor(Protocol):
-    """Runs one attempt of one job and returns its result document (DESIGN §3), or raises HearthError."""
+    """Runs one attempt of one job and returns its result document (docs/protocol.md), or raises
+    HearthError."""
 
     async def execute(
         self, job: JobRecord, report: ProgressReport, *, gpu_ids: tuple[str, ...] = ()

@@ -1,4 +1,4 @@
-"""The HTTP API of DESIGN §9 (aiohttp).
+"""The HTTP API of docs/protocol.md (aiohttp).
 
 Errors leave in one shape, made in one place (:func:`error_middleware`): ``{"error": {code, domain,
 message, retryable, details}}`` with the status the error names. Bodies are capped before they are

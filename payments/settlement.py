@@ -1,6 +1,6 @@
 """Getting paid: escrow terms for quotes, funding checks before work, receipts, crash-safe settlement.
 
-The node's side of DESIGN §8, driven by the journal (the only memory that survives a crash).
+The node's side of docs/protocol.md, driven by the journal (the only memory that survives a crash).
 :class:`Settlement` is the one object the node holds; it composes four parts and runs their loop:
 
 - **Terms** (:mod:`payments.terms`). A quote names the escrow entry the requester must fund

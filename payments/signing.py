@@ -1,7 +1,7 @@
 """Documents the node signs: a JSON document plus ``jwt``, that document as a claim signed by the node DID.
 
-Statuses, results and the capacity offer all leave the node this way (DESIGN §2: everything others rely on
-is signed by the node DID), whether they answer an HTTP request or are pushed to a registry; one function
+Statuses, results and the capacity offer all leave the node this way (docs/protocol.md: everything others rely
+on is signed by the node DID), whether they answer an HTTP request or are pushed to a registry; one function
 makes them so a document reads the same wherever it is seen.
 """
 

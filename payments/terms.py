@@ -1,4 +1,5 @@
-"""Escrow terms for quotes (DESIGN §8): what a job's escrow entry must hold, and the payer's authorization.
+"""Escrow terms for quotes (docs/protocol.md): what a job's escrow entry must hold, and the payer's
+authorization.
 
 A quote names the escrow entry the requester must fund (:class:`~payments.receipts.FundingTerms`): job id,
 provider (this node's wallet), validator, amount (the quote) and deadline. :class:`PaymentTerms` refuses an

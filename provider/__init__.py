@@ -1,8 +1,8 @@
 """Hearth provider: capacity discovery, policy, work estimation, pricing, and the node's offer.
 
-The order a bid takes (DESIGN §5): :func:`screen` the job against policy, :meth:`WorkEstimator.estimate`
-its work (batches with the :class:`ModelCatalog`'s tokenizers), :meth:`CapacityLedger.reserve` what
-it needs, then :meth:`Pricer.ask` and :func:`check_max_price`.
+The order a bid takes (the README's Bidding): :func:`screen` the job against policy,
+:meth:`WorkEstimator.estimate` its work (batches with the :class:`ModelCatalog`'s tokenizers),
+:meth:`CapacityLedger.reserve` what it needs, then :meth:`Pricer.ask` and :func:`check_max_price`.
 
 What the node sells is advertised as a signed offer (:class:`OfferIssuer`, :func:`offer_document`), served
 at ``GET /v1/capacity`` and pushed to the ``[registry]`` URLs by an :class:`OfferPusher`.

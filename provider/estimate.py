@@ -11,7 +11,7 @@ knowledge at hand, named in ``basis``:
 - ``"limits"``: nothing better is known, so the estimate is the most the envelope's limits allow.
 
 Every estimate is capped by the envelope's limits (the sandbox stops a job at its timeout and output cap),
-so the price built on it is a safe upper bound of the charge, as a quote must be (DESIGN §5).
+so the price built on it is a safe upper bound of the charge, as a quote must be (the README's Bidding).
 
 The constants below are rules of thumb, named so they can be tuned once ``bench/`` measures this
 machine; the comment on each says where it comes from.

@@ -1,4 +1,4 @@
-"""Operator policy: screens a job out before any capacity is reserved (DESIGN §5).
+"""Operator policy: screens a job out before any capacity is reserved (the README's Bidding).
 
 Like Bacalhau's bid strategies, each rule is one small check behind one interface: it looks at the
 :class:`Screening` and returns the error to refuse with, or None. :func:`screen` runs them in order and

@@ -1,4 +1,4 @@
-"""Pricing: turns a work estimate into the node's ask, in Decimal from end to end (DESIGN §5).
+"""Pricing: turns a work estimate into the node's ask, in Decimal from end to end (the README's Bidding).
 
 The config price is the operator's rates times the estimate, floored at the minimum per job, times a surge
 factor that rises with load. An optional operator script may replace it: it reads the bid context as JSON

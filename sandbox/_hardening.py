@@ -1,4 +1,4 @@
-"""The hardening of every sandbox container: all that ``containers.create`` is told (DESIGN §6).
+"""The hardening of every sandbox container: all that ``containers.create`` is told (the README's Execution).
 
 :func:`create_kwargs` turns a :class:`~sandbox.spec.RunSpec` into the engine's settings: a read-only root
 filesystem, the output directory as the one writable bind mount and the inputs read-only, a size-limited
@@ -19,7 +19,7 @@ NVIDIA_DRIVER = "nvidia"
 
 
 def create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[str, Any]:
-    """Everything ``containers.create`` is told: the controls of DESIGN §6 for this spec."""
+    """Everything ``containers.create`` is told: the controls of the README's Execution for this spec."""
     mounts = [sdk().types.Mount(OUTPUT_MOUNT, str(spec.output_dir.resolve()), type="bind", read_only=False)]
     mounts += [
         sdk().types.Mount(m.target, str(m.host.resolve()), type="bind", read_only=True) for m in spec.inputs

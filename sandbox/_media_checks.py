@@ -1,4 +1,4 @@
-"""Output validation: the ``checks`` document of a result (DESIGN §3), judged from what the run left.
+"""Output validation: the ``checks`` document of a result (docs/protocol.md), judged from what the run left.
 
 :func:`collect_outputs` reads an output folder (sizes, sha256, ffprobe of each media file, playlist text);
 :func:`check_output` judges that against the plan and the envelope's ``validation`` and ``limits``. Both

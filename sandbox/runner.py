@@ -1,4 +1,4 @@
-"""The Docker sandbox every workload runs in (DESIGN §6).
+"""The Docker sandbox every workload runs in (the README's Execution).
 
 :class:`SandboxRunner` runs one :class:`RunSpec` in a fresh container and removes the container afterwards.
 Every run gets all of §6's controls, none of them optional: a read-only root filesystem, inputs bind-mounted

@@ -61,5 +61,5 @@ if [[ ! -d node_modules || ! -f "$npm_stamp" ]]; then
   npm install --no-save --no-audit --no-fund --loglevel=error
   rm -f "$STAMPS"/npm.*; touch "$npm_stamp"
 fi
-scripts/docker.sh  # the Docker engine and the sandbox images (DESIGN §6)
+scripts/docker.sh  # the Docker engine and the sandbox images (the README's Execution)
 log "ready"

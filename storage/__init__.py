@@ -1,4 +1,5 @@
-"""Content-addressed storage (DESIGN §7): UnixFS import, a crash-safe blockstore, CAR, the gateway, inputs.
+"""Content-addressed storage (docs/architecture.md): UnixFS import, a crash-safe blockstore, CAR, the
+gateway, inputs.
 
 - :func:`import_path` / :func:`import_stream` / :func:`import_bytes` build UnixFS DAGs under the IPIP-499
   ``unixfs-v1-2025`` profile (CIDs equal to ``ipfs-car``'s) and store them in a :class:`Blockstore`.

@@ -1,7 +1,7 @@
 """The job journal: SQLite (WAL) record of every job and every state change; the lifecycle's source of truth.
 
-Each fact is committed here *before* the node acts on it (DESIGN §4), so after a crash the journal says what
-was decided and nothing more. Three rules hold by construction:
+Each fact is committed here *before* the node acts on it (docs/architecture.md), so after a crash the journal
+says what was decided and nothing more. Three rules hold by construction:
 
 - The allowed transitions live in one mapping, :data:`~core.lifecycle.TRANSITIONS`. Python checks it before
   writing, and the database checks it again: a ``transitions`` table is filled from the mapping and a

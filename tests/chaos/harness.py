@@ -2,7 +2,8 @@
 the node's containers on the engine.
 
 The scenarios judge a node by its own records, not by what it says over HTTP: the journal (SQLite) is the
-source of truth (DESIGN §4), so after every fault they read it directly, read-only, beside the live or
+source of truth (docs/architecture.md), so after every fault they read it directly, read-only, beside the
+live or
 dead daemon. Containers are listed from the Docker engine by the node's label, as recovery finds them.
 """
 

@@ -161,7 +161,7 @@ async def post_quote(port: int, node_did: str, job_id: str) -> tuple[int, float]
 
 
 def error_of(body: bytes) -> dict[str, Any]:
-    """The ``error`` object of a refusal, checked against the shape of DESIGN §9."""
+    """The ``error`` object of a refusal, checked against the shape of docs/protocol.md."""
     doc = orjson.loads(body)
     assert set(doc) == {"error"}, doc
     error: dict[str, Any] = doc["error"]

@@ -121,7 +121,7 @@ async def send(
 
 
 def refused(status: int, body: dict[str, Any], code: str | None = None) -> dict[str, Any]:
-    """Assert a structured 4xx (DESIGN §9) and return its error object."""
+    """Assert a structured 4xx (docs/protocol.md) and return its error object."""
     assert 400 <= status < 500, (status, body)
     err = body["error"]
     assert set(err) == {"code", "domain", "message", "retryable", "details"}, err

@@ -5,7 +5,7 @@ strings) with a fresh random seed each run (printed on failure, to replay it) an
 no 5xx, every status, content type, header and body as documented, schema-violating requests refused,
 405s with ``Allow``. Left out: ``positive_data_acceptance``, which expects any string shaped like a JWT
 to be accepted; a random string of that shape is no signed request, and the node refuses it with 400
-``malformed_jwt`` by design (DESIGN §2).
+``malformed_jwt`` by design (docs/protocol.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Interop with did-jwt (JavaScript): tokens made by either side verify on the other.
 
 The node scripts in ``tests/interop/`` use did-jwt's own signers and ``verifyJWT`` with key-did-resolver,
-so these tests prove DESIGN §2's promise that requests verify with standard DID-JWT tooling, not only ours.
+so these tests prove docs/protocol.md's promise that requests verify with standard DID-JWT tooling, not
+only ours.
 Without node or node_modules they skip with the reason, except under CI, where they fail.
 """
 

@@ -1,7 +1,8 @@
 """Escape attempts from inside the real hardened container, each judged from what the workload saw.
 
 Every check runs a small ``sh`` script in a container made by :class:`~sandbox.runner.SandboxRunner` (so
-with every control of DESIGN §6, exactly as a job gets them) in the hearth/ffmpeg image, and returns the
+with every control of the README's Execution, exactly as a job gets them) in the hearth/ffmpeg image, and
+returns the
 problems it found: an empty list means the sandbox held. The scripts print ``key=value`` lines; a key that
 names an achievement (``wrote=``, ``made=``, ``reached=``...) is an escape. Shared by
 tests/sandbox/test_hardening.py (one test per check) and the fault scoreboard (every check, many times).
