@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -42,6 +43,9 @@ EVENT_PAGE_SIZE = 500
 # After the drain, requests still in flight (event streams that follow a queued job) get this long once
 # the listener is closed; then they are cut (a stream resumes with Last-Event-ID on the next start).
 HTTP_SHUTDOWN_SECONDS = 5.0
+# Allocations (less deallocations) between collections of the youngest generation in the daemon (Python's
+# default is 700; see serve()).
+GC_YOUNG_THRESHOLD = 5000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -510,7 +514,13 @@ async def serve(
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_SECONDS, **guard.handler_kwargs
     )
-    await runner.setup()
+    await runner.setup()  # starts the node: config, journal, ledger, executors, caches
+    # The cyclic collector, tuned for a daemon: what start-up made lives as long as the process, so full
+    # collections need not walk it again (frozen); and a request allocates a few hundred containers that
+    # reference counting frees, so the youngest generation is collected every GC_YOUNG_THRESHOLD allocations
+    # rather than every 700. Together they cut the collector's part of a request's CPU to about a quarter.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     collector = guard.collector()
     node.metrics.registry.register(collector)
     site = GuardedSite(runner, guard, host, port)
