@@ -17,7 +17,6 @@ import base64
 import binascii
 import hashlib
 import heapq
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -63,8 +62,9 @@ _SHOWN_MAX = 200  # attacker-chosen strings echoed in error details are cut to t
 
 _B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _B64URL_INDEX = {c: i for i, c in enumerate(_B64URL_ALPHABET)}
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
-_TO_STANDARD_B64 = str.maketrans("-_", "+/")
+_B64URL_BYTES = _B64URL_ALPHABET.encode("ascii")
+# bytes.translate with a 256-byte table is one C loop; str.translate with a mapping looks up every character
+_TO_STANDARD_B64 = bytes.maketrans(b"-_", b"+/")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -78,15 +78,17 @@ def b64url_decode(text: str) -> bytes:
     Raises ``ValueError`` for padding, characters outside the url-safe alphabet, an impossible length,
     or non-zero unused trailing bits (so each byte string has exactly one accepted encoding).
     """
-    if _B64URL_RE.fullmatch(text) is None:
+    # ASCII, and nothing left once the alphabet is deleted: only A-Z a-z 0-9 - _
+    raw = text.encode("ascii") if text.isascii() else b"\x00"
+    if raw.translate(None, _B64URL_BYTES):
         raise ValueError("base64url text may only contain A-Z a-z 0-9 - _ (and no padding)")
-    tail = len(text) % 4
+    tail = len(raw) % 4
     if tail == 1:
         raise ValueError("impossible base64url length")
     if (tail == 2 and _B64URL_INDEX[text[-1]] & 0x0F) or (tail == 3 and _B64URL_INDEX[text[-1]] & 0x03):
         raise ValueError("non-canonical base64url: unused trailing bits are set")
     # Only canonical text reaches here; binascii.Error would still be a ValueError, as documented.
-    return binascii.a2b_base64(text.translate(_TO_STANDARD_B64) + "=" * (-len(text) % 4), strict_mode=True)
+    return binascii.a2b_base64(raw.translate(_TO_STANDARD_B64) + b"=" * (-len(raw) % 4), strict_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -145,6 +147,38 @@ def _json_object(part: str, name: str) -> dict[str, Any]:
     return value
 
 
+# Headers already checked, by their exact base64url text. A requester sends the same header with every
+# request (its alg and kid), so this skips a base64url decode and a JSON parse per request. Only headers
+# of string values are kept, so that each caller can be handed a copy of its own.
+_HEADER_CACHE_SIZE = 1024
+_headers: dict[str, dict[str, str]] = {}
+
+
+def _header(encoded: str) -> dict[str, Any]:
+    """The checked JOSE header of ``encoded`` (see :func:`decode_unverified`), a copy the caller owns."""
+    known = _headers.get(encoded)
+    if known is not None:
+        return dict(known)
+    header = _json_object(encoded, "header")
+    alg = header.get("alg")
+    if alg not in SUPPORTED_ALGS:
+        raise AuthError(
+            "unsupported_alg",
+            f"JWS alg {_shown(alg)!r} is not supported",
+            details={"expected": list(SUPPORTED_ALGS), "got": _shown(alg)},
+        )
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise _malformed("the header has no kid", expected="kid: <did>#<fragment>", got=_shown(kid))
+    if "crit" in header:
+        raise _malformed("critical header extensions are not supported", got=_shown(header["crit"]))
+    if all(isinstance(value, str) for value in header.values()):
+        if len(_headers) >= _HEADER_CACHE_SIZE:
+            del _headers[next(iter(_headers))]  # the oldest
+        _headers[encoded] = dict(header)
+    return header
+
+
 def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     """``(header, payload, signing_input, signature)`` of a compact JWS, checked for shape only.
 
@@ -158,19 +192,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes
     if len(parts) != 3:
         raise _malformed("expected 3 dot-separated parts", expected=3, got=len(parts))
     encoded_header, encoded_payload, encoded_signature = parts
-    header = _json_object(encoded_header, "header")
-    alg = header.get("alg")
-    if alg not in SUPPORTED_ALGS:
-        raise AuthError(
-            "unsupported_alg",
-            f"JWS alg {_shown(alg)!r} is not supported",
-            details={"expected": list(SUPPORTED_ALGS), "got": _shown(alg)},
-        )
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise _malformed("the header has no kid", expected="kid: <did>#<fragment>", got=_shown(kid))
-    if "crit" in header:
-        raise _malformed("critical header extensions are not supported", got=_shown(header["crit"]))
+    header = _header(encoded_header)
     payload = _json_object(encoded_payload, "payload")
     try:
         signature = b64url_decode(encoded_signature)
