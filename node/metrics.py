@@ -68,6 +68,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # labelled children of the per-request metrics, looked up once: ``labels()`` takes a lock and checks
+        # its arguments on every call (the label sets are bounded: routes, statuses, error codes)
+        self._http_children: dict[tuple[str, int], Counter] = {}
+        self._admission_children: dict[str, Histogram] = {}
+        self._quote_children: dict[tuple[str, str], Counter] = {}
         r = self.registry
         self.http_requests = Counter(
             "hearth_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
@@ -147,8 +152,27 @@ class Metrics:
     def watch_payments(self, totals: Callable[[], dict[str, int]], chain_up: Callable[[], bool]) -> None:
         self.registry.register(_Payments(totals, chain_up))
 
+    def http_request(self, route: str, status: int) -> None:
+        """One answered HTTP request, by route (its canonical path) and status."""
+        key = (route, status)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self._http_children[key] = self.http_requests.labels(route, str(status))
+        child.inc()
+
+    def admission_timer(self, route: str) -> Histogram:
+        """The admission histogram of ``route`` (quote or submit), to time with its ``time()``."""
+        child = self._admission_children.get(route)
+        if child is None:
+            child = self._admission_children[route] = self.admission_seconds.labels(route)
+        return child
+
     def quote(self, outcome: str, reason: str) -> None:
-        self.quotes.labels(outcome, reason).inc()
+        key = (outcome, reason)
+        child = self._quote_children.get(key)
+        if child is None:
+            child = self._quote_children[key] = self.quotes.labels(outcome, reason)
+        child.inc()
 
     def auth_rejected(self, code: str) -> None:
         self.auth_rejections.labels(code).inc()

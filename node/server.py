@@ -83,7 +83,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = error_response(
                 node.metrics, HearthError("internal_error", "the node failed to handle the request")
             )
-    node.metrics.http_requests.labels(route, str(response.status)).inc()
+    node.metrics.http_request(route, response.status)
     return response
 
 
@@ -100,6 +100,8 @@ async def read_body(request: web.Request) -> bytes:
             details={"max_bytes": cap},
         )
     try:
+        if request.content.is_eof():  # the whole body is here already (the usual case): no wait to bound
+            return await request.read()
         async with asyncio.timeout(api.body_timeout_seconds):
             return await request.read()
     except TimeoutError:
@@ -199,7 +201,7 @@ async def post_quote(request: web.Request) -> web.Response:
     node = request.app[NODE]
     refuse_while_draining(node)
     token, _ = await read_signed(request)
-    with node.metrics.admission_seconds.labels("quote").time():
+    with node.metrics.admission_timer("quote").time():
         quote = await node.admission.quote(token)
     return json_response(
         {
@@ -216,7 +218,7 @@ async def post_job(request: web.Request) -> web.Response:
     node = request.app[NODE]
     refuse_while_draining(node)
     token, doc = await read_signed(request)
-    with node.metrics.admission_seconds.labels("submit").time():
+    with node.metrics.admission_timer("submit").time():
         result = await node.admission.submit(token, doc.get("quote"), doc.get("funding"))
     body = signed(
         node, "status", result.job.id, {"job": job_view(result.job), "accepted_now": result.accepted_now}
