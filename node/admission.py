@@ -14,8 +14,7 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -76,6 +75,33 @@ def _quote_expired() -> PricingError:
     return PricingError("quote_expired", "the quote has expired; ask for a new one", retryable=True)
 
 
+class _JobLock:
+    """:meth:`Admission._job_lock`: a class, not a generator, since every request takes one."""
+
+    __slots__ = ("_job", "_lock", "_locks")
+
+    def __init__(self, locks: dict[str, asyncio.Lock], job: str) -> None:
+        self._locks = locks
+        self._job = job
+        self._lock = locks.setdefault(job, asyncio.Lock())
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._forget()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        self._forget()
+
+    def _forget(self) -> None:
+        lock = self._lock
+        if not lock.locked() and not getattr(lock, "_waiters", None):
+            self._locks.pop(self._job, None)
+
+
 def resources_of(env: AnyEnvelope) -> Resources:
     return Resources(cpus=env.limits.cpus, memory_mb=env.limits.memory_mb, gpus=env.limits.gpus)
 
@@ -130,15 +156,9 @@ class Admission:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _job_lock(self, job: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(job, asyncio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and not getattr(lock, "_waiters", None):
-                self._locks.pop(job, None)
+    def _job_lock(self, job: str) -> _JobLock:
+        """One request at a time per job (``async with``); a lock nobody holds or awaits is dropped."""
+        return _JobLock(self._locks, job)
 
     def _existing(self, inc: Incoming) -> JobRecord | None:
         env = inc.env

@@ -10,9 +10,10 @@ admission, leaves no trace, and the same token is judged the same way when it co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -57,6 +58,9 @@ class _Parsed:
     job_key: str
 
 
+_Found = tuple[tuple[str, bytes] | None, AnyEnvelope | _Parsed]  # (cache key, envelope or cache hit)
+
+
 def _envelope_key(iss: Any, raw: Any) -> tuple[str, bytes] | None:
     """The cache key of a request's ``job`` claim: its issuer and exact JSON (``1``, ``1.0`` and ``true``
     stay apart, as strict validation tells them apart); None for what JSON cannot write back."""
@@ -92,34 +96,27 @@ class Intake:
         # acceptance (and with every retry), and need not be validated and hashed again
         self._envelopes: dict[tuple[str, bytes], _Parsed] = {}
 
-    @contextmanager
-    def job(self, token: str) -> Iterator[Incoming]:
+    def job(self, token: str) -> AbstractContextManager[Incoming]:
         """A job request (a ``job`` claim holding an envelope), verified and parsed; its jti is recorded
         only if the block succeeds."""
-        parsed: list[tuple[tuple[str, bytes] | None, AnyEnvelope | _Parsed]] = []
+        return _Handling(self, token, None)
 
-        def parse_job(payload: dict[str, Any]) -> None:
-            if "job" not in payload:
-                raise RequestError("invalid_envelope", "the request has no 'job' claim")
-            raw = payload["job"]
-            seen = _envelope_key(payload["iss"], raw)
-            hit = None if seen is None else self._envelopes.get(seen)
-            parsed.append((seen, parse_envelope(raw) if hit is None else hit))
-
-        with self.request(token, parse_job) as request:
-            yield self._incoming(request, *parsed[0])
-
-    @contextmanager
-    def request(self, token: str, check: Callable[[dict[str, Any]], None]) -> Iterator[VerifiedRequest]:
+    def request(
+        self, token: str, check: Callable[[dict[str, Any]], None]
+    ) -> AbstractContextManager[VerifiedRequest]:
         """Any signed request, verified, with ``check(payload)`` run before the block; its jti is recorded
         only if the block succeeds. Verification refusals are counted by code."""
-        with ExitStack() as stack:
-            try:
-                request = stack.enter_context(self.verifier.admit(token, before_record=check))
-            except AuthError as exc:
-                self._metrics.auth_rejected(exc.code)
-                raise
-            yield request
+        return _Handling(self, token, check)
+
+    def _parse_job(self, payload: dict[str, Any]) -> _Found:
+        """The envelope of a job request's ``job`` claim, checked now or as it was for this requester, and
+        its cache key."""
+        if "job" not in payload:
+            raise RequestError("invalid_envelope", "the request has no 'job' claim")
+        raw = payload["job"]
+        seen = _envelope_key(payload["iss"], raw)
+        hit = None if seen is None else self._envelopes.get(seen)
+        return seen, parse_envelope(raw) if hit is None else hit
 
     def _incoming(
         self, request: VerifiedRequest, seen: tuple[str, bytes] | None, found: AnyEnvelope | _Parsed
@@ -135,3 +132,47 @@ class Intake:
                 del self._envelopes[next(iter(self._envelopes))]  # the oldest
             self._envelopes[seen] = _Parsed(env, doc, digest, key, job_key)
         return Incoming(request=request, env=env, doc=doc, hash=digest, key=key, job_key=job_key)
+
+
+class _Handling:
+    """The handling of one signed request: :meth:`Intake.job` (``check`` None) or :meth:`Intake.request`.
+
+    Verified on entry (refusals counted), its jti recorded on a clean exit. A class rather than stacked
+    generator context managers: it is entered for every request the node takes.
+    """
+
+    __slots__ = ("_admitted", "_check", "_intake", "_job", "_token")
+
+    def __init__(self, intake: Intake, token: str, check: Callable[[dict[str, Any]], None] | None) -> None:
+        self._intake = intake
+        self._token = token
+        self._check = check
+        self._job: _Found | None = None
+        self._admitted: AbstractContextManager[VerifiedRequest] | None = None
+
+    def _parse_job(self, payload: dict[str, Any]) -> None:
+        self._job = self._intake._parse_job(payload)
+
+    def __enter__(self) -> Any:
+        intake = self._intake
+        admitted = intake.verifier.admit(self._token, before_record=self._check or self._parse_job)
+        try:
+            request = admitted.__enter__()
+        except AuthError as exc:
+            intake._metrics.auth_rejected(exc.code)
+            raise
+        self._admitted = admitted
+        if self._check is not None:
+            return request
+        assert self._job is not None
+        try:
+            return intake._incoming(request, *self._job)
+        except BaseException as exc:
+            admitted.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._admitted is not None
+        return self._admitted.__exit__(exc_type, exc, tb)
