@@ -53,6 +53,8 @@ class _Group:
     thread: int
     done: asyncio.Future[None]
     events: list[Event] = field(default_factory=list)
+    # one future per task waiting for the commit (see JournalEngine._until), woken when ``done`` resolves
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)

@@ -262,17 +262,30 @@ class JournalEngine:
         group = self._group
         if group is not None and group.thread == threading.get_ident():
             with suppress(JournalError):
-                await asyncio.shield(group.done)
+                await self._until(group)
         seen = _READ_IN_GROUP.get()
         if seen is not None and seen.thread == threading.get_ident():
-            await asyncio.shield(seen.done)
+            await self._until(seen)
 
-    @staticmethod
-    async def _wait(batch: _Batch) -> None:
+    @classmethod
+    async def _wait(cls, batch: _Batch) -> None:
         groups, batch.groups = batch.groups, []
         for group in groups:
-            # shielded: a cancelled request still leaves its writes to the group, which commits anyway
-            await asyncio.shield(group.done)
+            await cls._until(group)
+
+    @staticmethod
+    async def _until(group: _Group) -> None:
+        """Wait until ``group`` is committed; raise its error if the commit failed.
+
+        Like ``asyncio.shield(group.done)``: a cancelled waiter leaves the group alone (its writes are
+        committed anyway), but the task waits on a future of its own that the commit resolves directly,
+        where a shield goes through two more callbacks of the event loop per wait.
+        """
+        if not group.done.done():
+            waiter = group.loop.create_future()
+            group.waiters.append(waiter)
+            await waiter
+        return group.done.result()
 
     def _open_group(self, conn: sqlite3.Connection) -> _Group:
         loop = asyncio.get_running_loop()
@@ -343,6 +356,11 @@ class JournalEngine:
                 group.done.set_result(None)
             else:
                 group.done.set_exception(error)
+                if group.waiters:
+                    group.done.exception()  # told to its waiters (as a shield marks it retrieved)
+            for waiter in group.waiters:
+                if not waiter.done():  # a cancelled waiter is done already
+                    waiter.set_result(None)
 
         if threading.get_ident() == group.thread:
             settle()
