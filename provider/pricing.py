@@ -116,6 +116,13 @@ class Pricer:
     ) -> None:
         self._cfg = cfg
         self._gpu_rate = gpu_rate_for(cfg, gpu_model)
+        # the rates and surge bounds as Decimals, once (the config is frozen; a reload makes a new Pricer)
+        self._cpu_rate = cfg.dec("cpu_second")
+        self._output_rate = cfg.dec("output_mb")
+        self._minimum = cfg.dec("minimum_per_job")
+        self._default_token_rates = (cfg.dec("input_1k_tokens"), cfg.dec("output_1k_tokens"))
+        self._surge_threshold = _dec(cfg.surge.threshold)
+        self._surge_top = _dec(cfg.surge.max_factor)
         self._token_rates = {
             m.name: (
                 Decimal(m.input_1k_tokens or cfg.input_1k_tokens),
@@ -134,15 +141,14 @@ class Pricer:
 
     def base_price(self, env: Envelope, est: WorkEstimate) -> PriceBreakdown:
         """Rates times the estimate, floored at ``minimum_per_job``; before surge."""
-        cfg = self._cfg
-        cpu = cfg.dec("cpu_second") * _dec(est.cpu_seconds)
+        cpu = self._cpu_rate * _dec(est.cpu_seconds)
         gpu = self._gpu_rate * _dec(est.gpu_seconds)
-        output = cfg.dec("output_mb") * _dec(est.output_mb)
+        output = self._output_rate * _dec(est.output_mb)
         input_rate, output_rate = self.token_rates(env)
         input_tokens = input_rate * Decimal(est.input_tokens) / _THOUSAND
         output_tokens = output_rate * Decimal(est.output_tokens) / _THOUSAND
         subtotal = cpu + gpu + output + input_tokens + output_tokens
-        minimum = cfg.dec("minimum_per_job")
+        minimum = self._minimum
         return PriceBreakdown(
             cpu=cpu,
             gpu=gpu,
@@ -159,12 +165,11 @@ class Pricer:
         """Prices per 1k input and output tokens for ``env``: its model's own, else ``[pricing]``'s."""
         if isinstance(env, VllmBatchEnvelope) and env.output_spec.model in self._token_rates:
             return self._token_rates[env.output_spec.model]
-        return self._cfg.dec("input_1k_tokens"), self._cfg.dec("output_1k_tokens")
+        return self._default_token_rates
 
     def surge_factor(self, utilisation: float) -> Decimal:
         """1 up to the surge threshold, then rising linearly to ``max_factor`` at full load (and beyond)."""
-        threshold = _dec(self._cfg.surge.threshold)
-        top = _dec(self._cfg.surge.max_factor)
+        threshold, top = self._surge_threshold, self._surge_top
         load = _dec(utilisation)
         if load <= threshold:
             return Decimal(1)
