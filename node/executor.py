@@ -346,6 +346,8 @@ class TranscodeExecutor(WorkloadExecutor):
         known = self._known_probe(env.input_uri)
         if known is not None:
             return InputProbe(duration_seconds=known.duration_seconds, width=known.width, height=known.height)
+        if not self._reachable(env.input_uri):  # the usual quote: nothing to fetch, priced on the envelope
+            return None
         async with self._quote_input(env, "input") as fetched:
             if fetched is None:
                 return None
