@@ -121,10 +121,14 @@ def _json_bytes(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value)  # compact, UTF-8; a dict key that is not a string raises
 
 
+@lru_cache(maxsize=64)
+def _encoded_header(alg: str, kid: str) -> str:
+    return b64url_encode(_json_bytes({"alg": alg, "kid": kid, "typ": "JWT"}))
+
+
 def sign_jwt(signer: Signer, payload: dict[str, Any]) -> str:
     """A compact JWS of ``payload`` with header exactly ``{"alg", "kid", "typ": "JWT"}`` (compact JSON)."""
-    header = {"alg": signer.alg, "kid": signer.kid, "typ": "JWT"}
-    signing_input = f"{b64url_encode(_json_bytes(header))}.{b64url_encode(_json_bytes(payload))}"
+    signing_input = f"{_encoded_header(signer.alg, signer.kid)}.{b64url_encode(_json_bytes(payload))}"
     return f"{signing_input}.{b64url_encode(signer.sign(signing_input.encode('ascii')))}"
 
 
@@ -147,9 +151,8 @@ def _json_object(part: str, name: str) -> dict[str, Any]:
     return value
 
 
-# Headers already checked, by their exact base64url text. A requester sends the same header with every
-# request (its alg and kid), so this skips a base64url decode and a JSON parse per request. Only headers
-# of string values are kept, so that each caller can be handed a copy of its own.
+# Headers already checked, by their exact text: a requester sends the same one every time. Only headers of
+# string values are kept, so that each caller can be handed a copy of its own.
 _HEADER_CACHE_SIZE = 1024
 _headers: dict[str, dict[str, str]] = {}
 
