@@ -93,8 +93,8 @@ _transitions = logging.getLogger("hearth.jobs")
 
 def log_transition(event: Any) -> None:
     """A journal listener (:meth:`node.journal.Journal.add_listener`): one line per state change of a job."""
-    if event.type != "transition":
-        return
+    if event.type != "transition" or not _transitions.isEnabledFor(logging.INFO):
+        return  # (a node logging at WARNING builds no line for each of its transitions)
     fields: dict[str, Any] = {"job": event.job, "from_state": event.from_state, "to_state": event.to_state}
     if event.domain is not None:
         fields |= {"domain": event.domain, "retryable": event.retryable}
