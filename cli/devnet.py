@@ -48,9 +48,10 @@ def _show_devnet(args: argparse.Namespace, out: Out, net: Devnet) -> None:
         state = "started" if net.started else "already running"
         print(f"devnet {net.rpc_url} (chain {net.chain_id}, anvil pid {net.pid}, {state})")
         print(f"  token   {net.token}\n  escrow  {net.escrow}{'  (reused)' if net.reused else ''}")
+        print(f"  registry {net.registry}")
         for account in net.accounts:
             print(f"  {account.role:9} {account.did}\n            key {account.key_file} (0600)")
-        print(f"  [chain] written to {net.config}")
+        print(f"  [chain] and [market] registry written to {net.config}")
         if args.detach or not net.started:
             print(f"  stop it: hearth devnet --home {args.home} --stop")
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import warnings
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -341,6 +342,40 @@ class RegistrySection(_Section):
         return self
 
 
+# ``register`` is also a method of every model class (ABCMeta.register, through pydantic's metaclass); the
+# field shadows it harmlessly, since instances never see metaclass methods, so pydantic's warning is muted.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class MarketSection(_Section):
+        """The on-chain provider registry (``HearthRegistry``) the node lists itself in.
+
+        With ``registry`` (the contract's address, on the ``[chain]`` chain) and a public ``endpoint``
+        set and ``register`` on, the node registers its DID and endpoint from its wallet at start, or
+        updates its record when it differs. ``hearth devnet`` writes ``registry``.
+        """
+
+        registry: str | None = Field(default=d.DEFAULT_MARKET_REGISTRY, pattern=ETH_ADDRESS_PATTERN)
+        # the URL requesters reach this node at, as registered (its signed offer names the same)
+        endpoint: str | None = d.DEFAULT_MARKET_ENDPOINT
+        # whether the node registers (or updates) itself at start
+        register: bool = d.DEFAULT_MARKET_REGISTER
+
+        @field_validator("endpoint")
+        @classmethod
+        def _endpoint_url(cls, v: str | None) -> str | None:
+            if v is None:
+                return v
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname or len(v.encode()) > 2048:
+                raise ValueError(
+                    f"endpoint {v[:80]!r} must be an http(s):// URL with a host, at most 2048 bytes"
+                )
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(f"endpoint at {parts.hostname!r} must not carry a user or password")
+            return v
+
+
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"  # the envelope's output_spec.model
 
 
@@ -381,6 +416,7 @@ class NodeConfig(_Section):
     webhooks: WebhooksSection = Field(default_factory=WebhooksSection)
     chain: ChainSection | None = None
     registry: RegistrySection = Field(default_factory=RegistrySection)
+    market: MarketSection = Field(default_factory=MarketSection)
     models: list[ModelSection] = Field(default_factory=list, max_length=256)
 
     @field_validator("models")

@@ -162,6 +162,11 @@ DEFAULT_REGISTRY_TIMEOUT_SECONDS: Final = 10.0
 DEFAULT_REGISTRY_BACKOFF_INITIAL_SECONDS: Final = 1.0
 DEFAULT_REGISTRY_BACKOFF_MAX_SECONDS: Final = 300.0
 
+# [market]: the on-chain provider registry; unset by default (the node lists itself nowhere).
+DEFAULT_MARKET_REGISTRY: Final[str | None] = None  # the HearthRegistry address; `hearth devnet` writes it
+DEFAULT_MARKET_ENDPOINT: Final[str | None] = None  # the public URL registered for this node
+DEFAULT_MARKET_REGISTER: Final = True  # register (or update the record) at start when both are set
+
 # [[models]]: the catalog is empty by default; these fill the keys an entry leaves out.
 DEFAULT_MODEL_GPU_MEMORY_MB: Final = 0  # 0: the model also runs on CPUs
 DEFAULT_MODEL_DTYPE: Final = "auto"  # vLLM picks from the model's own config

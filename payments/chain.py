@@ -119,7 +119,10 @@ class Chain:
         token_abi = load_artifact("TestUSDC").abi
         self.escrow = self.w3.eth.contract(address=to_checksum_address(cfg.escrow), abi=escrow_abi)
         self.token = self.w3.eth.contract(address=to_checksum_address(cfg.token), abi=token_abi)
-        self._errors = _error_selectors(escrow_abi) | _error_selectors(token_abi)
+        registry_abi = load_artifact("HearthRegistry").abi
+        self._errors = (
+            _error_selectors(escrow_abi) | _error_selectors(token_abi) | _error_selectors(registry_abi)
+        )
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,8 +1,9 @@
 """A local development chain: anvil with the escrow contracts deployed and test accounts funded.
 
 :func:`up` starts anvil (from the npm package in ``node_modules``) in a session of its own, deploys
-``TestUSDC`` and ``HearthEscrow(token)``, creates and funds the node's wallet and a requester and a
-validator account, and writes the ``[chain]`` section of ``node.toml``. It is idempotent: when the anvil
+``TestUSDC``, ``HearthEscrow(token)`` and the provider registry ``HearthRegistry``, creates and funds the
+node's wallet and a requester and a validator account, and writes the ``[chain]`` section and
+``[market] registry`` of ``node.toml``. It is idempotent: when the anvil
 recorded in ``<home>/devnet/anvil.pid`` still answers and the recorded contracts still have code, they are
 reused and only the balances are topped up. :func:`stop` ends that anvil; its chain state is kept in
 ``<home>/devnet/state.json`` so the next :func:`up` finds the same contracts again.
@@ -39,6 +40,7 @@ from payments.devnet_anvil import find_anvil as find_anvil
 from payments.devnet_anvil import spawn_anvil as spawn_anvil
 from payments.devnet_config import CHAIN_TABLE_COMMENT as CHAIN_TABLE_COMMENT
 from payments.devnet_config import set_chain_config as set_chain_config
+from payments.devnet_config import set_market_registry as set_market_registry
 from payments.devnet_config import write_atomically
 from payments.escrow_build import load_artifact
 from payments.keys import EthSigner, load_eth_key, new_eth, save_key
@@ -80,14 +82,15 @@ class DevAccount:
 class Devnet:
     """A running devnet as :func:`up` left it.
 
-    ``started`` says this call spawned anvil (else it found one running); ``reused`` says the contracts
-    were already deployed there.
+    ``started`` says this call spawned anvil (else it found one running); ``reused`` says the token and
+    escrow were already deployed there (a registry missing from an older deployment is added to it).
     """
 
     rpc_url: str
     chain_id: int
     token: str
     escrow: str
+    registry: str
     pid: int
     started: bool
     reused: bool
@@ -132,7 +135,7 @@ def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT) -> Devnet:
     try:
         w3 = connect(rpc_url, pid=pid, log=folder / LOG_FILENAME)
         with _rpc_errors(rpc_url):
-            token, escrow, reused = _deployment(w3, folder, rpc_url)
+            token, escrow, registry, reused = _deployment(w3, folder, rpc_url)
             wallet_file = resolve_path(
                 home, cfg.chain.wallet_key_file if cfg.chain else DEFAULT_WALLET_KEY_FILE
             )
@@ -168,6 +171,7 @@ def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT) -> Devnet:
             )
         )
         config = set_chain_config(home, chain)
+        set_market_registry(home, registry)
     except BaseException:
         if started:
             stop(home)  # leave nothing half-started behind
@@ -182,6 +186,7 @@ def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT) -> Devnet:
         chain_id=DEVNET_CHAIN_ID,
         token=token,
         escrow=escrow,
+        registry=registry,
         pid=pid,
         started=started,
         reused=reused,
@@ -262,24 +267,34 @@ def _rpc_errors(rpc_url: str) -> Iterator[None]:
         ) from exc
 
 
-def _deployment(w3: Web3, folder: Path, rpc_url: str) -> tuple[str, str, bool]:
-    """(token, escrow, reused): the recorded contracts if they still have code there, else fresh ones."""
+def _deployment(w3: Web3, folder: Path, rpc_url: str) -> tuple[str, str, str, bool]:
+    """(token, escrow, registry, reused): the recorded contracts if they still have code there, else fresh
+    ones. ``reused`` speaks of the token and escrow; a registry missing from an older record is deployed
+    next to them."""
     record = _recorded_deployment(folder)
-    token, escrow = record.get("token"), record.get("escrow")
-    if (
-        record.get("rpc_url") == rpc_url
-        and isinstance(token, str)
-        and isinstance(escrow, str)
-        and w3.eth.get_code(to_checksum_address(token))
-        and w3.eth.get_code(to_checksum_address(escrow))
-    ):
-        return token, escrow, True
+    same_chain = record.get("rpc_url") == rpc_url
+    token, escrow, registry = record.get("token"), record.get("escrow"), record.get("registry")
     deployer = w3.eth.accounts[0]
-    token = _deploy(w3, deployer, "TestUSDC", TOKEN_NAME, deployer)
-    escrow = _deploy(w3, deployer, "HearthEscrow", token)
-    record = {"rpc_url": rpc_url, "chain_id": DEVNET_CHAIN_ID, "token": token, "escrow": escrow}
-    write_atomically(folder / DEPLOYMENT_FILENAME, json.dumps(record, indent=2) + "\n")
-    return token, escrow, False
+    reused = same_chain and _has_code(w3, token) and _has_code(w3, escrow)
+    if not reused:
+        token = _deploy(w3, deployer, "TestUSDC", TOKEN_NAME, deployer)
+        escrow = _deploy(w3, deployer, "HearthEscrow", token)
+    if not (reused and _has_code(w3, registry)):
+        registry = _deploy(w3, deployer, "HearthRegistry")
+    fresh = {
+        "rpc_url": rpc_url,
+        "chain_id": DEVNET_CHAIN_ID,
+        "token": token,
+        "escrow": escrow,
+        "registry": registry,
+    }
+    if fresh != record:
+        write_atomically(folder / DEPLOYMENT_FILENAME, json.dumps(fresh, indent=2) + "\n")
+    return str(token), str(escrow), str(registry), bool(reused)
+
+
+def _has_code(w3: Web3, address: object) -> bool:
+    return isinstance(address, str) and bool(w3.eth.get_code(to_checksum_address(address)))
 
 
 def _deploy(w3: Web3, deployer: str, name: str, *args: Any) -> str:

@@ -2,11 +2,13 @@
 
 :func:`set_chain_config` rewrites only ``[chain]`` (with tomlkit, so the rest of the file stays as the
 operator wrote it) and checks the result before replacing the file atomically (:func:`write_atomically`).
+:func:`set_market_registry` does the same for the one ``registry`` key of ``[market]``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from pathlib import Path
@@ -22,6 +24,7 @@ from core.errors import ConfigError
 CHAIN_TABLE_COMMENT = (
     "Written by `hearth devnet`; for a real chain set the RPC URL and deployed addresses here."
 )
+MARKET_TABLE_COMMENT = "The provider registry `hearth devnet` deployed; set `endpoint` to list this node."
 
 
 def set_chain_config(home: Path, chain: ChainSection) -> Path:
@@ -44,6 +47,45 @@ def set_chain_config(home: Path, chain: ChainSection) -> Path:
         raise _not_editable(path)
     parse_config(after, source=str(path))
     write_atomically(path, new_text)
+    return path
+
+
+def set_market_registry(home: Path, registry: str) -> Path:
+    """Set ``[market] registry`` in ``<home>/node.toml`` to ``registry``, keeping everything else as written.
+
+    The other keys of ``[market]`` (``endpoint``, ``register``) are the operator's and stay; a missing table
+    is appended. As :func:`set_chain_config`, the result must parse to the old document with only that value
+    changed and pass validation, else nothing is written (``config_not_editable``).
+    """
+    path = home / CONFIG_FILENAME
+    text = path.read_text() if path.exists() else ""
+    before = _toml(text, path)
+    try:
+        doc = tomlkit.parse(text)
+    except TOMLKitError:
+        raise _not_editable(path, "market") from None
+    market = before.get("market")
+    expected = before | {"market": (market if isinstance(market, dict) else {}) | {"registry": registry}}
+    table = doc.get("market")
+    if table is None:
+        block = f"# {MARKET_TABLE_COMMENT}\n{tomlkit.dumps({'market': {'registry': registry}})}"
+        # next to [chain] (it names an address on that chain) when that reads back right, else at the end
+        candidates = [
+            _after_chain_keys(text, block),
+            (text.rstrip("\n") + "\n\n" if text.strip() else "") + block,
+        ]
+    elif not isinstance(table, Table) or table.is_super_table():
+        raise _not_editable(path, "market")
+    else:
+        if table.get("registry") != registry:
+            table["registry"] = registry  # a replaced value keeps its line's comment; a new key goes last
+        candidates = [tomlkit.dumps(doc)]
+    new_text = next((c for c in candidates if c is not None and _reads_as(c, expected)), None)
+    if new_text is None:
+        raise _not_editable(path, "market")
+    parse_config(expected, source=str(path))
+    if new_text != text:
+        write_atomically(path, new_text)
     return path
 
 
@@ -116,9 +158,38 @@ def _with_chain_table(text: str, chain: ChainSection, path: Path) -> str:
     return tomlkit.dumps(doc)
 
 
-def _not_editable(path: Path) -> ConfigError:
+def _reads_as(text: str, expected: dict[str, Any]) -> bool:
+    try:
+        return tomllib.loads(text) == expected
+    except tomllib.TOMLDecodeError:
+        return False
+
+
+_TABLE_HEADER = re.compile(r"^\s*\[")
+
+
+def _after_chain_keys(text: str, block: str) -> str | None:
+    """``text`` with ``block`` inserted after the last key line of its ``[chain]`` table (before the comments
+    that close the table, which usually introduce the next one); None without a ``[chain]`` header."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if re.match(r"^\s*\[chain\]\s*(#.*)?$", line)), None)
+    if start is None:
+        return None
+    last = start
+    for i in range(start + 1, len(lines)):
+        stripped = lines[i].strip()
+        if _TABLE_HEADER.match(lines[i]):
+            break
+        if stripped and not stripped.startswith("#"):
+            last = i
+    head = "".join(lines[: last + 1])
+    head = head if head.endswith("\n") else head + "\n"
+    return f"{head}\n{block}{''.join(lines[last + 1 :])}"
+
+
+def _not_editable(path: Path, table: str = "chain") -> ConfigError:
     return ConfigError(
         "config_not_editable",
-        f"{path} defines chain outside a plain [chain] table; move it into one and re-run",
+        f"{path} defines {table} outside a plain [{table}] table; move it into one and re-run",
         details={"source": str(path)},
     )

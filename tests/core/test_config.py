@@ -119,6 +119,7 @@ EMPTY_CONFIG: dict[str, Any] = {
         "backoff_initial_seconds": 1.0,
         "backoff_max_seconds": 300.0,
     },
+    "market": {"registry": None, "endpoint": None, "register": True},
     "models": [],
 }
 
