@@ -33,7 +33,9 @@ from tests.chaos.scoreboard import Row, scenario
 NAME = "kill -9 during artifact writes"
 KILL_WINDOW_SECONDS = 0.1  # the kill lands uniformly in this long after the child starts writing
 CHILD_READY_TIMEOUT_SECONDS = 30.0  # a fork and a store open on a loaded machine
-MAX_KILLS_PER_RUN = 4  # kills that fall between two imports are retried, up to this many per counted one
+MAX_KILLS_PER_RUN = 8  # kills that fall between two imports are retried, up to this many per counted one
+AIM_SECONDS = 0.5  # after the random delay, how long the kill waits for a block being written
+AIM_POLL_SECONDS = 0.0005
 
 
 def _temp_files(root: Path) -> list[Path]:
@@ -113,6 +115,11 @@ def _one_kill(
             row.fail("harness_error", "the importing child did not start")
             return False
         time.sleep(delay)
+        # then aim: kill as soon as a block is seen half-written (a loaded machine can otherwise land most
+        # kills between two imports, and the run would count too few)
+        aim_until = time.monotonic() + AIM_SECONDS
+        while time.monotonic() < aim_until and not _temp_files(root):
+            time.sleep(AIM_POLL_SECONDS)
     finally:
         child.kill()  # SIGKILL: no finally, no abort, no cleanup runs in the child
         child.join(CHILD_READY_TIMEOUT_SECONDS)
