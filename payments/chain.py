@@ -101,6 +101,29 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@asynccontextmanager
+async def rpc_errors(what: str, rpc_url: str) -> AsyncIterator[None]:
+    """Every RPC failure of ``what`` as a :class:`ChainError`: ``chain_rpc_error`` when the node answered
+    with a JSON-RPC error, ``chain_unavailable`` (retryable) when it did not answer. Reverts are the
+    caller's to read first: they name a contract's own error."""
+    try:
+        yield
+    except Web3RPCError as exc:
+        # the node answered, with a JSON-RPC error: not a connectivity problem
+        message = str(exc.rpc_response.get("error", {}).get("message") if exc.rpc_response else exc)
+        raise ChainError(
+            "chain_rpc_error",
+            f"the RPC refused {what}: {message}",
+            details={"call": what, "rpc_error": message},
+        ) from None
+    except (TimeoutError, aiohttp.ClientError, OSError, Web3Exception, ValueError) as exc:
+        raise ChainError(
+            "chain_unavailable",
+            f"the chain RPC at {rpc_url} did not answer {what}: {type(exc).__name__}: {exc}",
+            details={"call": what, "rpc_url": rpc_url},
+        ) from None
+
+
 class Chain:
     """One RPC endpoint, the escrow and token contracts, and the node's wallet that pays gas."""
 
@@ -238,24 +261,11 @@ class Chain:
 
     @asynccontextmanager
     async def _rpc(self, what: str, *, domain: Domain = "settlement") -> AsyncIterator[None]:
-        try:
-            yield
-        except (ContractCustomError, ContractLogicError, ContractPanicError) as exc:
-            raise self._reverted(exc, domain) from None
-        except Web3RPCError as exc:
-            # the node answered, with a JSON-RPC error: not a connectivity problem
-            message = str(exc.rpc_response.get("error", {}).get("message") if exc.rpc_response else exc)
-            raise ChainError(
-                "chain_rpc_error",
-                f"the RPC refused {what}: {message}",
-                details={"call": what, "rpc_error": message},
-            ) from None
-        except (TimeoutError, aiohttp.ClientError, OSError, Web3Exception, ValueError) as exc:
-            raise ChainError(
-                "chain_unavailable",
-                f"the chain RPC at {self.cfg.rpc_url} did not answer {what}: {type(exc).__name__}: {exc}",
-                details={"call": what, "rpc_url": self.cfg.rpc_url},
-            ) from None
+        async with rpc_errors(what, self.cfg.rpc_url):
+            try:
+                yield
+            except (ContractCustomError, ContractLogicError, ContractPanicError) as exc:
+                raise self._reverted(exc, domain) from None
 
     def _reverted(self, exc: Exception, domain: Domain) -> HearthError:
         data = getattr(exc, "data", None)

@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-import aiohttp
 from eth_utils.address import to_checksum_address
 from web3 import AsyncWeb3
 from web3.contract.async_contract import AsyncContractFunction
@@ -34,13 +33,11 @@ from web3.exceptions import (
     ContractCustomError,
     ContractLogicError,
     ContractPanicError,
-    Web3Exception,
-    Web3RPCError,
 )
 from web3.types import BlockIdentifier
 
-from core.errors import ChainError, ConfigError
-from payments.chain import Chain
+from core.errors import ConfigError
+from payments.chain import Chain, rpc_errors
 from payments.escrow_build import load_artifact
 
 CONTRACT_NAME: Final = "HearthRegistry"
@@ -160,26 +157,13 @@ class RegistryChain:
 
     @asynccontextmanager
     async def _rpc(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except (BadFunctionCallOutput, ContractCustomError, ContractLogicError, ContractPanicError):
-            # the views never revert and always answer: no HearthRegistry at this address on this chain
-            raise ConfigError(
-                "invalid_config",
-                f"market.registry: no HearthRegistry at {self.address} answers {what} on {self.rpc_url}",
-                details={"problems": [f"market.registry: no HearthRegistry at {self.address}"]},
-            ) from None
-        except Web3RPCError as exc:
-            # the node answered, with a JSON-RPC error: not a connectivity problem
-            message = str(exc.rpc_response.get("error", {}).get("message") if exc.rpc_response else exc)
-            raise ChainError(
-                "chain_rpc_error",
-                f"the RPC refused {what}: {message}",
-                details={"call": what, "rpc_error": message},
-            ) from None
-        except (TimeoutError, aiohttp.ClientError, OSError, Web3Exception, ValueError) as exc:
-            raise ChainError(
-                "chain_unavailable",
-                f"the chain RPC at {self.rpc_url} did not answer {what}: {type(exc).__name__}: {exc}",
-                details={"call": what, "rpc_url": self.rpc_url},
-            ) from None
+        async with rpc_errors(what, self.rpc_url):
+            try:
+                yield
+            except (BadFunctionCallOutput, ContractCustomError, ContractLogicError, ContractPanicError):
+                # the views never revert and always answer: no HearthRegistry at this address on this chain
+                raise ConfigError(
+                    "invalid_config",
+                    f"market.registry: no HearthRegistry at {self.address} answers {what} on {self.rpc_url}",
+                    details={"problems": [f"market.registry: no HearthRegistry at {self.address}"]},
+                ) from None

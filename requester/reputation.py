@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, cast
@@ -37,11 +37,12 @@ from eth_abi.abi import decode
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3 import AsyncWeb3
-from web3.exceptions import BlockNotFound, Web3Exception, Web3RPCError
+from web3.exceptions import BlockNotFound
 from web3.providers import AsyncHTTPProvider
 from web3.types import FilterParams
 
 from core.errors import ChainError, HearthError, StorageError
+from payments.chain import rpc_errors
 from payments.escrow_build import load_artifact
 from payments.receipts import usdc_str
 
@@ -242,23 +243,8 @@ class _Rpc:
         async with self._rpc("eth_getLogs"):
             return list(await self.w3.eth.get_logs(params))
 
-    @asynccontextmanager
-    async def _rpc(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except Web3RPCError as exc:
-            message = str(exc.rpc_response.get("error", {}).get("message") if exc.rpc_response else exc)
-            raise ChainError(
-                "chain_rpc_error",
-                f"the RPC refused {what}: {message}",
-                details={"call": what, "rpc_error": message},
-            ) from None
-        except (TimeoutError, aiohttp.ClientError, OSError, Web3Exception, ValueError) as exc:
-            raise ChainError(
-                "chain_unavailable",
-                f"the chain RPC at {self.url} did not answer {what}: {type(exc).__name__}: {exc}",
-                details={"call": what, "rpc_url": self.url},
-            ) from None
+    def _rpc(self, what: str) -> AbstractAsyncContextManager[None]:
+        return rpc_errors(what, self.url)
 
 
 class _Moved(Exception):
