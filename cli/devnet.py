@@ -28,10 +28,10 @@ def cmd_devnet(args: argparse.Namespace, out: Out) -> int:
         )
         return EXIT_OK
     if args.detach:
-        _show_devnet(args, out, devnet.up(args.home, port=args.port))
+        _show_devnet(args, out, devnet.up(args.home, port=args.port, join=args.join))
         return EXIT_OK
     with devnet.stop_requested() as stopping:
-        net = devnet.up(args.home, port=args.port)
+        net = devnet.up(args.home, port=args.port, join=args.join)
         if not net.started:  # an anvil this call did not start is not this call's to stop
             _show_devnet(args, out, net)
             return EXIT_OK
@@ -65,8 +65,10 @@ def _show_devnet(args: argparse.Namespace, out: Out, net: Devnet) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, out: Out) -> int:
-    """Run scripts/demo.sh: devnet, node, quote, funding, the job, validation and release, step by step."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "demo.sh"
+    """Run scripts/demo.sh: devnet, node, quote, funding, the job, validation and release, step by step;
+    with ``--market``, scripts/demo_market.sh: three nodes in the on-chain registry and routed jobs."""
+    name = "demo_market.sh" if args.market else "demo.sh"
+    script = Path(__file__).resolve().parent.parent / "scripts" / name
     if not script.is_file():
         raise ConfigError(
             "demo_unavailable",
@@ -88,7 +90,20 @@ def add_parser(
     p.add_argument("--port", type=int, default=DEFAULT_DEVNET_PORT, help="anvil's RPC port on 127.0.0.1")
     p.add_argument("--detach", action="store_true", help="leave anvil running in the background")
     p.add_argument("--stop", action="store_true", help="stop the anvil a --detach run left running")
+    p.add_argument(
+        "--join",
+        type=Path,
+        metavar="HOME",
+        help="join the devnet that runs under another node home (same chain and contracts; this home's "
+        "wallet funded and its [chain] and [market] registry written), as several local nodes need",
+    )
     p.set_defaults(func=cmd_devnet)
     p = sub.add_parser("demo", help="run the whole market round on a local chain (from a source checkout)")
-    p.add_argument("--inference", action="store_true", help="a vLLM batch job instead of a transcode")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--inference", action="store_true", help="a vLLM batch job instead of a transcode")
+    kind.add_argument(
+        "--market",
+        action="store_true",
+        help="three nodes in the on-chain registry; jobs routed to the cheapest, then the next when it stops",
+    )
     p.set_defaults(func=cmd_demo)

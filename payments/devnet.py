@@ -110,21 +110,36 @@ def devnet_dir(home: Path) -> Path:
     return home / DEVNET_DIRNAME
 
 
-def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT) -> Devnet:
+def up(home: Path, *, port: int = DEFAULT_DEVNET_PORT, join: Path | None = None) -> Devnet:
     """Start (or find) the devnet anvil, deploy (or reuse) the contracts, fund accounts, write ``[chain]``.
 
     anvil runs detached in its own session whatever the caller does next; :func:`stop` ends it.
+    With ``join`` (another home whose devnet runs), ``home`` joins that devnet instead of starting one:
+    same anvil, contracts, requester and validator accounts; its own node wallet is funded and its
+    ``[chain]`` and ``[market] registry`` written (several local nodes on one chain, as a market demo
+    needs). Only ``join``'s :func:`stop` ends that anvil.
     Raises :class:`ConfigError`: ``anvil_missing``, ``devnet_port_in_use``, ``devnet_rpc_unreachable``,
-    ``devnet_anvil_exited``, ``devnet_rpc_failed``, ``devnet_deploy_failed``, and the config and key-file
-    codes.
+    ``devnet_anvil_exited``, ``devnet_rpc_failed``, ``devnet_deploy_failed``, ``devnet_not_running`` (nothing
+    runs under ``join``), and the config and key-file codes.
     """
     cfg = load_config(home)  # an invalid node.toml is reported before anything starts
-    folder = devnet_dir(home)
+    if join is not None and join.resolve() == home.resolve():
+        join = None
+    folder = devnet_dir(home if join is None else join)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     rpc_url = f"http://{DEVNET_HOST}:{port}"
-    pid = running_pid(home)
+    pid = running_pid(home if join is None else join)
     started = pid is None
-    if pid is None:
+    if join is not None:
+        rpc_url = str(_recorded_deployment(folder).get("rpc_url") or "")
+        if pid is None or not rpc_url:
+            raise ConfigError(
+                "devnet_not_running",
+                f"no devnet runs under {join}: start it with `hearth devnet --home {join} --detach`",
+                details={"join": str(join)},
+            )
+        started = False
+    elif pid is None:
         pid = _spawn_detached(folder, port)
     elif _recorded_deployment(folder).get("rpc_url") not in (None, rpc_url):
         raise ConfigError(

@@ -109,6 +109,38 @@ def test_devnet_deploys_funds_configures_reuses_and_stops(
     assert (third["escrow"], third["token"]) == (first["escrow"], first["token"])
 
 
+def test_a_second_home_joins_a_running_devnet_and_only_the_first_stops_it(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    assert main(["init", "--home", str(other), "--port", str(free_port())]) == 0
+    rc, refused = run_devnet(capsys, "--home", str(other), "--join", str(home), "--detach")
+    assert rc == 2 and refused["error"]["code"] == "devnet_not_running"
+    assert load_config(other).chain is None  # nothing written
+
+    rc, first = run_devnet(capsys, "--home", str(home), "--port", str(free_port()), "--detach")
+    assert rc == 0, first
+    rc, joined = run_devnet(capsys, "--home", str(other), "--join", str(home), "--detach")
+    assert rc == 0, joined
+    assert joined["started"] is False and joined["pid"] == first["pid"]
+    same = ("rpc_url", "escrow", "token", "registry")
+    assert {k: joined[k] for k in same} == {k: first[k] for k in same}
+    for role in ("requester", "validator"):  # one requester and one validator for the whole devnet
+        assert joined["accounts"][role] == first["accounts"][role]
+    node = joined["accounts"]["node"]
+    assert node["key_file"] == str(other / "wallet.key")
+    assert node["address"] != first["accounts"]["node"]["address"]
+    w3 = Web3(Web3.HTTPProvider(first["rpc_url"]))
+    assert w3.eth.get_balance(node["address"]) == devnet.NODE_GAS_WEI
+    cfg = load_config(other)
+    assert cfg.chain is not None and cfg.chain.rpc_url == first["rpc_url"]
+    assert cfg.market.registry == first["registry"]
+
+    # the joining home holds no anvil of its own: stopping it stops nothing
+    assert run_devnet(capsys, "--home", str(other), "--stop") == (0, {"stopped": False, "pid": None})
+    assert devnet.running_pid(home) == first["pid"]
+
+
 def test_foreground_devnet_stops_anvil_on_sigterm(home: Path) -> None:
     port = str(free_port())
     proc = subprocess.Popen(
