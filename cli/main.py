@@ -4,7 +4,8 @@
   running a node;
 - :mod:`cli.requester`: submitting and following jobs;
 - :mod:`cli.validator`: checking a result and signing its receipt;
-- :mod:`cli.devnet`: a local chain and the demo.
+- :mod:`cli.devnet`: a local chain and the demo;
+- :mod:`cli.market`: the provider market on chain (who sells what).
 
 :mod:`cli.common` holds the exit codes (0 done, 1 the node refused, 2 bad usage or local input, 3 the node
 could not be reached) and the output for people or for machines (``--json``).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import devnet, models, operator, requester, service, status, validator
+from cli import devnet, market, models, operator, requester, service, status, validator
 from cli.common import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub, [common, config])
     service.add_parser(sub)
     status.add_parser(sub, [common, client])
+    market.add_parser(sub, [common])
     return parser
 
 

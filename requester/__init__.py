@@ -7,6 +7,9 @@ Public face:
   :class:`~requester.client.NodeUnreachable`; :func:`requester.client.sign_request` signs a request.
 - :mod:`requester.paid` — a paid submission: the payer's wallet and the quoted escrow terms checked,
   the EIP-3009 authorization signed, the wait for the escrow to be funded.
+- :mod:`requester.market` — the providers the on-chain registry lists whose signed offers bind to their
+  listing (:func:`~requester.market.discover`: DID, payout wallet, endpoint, chain), each left out with a
+  reason otherwise; :func:`~requester.market.fits` tells whether an offer can take an envelope.
 - :mod:`requester.reputation` — providers' reputation read from the escrow's events on chain
   (:class:`~requester.reputation.ReputationCache`: jobs funded, released, refunded, USDC earned, distinct
   payers and validators), cached incrementally in SQLite and rescanned only from the last block read.

@@ -2,7 +2,7 @@
 
 :func:`discover` reads ``HearthRegistry`` (at most ``max_providers`` listings, all at one block; the result
 says how many were left unread), fetches every listed endpoint's offer (``GET {endpoint}/v1/capacity``)
-concurrently, and keeps a provider only when the registry and the offer agree (docs/architecture.md,
+concurrently, and keeps a provider only when the registry and the offer agree (docs/protocol.md,
 "Market"):
 
 - the offer is signed by the DID the wallet registered (its token's issuer; the document served is exactly
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -135,10 +135,6 @@ class Discovery:
     unread: int = 0
     fetched: int = 0  # distinct endpoints asked for an offer
     seconds: float = 0.0
-    by_wallet: dict[str, Provider] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.by_wallet = {p.wallet: p for p in self.providers}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,8 +149,9 @@ class Discovery:
         }
 
 
-class _Drop(Exception):
-    """Internal: a provider fails a check; becomes a :class:`Dropped`."""
+class OfferRefused(Exception):
+    """A provider's endpoint or offer fails a check: ``reason`` (a code of :data:`REASONS`) and ``message``.
+    :func:`discover` turns it into a :class:`Dropped`."""
 
     def __init__(self, reason: str, message: str) -> None:
         assert reason in REASONS, reason
@@ -197,7 +194,7 @@ async def discover(
     started = asyncio.get_running_loop().time()
     block, registered, listings = await read_listings(registry, max_providers)
     policy = AddressPolicy(allow_private=allow_private)
-    urls: dict[str, str | _Drop] = {}  # registered endpoint -> offer URL, or why it is not fetched
+    urls: dict[str, str | OfferRefused] = {}  # registered endpoint -> offer URL, or why it is not fetched
     for listing in listings:
         if listing.endpoint not in urls:
             urls[listing.endpoint] = _offer_url(listing.endpoint, policy)
@@ -207,17 +204,16 @@ async def discover(
     dropped: list[Dropped] = []
     for listing in listings:
         url = urls[listing.endpoint]
-        answer = url if isinstance(url, _Drop) else answers[url]
-        try:
-            if isinstance(answer, _Drop):
-                raise answer
-            offer = check_offer(answer, listing, chain_id=chain_id, escrow=escrow)
-            _check_offered(offer, kind, model)
-        except _Drop as drop:
-            dropped.append(Dropped(listing.wallet, listing.did, listing.endpoint, drop.reason, drop.message))
+        verdict = _judge(
+            url if isinstance(url, OfferRefused) else answers[url], listing, chain_id, escrow, kind, model
+        )
+        if isinstance(verdict, OfferRefused):
+            dropped.append(
+                Dropped(listing.wallet, listing.did, listing.endpoint, verdict.reason, verdict.message)
+            )
             continue
         rep = None if reputation is None else reputation.get(listing.wallet, Reputation(listing.wallet))
-        providers.append(Provider(listing.wallet, listing.did, listing.endpoint, offer, rep))
+        providers.append(Provider(listing.wallet, listing.did, listing.endpoint, verdict, rep))
     return Discovery(
         block=block,
         providers=providers,
@@ -228,6 +224,25 @@ async def discover(
         fetched=len(to_fetch),
         seconds=asyncio.get_running_loop().time() - started,
     )
+
+
+def _judge(
+    answer: dict[str, Any] | OfferRefused,
+    listing: Listing,
+    chain_id: int | None,
+    escrow: str | None,
+    kind: str | None,
+    model: str | None,
+) -> dict[str, Any] | OfferRefused:
+    """The offer that ``answer`` (a fetched offer, or why there is none) makes for ``listing``, or why not."""
+    if isinstance(answer, OfferRefused):
+        return answer
+    try:
+        offer = check_offer(answer, listing, chain_id=chain_id, escrow=escrow)
+        _check_offered(offer, kind, model)
+    except OfferRefused as exc:
+        return exc
+    return offer
 
 
 async def read_listings(registry: RegistryChain, limit: int) -> tuple[int, int, list[Listing]]:
@@ -245,12 +260,12 @@ async def read_listings(registry: RegistryChain, limit: int) -> tuple[int, int, 
     return block, registered, found[:want]
 
 
-def _offer_url(endpoint: str, policy: AddressPolicy) -> str | _Drop:
+def _offer_url(endpoint: str, policy: AddressPolicy) -> str | OfferRefused:
     """The offer's URL under ``endpoint``, or why it is not fetched (``endpoint_invalid``/``_refused``)."""
     try:
         url = URL(endpoint)
     except (TypeError, ValueError):
-        return _Drop("endpoint_invalid", f"{endpoint[:120]!r} is not a URL")
+        return OfferRefused("endpoint_invalid", f"{endpoint[:120]!r} is not a URL")
     if (
         url.scheme not in ("http", "https")
         or not url.raw_host
@@ -259,14 +274,14 @@ def _offer_url(endpoint: str, policy: AddressPolicy) -> str | _Drop:
         or url.query_string
         or url.fragment
     ):
-        return _Drop(
+        return OfferRefused(
             "endpoint_invalid",
             f"{endpoint[:120]!r} is not an http(s) URL with a host and without user, query or fragment",
         )
     try:
         policy.check_url(url)
     except AddressNotAllowed as exc:
-        return _Drop("endpoint_refused", str(exc))
+        return OfferRefused("endpoint_refused", str(exc))
     return endpoint.removesuffix("/") + OFFER_PATH
 
 
@@ -277,9 +292,9 @@ async def _fetch_all(
     concurrency: int,
     on_progress: Progress | None,
     session: aiohttp.ClientSession | None,
-) -> dict[str, dict[str, Any] | _Drop]:
+) -> dict[str, dict[str, Any] | OfferRefused]:
     """Each URL's answer as a JSON object, or why there is none; ``concurrency`` at a time."""
-    answers: dict[str, dict[str, Any] | _Drop] = {}
+    answers: dict[str, dict[str, Any] | OfferRefused] = {}
     if on_progress is not None:
         on_progress(0, len(urls))
     if not urls:
@@ -306,14 +321,16 @@ async def _fetch_all(
     return answers
 
 
-async def fetch_offer(session: aiohttp.ClientSession, url: str, seconds: float) -> dict[str, Any] | _Drop:
+async def fetch_offer(
+    session: aiohttp.ClientSession, url: str, seconds: float
+) -> dict[str, Any] | OfferRefused:
     """GET ``url`` within ``seconds`` (connect and read together) and parse the answer as an
     untrusted JSON object of at most :data:`MAX_OFFER_BYTES`; never raises for what the endpoint does."""
     try:
         async with asyncio.timeout(seconds):
             async with session.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    return _Drop("offer_unavailable", f"{url} answered HTTP {resp.status}")
+                    return OfferRefused("offer_unavailable", f"{url} answered HTTP {resp.status}")
                 if resp.content_length is not None and resp.content_length > MAX_OFFER_BYTES:
                     return _too_large(url)
                 body = bytearray()
@@ -322,22 +339,22 @@ async def fetch_offer(session: aiohttp.ClientSession, url: str, seconds: float) 
                     if len(body) > MAX_OFFER_BYTES:
                         return _too_large(url)
     except AddressNotAllowed as exc:  # a name resolving to a refused address (the policy's resolver)
-        return _Drop("endpoint_refused", str(exc))
+        return OfferRefused("endpoint_refused", str(exc))
     except TimeoutError:
-        return _Drop("unreachable", f"{url} did not answer within {seconds:g} s")
+        return OfferRefused("unreachable", f"{url} did not answer within {seconds:g} s")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        return _Drop("unreachable", f"{url}: {type(exc).__name__}: {str(exc)[:200]}")
+        return OfferRefused("unreachable", f"{url}: {type(exc).__name__}: {str(exc)[:200]}")
     try:
         doc = parse_json(bytes(body), max_depth=MAX_OFFER_DEPTH)
     except UntrustedJSONError as exc:
-        return _Drop("offer_invalid", f"{url}: {exc.message}")
+        return OfferRefused("offer_invalid", f"{url}: {exc.message}")
     if not isinstance(doc, dict):
-        return _Drop("offer_invalid", f"{url} answered JSON that is not an object")
+        return OfferRefused("offer_invalid", f"{url} answered JSON that is not an object")
     return doc
 
 
-def _too_large(url: str) -> _Drop:
-    return _Drop("offer_invalid", f"{url} answered more than {MAX_OFFER_BYTES} bytes")
+def _too_large(url: str) -> OfferRefused:
+    return OfferRefused("offer_invalid", f"{url} answered more than {MAX_OFFER_BYTES} bytes")
 
 
 # -- the binding -------------------------------------------------------------------------------------------
@@ -347,38 +364,42 @@ def check_offer(
     doc: Mapping[str, Any], listing: Listing, *, chain_id: int | None, escrow: str | None
 ) -> dict[str, Any]:
     """``doc`` (a fetched offer) when it binds to ``listing`` (see the module docstring); raises
-    :class:`_Drop` with the first check that fails."""
+    :class:`OfferRefused` with the first check that fails."""
     token = doc.get("jwt")
     if not isinstance(token, str):
-        raise _Drop("signature_invalid", "the offer carries no jwt")
+        raise OfferRefused("signature_invalid", "the offer carries no jwt")
     try:
         issuer = decode_unverified(token)[1].get("iss")
     except AuthError as exc:
-        raise _Drop("signature_invalid", f"the offer's token is malformed: {exc.message}") from None
+        raise OfferRefused("signature_invalid", f"the offer's token is malformed: {exc.message}") from None
     if not isinstance(issuer, str) or _canonical(issuer) != _canonical(listing.did):
-        raise _Drop("did_mismatch", f"the offer is signed by {str(issuer)[:120]}, not {listing.did[:120]}")
+        raise OfferRefused(
+            "did_mismatch", f"the offer is signed by {str(issuer)[:120]}, not {listing.did[:120]}"
+        )
     try:
         payload = verify_node_token(token, issuer)
     except AuthError as exc:
         if exc.code == "expired":
-            raise _Drop("offer_expired", f"the offer's token expired: {exc.message}") from None
-        raise _Drop(
+            raise OfferRefused("offer_expired", f"the offer's token expired: {exc.message}") from None
+        raise OfferRefused(
             "signature_invalid", f"the offer's token does not verify: {exc.code}: {exc.message}"
         ) from None
     document = {key: value for key, value in doc.items() if key != "jwt"}
     if payload.get(OFFER_CLAIM) != document or payload.get("sub") != issuer:
-        raise _Drop("signature_invalid", "the offer differs from what its token signed")
+        raise OfferRefused("signature_invalid", "the offer differs from what its token signed")
     if document.get("node") != issuer:
-        raise _Drop("did_mismatch", f"the offer names node {str(document.get('node'))[:120]}, not {issuer}")
+        raise OfferRefused(
+            "did_mismatch", f"the offer names node {str(document.get('node'))[:120]}, not {issuer}"
+        )
     payout = document.get("payout_address")
     if not (isinstance(payout, str) and is_address(payout) and to_checksum_address(payout) == listing.wallet):
-        raise _Drop(
+        raise OfferRefused(
             "wallet_mismatch",
             f"the offer pays {str(payout)[:60]}, not the wallet that registered it ({listing.wallet})",
         )
     endpoint = document.get("endpoint")
     if not (isinstance(endpoint, str) and endpoint.removesuffix("/") == listing.endpoint.removesuffix("/")):
-        raise _Drop(
+        raise OfferRefused(
             "endpoint_mismatch",
             f"the offer names endpoint {str(endpoint)[:120]}, not the registered {listing.endpoint[:120]}",
         )
@@ -398,14 +419,16 @@ def _check_chain(payment: Any, chain_id: int | None, escrow: str | None) -> None
     if chain_id is None and escrow is None:
         return
     if not isinstance(payment, dict):
-        raise _Drop("wrong_chain", "the offer takes no payments (no payment terms)")
+        raise OfferRefused("wrong_chain", "the offer takes no payments (no payment terms)")
     offered_chain, offered_escrow = payment.get("chain_id"), payment.get("escrow")
     if chain_id is not None and (type(offered_chain) is not int or offered_chain != chain_id):
-        raise _Drop("wrong_chain", f"the offer is paid on chain {str(offered_chain)[:40]}, not {chain_id}")
+        raise OfferRefused(
+            "wrong_chain", f"the offer is paid on chain {str(offered_chain)[:40]}, not {chain_id}"
+        )
     if escrow is not None and not (
         isinstance(offered_escrow, str) and offered_escrow.lower() == escrow.lower()
     ):
-        raise _Drop(
+        raise OfferRefused(
             "wrong_chain", f"the offer is paid through escrow {str(offered_escrow)[:60]}, not {escrow}"
         )
 
@@ -413,7 +436,7 @@ def _check_chain(payment: Any, chain_id: int | None, escrow: str | None) -> None
 def _offered_kinds(offer: Mapping[str, Any]) -> list[str]:
     kinds = offer.get("kinds")
     if not isinstance(kinds, list):
-        raise _Drop("offer_invalid", "the offer's kinds are not a list")
+        raise OfferRefused("offer_invalid", "the offer's kinds are not a list")
     return [k for k in kinds if isinstance(k, str)]
 
 
@@ -427,9 +450,9 @@ def offered_models(offer: Mapping[str, Any]) -> list[str]:
 
 def _check_offered(offer: Mapping[str, Any], kind: str | None, model: str | None) -> None:
     if kind is not None and kind not in _offered_kinds(offer):
-        raise _Drop("no_kind", f"the provider does not offer {kind[:60]}")
+        raise OfferRefused("no_kind", f"the provider does not offer {kind[:60]}")
     if model is not None and model not in offered_models(offer):
-        raise _Drop("no_model", f"the provider does not offer model {model[:128]}")
+        raise OfferRefused("no_model", f"the provider does not offer model {model[:128]}")
 
 
 # -- fitting an envelope -----------------------------------------------------------------------------------
@@ -457,14 +480,14 @@ def fits(offer: Mapping[str, Any], envelope: AnyEnvelope | Mapping[str, Any]) ->
         limits, resources = offer.get("limits"), offer.get("resources")
         free = resources.get("free") if isinstance(resources, dict) else None
         if not isinstance(limits, dict) or not isinstance(free, dict):
-            raise _Drop("offer_invalid", "the offer has no limits or free resources")
+            raise OfferRefused("offer_invalid", "the offer has no limits or free resources")
         for need, most in _LIMITS:
             if getattr(env.limits, need) > _number(limits, most):
                 return "over_limits"
         for need, have in _FREE:
             if getattr(env.limits, need) > _number(free, have):
                 return "no_capacity"
-    except _Drop as drop:
+    except OfferRefused as drop:
         return drop.reason
     return None
 
@@ -472,5 +495,5 @@ def fits(offer: Mapping[str, Any], envelope: AnyEnvelope | Mapping[str, Any]) ->
 def _number(section: Mapping[str, Any], key: str) -> float:
     value = section.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Drop("offer_invalid", f"the offer's {key} is not a number")
+        raise OfferRefused("offer_invalid", f"the offer's {key} is not a number")
     return float(value)

@@ -44,20 +44,19 @@ class NodeHome:
 
 
 class Market:
-    """A fresh ``HearthRegistry`` on the devnet of ``ph``, and the means to fill it."""
+    """A ``HearthRegistry`` on the devnet of ``ph`` (a fresh one unless ``address`` names one), and the
+    means to fill it."""
 
-    def __init__(self, ph: PaidHome, root: Path) -> None:
+    def __init__(self, ph: PaidHome, root: Path, address: str | None = None) -> None:
         self.ph = ph
         self.root = root
-        art = load_artifact("HearthRegistry")
-        w3 = ph.w3
-        tx = (
-            w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
-            .constructor()
-            .transact({"from": w3.eth.accounts[0]})
-        )
-        address = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
-        assert address is not None
+        if address is None:
+            art = load_artifact("HearthRegistry")
+            w3 = ph.w3
+            contract = w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
+            tx = contract.constructor().transact({"from": w3.eth.accounts[0]})
+            address = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
+            assert address is not None
         self.address = str(address)
         self.aw3: AsyncWeb3[Any] = AsyncWeb3(AsyncHTTPProvider(ph.net.rpc_url))
         self.registry = RegistryChain(self.aw3, self.address, rpc_url=ph.net.rpc_url)
