@@ -1,4 +1,4 @@
-"""``hearth market providers``: who sells what on the market, read from the on-chain registry.
+"""``hearth market providers`` and ``hearth market reputation``: the market as the chain tells it.
 
 The registry (``--registry``, default ``[market] registry``) is read over ``--rpc`` (default ``[chain]
 rpc_url``; ``hearth devnet`` writes both); every listed provider's signed offer is fetched and checked
@@ -8,9 +8,13 @@ the cache at ``HOME/requester/reputation.sqlite3`` is brought up to date first u
 and the providers left out with the reason. Progress goes to stderr; ``--json`` prints
 :meth:`requester.market.Discovery.to_json`.
 
-Offers are checked against ``[chain]``'s chain and escrow when the RPC serves that chain. Endpoints on
-private, loopback or link-local addresses are refused unless ``--allow-private-endpoints`` (a devnet's
-nodes listen on 127.0.0.1).
+``hearth market reputation`` prints, for every registered wallet (and every other wallet the escrow's events
+name), its record: jobs funded, released, refunded on a failing receipt, refunded after the deadline, USDC
+earned, distinct payers and validators, first and last block.
+
+Offers are checked against ``[chain]``'s chain and escrow (or ``--escrow``) when the RPC serves that
+chain. Endpoints on private, loopback or link-local addresses are refused unless
+``--allow-private-endpoints`` (a devnet's nodes listen on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -40,8 +44,7 @@ def add_parser(
     )
     p.add_argument("--kind", help="only providers offering this job kind (ffmpeg_transcode, vllm_batch)")
     p.add_argument("--model", help="only providers offering this model")
-    p.add_argument("--registry", help="HearthRegistry address (default: [market] registry in node.toml)")
-    p.add_argument("--rpc", help="chain RPC URL (default: [chain] rpc_url in node.toml)")
+    _chain_opts(p)
     p.add_argument(
         "--allow-private-endpoints",
         action="store_true",
@@ -51,10 +54,28 @@ def add_parser(
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per offer fetch (default 5)")
     p.add_argument("--max-providers", type=int, default=256, help="registry listings to read (default 256)")
     p.set_defaults(func=cmd_providers)
+    p = sub.add_parser(
+        "reputation",
+        parents=parents,
+        help="every registered provider's record in the escrow's events (funded, released, refunded, earned)",
+    )
+    _chain_opts(p)
+    p.set_defaults(func=cmd_reputation)
     return sub
 
 
-def cmd_providers(args: argparse.Namespace, out: Out) -> int:
+def _chain_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", help="HearthRegistry address (default: [market] registry in node.toml)")
+    p.add_argument("--rpc", help="chain RPC URL (default: [chain] rpc_url in node.toml)")
+    p.add_argument(
+        "--escrow",
+        help="the HearthEscrow whose events make reputation (default: [chain] escrow in node.toml, when the "
+        "RPC serves [chain]'s chain)",
+    )
+
+
+def _where(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
+    """node.toml, the registry address and the RPC URL the command reads, from flags or node.toml."""
     cfg = load_config(args.home)
     registry = args.registry or cfg.market.registry
     rpc = args.rpc or (cfg.chain.rpc_url if cfg.chain is not None else None)
@@ -64,6 +85,34 @@ def cmd_providers(args: argparse.Namespace, out: Out) -> int:
         raise usage("no chain RPC: pass --rpc URL or set [chain] rpc_url in node.toml (hearth devnet)")
     if not is_address(registry):
         raise usage(f"--registry {registry[:60]!r} is not an address (0x and 40 hex digits)")
+    if args.escrow is not None and not is_address(args.escrow):
+        raise usage(f"--escrow {args.escrow[:60]!r} is not an address (0x and 40 hex digits)")
+    return cfg, registry, rpc
+
+
+def _escrow(args: argparse.Namespace, cfg: NodeConfig, chain_id: int) -> str | None:
+    if args.escrow is not None:
+        return str(args.escrow)
+    chain = cfg.chain
+    return chain.escrow if chain is not None and chain.chain_id == chain_id else None
+
+
+def _connect(rpc: str) -> tuple[Any, Any]:
+    """``(provider, AsyncWeb3)`` over ``rpc`` with a bounded timeout and no retries."""
+    import aiohttp
+    from web3 import AsyncWeb3
+    from web3.providers import AsyncHTTPProvider
+
+    provider = AsyncHTTPProvider(
+        rpc,
+        request_kwargs={"timeout": aiohttp.ClientTimeout(total=DEFAULT_RPC_TIMEOUT_SECONDS)},
+        exception_retry_configuration=None,
+    )
+    return provider, AsyncWeb3(provider)
+
+
+def cmd_providers(args: argparse.Namespace, out: Out) -> int:
+    cfg, registry, rpc = _where(args)
     if args.timeout <= 0 or args.max_providers < 1:
         raise usage("--timeout must be > 0 and --max-providers >= 1")
     doc = asyncio.run(_discover(args, cfg, registry, rpc))
@@ -72,25 +121,15 @@ def cmd_providers(args: argparse.Namespace, out: Out) -> int:
 
 
 async def _discover(args: argparse.Namespace, cfg: NodeConfig, address: str, rpc: str) -> dict[str, Any]:
-    import aiohttp
-    from web3 import AsyncWeb3
-    from web3.providers import AsyncHTTPProvider
-
     from payments.chain import rpc_errors
     from payments.registry_chain import RegistryChain
     from requester.market import discover
 
-    provider = AsyncHTTPProvider(
-        rpc,
-        request_kwargs={"timeout": aiohttp.ClientTimeout(total=DEFAULT_RPC_TIMEOUT_SECONDS)},
-        exception_retry_configuration=None,
-    )
-    w3: AsyncWeb3[Any] = AsyncWeb3(provider)
+    provider, w3 = _connect(rpc)
     try:
         async with rpc_errors("eth_chainId", rpc):
             chain_id = int(await w3.eth.chain_id)
-        chain = cfg.chain
-        escrow = chain.escrow if chain is not None and chain.chain_id == chain_id else None
+        escrow = _escrow(args, cfg, chain_id)
         reputation = None if args.no_reputation else await _reputation(args, w3, chain_id, escrow)
         found = await discover(
             RegistryChain(w3, address, rpc_url=rpc),
@@ -109,6 +148,92 @@ async def _discover(args: argparse.Namespace, cfg: NodeConfig, address: str, rpc
     doc = found.to_json()
     doc.update(chain_id=chain_id, escrow=escrow)
     return doc
+
+
+def cmd_reputation(args: argparse.Namespace, out: Out) -> int:
+    """Every registered provider's reputation, and every other wallet the escrow paid or refunded for."""
+    cfg, registry, rpc = _where(args)
+    doc = asyncio.run(_reputation_table(args, cfg, registry, rpc))
+    out.emit(doc, lambda: _print_reputation(doc))
+    return EXIT_OK
+
+
+async def _reputation_table(
+    args: argparse.Namespace, cfg: NodeConfig, address: str, rpc: str
+) -> dict[str, Any]:
+    from payments.chain import rpc_errors
+    from payments.registry_chain import RegistryChain
+    from requester.reputation import Reputation
+
+    provider, w3 = _connect(rpc)
+    try:
+        async with rpc_errors("eth_chainId", rpc):
+            chain_id = int(await w3.eth.chain_id)
+        escrow = _escrow(args, cfg, chain_id)
+        if escrow is None:
+            raise usage(
+                f"no escrow for chain {chain_id}: pass --escrow 0x… or set [chain] escrow in node.toml"
+            )
+        block, listings = await RegistryChain(w3, address, rpc_url=rpc).listings()
+        known = await _reputation(args, w3, chain_id, escrow) or {}
+    finally:
+        await provider.disconnect()
+    rows = [
+        {"wallet": x.wallet, "did": x.did, "endpoint": x.endpoint, "registered": True}
+        | {"reputation": known.get(x.wallet, Reputation(x.wallet)).to_json()}
+        for x in listings
+    ]
+    listed = {x.wallet for x in listings}
+    rows += [
+        {"wallet": wallet, "did": None, "endpoint": None, "registered": False, "reputation": rep.to_json()}
+        for wallet, rep in sorted(known.items())
+        if wallet not in listed
+    ]
+    return {"registry": address, "block": block, "chain_id": chain_id, "escrow": escrow, "providers": rows}
+
+
+def _print_reputation(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200, markup=False, emoji=False, highlight=False)
+    table = Table(
+        title=f"reputation from escrow {doc['escrow']} (chain {doc['chain_id']}); registry at block "
+        f"{doc['block']}",
+        title_justify="left",
+    )
+    for column in (
+        "wallet",
+        "DID",
+        "endpoint",
+        "funded",
+        "released",
+        "refunded",
+        "expired",
+        "earned USDC",
+        "payers",
+        "validators",
+        "blocks",
+    ):
+        table.add_column(column, overflow="fold")
+    for row in doc["providers"]:
+        rep = row["reputation"]
+        blocks = "-" if rep["first_block"] is None else f"{rep['first_block']}-{rep['last_block']}"
+        cells = (
+            row["wallet"],
+            short_did(row["did"]) if row["registered"] else "(not registered)",
+            row["endpoint"] or "-",
+            str(rep["jobs_funded"]),
+            str(rep["jobs_released"]),
+            str(rep["jobs_refunded_failed"]),
+            str(rep["jobs_refunded_expired"]),
+            rep["earned_usdc"],
+            str(rep["distinct_payers"]),
+            str(rep["distinct_validators"]),
+            blocks,
+        )
+        table.add_row(*(printable(cell) for cell in cells))
+    console.print(table)
 
 
 async def _reputation(args: argparse.Namespace, w3: Any, chain_id: int, escrow: str | None) -> Any:
@@ -251,4 +376,4 @@ def _reputation_cell(rep: dict[str, Any] | None) -> str:
     )
 
 
-__all__ = ["add_parser", "cmd_providers", "printable", "short_did"]
+__all__ = ["add_parser", "cmd_providers", "cmd_reputation", "printable", "short_did"]

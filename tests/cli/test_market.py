@@ -142,3 +142,41 @@ async def test_providers_needs_a_registry_and_an_rpc(
         capsys, "market", "providers", "--home", str(home), "--registry", "0x" + "1" * 40
     )
     assert code == 2 and "no chain RPC" in err
+
+
+async def test_reputation_lists_every_registered_wallet_and_the_unregistered_ones_the_escrow_names(
+    market: Market, ph: PaidHome, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = market.node_home()
+    squatter, stranger = market.wallet(), market.wallet()
+    fund_job(ph, a.wallet.address, 1_500_000)
+    fund_job(ph, a.wallet.address, 500_000)
+    fund_job(ph, stranger.address, 700_000)  # paid for but never listed
+    await market.register(a.wallet, "did:key:z6MkA", a.url)
+    await market.register(squatter, "did:key:z6MkA", a.url)
+    home = str(ph.home)
+
+    code, out, err = await hearth(capsys, "market", "reputation", "--home", home, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["escrow"], doc["chain_id"], doc["registry"]) == (
+        ph.net.escrow,
+        ph.net.chain_id,
+        ph.net.registry,
+    )
+    rows = {row["wallet"]: row for row in doc["providers"]}
+    assert set(rows) == {a.wallet.address, squatter.address, stranger.address}
+    assert rows[a.wallet.address]["registered"] and rows[a.wallet.address]["endpoint"] == a.url
+    assert rows[a.wallet.address]["reputation"]["jobs_funded"] == 2
+    assert rows[a.wallet.address]["reputation"]["distinct_payers"] == 1
+    # the squatter named the same DID, but the escrow never funded a job for its wallet
+    assert rows[squatter.address]["registered"] and rows[squatter.address]["reputation"]["jobs_funded"] == 0
+    assert not rows[stranger.address]["registered"] and rows[stranger.address]["did"] is None
+    assert rows[stranger.address]["reputation"]["jobs_funded"] == 1
+
+    code, out, err = await hearth(capsys, "market", "reputation", "--home", home)
+    assert code == 0, err
+    assert a.wallet.address in out and "(not registered)" in out and "reputation from escrow" in out
+
+    code, _, err = await hearth(capsys, "market", "reputation", "--home", home, "--escrow", "0xzz")
+    assert code == 2 and "--escrow" in err
