@@ -1,6 +1,7 @@
 """The requester's commands: ``hearth job sign|quote|submit|status|result|events|cancel``, ``blob put``.
 
 A paid submission (``job submit --wallet``) is :mod:`requester.paid`'s work; this module prints it.
+``job submit --market`` (the node chosen among the registry's providers) is :mod:`cli.routing`'s.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.common import EXIT_OK, EXIT_REFUSED, Out, read_envelope, usage, utc
+from cli.routing import add_market_options, cmd_market_submit
 from core.envelope import Envelope, parse_envelope
 from payments.jwt import decode_unverified
 from payments.keys import load_key
@@ -104,6 +106,8 @@ def _print_accepted(body: dict[str, Any]) -> None:
 
 
 async def cmd_job_submit(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    if args.market:
+        return await cmd_market_submit(args, out)
     if args.wallet:
         try:
             return await _submit_paid(args, out, client)
@@ -251,6 +255,7 @@ def add_parser(
     p.add_argument(
         "--wait", action="store_true", help="with --wallet: wait until the escrow is funded or funding fails"
     )
+    add_market_options(p)
     p.set_defaults(afunc=cmd_job_submit)
     for name, fn, text in (
         ("status", cmd_job_status, "job status"),

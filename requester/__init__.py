@@ -13,4 +13,8 @@ Public face:
 - :mod:`requester.reputation` — providers' reputation read from the escrow's events on chain
   (:class:`~requester.reputation.ReputationCache`: jobs funded, released, refunded, USDC earned, distinct
   payers and validators), cached incrementally in SQLite and rescanned only from the last block read.
+- :func:`requester.routing.route` — one job routed among competing providers: quotes from every one that
+  fits, the winner by strategy (:mod:`requester.routing_decision`: cheapest, or cheapest among the
+  well-reputed), submitted with fallback on a definite refusal and retries on the same node when the
+  outcome is unknown, so that one job is never funded at two nodes; the decision explains itself.
 """

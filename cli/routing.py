@@ -1,0 +1,201 @@
+"""``hearth job submit ENVELOPE --market``: find providers on the registry, quote with every one that fits,
+submit to the winner (:mod:`requester.market`, then :mod:`requester.routing`) and say why it won.
+
+The registry and the RPC come from ``--registry``/``--rpc``, else from --home's node.toml (``[market]
+registry``, ``[chain] rpc_url``). With ``--wallet`` the job is paid for (an authorization signed for the
+node that accepted it, only); ``--wait`` then follows the escrow funding there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from web3 import AsyncWeb3
+from web3.providers import AsyncHTTPProvider
+
+from cli.common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, Out, read_envelope, usage
+from core.config import load_config
+from core.envelope import Envelope, VllmBatchEnvelope, parse_envelope
+from payments.keys import load_key
+from payments.registry_chain import RegistryChain
+from requester.client import NodeClient
+from requester.market import Discovery, discover
+from requester.paid import funding_outcome, payer_wallet, wait_for_funding
+from requester.reputation import Reputation, ReputationCache, default_path
+from requester.routing import DEFAULT_QUOTE_TIMEOUT_SECONDS, route
+from requester.routing_decision import (
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_MIN_SETTLED,
+    STRATEGIES,
+    RoutingDecision,
+    Strategy,
+    shown,
+)
+
+
+def add_market_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``job submit`` that route the job through the market."""
+    p.add_argument(
+        "--market",
+        action="store_true",
+        help="route the job: discover providers on the registry, quote with each that fits, submit to "
+        "the winner (no --node)",
+    )
+    p.add_argument(
+        "--strategy", choices=STRATEGIES, default="cheapest", help="with --market (default cheapest)"
+    )
+    p.add_argument(
+        "--min-settled",
+        type=int,
+        default=DEFAULT_MIN_SETTLED,
+        help=f"--strategy reputation: settled jobs a provider needs (default {DEFAULT_MIN_SETTLED})",
+    )
+    p.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=DEFAULT_MAX_FAILURE_RATE,
+        help="--strategy reputation: highest refunded share of settled jobs "
+        f"(default {DEFAULT_MAX_FAILURE_RATE})",
+    )
+    p.add_argument("--registry", help="HearthRegistry address (default: --home's [market] registry)")
+    p.add_argument("--rpc", help="the chain's RPC URL (default: --home's [chain] rpc_url)")
+    p.add_argument(
+        "--allow-private-endpoints",
+        action="store_true",
+        help="accept providers at private or loopback addresses (a local devnet)",
+    )
+    p.add_argument(
+        "--quote-timeout",
+        type=float,
+        default=DEFAULT_QUOTE_TIMEOUT_SECONDS,
+        help=f"seconds each provider has to quote (default {DEFAULT_QUOTE_TIMEOUT_SECONDS:g})",
+    )
+
+
+def _where(args: argparse.Namespace) -> tuple[str, str]:
+    """The registry address and RPC URL: the flags, else --home's node.toml."""
+    cfg = load_config(args.home)
+    registry = args.registry or cfg.market.registry
+    rpc = args.rpc or (cfg.chain.rpc_url if cfg.chain is not None else None)
+    if not registry or not rpc:
+        raise usage(
+            "--market needs a registry and an RPC: give --registry and --rpc, or a --home whose node.toml "
+            "has [market] registry and [chain] rpc_url (hearth devnet writes both)"
+        )
+    return registry, rpc
+
+
+async def _reputation(args: argparse.Namespace, w3: AsyncWeb3[Any], env: Envelope) -> dict[str, Reputation]:
+    """Every provider's record on the envelope's escrow, the cache under --home brought up to date."""
+    path = default_path(args.home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ReputationCache.open(path) as cache:
+        await cache.refresh(w3, env.payment.escrow, chain_id=env.payment.chain_id)
+        return cache.all(chain_id=env.payment.chain_id, escrow=env.payment.escrow)
+
+
+async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
+    if args.token or args.quote or args.node or args.node_did:
+        raise usage(
+            "--market chooses the node and asks for its quote: give no --node, --node-did, --token, --quote"
+        )
+    if not args.envelope or not args.key:
+        raise usage("--market needs an ENVELOPE file and --key")
+    if args.valid_seconds is not None and args.valid_seconds <= 0:
+        raise usage("--valid-seconds must be a positive number of seconds")
+    env = parse_envelope(read_envelope(Path(args.envelope)))
+    signer = load_key(Path(args.key))
+    wallet = payer_wallet(Path(args.wallet), env) if args.wallet else None
+    if wallet is None and (args.wait or args.valid_seconds is not None):
+        raise usage("--wait and --valid-seconds need --wallet")
+    strategy = Strategy(args.strategy, args.min_settled, args.max_failure_rate)
+    registry_address, rpc = _where(args)
+    w3: AsyncWeb3[Any] = AsyncWeb3(AsyncHTTPProvider(rpc))
+    try:
+        reputation = await _reputation(args, w3, env) if strategy.name == "reputation" else None
+        found = await discover(
+            RegistryChain(w3, registry_address, rpc_url=rpc),
+            kind=env.kind,
+            model=env.output_spec.model if isinstance(env, VllmBatchEnvelope) else None,
+            chain_id=env.payment.chain_id,
+            escrow=env.payment.escrow,
+            allow_private=args.allow_private_endpoints,
+            reputation=reputation,
+        )
+    finally:
+        await w3.provider.disconnect()
+    decision = await route(
+        env,
+        signer,
+        found.providers,
+        strategy=strategy,
+        wallet=wallet,
+        quote_timeout=args.quote_timeout,
+        valid_seconds=args.valid_seconds,
+    )
+    doc: dict[str, Any] = {"discovery": _discovery_json(found), "decision": decision.to_json()}
+    code = {"submitted": EXIT_OK, "outcome_unknown": EXIT_UNREACHABLE}.get(decision.outcome, EXIT_REFUSED)
+    if not (args.wait and decision.submitted and decision.job is not None):
+        out.emit(doc, lambda: _print(found, decision))
+        return code
+    if not out.as_json:
+        _print(found, decision)
+        print("waiting for the escrow to be funded ...", flush=True)
+
+    def say(line: str) -> None:
+        if not out.as_json:
+            print(line, flush=True)
+
+    async with NodeClient(decision.job.endpoint) as client:
+        status = await wait_for_funding(client, decision.job.id, say)
+    funded, outcome = funding_outcome(status)
+    out.emit({**doc, "status": status}, lambda: print(f"  funding   {outcome}"))
+    return EXIT_OK if funded else EXIT_REFUSED
+
+
+def _discovery_json(found: Discovery) -> dict[str, Any]:
+    """The discovery's summary: where and when it read, and whom it left out (the kept are candidates)."""
+    return {
+        "registry": found.registry,
+        "block": found.block,
+        "registered": found.registered,
+        "unread": found.unread,
+        "dropped": [d.to_json() for d in found.dropped],
+    }
+
+
+def _print(found: Discovery, decision: RoutingDecision) -> None:
+    print(
+        f"market {found.registry} at block {found.block}: {found.registered} registered, "
+        f"{len(found.providers)} bound, {len(found.dropped)} dropped"
+    )
+    for c in decision.candidates:
+        mark = "*" if c.did == decision.winner else " "
+        if c.status == "quoted":
+            what = f"asks {shown(c.ask)} USDC"
+        else:
+            ask = f" (asks {shown(c.ask)} USDC)" if c.ask is not None else ""
+            what = f"{c.status} {c.code}{ask}: {c.message}"
+        print(f" {mark} {c.did}  {c.provider.endpoint}  {what}")
+    for d in found.dropped:
+        print(f"   {d.did}  {d.endpoint}  dropped {d.reason}: {d.message}")
+    for a in decision.attempts:
+        status = "" if a.status is None else f" HTTP {a.status}"
+        print(f"  try {a.step} #{a.attempt} at {a.endpoint}: {a.outcome}{status} {a.code or ''}".rstrip())
+    if decision.winner is not None:
+        print(f"chose {decision.winner}: {decision.reason}")
+    if decision.job is not None:
+        job = decision.job
+        state = job.state or "unknown"
+        print(f"job {job.id} ({job.job_id}) at {job.endpoint}: {state}")
+        if job.funding is not None:
+            terms = job.funding["terms"]
+            print(
+                f"  escrow    job {terms['escrow_job_id']}, {terms['amount_usdc']} USDC from {terms['payer']}"
+            )
+            print("  funding   gasless (the node submits fundWithAuthorization)")
+    if decision.error is not None:
+        err = decision.error
+        print(f"error [{err.domain}/{err.code}]: {err.message}")
