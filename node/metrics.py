@@ -56,7 +56,7 @@ class _Payments(Collector):
         gas = CounterMetricFamily(
             "hearth_gas_spent_wei", "Gas the node's wallet paid, by transaction purpose", labels=["purpose"]
         )
-        for purpose in ("fund", "release", "refund"):
+        for purpose in ("fund", "release", "refund", "register", "leave"):
             gas.add_metric([purpose], totals.get(f"gas_{purpose}", 0))
         up = GaugeMetricFamily("hearth_chain_up", "1 while the settlement chain's RPC answers")
         up.add_metric([], 1 if self._chain_up() else 0)

@@ -127,6 +127,8 @@ class FundingWatcher:
 
     async def after_confirmed(self, tx: TxRecord) -> None:
         """A ``fund`` transaction is confirmed: judge the escrow entry it created."""
+        if tx.job is None:
+            return
         payment = self.journal.payment(tx.job)
         job = self.journal.get(tx.job)
         if payment is None or job is None or payment.funding != "awaiting" or job.state != "accepted":
@@ -136,6 +138,8 @@ class FundingWatcher:
 
     async def after_reverted(self, tx: TxRecord) -> None:
         """A ``fund`` transaction reverted: judge an entry funded otherwise, or fail the job for good."""
+        if tx.job is None:
+            return
         payment = self.journal.payment(tx.job)
         job = self.journal.get(tx.job)
         if payment is None or job is None or job.state != "accepted" or payment.funding != "awaiting":

@@ -10,6 +10,9 @@ than ``confirmations`` removed is put back in flight and sent again.
 Two fault points let crash-safety tests stop the process at the dangerous moments (:mod:`core.faults`):
 :data:`AFTER_RECORD` (recorded, not yet broadcast) and :data:`AFTER_BROADCAST` (broadcast, its outcome
 not yet recorded). Part of :class:`payments.settlement.Settlement`.
+
+The wallet's registry transactions (``register``, ``leave``: its own listing) go through the same outbox
+with no job; the journal holds at most one of them open at a time, and the hooks see them like any other.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ class Outbox:
         self._faults = faults
         self._send_lock = asyncio.Lock()
 
-    async def send(self, job: str, purpose: TxPurpose, call: Any, domain: Any) -> TxRecord:
+    async def send(self, job: str | None, purpose: TxPurpose, call: Any, domain: Any) -> TxRecord:
         """Sign ``call`` with the next nonce, record it, then broadcast it; the recorded transaction.
 
-        The RPC refusing the broadcast is recorded as the transaction's error (it is sent again by
-        :meth:`resolve`); a simulation the escrow reverts raises before anything is recorded.
+        ``job`` is None for a registry transaction. The RPC refusing the broadcast is recorded as the
+        transaction's error (it is sent again by :meth:`resolve`); a simulation the contract reverts raises
+        before anything is recorded, and so does the journal refusing a second live transaction.
         """
         async with self._send_lock:
             nonce = max(await self.chain.nonce("pending"), self.journal.next_nonce(self.sender))
@@ -117,48 +121,51 @@ class Outbox:
         """
         unsent = False
         for tx in self.journal.txs(states=TX_OPEN_STATES):
-            mined = await self.chain.mined(tx.hash)
-            if mined is None:
-                if tx.state == "mined":
-                    tx = self.journal.update_tx(
-                        tx.hash, state="sent", block_number=None, block_hash=None, note="reorged out"
-                    )
-                if tx.nonce < await self.chain.nonce("latest") and await self.chain.mined(tx.hash) is None:
-                    # its nonce was used by another transaction: this one can never land (asked twice: it
-                    # may have been mined between the first look-up and the nonce read)
-                    self.journal.update_tx(tx.hash, state="dropped", note=f"{tx.purpose} transaction dropped")
-                    continue
-                refusal = await self.chain.broadcast(tx.raw)
-                if refusal is not None:
-                    log.warning("tx %s not taken by the RPC: %s", tx.hash, refusal, extra={"job": tx.job})
-                    self.journal.update_tx(tx.hash, error=refusal[:500])
-                    unsent = True
-                elif tx.state == "signed":
-                    self.journal.update_tx(tx.hash, state="sent", note=f"{tx.purpose} transaction sent")
-                continue
-            if tx.state != "mined":
-                tx = self.journal.update_tx(
-                    tx.hash,
-                    state="mined",
-                    block_number=mined.block_number,
-                    block_hash=mined.block_hash,
-                    gas_used=mined.gas_used,
-                    gas_price=mined.gas_price,
-                    note=f"{tx.purpose} transaction mined in block {mined.block_number}",
-                )
-            elif tx.block_hash != mined.block_hash:
-                tx = self.journal.update_tx(
-                    tx.hash, block_number=mined.block_number, block_hash=mined.block_hash
-                )
-            if head - mined.block_number + 1 < max(self.cfg.confirmations, 1):
-                continue
-            if not mined.success:
-                self.journal.update_tx(tx.hash, state="reverted", note=f"{tx.purpose} transaction reverted")
-                await self._on_reverted(tx)
-            else:
-                self.journal.update_tx(tx.hash, state="confirmed", note=f"{tx.purpose} transaction confirmed")
-                await self._on_confirmed(tx)
+            unsent = await self.resolve_one(tx, head) or unsent
         return unsent
+
+    async def resolve_one(self, tx: TxRecord, head: int) -> bool:
+        """Resolve one open transaction by hash (see :meth:`resolve`); True if the chain does not know it."""
+        mined = await self.chain.mined(tx.hash)
+        if mined is None:
+            if tx.state == "mined":
+                tx = self.journal.update_tx(
+                    tx.hash, state="sent", block_number=None, block_hash=None, note="reorged out"
+                )
+            if tx.nonce < await self.chain.nonce("latest") and await self.chain.mined(tx.hash) is None:
+                # its nonce was used by another transaction: this one can never land (asked twice: it
+                # may have been mined between the first look-up and the nonce read)
+                self.journal.update_tx(tx.hash, state="dropped", note=f"{tx.purpose} transaction dropped")
+                return False
+            refusal = await self.chain.broadcast(tx.raw)
+            if refusal is not None:
+                log.warning("tx %s not taken by the RPC: %s", tx.hash, refusal, extra={"job": tx.job})
+                self.journal.update_tx(tx.hash, error=refusal[:500])
+                return True
+            if tx.state == "signed":
+                self.journal.update_tx(tx.hash, state="sent", note=f"{tx.purpose} transaction sent")
+            return False
+        if tx.state != "mined":
+            tx = self.journal.update_tx(
+                tx.hash,
+                state="mined",
+                block_number=mined.block_number,
+                block_hash=mined.block_hash,
+                gas_used=mined.gas_used,
+                gas_price=mined.gas_price,
+                note=f"{tx.purpose} transaction mined in block {mined.block_number}",
+            )
+        elif tx.block_hash != mined.block_hash:
+            tx = self.journal.update_tx(tx.hash, block_number=mined.block_number, block_hash=mined.block_hash)
+        if head - mined.block_number + 1 < max(self.cfg.confirmations, 1):
+            return False
+        if not mined.success:
+            self.journal.update_tx(tx.hash, state="reverted", note=f"{tx.purpose} transaction reverted")
+            await self._on_reverted(tx)
+        else:
+            self.journal.update_tx(tx.hash, state="confirmed", note=f"{tx.purpose} transaction confirmed")
+            await self._on_confirmed(tx)
+        return False
 
 
 __all__ = ["AFTER_BROADCAST", "AFTER_RECORD", "Outbox", "TxHook"]

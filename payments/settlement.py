@@ -204,12 +204,17 @@ class Settlement:
             await self.verdicts.settle()
 
     async def _after_confirmed(self, tx: TxRecord) -> None:
+        if tx.job is None:  # the wallet's own listing (provider.listing reads its outcome in the journal)
+            return
         if tx.purpose == "fund":
             await self.funding.after_confirmed(tx)
         else:
             await self.verdicts.after_confirmed(tx)
 
     async def _after_reverted(self, tx: TxRecord) -> None:
+        if tx.job is None:
+            log.warning("%s transaction %s reverted", tx.purpose, tx.hash)
+            return
         if tx.purpose == "fund":
             await self.funding.after_reverted(tx)
         else:

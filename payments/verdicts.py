@@ -174,6 +174,8 @@ class Verdicts:
 
     async def after_confirmed(self, tx: TxRecord) -> None:
         """A ``release`` / ``refund`` transaction is confirmed: the job is settled / refunded."""
+        if tx.job is None:
+            return
         if tx.purpose == "release":
             self._finish(tx.job, "settled", f"released in {tx.hash}", expect="validated", tx=tx)
         else:
@@ -181,6 +183,8 @@ class Verdicts:
 
     async def after_reverted(self, tx: TxRecord) -> None:
         """A ``release`` / ``refund`` reverted: if the entry was closed by another sender, follow it."""
+        if tx.job is None:
+            return
         payment = self.journal.payment(tx.job)
         job = self.journal.get(tx.job)
         if payment is None or job is None:

@@ -37,6 +37,7 @@ from core.journal.nonces import NonceStore
 from core.journal.overview import OverviewStore
 from core.journal.payments import PaymentStore
 from core.journal.records import (
+    REGISTRY_PURPOSES,
     TX_OPEN_STATES,
     Event,
     FundingState,
@@ -82,6 +83,7 @@ __all__ = [
     "MAX_EVENT_SEQ",
     "PAST_ACCEPTANCE_STATES",
     "RECEIPT_STATES",
+    "REGISTRY_PURPOSES",
     "RESULT_STATES",
     "SCHEMA_VERSION",
     "STREAM_END_STATES",

@@ -1,7 +1,9 @@
 """Payments and chain transactions: each job's escrow terms, funding and receipt; every signed transaction.
 
 A transaction is recorded before it is broadcast and resolved by hash afterwards; the database refuses a
-second live transaction for one job and purpose, or a second use of one nonce.
+second live transaction for one job and purpose, a second open registry transaction of one wallet, or a
+second use of one nonce. A registry transaction (``register``, ``leave``) belongs to no job, so it notes
+nothing in any job's events.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Literal
 from core.errors import ConflictError, NotFoundError
 from core.journal.jobs import JobStore
 from core.journal.records import (
+    REGISTRY_PURPOSES,
+    TX_OPEN_STATES,
     Event,
     FundingState,
     JobRecord,
@@ -143,7 +147,14 @@ class PaymentStore(JobStore):
 
     def payment_totals(self) -> dict[str, int]:
         """Base units earned (receipt amounts of settled jobs) and wei of gas spent per tx purpose."""
-        totals: dict[str, int] = {"earned": 0, "gas_fund": 0, "gas_release": 0, "gas_refund": 0}
+        totals: dict[str, int] = {
+            "earned": 0,
+            "gas_fund": 0,
+            "gas_release": 0,
+            "gas_refund": 0,
+            "gas_register": 0,
+            "gas_leave": 0,
+        }
         with self._read() as conn:
             for (amount,) in conn.execute(
                 "SELECT json_extract(p.receipt_json, '$.receipt.amount') FROM payments p "
@@ -160,13 +171,17 @@ class PaymentStore(JobStore):
     # ----------------------------------------------------------------------------------------- chain txs
 
     def record_tx(
-        self, job: str, purpose: TxPurpose, *, sender: str, nonce: int, hash: str, raw: str
+        self, job: str | None, purpose: TxPurpose, *, sender: str, nonce: int, hash: str, raw: str
     ) -> TxRecord:
         """Record a signed transaction *before* it is broadcast, so a crash after sending still knows it.
 
-        Raises :class:`ConflictError` (``tx_exists``) if the nonce is taken or the job already has a live
-        transaction for ``purpose``: the database refuses to let one payment be sent twice.
+        ``job`` is None for a registry transaction (``register``, ``leave``), and only for one. Raises
+        :class:`ConflictError` (``tx_exists``) if the nonce is taken, the job already has a live transaction
+        for ``purpose``, or the wallet already has an open registry transaction: the database refuses to let
+        one payment, or one registration, be sent twice.
         """
+        if (job is None) != (purpose in REGISTRY_PURPOSES):
+            raise ValueError(f"a {purpose} transaction {'needs' if job is None else 'takes no'} job")
         with self._write() as txn:
             at = self._now()
             try:
@@ -176,22 +191,24 @@ class PaymentStore(JobStore):
                     (job, purpose, sender, nonce, hash, raw, at, at),
                 )
             except sqlite3.IntegrityError as exc:
+                whose = f"job {job}" if job is not None else f"wallet {sender}"
                 raise ConflictError(
                     "tx_exists",
-                    f"job {job} already has a live {purpose} transaction, or nonce {nonce} is taken",
-                    details={"id": job, "purpose": purpose, "nonce": nonce},
+                    f"{whose} already has a live {purpose} transaction, or nonce {nonce} is taken",
+                    details={"id": job, "purpose": purpose, "nonce": nonce, "sender": sender},
                 ) from exc
-            self._append(
-                txn,
-                job,
-                at,
-                "note",
-                None,
-                None,
-                "settlement",
-                f"{purpose} transaction signed",
-                data_json=_dumps({"tx": hash, "purpose": purpose, "nonce": nonce}),
-            )
+            if job is not None:
+                self._append(
+                    txn,
+                    job,
+                    at,
+                    "note",
+                    None,
+                    None,
+                    "settlement",
+                    f"{purpose} transaction signed",
+                    data_json=_dumps({"tx": hash, "purpose": purpose, "nonce": nonce}),
+                )
             row = txn.conn.execute(
                 f"SELECT {_TX_COLUMNS} FROM chain_txs WHERE id = ?", (cur.lastrowid,)
             ).fetchone()
@@ -214,7 +231,7 @@ class PaymentStore(JobStore):
             if row is None:
                 raise NotFoundError("tx_not_found", f"no transaction {hash}", details={"hash": hash})
             record = TxRecord(*row)
-            if note is not None:
+            if note is not None and record.job is not None:
                 self._append(
                     txn,
                     record.job,
@@ -228,21 +245,39 @@ class PaymentStore(JobStore):
                 )
         return record
 
-    def txs(self, job: str | None = None, *, states: Iterable[TxState] | None = None) -> list[TxRecord]:
-        """Recorded transactions, oldest first: of one job and/or in the given states."""
+    def txs(
+        self,
+        job: str | None = None,
+        *,
+        states: Iterable[TxState] | None = None,
+        purposes: Iterable[TxPurpose] | None = None,
+    ) -> list[TxRecord]:
+        """Recorded transactions, oldest first: of one job, in the given states, of the given purposes."""
         clauses: list[str] = []
         params: list[Any] = []
         if job is not None:
             clauses.append("job = ?")
             params.append(job)
-        if states is not None:
-            wanted = list(states)
-            clauses.append(f"state IN ({', '.join('?' for _ in wanted)})")
-            params.extend(wanted)
+        for column, values in (("state", states), ("purpose", purposes)):
+            if values is not None:
+                wanted = list(values)
+                clauses.append(f"{column} IN ({', '.join('?' for _ in wanted)})")
+                params.extend(wanted)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_TX_COLUMNS} FROM chain_txs{where} ORDER BY id", params).fetchall()
         return [TxRecord(*row) for row in rows]
+
+    def registry_tx(self, sender: str) -> TxRecord | None:
+        """``sender``'s registry transaction (``register`` or ``leave``) still open, if any (at most one)."""
+        open_states = ", ".join(f"'{state}'" for state in TX_OPEN_STATES)
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_TX_COLUMNS} FROM chain_txs WHERE sender = ? AND purpose IN ('register', 'leave') "
+                f"AND state IN ({open_states})",
+                (sender,),
+            ).fetchone()
+        return None if row is None else TxRecord(*row)
 
     def next_nonce(self, sender: str) -> int:
         """One past the highest nonce ``sender`` holds in a recorded, not dropped, transaction (0 if none)."""

@@ -19,6 +19,7 @@ from core.errors import DOMAINS, Domain
 from core.lifecycle import JOB_STATES, EventType, JobState
 
 __all__ = [
+    "REGISTRY_PURPOSES",
     "TX_OPEN_STATES",
     "Event",
     "FundingState",
@@ -157,7 +158,9 @@ class Event:
 Listener = Callable[[Event], None]
 
 FundingState = Literal["awaiting", "funded", "refused"]
-TxPurpose = Literal["fund", "release", "refund"]
+TxPurpose = Literal["fund", "release", "refund", "register", "leave"]
+REGISTRY_PURPOSES: Final[tuple[TxPurpose, ...]] = ("register", "leave")
+"""The wallet's own listing in the provider registry: transactions that belong to no job."""
 TxState = Literal["signed", "sent", "mined", "confirmed", "reverted", "dropped"]
 TX_OPEN_STATES: Final[tuple[TxState, ...]] = ("signed", "sent", "mined")
 """A transaction in one of these may still land: it is resolved by hash before anything else is sent."""
@@ -206,10 +209,13 @@ class PaymentRecord:
 
 @dataclass(frozen=True, slots=True)
 class TxRecord:
-    """One transaction the node signed (``chain_txs``): recorded before broadcast, resolved by hash after."""
+    """One transaction the node signed (``chain_txs``): recorded before broadcast, resolved by hash after.
+
+    ``job`` is the job a payment transaction belongs to; None for a registry one (``register``, ``leave``).
+    """
 
     id: int
-    job: str
+    job: str | None
     purpose: TxPurpose
     sender: str
     nonce: int

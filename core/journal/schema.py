@@ -1,8 +1,9 @@
 """The journal's database: its tables, triggers and indexes, the statements the stores run, and migrations.
 
 :data:`SCHEMA_VERSION` is the version a new journal is created with; :func:`_prepare_schema` creates it on
-first open, brings a journal of an older version up to it (each version only adds tables), refuses one of
-another, and re-derives the ``transitions`` table from :data:`~core.lifecycle.TRANSITIONS` on every open.
+first open, brings a journal of an older version up to it (versions 2 and 3 added tables; version 4 rebuilt
+``chain_txs`` for the wallet's registry transactions, which belong to no job), refuses one of another, and
+re-derives the ``transitions`` table from :data:`~core.lifecycle.TRANSITIONS` on every open.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from core.lifecycle import EVENT_TYPES, JOB_STATES, TRANSITIONS
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 _JOB_COLUMNS: Final = (
     "id, iss, job_id, kind, idem_key, envelope_hash, envelope_json, state, price, quote_id, quote_jwt, "
@@ -107,8 +108,43 @@ _SCHEMA: Final = (
     BEGIN SELECT RAISE(ABORT, 'events_append_only'); END""",
 )
 
-# Schema 2: escrow terms and funding per job, and every transaction the node signs. Applied on creation
-# and as the migration from schema 1.
+# Schema 4: every transaction the node's wallet signs. A payment's (fund, release, refund) belongs to its
+# job; a registry transaction (register, leave: the node's own listing) belongs to none.
+_CHAIN_TXS_TABLE: Final = """CREATE TABLE chain_txs (
+        id INTEGER PRIMARY KEY,
+        job TEXT REFERENCES jobs (id),
+        purpose TEXT NOT NULL CHECK (purpose IN ('fund', 'release', 'refund', 'register', 'leave')),
+        sender TEXT NOT NULL,
+        nonce INTEGER NOT NULL CHECK (nonce >= 0),
+        hash TEXT NOT NULL UNIQUE,
+        raw TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('signed', 'sent', 'mined', 'confirmed', 'reverted', 'dropped')),
+        block_number INTEGER,
+        block_hash TEXT,
+        gas_used INTEGER,
+        gas_price INTEGER,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        CHECK ((job IS NULL) = (purpose IN ('register', 'leave')))
+    )"""
+_CHAIN_TXS_EXTRAS: Final = (
+    # One nonce, one transaction (a dropped one gave its nonce back), payments and registry alike; one live
+    # transaction per job and purpose: the database itself refuses a second release while the first may
+    # still land; and one open registry transaction per wallet: a registration is never sent twice.
+    "CREATE UNIQUE INDEX chain_txs_nonce ON chain_txs (sender, nonce) WHERE state != 'dropped'",
+    "CREATE UNIQUE INDEX chain_txs_purpose ON chain_txs (job, purpose) "
+    "WHERE state NOT IN ('dropped', 'reverted')",
+    "CREATE UNIQUE INDEX chain_txs_registry ON chain_txs (sender) "
+    "WHERE purpose IN ('register', 'leave') AND state IN ('signed', 'sent', 'mined')",
+    "CREATE INDEX chain_txs_state ON chain_txs (state)",
+    """CREATE TRIGGER chain_txs_no_delete BEFORE DELETE ON chain_txs
+    BEGIN SELECT RAISE(ABORT, 'chain_txs_append_only'); END""",
+)
+_CHAIN_TXS: Final = (_CHAIN_TXS_TABLE, *_CHAIN_TXS_EXTRAS)
+
+# Schema 2: escrow terms and funding per job, and every transaction the node signs (in the shape of today's
+# schema). Applied on creation and as the migration from schema 1.
 _SCHEMA_PAYMENTS: Final = (
     """CREATE TABLE payments (
         job TEXT PRIMARY KEY REFERENCES jobs (id),
@@ -122,31 +158,7 @@ _SCHEMA_PAYMENTS: Final = (
         updated_at REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX payments_funding ON payments (funding)",
-    """CREATE TABLE chain_txs (
-        id INTEGER PRIMARY KEY,
-        job TEXT NOT NULL REFERENCES jobs (id),
-        purpose TEXT NOT NULL CHECK (purpose IN ('fund', 'release', 'refund')),
-        sender TEXT NOT NULL,
-        nonce INTEGER NOT NULL CHECK (nonce >= 0),
-        hash TEXT NOT NULL UNIQUE,
-        raw TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('signed', 'sent', 'mined', 'confirmed', 'reverted', 'dropped')),
-        block_number INTEGER,
-        block_hash TEXT,
-        gas_used INTEGER,
-        gas_price INTEGER,
-        error TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    )""",
-    # One nonce, one transaction (a dropped one gave its nonce back); one live transaction per job and
-    # purpose: the database itself refuses a second release while the first may still land.
-    "CREATE UNIQUE INDEX chain_txs_nonce ON chain_txs (sender, nonce) WHERE state != 'dropped'",
-    "CREATE UNIQUE INDEX chain_txs_purpose ON chain_txs (job, purpose) "
-    "WHERE state NOT IN ('dropped', 'reverted')",
-    "CREATE INDEX chain_txs_state ON chain_txs (state)",
-    """CREATE TRIGGER chain_txs_no_delete BEFORE DELETE ON chain_txs
-    BEGIN SELECT RAISE(ABORT, 'chain_txs_append_only'); END""",
+    *_CHAIN_TXS,
 )
 # Webhook delivery: per job with a callback URL, the last transition event the requester has acknowledged.
 # The events table is the outbox; this row is the cursor, advanced only after a 2xx (at least once).
@@ -213,6 +225,23 @@ _SQL_NONCE_PRUNE: Final = "DELETE FROM nonces WHERE exp < ?"
 _SQL_NONCE_SEEN: Final = "SELECT 1 FROM nonces WHERE iss = ? AND jti = ?"
 
 
+def _rebuild_chain_txs(conn: sqlite3.Connection) -> None:
+    """Schema 2 or 3 -> 4 inside the opening transaction: ``chain_txs`` rebuilt with a nullable ``job``, the
+    registry purposes and the one-open-registry-transaction index, every row copied as it was.
+
+    SQLite cannot alter a CHECK, so the old table is renamed aside, the new one created with the same
+    statement a new journal runs, the rows copied (ids kept), and the old table dropped with its indexes
+    and its no-delete trigger (a DROP TABLE deletes no row through a trigger); then today's indexes and
+    trigger are made. Nothing outside this table refers to it.
+    """
+    conn.execute("ALTER TABLE chain_txs RENAME TO chain_txs_old")
+    conn.execute(_CHAIN_TXS_TABLE)
+    conn.execute(f"INSERT INTO chain_txs ({_TX_COLUMNS}) SELECT {_TX_COLUMNS} FROM chain_txs_old ORDER BY id")
+    conn.execute("DROP TABLE chain_txs_old")
+    for statement in _CHAIN_TXS_EXTRAS:
+        conn.execute(statement)
+
+
 def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     """Create the schema on first open; check its version and re-derive the transitions table otherwise.
 
@@ -229,11 +258,16 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         else:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = None if row is None else int(row[0])
-            # each schema adds tables to the one before: 1 lacks the payment tables, 2 the webhook cursor
-            missing = {1: (*_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS), 2: _SCHEMA_WEBHOOKS}.get(version or 0)
+            # 1 lacks the payment tables (it gets today's), 2 the webhook cursor; 2 and 3 have the chain_txs
+            # of payments alone, which 4 rebuilds to take the wallet's registry transactions
+            missing = {1: (*_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS), 2: _SCHEMA_WEBHOOKS, 3: ()}.get(
+                version or 0
+            )
             if missing is not None:
                 for statement in missing:
                     conn.execute(statement)
+                if version in (2, 3):
+                    _rebuild_chain_txs(conn)
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:

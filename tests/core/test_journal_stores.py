@@ -226,4 +226,6 @@ def test_a_verdict_moves_the_job_and_stores_the_receipt_together_or_not_at_all(j
         "gas_fund": 0,
         "gas_release": 160_000,
         "gas_refund": 0,
+        "gas_register": 0,
+        "gas_leave": 0,
     }
