@@ -18,15 +18,16 @@ from typing import Any
 
 import pytest
 
-from core.errors import IllegalTransitionError
+from core.errors import ConflictError, IllegalTransitionError
 from core.journal import SCHEMA_VERSION, TRANSITIONS, Journal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 TABLES = {
     1: {"meta", "transitions", "jobs", "events", "nonces"},
     2: {"meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs"},
     3: {"meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs", "webhooks"},
+    4: {"meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs", "webhooks"},
 }
 """The tables each schema version had: what the fixture must show it was written by."""
 NODE_ADDRESS = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"  # the recording's sender of chain transactions
@@ -193,9 +194,28 @@ def test_the_recorded_facts_mean_what_they_meant(recorded: Recorded, journal: Jo
         assert journal.payment_totals()["earned"] == 1_250_000
         assert journal.payment_totals()["gas_release"] == 61_234 * 1_000_000_007
         assert [p.job for p in journal.payments_awaiting()] == [recorded.id("awaiting")]
-        assert journal.next_nonce(NODE_ADDRESS) == 2  # nonce 2 was dropped: free again
+        # nonce 2 was dropped: free again; from schema 4 a register (3) and a leave (4) follow it
+        assert journal.next_nonce(NODE_ADDRESS) == (5 if recorded.version >= 4 else 2)
     else:
-        assert journal.payment_totals() == {"earned": 0, "gas_fund": 0, "gas_release": 0, "gas_refund": 0}
+        assert journal.payment_totals() == {
+            "earned": 0,
+            "gas_fund": 0,
+            "gas_release": 0,
+            "gas_refund": 0,
+            "gas_register": 0,
+            "gas_leave": 0,
+        }
+    registry = journal.txs(purposes=("register", "leave"))
+    if recorded.version >= 4:
+        assert [(tx.purpose, tx.job, tx.state) for tx in registry] == [
+            ("register", None, "confirmed"),
+            ("leave", None, "sent"),
+        ]
+        assert journal.payment_totals()["gas_register"] == 151_234 * 1_000_000_007
+        open_tx = journal.registry_tx(NODE_ADDRESS)
+        assert open_tx is not None and open_tx.purpose == "leave"
+    else:
+        assert registry == [] and journal.registry_tx(NODE_ADDRESS) is None
     due = {d.job for d in journal.webhooks_due(recorded.clock.t)}
     if recorded.version >= 3:  # the quoted job's hook gave up; the failed one's retry time has come
         assert due == {recorded.id(n) for n in ("running", "succeeded", "failed", "awaiting")}
@@ -272,6 +292,48 @@ def test_new_writes_work_after_migration(recorded: Recorded, journal: Journal) -
     holding = {hold[0] for hold in journal.held_resources()}
     assert {recorded.id("quoted"), recorded.id("retryable"), new} <= holding
     assert recorded.id("running") not in holding
+
+
+def test_registry_transactions_after_migration(recorded: Recorded, journal: Journal) -> None:
+    """A migrated journal takes the wallet's registry transactions: no job, one open per wallet, nonces shared
+    with payments; rows recorded before the migration keep their ids and facts."""
+    before = journal.txs()
+    wallet = "0x90F79bf6EB2c4f870365E96b9E3ab0c7d62C9Ae2"
+    payment_nonce = journal.next_nonce(wallet)
+    register = journal.record_tx(
+        None, "register", sender=wallet, nonce=payment_nonce, hash="0x" + "1" * 64, raw="0x02"
+    )
+    assert register.job is None and register.state == "signed"
+    with pytest.raises(ConflictError) as twice:  # a second registry transaction while the first is open
+        journal.record_tx(
+            None, "leave", sender=wallet, nonce=payment_nonce + 1, hash="0x" + "2" * 64, raw="0x02"
+        )
+    assert twice.value.code == "tx_exists"
+    with pytest.raises(ValueError):  # a registry transaction belongs to no job, a payment to one
+        journal.record_tx(
+            recorded.id("quoted"), "register", sender=wallet, nonce=9, hash="0x" + "3" * 64, raw="0x02"
+        )
+    with pytest.raises(ValueError):
+        journal.record_tx(None, "fund", sender=wallet, nonce=9, hash="0x" + "4" * 64, raw="0x02")
+    if recorded.version >= 2:  # the nonce is shared with the payment transactions
+        with pytest.raises(ConflictError):
+            journal.record_tx(
+                None, "register", sender=NODE_ADDRESS, nonce=0, hash="0x" + "5" * 64, raw="0x02"
+            )
+    journal.update_tx(register.hash, state="confirmed", note="register transaction confirmed")
+    assert journal.registry_tx(wallet) is None
+    leave = journal.record_tx(
+        None, "leave", sender=wallet, nonce=payment_nonce + 1, hash="0x" + "6" * 64, raw="0x02"
+    )
+    assert journal.registry_tx(wallet) == leave
+    assert journal.next_nonce(wallet) == payment_nonce + 2
+    assert journal.txs()[: len(before)] == before
+    with pytest.raises(sqlite3.IntegrityError):  # still append-only after the rebuild
+        conn = sqlite3.connect(recorded.path)
+        try:
+            conn.execute("DELETE FROM chain_txs")
+        finally:
+            conn.close()
 
 
 def test_the_migrated_journal_reopens(recorded: Recorded) -> None:
