@@ -5,7 +5,8 @@
 - :mod:`cli.requester`: submitting and following jobs;
 - :mod:`cli.validator`: checking a result and signing its receipt;
 - :mod:`cli.devnet`: a local chain and the demo;
-- :mod:`cli.market`: the provider market on chain (who sells what).
+- :mod:`cli.market` (with :mod:`cli.market_leave`): the provider market on chain (who sells what, each
+  provider's reputation) and ``hearth market leave`` (the node's wallet out of the registry).
 
 :mod:`cli.common` holds the exit codes (0 done, 1 the node refused, 2 bad usage or local input, 3 the node
 could not be reached) and the output for people or for machines (``--json``).
@@ -28,6 +29,7 @@ from cli.common import (
     request_opts,
     run_async,
 )
+from cli.market_leave import add_leave_parser
 from core.config import default_home
 from core.errors import HearthError
 from requester.client import NodeError, NodeUnreachable
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub, [common, config])
     service.add_parser(sub)
     status.add_parser(sub, [common, client])
-    market.add_parser(sub, [common])
+    market_sub = market.add_parser(sub, [common])
+    add_leave_parser(market_sub, [common, config])
     return parser
 
 

@@ -54,6 +54,14 @@ def _header(doc: dict[str, Any]) -> Text:
     at = datetime.fromtimestamp(doc["generated_at"]).strftime("%H:%M:%S")
     text = Text.assemble((node["name"], "bold"), "  ", (state, f"bold {style}"), (f"  at {at}  ", "dim"))
     text.append(node["did"], style="dim")
+    market = node.get("market")  # absent from the overview of an older node
+    if market:
+        colour = {"listed": "green", "pending": "yellow", "checking": "yellow"}.get(market["state"], "red")
+        text.append("\nregistry listing ", style="dim")
+        text.append(market["state"], style=colour)
+        text.append(
+            f"  {market['endpoint']}" + (f"  ({market['error']})" if market["error"] else ""), style="dim"
+        )
     return text
 
 

@@ -432,6 +432,22 @@ class NodeConfig(_Section):
         """The catalog entry called ``name``, if there is one."""
         return next((m for m in self.models if m.name == name), None)
 
+    @property
+    def endpoint(self) -> str | None:
+        """Where requesters reach this node, as its signed offer and its registry record name it:
+        ``[market] endpoint``, else ``[node] public_url`` (they may not differ when both are set)."""
+        return self.market.endpoint or self.node.public_url
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> NodeConfig:
+        market, public = self.market.endpoint, self.node.public_url
+        if market is not None and public is not None and market != public:
+            raise ValueError(
+                f"market.endpoint {market!r} and node.public_url {public!r} differ: the registry and the "
+                "signed offer must name one endpoint; set one of them, or both alike"
+            )
+        return self
+
     @field_validator("pricing")
     @classmethod
     def _gpu_models_priced(cls, v: PricingSection) -> PricingSection:

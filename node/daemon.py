@@ -45,6 +45,7 @@ from storage import Blockstore, open_blockstore
 
 if TYPE_CHECKING:
     from payments.settlement import Settlement
+    from provider.listing import MarketListing
 
 log = logging.getLogger("hearth.node")
 
@@ -105,6 +106,7 @@ class Node:
         # The signed offer of GET /v1/capacity and of the registry pushes: one sequence for both.
         self.offers = OfferIssuer(self, signer, now=now)
         self._registry: OfferPusher | None = None
+        self._listing: MarketListing | None = None
         self.ready = False
         self.draining = False
         self.started_at = 0.0
@@ -190,6 +192,11 @@ class Node:
     @property
     def state_dir(self) -> Path:
         return resolve_path(self.home, self.cfg.node.state_dir)
+
+    @property
+    def listing(self) -> MarketListing | None:
+        """The node's listing in the on-chain registry, or None when ``[market]`` does not ask for one."""
+        return self._listing
 
     @property
     def payout_address(self) -> str | None:
@@ -280,10 +287,28 @@ class Node:
         # Advertised only once the node takes work; the pusher never blocks the node (see provider.registry).
         self._registry = OfferPusher(self.cfg.registry, self.offers, on_push=self.metrics.offer_pushed)
         await self._registry.start()
+        await self._start_listing()
         log.info(
             "node ready",
             extra={"did": self.did, "startup_ms": round((time.perf_counter() - t0) * 1000, 1)},
         )
+
+    async def _start_listing(self) -> None:
+        """List the node in the on-chain registry, in the background (see provider.listing)."""
+        from provider.listing import MarketListing, listing_wanted
+
+        market = self.cfg.market
+        if self._settlement is None or not listing_wanted(self.cfg):
+            if market.registry is not None and market.register and self._settlement is not None:
+                log.warning(
+                    "[market] registry is set but neither [market] endpoint nor [node] public_url: "
+                    "the node is not listed"
+                )
+            return
+        self._listing = MarketListing(
+            self.cfg, self._settlement, self.did, on_state=self.metrics.market_listing, now=self.now
+        )
+        await self._listing.start()
 
     async def _probe_input(self, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> InputProbe | None:
         """Admission's prober: transcode inputs are probed, batches read and counted, when at hand."""
@@ -337,6 +362,9 @@ class Node:
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
         await self.drain(grace)
+        if self._listing is not None:
+            await self._listing.stop()
+            self._listing = None
         if self._settlement is not None:
             await self._settlement.stop()
             self._settlement = None
@@ -367,6 +395,8 @@ class Node:
             log.warning("[[models]] changed: the catalog is verified at start; restart the node to apply it")
         if cfg.registry != previous.registry:
             log.warning("[registry] changed: restart the node to push to the new registries")
+        if cfg.market != previous.market or cfg.endpoint != previous.endpoint:
+            log.warning("[market] or the endpoint changed: restart the node to update its registry record")
         if self._registry is not None:
             self._registry.changed()  # new prices or policy: registries hear of them now
         log.info("configuration reloaded")

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from provider.listing import LISTING_STATES
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -102,6 +104,13 @@ class Metrics:
             "hearth_capacity_free", "Free capacity by resource", ["resource"], registry=r
         )
         self.ready = Gauge("hearth_ready", "1 when the node accepts work", registry=r)
+        self.listing = Gauge(
+            "hearth_market_listing",
+            "The node's listing in the on-chain registry: 1 for the state it is in (checking, pending, "
+            "listed, chain_unavailable, failed); absent when [market] asks for none",
+            ["state"],
+            registry=r,
+        )
         self.job_runs = Counter(
             "hearth_job_runs",
             "Job attempts that ended, by outcome and failure domain",
@@ -200,6 +209,11 @@ class Metrics:
 
     def container_started(self) -> None:
         self.container_starts.inc()
+
+    def market_listing(self, state: str) -> None:
+        """The registry listing moved to ``state`` (provider.listing's states)."""
+        for name in LISTING_STATES:
+            self.listing.labels(name).set(1 if name == state else 0)
 
     def offer_pushed(self, registry: str, outcome: str) -> None:
         self.offer_pushes.labels(registry, outcome).inc()

@@ -75,6 +75,24 @@ OVERVIEW_SCHEMA = {
                 "started_at": {"type": "number"},
                 "paused": {"type": "boolean", "description": "[scheduler] paused: jobs queue, none start"},
                 "payments": {"type": "boolean", "description": "a [chain] is configured"},
+                "market": {
+                    "type": ["object", "null"],
+                    "description": "the node's listing in the on-chain registry; null when [market] asks "
+                    "for none",
+                    "required": ["registry", "wallet", "endpoint", "state", "tx", "error", "changed_at"],
+                    "properties": {
+                        "registry": {"type": "string"},
+                        "wallet": {"type": "string"},
+                        "endpoint": {"type": "string"},
+                        "state": {
+                            "type": "string",
+                            "enum": ["checking", "pending", "listed", "chain_unavailable", "failed"],
+                        },
+                        "tx": {"type": ["string", "null"], "description": "the last registry transaction"},
+                        "error": {"type": ["string", "null"]},
+                        "changed_at": {"type": "number"},
+                    },
+                },
             },
         },
         "capacity": {

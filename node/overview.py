@@ -5,7 +5,7 @@ assets under ``/ui/``. The same document feeds the dashboard, ``hearth status`` 
 
 The document (see :meth:`Overview.document`)::
 
-    node       did, name, ready, started_at, paused, payments
+    node       did, name, ready, started_at, paused, payments, market (the registry listing, or null)
     capacity   resources (the ledger: total/used/free, holds, utilisation), machine, kinds, models
     jobs       by_state, queued, running [{id, kind, stage, percent, started_at, ...}], recent [...]
     failures   total, by_domain {domain: {count, codes}}, recent [...]
@@ -147,6 +147,7 @@ class Overview:
                 "started_at": node.started_at,
                 "paused": node.cfg.scheduler.paused,
                 "payments": node.settlement is not None,
+                "market": None if node.listing is None else node.listing.view(),
             },
             "capacity": {
                 "resources": node.ledger.snapshot(),

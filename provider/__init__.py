@@ -5,7 +5,8 @@ The order a bid takes (the README's Bidding): :func:`screen` the job against pol
 :meth:`CapacityLedger.reserve` what it needs, then :meth:`Pricer.ask` and :func:`check_max_price`.
 
 What the node sells is advertised as a signed offer (:class:`OfferIssuer`, :func:`offer_document`), served
-at ``GET /v1/capacity`` and pushed to the ``[registry]`` URLs by an :class:`OfferPusher`.
+at ``GET /v1/capacity`` and pushed to the ``[registry]`` URLs by an :class:`OfferPusher`; the node lists
+its DID and endpoint in the on-chain registry (``[market]``) through a :class:`MarketListing`.
 """
 
 from provider.capacity import CapacityLedger, DiskInfo, GpuInfo, Hold, MachineInfo, Resources, discover
@@ -19,6 +20,7 @@ from provider.estimate import (
     WorkEstimator,
     estimator_for,
 )
+from provider.listing import MarketListing, listing_wanted
 from provider.offers import OfferIssuer, offer_document, offer_fingerprint
 from provider.policy import screen
 from provider.pricing import Bid, PriceBreakdown, Pricer, check_max_price
@@ -35,6 +37,7 @@ __all__ = [
     "Hold",
     "InputProbe",
     "MachineInfo",
+    "MarketListing",
     "MediaEstimator",
     "ModelCatalog",
     "OfferIssuer",
@@ -47,6 +50,7 @@ __all__ = [
     "check_max_price",
     "discover",
     "estimator_for",
+    "listing_wanted",
     "offer_document",
     "offer_fingerprint",
     "screen",

@@ -68,7 +68,7 @@ def offer_document(source: OfferSource, *, disk: DiskInfo) -> dict[str, Any]:
     return {
         "node": source.did,
         "name": cfg.node.name,
-        "endpoint": cfg.node.public_url,
+        "endpoint": cfg.endpoint,  # [market] endpoint, else [node] public_url: what the registry lists
         "payout_address": source.payout_address,
         "payment": None
         if chain is None

@@ -227,3 +227,21 @@ def test_every_named_default_is_used() -> None:
     source = Path(core.config.__file__).read_text()
     named = {n for n in vars(core.defaults) if n.isupper()}
     assert {n for n in named if f"d.{n}" not in source} == NOT_A_KEY
+
+
+def test_the_offer_and_the_registry_name_one_endpoint(tmp_path: Path) -> None:
+    """``[market] endpoint`` is what the signed offer names (else ``[node] public_url``); both set and
+    different is refused, naming both keys."""
+    market = "https://node.example.org:8787"
+    assert parse_config({"market": {"endpoint": market}}).endpoint == market
+    assert parse_config({"node": {"public_url": market}}).endpoint == market
+    assert parse_config({"node": {"public_url": market}, "market": {"endpoint": market}}).endpoint == market
+    assert parse_config({}).endpoint is None
+    (tmp_path / "node.toml").write_text(
+        f'[node]\npublic_url = "https://other.example.org"\n[market]\nendpoint = "{market}"\n'
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path)
+    assert exc.value.code == "invalid_config"
+    [problem] = exc.value.details["problems"]
+    assert "market.endpoint" in problem and "node.public_url" in problem and market in problem

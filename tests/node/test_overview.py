@@ -199,6 +199,7 @@ async def test_the_overview_shows_queue_running_progress_failures_and_earnings(
             "started_at": node.started_at,
             "paused": True,
             "payments": False,
+            "market": None,
         }
 
         # nothing secret: no key material, no tokens, no envelopes
