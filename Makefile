@@ -40,7 +40,7 @@ test: lint typecheck unit
 
 bench: setup
 	$(PY) bench/admission.py; a=$$?; $(PY) bench/cid.py; c=$$?; $(PY) bench/transcode.py; t=$$?; \
-	$(PY) bench/inference.py --repeat 3; i=$$?; exit $$((a || c || t || i))
+	$(PY) bench/inference.py --repeat 3; i=$$?; $(PY) bench/market.py; m=$$?; exit $$((a || c || t || i || m))
 
 # The fault scoreboard at its stated counts (README, "Fault scoreboard"); about 20 minutes. Prints the table
 # and writes it as JSON; CHAOS_ARGS passes options (e.g. --only NAME, --short).
