@@ -36,6 +36,7 @@ from eth_utils.crypto import keccak
 
 from payments.devnet import DEVNET_CHAIN_ID, TOKEN_NAME, USDC, connect, spawn_anvil
 from payments.escrow_build import load_artifact
+from requester.escrow_events import escrow_events
 from requester.reputation import REFUNDED_EXPIRED, REFUNDED_FAILED, RELEASED, Reputation
 
 GAS = 400_000  # per transaction, declared: anvil packs blocks by declared gas (30M: 75 a block)
@@ -307,13 +308,7 @@ def _settled(jobs: list[Job]) -> Any:
 
 def escrow_topics() -> list[str]:
     """topic0 of the three events the reputation scan reads (``Funded``, ``Released``, ``Refunded``)."""
-    topics = []
-    for item in load_artifact("HearthEscrow").abi:
-        if item.get("type") == "event" and item["name"] in ("Funded", "Released", "Refunded"):
-            signature = f"{item['name']}({','.join(i['type'] for i in item['inputs'])})"
-            topics.append("0x" + keccak(text=signature).hex())
-    assert len(topics) == 3, "HearthEscrow's ABI lacks an event the scan reads"
-    return topics
+    return ["0x" + topic.hex() for topic in escrow_events()]
 
 
 def _address_of(key: PrivateKey) -> str:

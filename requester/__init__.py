@@ -13,6 +13,7 @@ Public face:
 - :mod:`requester.reputation` — providers' reputation read from the escrow's events on chain
   (:class:`~requester.reputation.ReputationCache`: jobs funded, released, refunded, USDC earned, distinct
   payers and validators), cached incrementally in SQLite and rescanned only from the last block read.
+  :mod:`requester.escrow_events` decodes the escrow's raw logs for it.
 - :func:`requester.routing.route` — one job routed among competing providers: quotes from every one that
   fits, the winner by strategy (:mod:`requester.routing_decision`: cheapest, or cheapest among the
   well-reputed), submitted with fallback on a definite refusal and retries on the same node when the

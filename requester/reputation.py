@@ -24,7 +24,6 @@ Reputation is aggregated from the job rows when asked (amounts are exact integer
 from __future__ import annotations
 
 import contextlib
-import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -33,25 +32,22 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import aiohttp
-from eth_abi.abi import decode
 from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 from web3 import AsyncWeb3
 from web3.exceptions import BlockNotFound
 from web3.providers import AsyncHTTPProvider
-from web3.types import FilterParams
+from web3.types import RPCEndpoint
 
 from core.errors import ChainError, HearthError, StorageError
 from payments.chain import rpc_errors
-from payments.escrow_build import load_artifact
 from payments.receipts import usdc_str
+from requester.escrow_events import EscrowEvent, checksum, decode_log, escrow_events
 
 DEFAULT_CONFIRMATIONS: Final = 3
 DEFAULT_MAX_RANGE: Final = 2000  # blocks per eth_getLogs call: most public RPCs refuse far wider ranges
 DEFAULT_RPC_TIMEOUT_SECONDS: Final = 10.0
 CHECKPOINTS_KEPT: Final = 128  # per (chain_id, escrow): how far back a reorg can be rewound precisely
 SCHEMA_VERSION: Final = 1
-EVENTS: Final = ("Funded", "Released", "Refunded")
 
 RELEASED: Final = "released"
 REFUNDED_FAILED: Final = "refunded_failed"  # a failing receipt, before the deadline
@@ -149,36 +145,6 @@ class ScanStats:
     rewound_to: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Event:
-    name: str
-    block: int
-    log_index: int
-    args: dict[str, Any]
-
-
-@functools.cache
-def _escrow_events() -> dict[bytes, tuple[str, list[tuple[str, str, bool]]]]:
-    """topic0 -> (event name, [(argument, ABI type, indexed)]) for the three events read, from the ABI."""
-    events = {}
-    for item in load_artifact("HearthEscrow").abi:
-        if item.get("type") == "event" and item["name"] in EVENTS:
-            inputs = [(i["name"], i["type"], bool(i["indexed"])) for i in item["inputs"]]
-            signature = f"{item['name']}({','.join(t for _, t, _ in inputs)})"
-            events[keccak(text=signature)] = (item["name"], inputs)
-    assert len(events) == len(EVENTS), "HearthEscrow's ABI lacks an event the cache reads"
-    return events
-
-
-def _decode(log: Any) -> _Event:
-    topics = [bytes(t) for t in log["topics"]]
-    name, inputs = _escrow_events()[topics[0]]
-    indexed = iter(topics[1:])
-    data = iter(decode([t for _, t, ix in inputs if not ix], bytes(log["data"])))
-    args = {n: decode([t], next(indexed))[0] if ix else next(data) for n, t, ix in inputs}
-    return _Event(name, int(log["blockNumber"]), int(log["logIndex"]), args)
-
-
 class _Rpc:
     """The few reads a scan needs, each RPC failure as :class:`ChainError` (as ``payments.chain`` does)."""
 
@@ -233,15 +199,28 @@ class _Rpc:
             )
         return block
 
-    async def logs(self, escrow: str, first: int, last: int) -> list[Any]:
-        params: FilterParams = {
-            "address": to_checksum_address(escrow),
-            "fromBlock": first,
-            "toBlock": last,
-            "topics": cast(Any, [list(_escrow_events())]),
+    async def logs(self, escrow: str, first: int, last: int) -> list[dict[str, Any]]:
+        """The escrow's logs of the three events in ``first..last``, as the RPC sends them (hex strings).
+
+        A raw request: web3's result formatters cost more than the whole request on a long range.
+        """
+        params = {
+            "address": escrow,
+            "fromBlock": hex(first),
+            "toBlock": hex(last),
+            "topics": [["0x" + topic.hex() for topic in escrow_events()]],
         }
         async with self._rpc("eth_getLogs"):
-            return list(await self.w3.eth.get_logs(params))
+            reply = await self.w3.provider.make_request(RPCEndpoint("eth_getLogs"), [params])
+        error, result = reply.get("error"), reply.get("result")
+        if error is not None or not isinstance(result, list):
+            message = error.get("message") if isinstance(error, dict) else "no list of logs"
+            raise ChainError(
+                "chain_rpc_error",
+                f"the RPC at {self.url} failed eth_getLogs: {str(message)[:300]}",
+                details={"call": "eth_getLogs", "from": first, "to": last},
+            )
+        return [log for log in result if isinstance(log, dict) and not log.get("removed")]
 
     def _rpc(self, what: str) -> AbstractAsyncContextManager[None]:
         return rpc_errors(what, self.url)
@@ -423,7 +402,14 @@ class ReputationCache:
     ) -> None:
         """Read blocks ``first..end`` and commit their events with the new scan position, all or nothing."""
         logs = await rpc.logs(escrow, first, end)
-        events = sorted((_decode(log) for log in logs), key=lambda e: (e.block, e.log_index))
+        try:
+            events = sorted((decode_log(log) for log in logs), key=lambda e: (e.block, e.log_index))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise ChainError(
+                "chain_rpc_error",
+                f"the RPC at {rpc.url} sent a log the escrow cannot have emitted ({type(exc).__name__})",
+                details={"call": "eth_getLogs", "from": first, "to": end},
+            ) from None
         timestamps: dict[int, int] = {}
         for event in events:
             if event.name == "Refunded" and event.block not in timestamps:
@@ -491,7 +477,7 @@ _ROW: Final = "provider, payer, validator, outcome, paid, funded_block, settled_
 
 
 def _apply(
-    conn: sqlite3.Connection, scope: tuple[int, str], event: _Event, timestamps: dict[int, int]
+    conn: sqlite3.Connection, scope: tuple[int, str], event: EscrowEvent, timestamps: dict[int, int]
 ) -> bool:
     """Record one event; False for a settlement whose job was never seen funded (it is not counted)."""
     args = event.args
@@ -503,9 +489,9 @@ def _apply(
             (
                 *scope,
                 job_id,
-                to_checksum_address(args["provider"]),
-                to_checksum_address(args["payer"]),
-                to_checksum_address(args["validator"]),
+                checksum(args["provider"]),
+                checksum(args["payer"]),
+                checksum(args["validator"]),
                 int(args["deadline"]),
                 event.block,
             ),

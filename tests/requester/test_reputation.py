@@ -354,6 +354,63 @@ async def test_an_rpc_failing_mid_scan_keeps_what_was_committed(market: Market, 
         assert cache.scanned_to(1, market.escrow.address) is None
 
 
+class _SpoilsLogs(AsyncHTTPProvider):
+    """anvil, except that every ``eth_getLogs`` answer is spoiled by ``spoil`` (a hostile or broken RPC)."""
+
+    def __init__(self, url: str, spoil: Any) -> None:
+        super().__init__(url, exception_retry_configuration=None)
+        self.spoil = spoil
+
+    async def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        response = await super().make_request(method, params)
+        return self.spoil(response) if method == "eth_getLogs" else response
+
+
+def _first_log(change: Any) -> Any:
+    def spoil(response: Any) -> Any:
+        logs = [dict(log) for log in response["result"]]
+        if logs:
+            change(logs[0])
+        return {**response, "result": logs}
+
+    return spoil
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(
+            lambda r: {
+                "jsonrpc": "2.0",
+                "id": r["id"],
+                "error": {"code": -32005, "message": "range too wide"},
+            },
+            id="error-reply",
+        ),
+        pytest.param(lambda r: {**r, "result": {"logs": []}}, id="not-a-list"),
+        pytest.param(_first_log(lambda log: log.update(topics=["0x" + "ab" * 32])), id="foreign-topic"),
+        pytest.param(_first_log(lambda log: log.update(data="0x1234")), id="short-data"),
+        pytest.param(_first_log(lambda log: log.update(data=None)), id="data-wrong-type"),
+        pytest.param(_first_log(lambda log: log.update(blockNumber="0xzz")), id="bad-block-number"),
+        pytest.param(_first_log(lambda log: log.pop("logIndex")), id="missing-field"),
+    ],
+)
+async def test_a_broken_or_hostile_log_answer_is_a_chain_error_and_commits_nothing(
+    market: Market, tmp_path: Path, spoil: Any
+) -> None:
+    with ReputationCache.open(tmp_path / "spoiled.sqlite3") as cache:
+        w3 = AsyncWeb3(_SpoilsLogs(market.url, spoil))
+        try:
+            with pytest.raises(ChainError) as info:
+                await market.scan(cache, w3, confirmations=0)
+        finally:
+            await w3.provider.disconnect()
+        assert info.value.code == "chain_rpc_error" and info.value.details["call"] == "eth_getLogs"
+        assert cache.scanned_to(CHAIN_ID, market.escrow.address) is None and cache.all() == {}
+        await market.scan(cache, confirmations=0)  # the honest RPC afterwards: the same file, whole
+        assert cache.all() == market.expected()
+
+
 async def test_a_reorg_past_the_last_scanned_block_is_rewound(
     chain: Chain, usdc: Contract, tmp_path: Path
 ) -> None:
