@@ -151,6 +151,24 @@ payment:
 YAML
 }
 
+wait_job() {  # wait_job NODE JOB SECONDS STATE...: until the job is in one of the states; print it
+  python - "$@" <<'PY'
+import json, sys, time, urllib.request
+node, job_id, seconds, states = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+deadline = time.monotonic() + seconds
+while True:
+    job = json.load(urllib.request.urlopen(f"{node}/v1/jobs/{job_id}"))["job"]
+    if job["state"] in states:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"job {job_id} is {job['state']} after {seconds:.0f} s, not {' or '.join(states)}")
+    time.sleep(0.1)
+receipt = (job.get("payment") or {}).get("settlement", {}).get("receipt")
+paid = f": paid {int(receipt['amount']) / 1e6:.6f} USDC" if job["state"] == "settled" and receipt else ""
+print(f"  job {job['id']} {job['state']}{paid}")
+PY
+}
+
 route_and_settle() {  # route_and_settle JOB_ID: route through the market, then validate and settle
   envelope "$DEMO/$1.yaml" "$1"
   show hearth job submit "$DEMO/$1.yaml" --market --strategy cheapest --key "$DEMO/requester.key" \
@@ -169,29 +187,9 @@ route_and_settle() {  # route_and_settle JOB_ID: route through the market, then 
   done
   [[ -n "$NODE" ]] || { echo "no node accepted job $JOB" >&2; exit 1; }
   echo "  routed to $NODE: job $JOB"
-  python - "$NODE" "$JOB" <<'PY'
-import json, sys, time, urllib.request
-for _ in range(1200):
-    job = json.load(urllib.request.urlopen(f"{sys.argv[1]}/v1/jobs/{sys.argv[2]}"))["job"]
-    if job["state"] in ("completed", "failed"):
-        break
-    time.sleep(0.1)
-else:
-    sys.exit(f"the job did not finish: {job['state']}")
-print(f"  job {job['id']} {job['state']}")
-PY
+  wait_job "$NODE" "$JOB" 120 completed failed
   show hearth validate "$JOB" --key "$VALIDATOR_KEY" --node "$NODE"
-  python - "$NODE" "$JOB" <<'PY'
-import json, sys, time, urllib.request
-for _ in range(600):
-    job = json.load(urllib.request.urlopen(f"{sys.argv[1]}/v1/jobs/{sys.argv[2]}"))["job"]
-    if job["state"] in ("settled", "refunded"):
-        break
-    time.sleep(0.1)
-else:
-    sys.exit(f"the job did not settle: {job['state']}")
-print(f"  job {job['id']} {job['state']}: paid {int(job['payment']['settlement']['receipt']['amount']) / 1e6:.6f} USDC")
-PY
+  wait_job "$NODE" "$JOB" 60 settled refunded
 }
 
 step "Job 1, routed through the market: every candidate with its ask, the cheapest wins"
