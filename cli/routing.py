@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-from web3 import AsyncWeb3
-from web3.providers import AsyncHTTPProvider
+from typing import TYPE_CHECKING, Any
 
 from cli.common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, Out, read_envelope, usage
+from core import defaults as d
 from core.config import load_config
-from core.envelope import Envelope, VllmBatchEnvelope, parse_envelope
-from payments.keys import load_key
-from payments.registry_chain import RegistryChain
-from requester.client import NodeClient
-from requester.market import Discovery, discover
-from requester.paid import funding_outcome, payer_wallet, wait_for_funding
-from requester.reputation import Reputation, ReputationCache, default_path
-from requester.routing import DEFAULT_QUOTE_TIMEOUT_SECONDS, route
-from requester.routing_decision import (
-    DEFAULT_MAX_FAILURE_RATE,
-    DEFAULT_MIN_SETTLED,
-    STRATEGIES,
-    RoutingDecision,
-    Strategy,
-    shown,
-)
+
+if TYPE_CHECKING:  # web3, eth-account and the market stack load only when --market is used (hearth run
+    # builds this parser on every start: tests/node/test_startup_imports.py)
+    from web3 import AsyncWeb3
+
+    from core.envelope import Envelope
+    from requester.market import Discovery
+    from requester.reputation import Reputation
+    from requester.routing_decision import RoutingDecision
 
 
 def add_market_options(p: argparse.ArgumentParser) -> None:
@@ -44,20 +35,24 @@ def add_market_options(p: argparse.ArgumentParser) -> None:
         "the winner (no --node)",
     )
     p.add_argument(
-        "--strategy", choices=STRATEGIES, default="cheapest", help="with --market (default cheapest)"
+        "--strategy",
+        choices=d.ROUTING_STRATEGIES,
+        default="cheapest",
+        help="with --market (default cheapest)",
     )
     p.add_argument(
         "--min-settled",
         type=int,
-        default=DEFAULT_MIN_SETTLED,
-        help=f"--strategy reputation: settled jobs a provider needs (default {DEFAULT_MIN_SETTLED})",
+        default=d.DEFAULT_ROUTING_MIN_SETTLED,
+        help="--strategy reputation: settled jobs a provider needs "
+        f"(default {d.DEFAULT_ROUTING_MIN_SETTLED})",
     )
     p.add_argument(
         "--max-failure-rate",
         type=float,
-        default=DEFAULT_MAX_FAILURE_RATE,
+        default=d.DEFAULT_ROUTING_MAX_FAILURE_RATE,
         help="--strategy reputation: highest refunded share of settled jobs "
-        f"(default {DEFAULT_MAX_FAILURE_RATE})",
+        f"(default {d.DEFAULT_ROUTING_MAX_FAILURE_RATE})",
     )
     p.add_argument("--registry", help="HearthRegistry address (default: --home's [market] registry)")
     p.add_argument("--rpc", help="the chain's RPC URL (default: --home's [chain] rpc_url)")
@@ -69,8 +64,8 @@ def add_market_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quote-timeout",
         type=float,
-        default=DEFAULT_QUOTE_TIMEOUT_SECONDS,
-        help=f"seconds each provider has to quote (default {DEFAULT_QUOTE_TIMEOUT_SECONDS:g})",
+        default=d.DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS,
+        help=f"seconds each provider has to quote (default {d.DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS:g})",
     )
 
 
@@ -89,6 +84,8 @@ def _where(args: argparse.Namespace) -> tuple[str, str]:
 
 async def _reputation(args: argparse.Namespace, w3: AsyncWeb3[Any], env: Envelope) -> dict[str, Reputation]:
     """Every provider's record on the envelope's escrow, the cache under --home brought up to date."""
+    from requester.reputation import ReputationCache, default_path
+
     path = default_path(args.home)
     path.parent.mkdir(parents=True, exist_ok=True)
     with ReputationCache.open(path) as cache:
@@ -97,6 +94,18 @@ async def _reputation(args: argparse.Namespace, w3: AsyncWeb3[Any], env: Envelop
 
 
 async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
+    from web3 import AsyncWeb3
+    from web3.providers import AsyncHTTPProvider
+
+    from core.envelope import VllmBatchEnvelope, parse_envelope
+    from payments.keys import load_key
+    from payments.registry_chain import RegistryChain
+    from requester.client import NodeClient
+    from requester.market import discover
+    from requester.paid import funding_outcome, payer_wallet, wait_for_funding
+    from requester.routing import route
+    from requester.routing_decision import Strategy
+
     if args.token or args.quote or args.node or args.node_did:
         raise usage(
             "--market chooses the node and asks for its quote: give no --node, --node-did, --token, --quote"
@@ -162,11 +171,13 @@ def _discovery_json(found: Discovery) -> dict[str, Any]:
         "block": found.block,
         "registered": found.registered,
         "unread": found.unread,
-        "dropped": [d.to_json() for d in found.dropped],
+        "dropped": [gone.to_json() for gone in found.dropped],
     }
 
 
 def _print(found: Discovery, decision: RoutingDecision) -> None:
+    from requester.routing_decision import shown
+
     print(
         f"market {found.registry} at block {found.block}: {found.registered} registered, "
         f"{len(found.providers)} bound, {len(found.dropped)} dropped"
@@ -179,8 +190,8 @@ def _print(found: Discovery, decision: RoutingDecision) -> None:
             ask = f" (asks {shown(c.ask)} USDC)" if c.ask is not None else ""
             what = f"{c.status} {c.code}{ask}: {c.message}"
         print(f" {mark} {c.did}  {c.provider.endpoint}  {what}")
-    for d in found.dropped:
-        print(f"   {d.did}  {d.endpoint}  dropped {d.reason}: {d.message}")
+    for gone in found.dropped:
+        print(f"   {gone.did}  {gone.endpoint}  dropped {gone.reason}: {gone.message}")
     for a in decision.attempts:
         status = "" if a.status is None else f" HTTP {a.status}"
         print(f"  try {a.step} #{a.attempt} at {a.endpoint}: {a.outcome}{status} {a.code or ''}".rstrip())

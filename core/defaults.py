@@ -167,6 +167,13 @@ DEFAULT_MARKET_REGISTRY: Final[str | None] = None  # the HearthRegistry address;
 DEFAULT_MARKET_ENDPOINT: Final[str | None] = None  # the public URL registered for this node
 DEFAULT_MARKET_REGISTER: Final = True  # register (or update the record) at start when both are set
 
+# Routing a job among the market's providers (requester side: `hearth job submit --market`).
+RoutingStrategy = Literal["cheapest", "reputation"]
+ROUTING_STRATEGIES: Final[tuple[RoutingStrategy, ...]] = ("cheapest", "reputation")
+DEFAULT_ROUTING_MIN_SETTLED: Final = 3  # `reputation`: settled jobs a provider needs on the escrow
+DEFAULT_ROUTING_MAX_FAILURE_RATE: Final = 0.1  # `reputation`: highest refunded share of settled jobs
+DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS: Final = 10.0  # each provider's time to quote
+
 # [[models]]: the catalog is empty by default; these fill the keys an entry leaves out.
 DEFAULT_MODEL_GPU_MEMORY_MB: Final = 0  # 0: the model also runs on CPUs
 DEFAULT_MODEL_DTYPE: Final = "auto"  # vLLM picks from the model's own config

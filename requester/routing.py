@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from core import defaults as d
 from core.envelope import Envelope, envelope_dict, envelope_hash, node_job_id
 from core.errors import HearthError, PricingError, RequestError
 from core.untrusted import UntrustedJSONError, parse_json
@@ -62,7 +63,7 @@ from requester.routing_decision import (
     shown,
 )
 
-DEFAULT_QUOTE_TIMEOUT_SECONDS: Final = 10.0
+DEFAULT_QUOTE_TIMEOUT_SECONDS: Final = d.DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS
 DEFAULT_SUBMIT_TIMEOUT_SECONDS: Final = 30.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS: Final = 5.0
 DEFAULT_RETRIES: Final = 3  # further tries of one node after an unknown outcome

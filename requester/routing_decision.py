@@ -9,16 +9,17 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Final, Literal
 
+from core import defaults as d
 from core.errors import HearthError
 from payments.receipts import FundingTerms
 from requester.market import Provider
 from requester.reputation import Reputation
 
-DEFAULT_MIN_SETTLED: Final = 3
-DEFAULT_MAX_FAILURE_RATE: Final = 0.1
+DEFAULT_MIN_SETTLED: Final = d.DEFAULT_ROUTING_MIN_SETTLED
+DEFAULT_MAX_FAILURE_RATE: Final = d.DEFAULT_ROUTING_MAX_FAILURE_RATE
 
-StrategyName = Literal["cheapest", "reputation"]
-STRATEGIES: Final[tuple[StrategyName, ...]] = ("cheapest", "reputation")
+StrategyName = d.RoutingStrategy
+STRATEGIES: Final[tuple[StrategyName, ...]] = d.ROUTING_STRATEGIES
 CandidateStatus = Literal["quoted", "refused", "unreachable", "unfit", "ineligible"]
 Outcome = Literal["submitted", "no_provider", "outcome_unknown", "funding_failed"]
 Step = Literal["accept", "fund"]
