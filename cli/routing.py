@@ -4,6 +4,11 @@ submit to the winner (:mod:`requester.market`, then :mod:`requester.routing`) an
 The registry and the RPC come from ``--registry``/``--rpc``, else from --home's node.toml (``[market]
 registry``, ``[chain] rpc_url``). With ``--wallet`` the job is paid for (an authorization signed for the
 node that accepted it, only); ``--wait`` then follows the escrow funding there.
+
+The requester home under --home (:mod:`requester.home`, budgets in ``HOME/requester/requester.toml``) makes
+it idempotent and bounded: ``--idempotency-key`` (default: the node's id of the job) returns the recorded job
+without quoting or spending again, and the quote's amount is reserved against ``--workflow``'s and the
+day's budget before anything is signed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ if TYPE_CHECKING:  # web3, eth-account and the market stack load only when --mar
     from web3 import AsyncWeb3
 
     from core.envelope import Envelope
+    from requester.home_route import Routed
     from requester.market import Discovery
     from requester.reputation import Reputation
     from requester.routing_decision import RoutingDecision
@@ -67,6 +73,17 @@ def add_market_options(p: argparse.ArgumentParser) -> None:
         default=d.DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS,
         help=f"seconds each provider has to quote (default {d.DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS:g})",
     )
+    p.add_argument(
+        "--idempotency-key",
+        help="with --market: the same key returns the same job, never quoted or paid again (default: the "
+        "node's id of the job, from --key's DID and the envelope's job_id)",
+    )
+    p.add_argument(
+        "--workflow",
+        default=d.DEFAULT_REQUESTER_WORKFLOW,
+        help="with --market: the budget of HOME/requester/requester.toml [budgets.workflows] the job is "
+        f"spent under (default {d.DEFAULT_REQUESTER_WORKFLOW!r})",
+    )
 
 
 def _where(args: argparse.Namespace) -> tuple[str, str]:
@@ -98,12 +115,16 @@ async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
     from web3.providers import AsyncHTTPProvider
 
     from core.envelope import VllmBatchEnvelope, parse_envelope
+    from core.errors import HearthError
     from payments.keys import load_key
     from payments.registry_chain import RegistryChain
+    from requester.budgets import load_budgets
     from requester.client import NodeClient
-    from requester.market import discover
+    from requester.home import RequesterHome
+    from requester.home import default_path as home_path
+    from requester.home_route import default_key, route_once
+    from requester.market import Provider, discover
     from requester.paid import funding_outcome, payer_wallet, wait_for_funding
-    from requester.routing import route
     from requester.routing_decision import Strategy
 
     if args.token or args.quote or args.node or args.node_did:
@@ -121,47 +142,96 @@ async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
         raise usage("--wait and --valid-seconds need --wallet")
     strategy = Strategy(args.strategy, args.min_settled, args.max_failure_rate)
     registry_address, rpc = _where(args)
-    w3: AsyncWeb3[Any] = AsyncWeb3(AsyncHTTPProvider(rpc))
-    try:
-        reputation = await _reputation(args, w3, env) if strategy.name == "reputation" else None
-        found = await discover(
-            RegistryChain(w3, registry_address, rpc_url=rpc),
-            kind=env.kind,
-            model=env.output_spec.model if isinstance(env, VllmBatchEnvelope) else None,
-            chain_id=env.payment.chain_id,
-            escrow=env.payment.escrow,
-            allow_private=args.allow_private_endpoints,
-            reputation=reputation,
-        )
-    finally:
-        await w3.provider.disconnect()
-    decision = await route(
-        env,
-        signer,
-        found.providers,
-        strategy=strategy,
-        wallet=wallet,
-        quote_timeout=args.quote_timeout,
-        valid_seconds=args.valid_seconds,
-    )
-    doc: dict[str, Any] = {"discovery": _discovery_json(found), "decision": decision.to_json()}
-    code = {"submitted": EXIT_OK, "outcome_unknown": EXIT_UNREACHABLE}.get(decision.outcome, EXIT_REFUSED)
-    if not (args.wait and decision.submitted and decision.job is not None):
-        out.emit(doc, lambda: _print(found, decision))
+    found: list[Discovery] = []
+
+    async def providers() -> list[Provider]:
+        w3: AsyncWeb3[Any] = AsyncWeb3(AsyncHTTPProvider(rpc))
+        try:
+            reputation = await _reputation(args, w3, env) if strategy.name == "reputation" else None
+            found.append(
+                await discover(
+                    RegistryChain(w3, registry_address, rpc_url=rpc),
+                    kind=env.kind,
+                    model=env.output_spec.model if isinstance(env, VllmBatchEnvelope) else None,
+                    chain_id=env.payment.chain_id,
+                    escrow=env.payment.escrow,
+                    allow_private=args.allow_private_endpoints,
+                    reputation=reputation,
+                )
+            )
+        finally:
+            await w3.provider.disconnect()
+        return found[0].providers
+
+    key = args.idempotency_key or default_key(signer, env)
+    with RequesterHome.open(home_path(args.home), budgets=load_budgets(args.home)) as home:
+        try:
+            routed = await route_once(
+                home,
+                key,
+                env,
+                signer,
+                providers,
+                workflow=args.workflow,
+                strategy=strategy,
+                wallet=wallet,
+                quote_timeout=args.quote_timeout,
+                valid_seconds=args.valid_seconds,
+            )
+        except HearthError as exc:
+            if exc.code not in _REFUSALS:
+                raise
+            out.error(exc)
+            return EXIT_UNREACHABLE if exc.code == "outcome_unknown" else EXIT_REFUSED
+        budget = home.left(routed.record.workflow)
+    decision = routed.decision
+    doc: dict[str, Any] = {
+        "discovery": _discovery_json(found[0]) if found else None,
+        "decision": decision,
+        "idempotency": routed.to_json(),
+        "budget": budget,
+    }
+    job = decision.get("job") if isinstance(decision.get("job"), dict) else None
+    code = {"submitted": EXIT_OK, "outcome_unknown": EXIT_UNREACHABLE}.get(routed.outcome, EXIT_REFUSED)
+
+    def human() -> None:
+        if routed.routing is None:
+            _print_replay(routed, job)
+        else:
+            _print(found[0], routed.routing)
+        for name, b in budget.items():
+            print(f"  budget    {name}: {b['left_usdc']} of {b['limit_usdc']} USDC left")
+
+    if not (args.wait and routed.outcome == "submitted" and job is not None):
+        out.emit(doc, human)
         return code
     if not out.as_json:
-        _print(found, decision)
+        human()
         print("waiting for the escrow to be funded ...", flush=True)
 
     def say(line: str) -> None:
         if not out.as_json:
             print(line, flush=True)
 
-    async with NodeClient(decision.job.endpoint) as client:
-        status = await wait_for_funding(client, decision.job.id, say)
+    async with NodeClient(str(job["endpoint"])) as client:
+        status = await wait_for_funding(client, str(job["id"]), say)
     funded, outcome = funding_outcome(status)
     out.emit({**doc, "status": status}, lambda: print(f"  funding   {outcome}"))
     return EXIT_OK if funded else EXIT_REFUSED
+
+
+# refusals of the requester home before anything is sent: printed as errors, exit 1 (3: outcome_unknown)
+_REFUSALS = ("idempotency_key_conflict", "idempotency_key_pinned", "budget_exceeded", "outcome_unknown")
+
+
+def _print_replay(routed: Routed, job: dict[str, Any] | None) -> None:
+    rec = routed.record
+    print(
+        f"idempotency key {rec.key}: already {rec.state} (attempt {rec.attempts}); "
+        "nothing quoted or paid again"
+    )
+    if job is not None:
+        print(f"job {job['id']} ({job['job_id']}) at {job['endpoint']}: {job.get('state') or 'unknown'}")
 
 
 def _discovery_json(found: Discovery) -> dict[str, Any]:

@@ -173,6 +173,7 @@ ROUTING_STRATEGIES: Final[tuple[RoutingStrategy, ...]] = ("cheapest", "reputatio
 DEFAULT_ROUTING_MIN_SETTLED: Final = 3  # `reputation`: settled jobs a provider needs on the escrow
 DEFAULT_ROUTING_MAX_FAILURE_RATE: Final = 0.1  # `reputation`: highest refunded share of settled jobs
 DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS: Final = 10.0  # each provider's time to quote
+DEFAULT_REQUESTER_WORKFLOW: Final = "default"  # the requester home's workflow when none is named
 
 # [[models]]: the catalog is empty by default; these fill the keys an entry leaves out.
 DEFAULT_MODEL_GPU_MEMORY_MB: Final = 0  # 0: the model also runs on CPUs

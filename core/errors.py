@@ -10,6 +10,7 @@
     ├── PolicyError                  the operator's policy refuses the job before any capacity is held
     ├── PricingError                 no bid: the ask exceeds max_price, or pricing itself failed
     ├── CapacityError                not enough free capacity right now (retryable)
+    ├── BudgetError                  a requester's own budget refuses a spend before anything is signed
     ├── FundingError                 a job's funding is unusable: terms, authorization, escrow entry
     ├── SettlementError              a receipt cannot settle the job: signer, digest, amount, simulation
     ├── ChainError                   the chain's RPC is unreachable or answers nonsense (retryable)
@@ -37,6 +38,7 @@ Domain = Literal[
     "pricing",
     "scheduling",
     "funding",
+    "budget",
     "execution",
     "storage",
     "validation",
@@ -141,6 +143,16 @@ class CapacityError(HearthError):
 
     domain: Domain = "scheduling"
     retryable = True
+
+
+class BudgetError(HearthError):
+    """Raised on a requester's side when one of its local budgets (per workflow, per UTC day, attempts per
+    idempotency key) would be overspent; raised before anything is signed, so it leaves no trace.
+
+    ``details`` says what is left of every budget the spend was checked against.
+    """
+
+    domain: Domain = "budget"
 
 
 class JournalError(HearthError):

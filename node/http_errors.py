@@ -17,6 +17,7 @@ from aiohttp import web
 
 from core.errors import (
     AuthError,
+    BudgetError,
     CapacityError,
     ChainError,
     ConfigError,
@@ -68,6 +69,7 @@ STATUS_BY_CLASS: tuple[tuple[type[HearthError], int], ...] = (
     (AuthError, 401),
     (PolicyError, 403),
     (PricingError, 402),
+    (BudgetError, 402),  # a requester's own budget (its MCP server or tools); never the node's
     (CapacityError, 503),
     (FundingError, 422),
     (SettlementError, 422),

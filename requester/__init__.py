@@ -18,4 +18,8 @@ Public face:
   fits, the winner by strategy (:mod:`requester.routing_decision`: cheapest, or cheapest among the
   well-reputed), submitted with fallback on a definite refusal and retries on the same node when the
   outcome is unknown, so that one job is never funded at two nodes; the decision explains itself.
+- :class:`requester.home.RequesterHome` — the requester home (SQLite): idempotency keys -> the job and the
+  node it went to, routing decisions, local budgets (:mod:`requester.budgets`: per workflow, per UTC day,
+  attempts per key) reserved before anything is signed; :func:`requester.home_route.route_once` routes a
+  job through it (the same key returns the same job; a key cut off mid-routing resumes at its node only).
 """

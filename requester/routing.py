@@ -22,6 +22,14 @@ every submission attempt and the job it gave.
      backoff. Still unknown: stop with ``outcome_unknown`` naming the node and job. The router never moves
      on from a node that may hold the job.
 
+   A ``guard`` (the requester home's budgets and pinned node, :mod:`requester.home_route`) is called
+   before each candidate is asked to take the job, with the amount it would be paid (its quoted escrow
+   amount, else its ask, in USDC base units); when it raises, routing stops with outcome ``refused`` and
+   its error: nothing was sent to that node or any other, nothing signed. ``resume`` (a candidate quoted
+   by an earlier routing that was cut off, as the requester home recorded it) skips discovery's providers
+   and the quotes: the job goes to that node alone, with that quote (the node returns the job it already
+   has by ``job_id``; it gives no new quote for a job it has accepted).
+
    Paying (a payer ``wallet``), the job is first accepted without money, then the EIP-3009 authorization
    is signed for the node that accepted it, and only for it, and sent to it (retried as above with the
    same authorization). A node that refuses never held an authorization, so the next one can be asked.
@@ -32,9 +40,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any, Final
 
 import aiohttp
@@ -45,7 +53,7 @@ from core.errors import HearthError, PricingError, RequestError
 from core.untrusted import UntrustedJSONError, parse_json
 from payments.jwt import verify_node_token
 from payments.keys import EthSigner, Signer
-from payments.receipts import FundingTerms, sign_authorization
+from payments.receipts import USDC_UNIT, FundingTerms, sign_authorization
 from requester.client import sign_request
 from requester.market import REASONS, Provider, fits
 from requester.paid import quoted_terms
@@ -70,6 +78,7 @@ DEFAULT_RETRIES: Final = 3  # further tries of one node after an unknown outcome
 DEFAULT_BACKOFF_SECONDS: Final = 0.5  # doubles with each retry
 DEFAULT_CONCURRENCY: Final = 32
 MAX_ANSWER_BYTES: Final = 1 << 20
+Guard = Callable[[Candidate, int], None]  # raises a HearthError to stop before the candidate is asked
 _ORDER: Final = {"quoted": 0, "refused": 1, "unreachable": 2, "ineligible": 3, "unfit": 4}
 
 # -- one request, its outcome classified --------------------------------------------------------------
@@ -284,6 +293,14 @@ def _url(endpoint: str, path: str) -> str:
     return endpoint.rstrip("/") + path
 
 
+def amount_of(cand: Candidate) -> int:
+    """What ``cand`` would be paid in USDC base units: its quoted escrow amount, else its ask (rounded up)."""
+    if cand.terms is not None:
+        return cand.terms.amount
+    assert cand.ask is not None  # only quoted candidates are submitted to
+    return int((cand.ask * USDC_UNIT).to_integral_value(rounding=ROUND_CEILING))
+
+
 def _decimal(value: Any) -> Decimal | None:
     if not isinstance(value, str | int) or isinstance(value, bool):
         return None
@@ -310,6 +327,8 @@ async def route(
     concurrency: int = DEFAULT_CONCURRENCY,
     ttl_seconds: int = 300,
     valid_seconds: int | None = None,
+    guard: Guard | None = None,
+    resume: Candidate | None = None,
 ) -> RoutingDecision:
     """Quote ``env`` with every fitting provider, choose by ``strategy``, submit to the winner (see the
     module's docstring). With ``wallet`` (the envelope's payer) the job is paid for by an EIP-3009
@@ -332,16 +351,24 @@ async def route(
         max(retries, 0), backoff, ttl_seconds, valid_seconds,
     )  # fmt: skip
     try:
-        return await _route(router, list(providers), strategy, concurrency)
+        return await _route(router, list(providers), strategy, concurrency, guard, resume)
     finally:
         if own:
             await http.close()
 
 
 async def _route(
-    router: _Router, providers: list[Provider], strategy: Strategy, concurrency: int
+    router: _Router,
+    providers: list[Provider],
+    strategy: Strategy,
+    concurrency: int,
+    guard: Guard | None,
+    resume: Candidate | None,
 ) -> RoutingDecision:
     env = router.env
+    if resume is not None:  # quoted before (a routing cut off): that node alone, no new quote
+        decision = RoutingDecision(env.job_id, strategy, "no_provider", [resume], router.attempts)
+        return await _submit(router, decision, [resume], guard)
     candidates: list[Candidate] = []
     for p in sorted(providers, key=lambda p: p.did):
         unfit = fits(p.offer, env)
@@ -363,8 +390,23 @@ async def _route(
     if not ranked:
         decision.error = no_provider(candidates, asked, strategy)
         return decision
+    return await _submit(router, decision, ranked, guard)
+
+
+async def _submit(
+    router: _Router, decision: RoutingDecision, ranked: list[Candidate], guard: Guard | None
+) -> RoutingDecision:
+    """Submit to the ``ranked`` quotes in order (see the module), the guard asked before each."""
+    candidates = decision.candidates
     passed: list[Candidate] = []
     for cand in ranked:
+        if guard is not None:
+            try:
+                guard(cand, amount_of(cand))
+            except HearthError as exc:
+                decision.outcome, decision.error = "refused", exc
+                decision.reason = f"refused before {cand.did} was asked to take the job: {exc.message}"
+                return decision
         ans, maybe_sent = await router.until_known(cand, "accept", None)
         if ans.heard == "ok":
             return await _accepted(router, decision, cand, ans, ranked, passed)
@@ -464,4 +506,4 @@ def _unknown(
     return decision
 
 
-__all__ = ["route"]
+__all__ = ["Guard", "amount_of", "route"]

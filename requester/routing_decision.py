@@ -21,7 +21,9 @@ DEFAULT_MAX_FAILURE_RATE: Final = d.DEFAULT_ROUTING_MAX_FAILURE_RATE
 StrategyName = d.RoutingStrategy
 STRATEGIES: Final[tuple[StrategyName, ...]] = d.ROUTING_STRATEGIES
 CandidateStatus = Literal["quoted", "refused", "unreachable", "unfit", "ineligible"]
-Outcome = Literal["submitted", "no_provider", "outcome_unknown", "funding_failed"]
+# refused: the requester's own guard (its budgets, the node an idempotency key is pinned to) stopped the job
+# before the winner was asked to take it; nothing was sent or signed
+Outcome = Literal["submitted", "no_provider", "outcome_unknown", "funding_failed", "refused"]
 Step = Literal["accept", "fund"]
 Heard = Literal["ok", "refused", "not_sent", "unknown"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from core.errors import AuthError, HearthError, RequestError
+from core.errors import AuthError, BudgetError, HearthError, RequestError
 from node.http_errors import error_body, status_of
 
 
@@ -63,6 +63,7 @@ def test_status_is_chosen_at_the_boundary_from_class_and_code() -> None:
 
     assert status_of(NotFoundError("job_not_found", "x")) == 404
     assert status_of(AuthError("bad_signature", "x")) == 401
+    assert status_of(BudgetError("budget_exceeded", "x")) == 402
     assert status_of(AuthError("wrong_audience", "x")) == 403  # a code of the class with its own status
     assert status_of(StorageError("blob_not_found", "x")) == 404
     assert status_of(StorageError("gateway_down", "x")) == 502

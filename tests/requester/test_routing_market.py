@@ -5,7 +5,10 @@ asking more than the envelope's max_price, one denying the requester by policy, 
 the job needs; and an endpoint nobody listens on. The cheapest wins and is funded; the others are listed with
 their asks or reasons. Then the unknown outcomes, through a reverse proxy in front of the cheapest node: an
 answer lost after the node took the request (retried on the same node, the same job back, exactly one
-escrow funded), and a node that never answers (outcome_unknown, no other node asked). Last, the command.
+escrow funded), and a node that never answers (outcome_unknown, no other node asked). Then the requester
+home: a budget at exactly the winner's ask funds once and a replay of its key spends nothing, one base unit
+less refuses before anything is signed, and a routing cut off after the node took the job resumes on that
+node only. Last, the command, with and without an idempotency key and a workflow budget.
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ from eth_utils.address import to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from core.envelope import node_job_id, parse_envelope
+from core.errors import ConflictError
 from payments import devnet
 from payments.escrow_build import load_artifact
 from payments.keys import Ed25519Signer, new_ed25519, save_key
 from payments.receipts import escrow_job_id
 from payments.registry_chain import RegistryChain
+from requester.budgets import Budgets
 from requester.client import NodeClient
+from requester.home import RequesterHome, default_path
+from requester.home_route import route_once
 from requester.market import Provider
 from requester.routing import route
 from tests.conftest import REPO, DaemonProcess, free_port
@@ -326,3 +333,165 @@ async def test_job_submit_market_discovers_routes_and_waits_for_funding(net: Net
     assert reasons[net.dids["full"]][0] == "unfit"
     assert refused["attempts"] == [] and await job_state(net, "a", "cli-3") is None
     assert (net.ph.home / "requester" / "reputation.sqlite3").is_file()
+
+
+async def test_a_home_budget_at_the_ask_funds_once_a_replay_spends_nothing_and_one_unit_less_signs_nothing(
+    net: Net, tmp_path: Path
+) -> None:
+    found = await providers(net, *PRICED)
+    discovered: list[int] = []
+
+    async def discover() -> list[Provider]:
+        discovered.append(1)
+        return list(found.values())
+
+    env = parse_envelope(envelope(net, "home-1"))
+    with RequesterHome.open(default_path(tmp_path / "exact"), budgets=Budgets(per_day=12_000)) as home:
+        routed = await route_once(
+            home, "agent-1", env, net.requester, discover, workflow="clips", wallet=net.ph.payer
+        )
+        assert routed.outcome == "submitted" and not routed.replayed, routed.decision
+        assert (routed.record.state, routed.record.node) == ("submitted", net.dids["a"])
+        assert home.reservation("agent-1") == ("committed", 12_000)
+        job = routed.decision["job"]["id"]
+        assert (await wait_funded(net.homes["a"].url, job))["payment"]["funding"]["state"] == "funded"
+        again = await route_once(
+            home, "agent-1", env, net.requester, discover, workflow="clips", wallet=net.ph.payer
+        )
+        assert again.replayed and again.decision == routed.decision and again.routing is None
+        assert discovered == [1]  # the replay neither discovered nor quoted
+        with pytest.raises(ConflictError) as exc:
+            other = parse_envelope(envelope(net, "home-other"))
+            await route_once(home, "agent-1", other, net.requester, discover, workflow="clips")
+        assert exc.value.code == "idempotency_key_conflict"
+        assert home.left()["per_day"]["left"] == 0
+    assert funded_events(net, "home-1") == 1
+    assert escrow_entries(net, "home-1")["a"][5] == 12_000
+
+    env = parse_envelope(envelope(net, "home-2"))
+    with RequesterHome.open(default_path(tmp_path / "under"), budgets=Budgets(per_day=11_999)) as home:
+        refused = await route_once(
+            home, "agent-2", env, net.requester, discover, workflow="clips", wallet=net.ph.payer
+        )
+        assert refused.outcome == "refused" and refused.routing is not None
+        err = refused.decision["error"]
+        assert (err["code"], err["domain"], err["details"]["budget"]) == (
+            "budget_exceeded",
+            "budget",
+            "per_day",
+        )
+        assert err["details"]["asked"] == 12_000 and err["details"]["left"]["per_day"]["left"] == 11_999
+        assert (
+            refused.decision["attempts"] == [] and refused.decision["job"] is None
+        )  # nothing sent or signed
+        assert refused.record.state == "failed" and home.reservation("agent-2") is None
+    assert funded_events(net, "home-2") == 0
+    assert all(entry[0] == "0x" + "0" * 40 for entry in escrow_entries(net, "home-2").values())
+    # quoted everywhere (a quote is held until it lapses), taken nowhere
+    assert [await job_state(net, n, "home-2") for n in PRICED] == ["priced", "priced", "priced"]
+
+
+async def test_a_routing_cut_off_after_the_node_took_the_job_resumes_on_that_node_only(
+    net: Net, tmp_path: Path
+) -> None:
+    found = await providers(net, *PRICED)
+    env = parse_envelope(envelope(net, "home-crash"))
+    path = default_path(tmp_path)
+    async with Proxy(net.homes["a"].url, lose="accept") as proxy:
+        via_proxy = replace(found["a"], endpoint=proxy.url)
+
+        async def through_proxy() -> list[Provider]:
+            return [via_proxy, found["b"], found["c"]]
+
+        with RequesterHome.open(path, budgets=Budgets(per_day=50_000)) as home:
+            cut = await route_once(
+                home, "crash-1", env, net.requester, through_proxy, workflow="clips",
+                wallet=net.ph.payer, retries=0,
+            )  # fmt: skip
+            assert cut.outcome == "outcome_unknown" and proxy.posts == ["accept"]
+            assert (cut.record.state, cut.record.node) == ("routing", net.dids["a"])
+            assert home.reservation("crash-1") == ("held", 12_000)
+    assert await job_state(net, "a", "home-crash") == "accepted"  # the node took it; the answer was lost
+
+    async def cheaper_first() -> list[Provider]:  # after the restart, whoever discovery lists first
+        return [found["c"], found["b"], found["a"]]
+
+    with RequesterHome.open(path, budgets=Budgets(per_day=50_000)) as home:  # a restart
+        assert (
+            home.claim(
+                "crash-1", envelope_hash=cut.record.envelope_hash, job_id="home-crash", workflow="clips"
+            ).kind
+            == "in_flight"
+        )
+        resumed = await route_once(
+            home, "crash-1", env, net.requester, cheaper_first, workflow="clips", wallet=net.ph.payer
+        )
+        assert resumed.outcome == "submitted", resumed.decision
+        assert resumed.record.attempts == 2 and resumed.record.node == net.dids["a"]
+        decision = resumed.decision
+        assert [c["did"] for c in decision["candidates"]] == [net.dids["a"]]  # nobody else was asked
+        assert [(a["node"], a["step"], a["outcome"]) for a in decision["attempts"]] == [
+            (net.dids["a"], "accept", "ok"),
+            (net.dids["a"], "fund", "ok"),
+        ]
+        assert decision["job"]["accepted_now"] is False  # the job the node already had
+        assert home.reservation("crash-1") == ("committed", 12_000)
+        assert home.left()["per_day"]["used"] == 12_000
+        assert [d["outcome"] for d in home.decisions("crash-1")] == ["outcome_unknown", "submitted"]
+        await wait_funded(net.homes["a"].url, decision["job"]["id"])
+    assert funded_events(net, "home-crash") == 1
+    assert [await job_state(net, n, "home-crash") for n in PRICED] == ["accepted", "priced", "priced"]
+
+
+async def test_job_submit_market_with_an_idempotency_key_and_a_workflow_budget(
+    net: Net, tmp_path: Path
+) -> None:
+    await _register(net, [*PRICED, "over", "deny", "full"])
+    key = tmp_path / "requester.key"
+    save_key(net.requester, key)
+    payer = next(a.key_file for a in net.ph.net.accounts if a.role == "requester")
+    home = tmp_path / "agent"
+    (home / "requester").mkdir(parents=True)
+    (home / "requester" / "requester.toml").write_text('[budgets.workflows]\nclips = "0.012"\n')
+
+    def submit(job_id: str, *extra: str) -> tuple[int, dict[str, Any]]:
+        path = tmp_path / f"{job_id}.json"
+        path.write_text(json.dumps(envelope(net, job_id)))
+        argv = [
+            "job", "submit", str(path), "--market", "--home", str(home), "--key", str(key),
+            "--registry", net.ph.net.registry, "--rpc", net.ph.net.rpc_url, "--allow-private-endpoints",
+            "--wallet", payer, "--workflow", "clips", "--json",
+        ]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", *argv, *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ},
+        )
+        return done.returncode, json.loads(done.stdout)
+
+    code, first = submit("cli-h1", "--idempotency-key", "K1", "--wait")
+    assert code == 0, first
+    assert first["idempotency"]["replayed"] is False and first["decision"]["winner"] == net.dids["a"]
+    assert first["status"]["job"]["payment"]["funding"]["state"] == "funded"
+    assert first["budget"]["workflow"]["left"] == 0
+    code, again = submit("cli-h1", "--idempotency-key", "K1", "--wait")
+    assert code == 0, again
+    assert again["idempotency"]["replayed"] is True and again["discovery"] is None
+    assert again["decision"] == first["decision"]
+    assert again["status"]["job"]["payment"]["funding"]["state"] == "funded"
+    assert funded_events(net, "cli-h1") == 1
+
+    code, clash = submit("cli-h2", "--idempotency-key", "K1")
+    assert code == 1 and clash["error"]["code"] == "idempotency_key_conflict", clash
+    code, over = submit("cli-h2", "--idempotency-key", "K2")
+    assert code == 1, over
+    err = over["decision"]["error"]
+    assert (over["decision"]["outcome"], err["code"], err["details"]["budget"]) == (
+        "refused", "budget_exceeded", "workflow"
+    )  # fmt: skip
+    assert err["details"]["left"]["workflow"]["left"] == 0 and over["decision"]["attempts"] == []
+    assert funded_events(net, "cli-h2") == 0
+    assert await job_state(net, "a", "cli-h2") == "priced"
