@@ -4,6 +4,7 @@
   running a node;
 - :mod:`cli.requester`: submitting and following jobs;
 - :mod:`cli.validator`: checking a result and signing its receipt;
+- :mod:`cli.validator_run`: the validator service (``hearth validator run``);
 - :mod:`cli.devnet`: a local chain and the demo;
 - :mod:`cli.market` (with :mod:`cli.market_leave`): the provider market on chain (who sells what, each
   provider's reputation) and ``hearth market leave`` (the node's wallet out of the registry).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import devnet, market, models, operator, requester, service, status, validator
+from cli import devnet, market, models, operator, requester, service, status, validator, validator_run
 from cli.common import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     job = requester.add_parser(sub, common, client, request)
     operator.add_replay_parser(job, common, config)
     validator.add_parser(sub, [common, client])
+    validator_run.add_parser(sub, [common])
     models.add_parser(sub, [common, config])
     service.add_parser(sub)
     status.add_parser(sub, [common, client])

@@ -134,6 +134,9 @@ class Validation(_Strict):
     max_duration_seconds: float | None = Field(default=None, gt=0, le=MAX_MEDIA_SECONDS)
     required_streams: list[Literal["video", "audio"]] = Field(default_factory=list, max_length=2)
     all_answered: bool = True
+    # A validator service (``hearth validator run``) the node notifies once the job is completed; it then
+    # validates the result and posts the receipt with no person in the loop.
+    validator_url: CallbackUrl | None = None
 
 
 class Payment(_Strict):

@@ -36,7 +36,7 @@ from core.lifecycle import CANCELLABLE_STATES, CLOSED_STATES, PAST_ACCEPTANCE_ST
 from core.logs import enter_job
 from node.intake import AnyEnvelope, Incoming, Intake
 from node.metrics import Metrics
-from node.webhooks import check_callback
+from node.webhooks import check_callback, check_validator_url
 from payments.jwt import VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
 from provider.capacity import CapacityLedger, HoldPolicy, Resources
@@ -238,6 +238,8 @@ class Admission:
             self.models.check(env)  # an unknown model, or limits it cannot run in, before any fetch
         if env.callback_url is not None:
             check_callback(env.callback_url, self.cfg.webhooks)
+        if env.validation.validator_url is not None:
+            check_validator_url(env.validation.validator_url, self.cfg.webhooks)
         need = resources_of(env)
         probe = await self._prober(env) if self._prober is not None else None
         estimator = estimator_for(env.kind, self.models)
@@ -279,6 +281,7 @@ class Admission:
                     actor=request.iss,
                     reason=f"quoted {bid.ask} {bid.currency}",
                     callback_url=env.callback_url,
+                    validator_url=env.validation.validator_url,
                 )
             else:
                 job, _ = self.journal.transition(

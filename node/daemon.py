@@ -102,6 +102,9 @@ class Node:
         self._scheduler: Scheduler | None = None
         self._settlement: Settlement | None = None
         self._webhooks: WebhookDispatcher | None = None
+        # where the API listens (set by node.server.serve once bound): the endpoint a validation notice
+        # names when neither [market] endpoint nor [node] public_url is set
+        self.listen_url: str | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         # The signed offer of GET /v1/capacity and of the registry pushes: one sequence for both.
         self.offers = OfferIssuer(self, signer, now=now)
@@ -226,7 +229,13 @@ class Node:
         self.metrics.watch_journal(journal.count_by_state)
         self.metrics.watch_failures(journal.failed_by_domain)
         journal.add_listener(log_transition)
-        self._webhooks = WebhookDispatcher(self.cfg.webhooks, journal, self.signer, now=self.now)
+        self._webhooks = WebhookDispatcher(
+            self.cfg.webhooks,
+            journal,
+            self.signer,
+            now=self.now,
+            endpoint=lambda: self.cfg.endpoint or self.listen_url,
+        )
         await self._webhooks.start()
         if self.cfg.chain is not None:
             from payments.settlement import Settlement  # web3 and eth-account: only for a node with a chain

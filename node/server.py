@@ -243,6 +243,7 @@ def full_job_view(node: Node, job: JobRecord) -> dict[str, Any]:
         "envelope": job.envelope,
         "payment": None if settlement is None else settlement.view(job.id),
         "webhook": node.journal.webhook(job.id),
+        "validation_notice": node.journal.notice(job.id),
     }
 
 
@@ -532,6 +533,7 @@ async def serve(
         for address in runner.addresses:  # the port actually bound (port 0 picks a free one)
             bound = int(address[1])
             break
+        node.listen_url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
         if on_ready is not None:
             on_ready(bound)
         budget = guard.budget

@@ -16,6 +16,13 @@ loopback, private, link-local or otherwise non-public host is refused as written
 again before each send) and as resolved (by the session's connector, which connects only to the
 addresses it checked), unless ``[webhooks] allow_private_addresses`` or ``allow_networks`` allows it.
 Redirects are never followed: a 3xx answer is a failed delivery.
+
+Validation notices go the same way. A job whose envelope names ``validation.validator_url`` owes its
+validator one notice once it is ``completed`` (the journal's ``validation_notices``): a JWT signed by the
+node DID, ``{"iss": node, "aud": the envelope's payment.validator, "jti": fresh per send, "job": id,
+"node": this node's endpoint}``, POSTed by the same rounds, under the same address policy, backoff and
+attempt limit, and marked delivered only on a 2xx. Each send has its own ``jti`` (the validator refuses a
+token it has seen); a validator that already knows the job answers 200 with its verdict.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +38,10 @@ from typing import Any
 import aiohttp
 
 from core.config import WebhooksSection
-from core.errors import PolicyError
-from core.journal import Event, Journal, WebhookDue
+from core.errors import HearthError, PolicyError
+from core.journal import Event, Journal, NoticeDue, WebhookDue
 from core.netpolicy import AddressNotAllowed, AddressPolicy, Lookup
+from payments.did import canonical_did
 from payments.jwt import sign_jwt
 from payments.keys import Signer
 
@@ -69,14 +78,26 @@ def check_callback(url: str, cfg: WebhooksSection) -> None:
         raise _refused(url, exc) from None
 
 
-def _refused(url: str, exc: AddressNotAllowed) -> PolicyError:
+def check_validator_url(url: str, cfg: WebhooksSection) -> None:
+    """Refuse, at admission, a ``validation.validator_url`` the callback policy would not let it call."""
+    try:
+        callback_policy(cfg).check_url(url)
+    except AddressNotAllowed as exc:
+        raise _refused(url, exc, field="validator_url") from None
+
+
+def _refused(url: str, exc: AddressNotAllowed, *, field: str = "callback_url") -> PolicyError:
     if exc.resolved:
-        message = f"callback host {exc.host} resolves to a private address ({exc.address})"
+        message = f"{field} host {exc.host} resolves to a private address ({exc.address})"
     else:
-        message = (
-            f"callback_url points at a private or loopback address ({exc.host}); the node does not call it"
-        )
-    return PolicyError("callback_not_allowed", message, details={"callback_url": url, "reason": exc.reason})
+        message = f"{field} points at a private or loopback address ({exc.host}); the node does not call it"
+    code = "callback_not_allowed" if field == "callback_url" else "validator_url_not_allowed"
+    return PolicyError(code, message, details={field: url, "reason": exc.reason})
+
+
+def notice_id(job: str) -> str:
+    """The ``Hearth-Event-Id`` of a job's validation notice (each send's ``jti`` is fresh)."""
+    return f"{job}:validation"
 
 
 class WebhookDispatcher:
@@ -90,8 +111,10 @@ class WebhookDispatcher:
         *,
         now: Callable[[], float] = time.time,
         resolve: Lookup | None = None,
+        endpoint: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.cfg = cfg
+        self._endpoint = endpoint
         self._policy = callback_policy(cfg)
         self._resolve = resolve
         self._journal = journal
@@ -146,9 +169,11 @@ class WebhookDispatcher:
         """Deliver what is due now (one event per job); returns how many deliveries were tried."""
         # journal calls stay on the loop's thread (an indexed query or one short write each), so that a
         # cancelled round never waits on a thread, and the journal's group commits stay on the loop
-        due = self._journal.webhooks_due(self._now(), MAX_CONCURRENT_DELIVERIES)
-        await asyncio.gather(*(self._deliver(d) for d in due))
-        return len(due)
+        now = self._now()
+        due = self._journal.webhooks_due(now, MAX_CONCURRENT_DELIVERIES)
+        notices = self._journal.notices_due(now, MAX_CONCURRENT_DELIVERIES)
+        await asyncio.gather(*(self._deliver(d) for d in due), *(self._notify(n) for n in notices))
+        return len(due) + len(notices)
 
     async def _deliver(self, due: WebhookDue) -> None:
         assert self._session is not None
@@ -175,20 +200,80 @@ class WebhookDispatcher:
             # there (no port-scan oracle); the detail goes to the operator's log
             log.info("webhook %s unreachable: %s: %s", event_id(event), type(exc).__name__, exc)
             error = UNREACHABLE_ERROR
-        attempts = due.attempts + 1
+        retry_at = self._retry_at(due.attempts + 1, f"webhook {event_id(event)}", due.job, error)
+        self._journal.webhook_failed(due.job, error, retry_at=retry_at)
+
+    def _retry_at(self, attempts: int, what: str, job: str, error: str) -> float | None:
+        """When to try again after failed try number ``attempts`` (None: give up), logged once per turn."""
         give_up = attempts >= self.cfg.max_attempts
         delay = min(self.cfg.backoff_base_seconds * 2 ** (attempts - 1), self.cfg.backoff_max_seconds)
-        retry_at = None if give_up else self._now() + delay
         if give_up or attempts == 1:
             log.warning(
-                "webhook %s for job %s failed (%s)%s",
-                event_id(event),
-                due.job,
+                "%s for job %s failed (%s)%s",
+                what,
+                job,
                 error,
                 "; giving up" if give_up else "; retrying with backoff",
-                extra={"job": due.job},
+                extra={"job": job},
             )
-        self._journal.webhook_failed(due.job, error, retry_at=retry_at)
+        return None if give_up else self._now() + delay
+
+    async def _notify(self, due: NoticeDue) -> None:
+        """Send one validation notice; mark it delivered on a 2xx, else schedule the next try."""
+        assert self._session is not None
+        body = self._notice(due)
+        if body is None:
+            error = "the node has no endpoint to name: set [node] public_url"
+        else:
+            try:
+                self._policy.check_url(due.url)
+                async with self._session.post(
+                    due.url,
+                    data=body.encode("ascii"),
+                    headers={"Content-Type": "application/jwt", "Hearth-Event-Id": notice_id(due.job)},
+                    allow_redirects=False,
+                ) as resp:
+                    if 200 <= resp.status < 300:
+                        self._journal.notice_delivered(due.job)
+                        log.info("validation notice for job %s delivered", due.job, extra={"job": due.job})
+                        return
+                    error = f"HTTP {resp.status}"
+            except AddressNotAllowed as exc:
+                message = _refused(due.url, exc, field="validator_url").message
+                log.warning(
+                    "validation notice for job %s refused: %s", due.job, message, extra={"job": due.job}
+                )
+                self._journal.notice_failed(due.job, message, retry_at=None)
+                return
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                log.info("validator of job %s unreachable: %s: %s", due.job, type(exc).__name__, exc)
+                error = UNREACHABLE_ERROR
+        retry_at = self._retry_at(due.attempts + 1, "validation notice", due.job, error)
+        self._journal.notice_failed(due.job, error, retry_at=retry_at)
+
+    def _notice(self, due: NoticeDue) -> str | None:
+        """The signed notice for ``due``'s job (None while the node has no endpoint to name)."""
+        endpoint = self._endpoint()
+        job = self._journal.get(due.job)
+        if endpoint is None or job is None:
+            return None
+        payment = job.envelope.get("payment")
+        validator = payment.get("validator") if isinstance(payment, dict) else None
+        if isinstance(validator, str):
+            with contextlib.suppress(HearthError):  # admitted envelopes name a valid DID
+                validator = canonical_did(validator)  # the one spelling the validator knows itself by
+        now = int(self._now())
+        claims: dict[str, Any] = {
+            "iss": self._signer.did,
+            "aud": validator,
+            "iat": now,
+            "exp": now + TOKEN_LIFETIME_SECONDS,
+            # fresh per send: the validator refuses a jti it has seen
+            "jti": f"{notice_id(job.id)}:{secrets.token_hex(8)}",
+            "job": job.id,
+            "node": endpoint,
+        }
+        return sign_jwt(self._signer, claims)
 
     def _body(self, due: WebhookDue) -> str:
         event = due.event

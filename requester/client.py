@@ -84,13 +84,22 @@ def sign_request(
 class NodeClient:
     """One node, one session. Use as ``async with NodeClient(url) as c: ...``."""
 
-    def __init__(self, base_url: str, *, timeout: aiohttp.ClientTimeout = DEFAULT_CLIENT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: aiohttp.ClientTimeout = DEFAULT_CLIENT_TIMEOUT,
+        connector: aiohttp.BaseConnector | None = None,
+    ) -> None:
+        """``connector`` (owned by the client from then on) may enforce an address policy
+        (:meth:`core.netpolicy.AddressPolicy.connector`) when the URL came from someone else."""
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
+        self._connector = connector
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> NodeClient:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=self._connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

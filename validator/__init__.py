@@ -11,6 +11,10 @@ for callers that take them one at a time:
   :class:`ValidationReport`.
 
 The receipt's W3C Verifiable Credential is :mod:`payments.credentials`'s.
+
+:mod:`validator.service` runs the same :func:`validate` as a daemon (``hearth validator run``): node-signed
+notices in, verdicts kept in :mod:`validator.verdicts` (one receipt per job, whatever crashes), receipts
+posted and retried while a node is unreachable.
 """
 
 from validator.batch import judge_batch

@@ -23,7 +23,8 @@ thread, each call costing tens of microseconds. No ``sqlite3`` exception leaves 
 Inside, one module per concern: ``records`` (the records handed out, value checks), ``schema`` (tables,
 statements, migrations), ``commit`` and ``engine`` (the connection, writes, group commits, listeners,
 checkpoints), and one store per aggregate over the engine: ``jobs``, ``nonces``, ``payments`` (payments and
-chain transactions), ``webhooks`` (the outbox cursor) and ``overview`` (the operator's reads).
+chain transactions), ``webhooks`` (the outbox cursor), ``notices`` (validation notices) and ``overview``
+(the operator's reads).
 :class:`Journal` is all the stores over one engine, so one group commit spans every table. Import from
 here, not from those modules; the lifecycle itself (states, transitions, state groupings) is
 :mod:`core.lifecycle`, re-exported.
@@ -34,6 +35,7 @@ from __future__ import annotations
 from core.journal.engine import DEFAULT_BUSY_TIMEOUT_MS
 from core.journal.jobs import JobStore
 from core.journal.nonces import NonceStore
+from core.journal.notices import NoticeDue, NoticeStore
 from core.journal.overview import OverviewStore
 from core.journal.payments import PaymentStore
 from core.journal.records import (
@@ -99,6 +101,7 @@ __all__ = [
     "JobState",
     "Journal",
     "Listener",
+    "NoticeDue",
     "PaymentRecord",
     "TxPurpose",
     "TxRecord",
@@ -108,12 +111,13 @@ __all__ = [
 ]
 
 
-class Journal(PaymentStore, JobStore, NonceStore, WebhookStore, OverviewStore):
+class Journal(PaymentStore, JobStore, NonceStore, WebhookStore, NoticeStore, OverviewStore):
     """The durable job journal. Open with :meth:`open`; close with :meth:`close` or a ``with`` block.
 
     Every store's methods over the one engine: jobs and events, replay nonces, payments and chain
-    transactions, webhook cursors and the operator's reads. Writes of any of them made inside one
-    :meth:`batched` block share the group commit, so they are committed together or not at all.
+    transactions, webhook cursors, validation notices and the operator's reads. Writes of any of them
+    made inside one :meth:`batched` block share the group commit, so they are committed together or not
+    at all.
 
     All methods are synchronous and short (one indexed query or one small transaction). They are safe to
     call from several threads, but are designed for the event loop thread.

@@ -87,11 +87,13 @@ class JobStore(JournalEngine):
         actor: str,
         reason: str,
         callback_url: str | None = None,
+        validator_url: str | None = None,
     ) -> JobRecord:
         """Record a new job and its quote: ``created`` then ``priced``, two events, one transaction.
 
         With ``callback_url`` the job's webhook cursor is recorded in the same transaction, so every
-        transition from the first on is delivered (see :meth:`webhooks_due`).
+        transition from the first on is delivered (see :meth:`webhooks_due`); with ``validator_url`` the
+        validation notice the node owes once the job is completed (see :meth:`notices_due`).
 
         Raises :class:`ConflictError` (``job_exists``) if the id or ``(iss, job_id)`` is already recorded;
         then nothing is written. Looking the job up first (:meth:`find`) is the caller's idempotency path.
@@ -131,6 +133,11 @@ class JobStore(JournalEngine):
                 if callback_url is not None:
                     txn.conn.execute(
                         "INSERT INTO webhooks (job, url, next_at) VALUES (?, ?, ?)", (id, callback_url, at)
+                    )
+                if validator_url is not None:
+                    txn.conn.execute(
+                        "INSERT INTO validation_notices (job, url, next_at) VALUES (?, ?, ?)",
+                        (id, validator_url, at),
                     )
                 # the row as written (what a read would return), without reading it back
                 record = JobRecord(

@@ -2,7 +2,8 @@
 
 :data:`SCHEMA_VERSION` is the version a new journal is created with; :func:`_prepare_schema` creates it on
 first open, brings a journal of an older version up to it (versions 2 and 3 added tables; version 4 rebuilt
-``chain_txs`` for the wallet's registry transactions, which belong to no job), refuses one of another, and
+``chain_txs`` for the wallet's registry transactions, which belong to no job; version 5 added the validation
+notices), refuses one of another, and
 re-derives the ``transitions`` table from :data:`~core.lifecycle.TRANSITIONS` on every open.
 """
 
@@ -19,7 +20,7 @@ from core.lifecycle import EVENT_TYPES, JOB_STATES, TRANSITIONS
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 _JOB_COLUMNS: Final = (
     "id, iss, job_id, kind, idem_key, envelope_hash, envelope_json, state, price, quote_id, quote_jwt, "
@@ -174,6 +175,21 @@ _SCHEMA_WEBHOOKS: Final = (
     ) WITHOUT ROWID""",
     "CREATE INDEX webhooks_due ON webhooks (gave_up, next_at)",
 )
+# Validation notices: per job whose envelope names validation.validator_url, the notice the node owes its
+# validator once the job is completed. Delivered at least once (``delivered`` set only after a 2xx) by the
+# webhook dispatcher, with the webhooks' backoff and attempts.
+_SCHEMA_NOTICES: Final = (
+    """CREATE TABLE validation_notices (
+        job TEXT PRIMARY KEY REFERENCES jobs (id),
+        url TEXT NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0 CHECK (delivered IN (0, 1)),
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        gave_up INTEGER NOT NULL DEFAULT 0 CHECK (gave_up IN (0, 1))
+    ) WITHOUT ROWID""",
+    "CREATE INDEX validation_notices_due ON validation_notices (delivered, gave_up, next_at)",
+)
 _PAYMENT_COLUMNS: Final = (
     "job, escrow_job_id, terms_json, authorization_json, funding, wait_until, receipt_json, "
     "created_at, updated_at"
@@ -252,17 +268,21 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     try:
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         if exists is None:
-            for statement in (*_SCHEMA, *_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS):
+            for statement in (*_SCHEMA, *_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS, *_SCHEMA_NOTICES):
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         else:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = None if row is None else int(row[0])
             # 1 lacks the payment tables (it gets today's), 2 the webhook cursor; 2 and 3 have the chain_txs
-            # of payments alone, which 4 rebuilds to take the wallet's registry transactions
-            missing = {1: (*_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS), 2: _SCHEMA_WEBHOOKS, 3: ()}.get(
-                version or 0
-            )
+            # of payments alone, which 4 rebuilds to take the wallet's registry transactions; 1 to 4 lack
+            # the validation notices
+            missing = {
+                1: (*_SCHEMA_PAYMENTS, *_SCHEMA_WEBHOOKS, *_SCHEMA_NOTICES),
+                2: (*_SCHEMA_WEBHOOKS, *_SCHEMA_NOTICES),
+                3: _SCHEMA_NOTICES,
+                4: _SCHEMA_NOTICES,
+            }.get(version or 0)
             if missing is not None:
                 for statement in missing:
                     conn.execute(statement)

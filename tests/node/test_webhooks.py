@@ -202,6 +202,22 @@ async def test_private_callbacks_are_refused_unless_the_operator_allows_them(
         assert (info.value.status, info.value.code) == (422, "invalid_envelope")
 
 
+async def test_a_private_validator_url_is_refused_at_quote_time(tmp_path: Path, requester: Signer) -> None:
+    """``validation.validator_url`` obeys the callbacks' address policy: refused as written, nothing held."""
+    async with live(write_home(tmp_path / "home")) as node, NodeClient(node.url) as client:
+        for url in ("http://127.0.0.1:8790/v1/validations", "http://[::1]/v", "http://192.168.1.4/v"):
+            env = make_envelope("v", validation={"validator_url": url})
+            with pytest.raises(NodeError) as info:
+                await client.quote(node.sign(requester, {"job": env}))
+            assert (info.value.status, info.value.code) == (403, "validator_url_not_allowed")
+            assert info.value.details["validator_url"] == url
+        assert node.node.ledger.snapshot()["holds"] == 0
+        with pytest.raises(NodeError) as info:
+            env = make_envelope("v", validation={"validator_url": "file:///etc/passwd"})
+            await client.quote(node.sign(requester, {"job": env}))
+        assert (info.value.status, info.value.code) == (422, "invalid_envelope")
+
+
 async def test_a_callback_name_that_resolves_to_a_private_address_is_never_called(
     tmp_path: Path, requester: Signer, receiver: Receiver
 ) -> None:
