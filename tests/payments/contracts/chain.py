@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from eth_abi.abi import decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
@@ -33,6 +34,7 @@ COMPILE_SCRIPT = ROOT / "payments" / "contracts" / "compile.mjs"
 TEST_SOURCES = Path(__file__).resolve().parent
 CHAIN_ID = DEVNET_CHAIN_ID
 COMPILE_TIMEOUT_SECONDS = 120
+SEND_GAS = 1_000_000
 
 
 def compile_contracts(out: Path, *source_dirs: Path) -> None:
@@ -79,6 +81,24 @@ class Chain:
         self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
         self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
 
+    def rpc(self, method: str, *params: Any) -> Any:
+        """A raw JSON-RPC call (anvil's ``evm_*``/``anvil_*`` methods); fails the test on an error answer."""
+        answer = self.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
+        assert "error" not in answer, f"{method} failed: {answer['error']}"
+        return answer.get("result")
+
+    def next_block_at(self, timestamp: int) -> None:
+        """The next block (and so the next transaction mined) carries exactly ``timestamp``."""
+        self.rpc("evm_setNextBlockTimestamp", timestamp)
+
+    def send(self, call: Any, sender: str, **tx: Any) -> TxReceipt:
+        """Sends a contract call without estimating gas first, so a failing one is mined (status 0) too."""
+        tx_hash = call.transact({"from": sender, "gas": SEND_GAS, **tx})
+        return self.w3.eth.wait_for_transaction_receipt(tx_hash)
+
+    def block_time(self, receipt: TxReceipt) -> int:
+        return int(self.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
+
 
 @contextmanager
 def anvil() -> Iterator[Chain]:
@@ -103,13 +123,24 @@ def selector(signature: str) -> str:
 
 
 @contextmanager
-def reverts(error_signature: str) -> Iterator[None]:
-    """Asserts the block raises a revert carrying exactly the custom error ``error_signature``."""
+def reverts(error_signature: str, *args: Any) -> Iterator[None]:
+    """Asserts the block raises a revert carrying the custom error ``error_signature``; with ``args``, also
+    that the error carries exactly these arguments (ABI-decoded by the types in the signature)."""
     with pytest.raises((ContractCustomError, ContractLogicError)) as info:
         yield
     data = info.value.data
     data_hex = data if isinstance(data, str) else repr(data)
     assert data_hex.startswith(selector(error_signature)), f"expected {error_signature}, got {data_hex!r}"
+    if args:
+        types = error_signature[error_signature.index("(") + 1 : -1].split(",")
+        decoded = decode(types, bytes.fromhex(data_hex[10:]))
+        assert tuple(_plain(v) for v in decoded) == tuple(_plain(v) for v in args), (
+            f"{error_signature} carried {decoded}, expected {args}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 def sign_receipt(
