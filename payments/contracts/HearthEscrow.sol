@@ -288,17 +288,18 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         )
     {
         Grant storage grant = _knownGrant(grantId);
+        owner = grant.owner;
+        agent = grant.agent;
+        perJobMax = grant.perJobMax;
+        periodMax = grant.periodMax;
+        periodSeconds = grant.periodSeconds;
+        expiry = grant.expiry;
+        revoked = grant.revoked;
         uint64 period = _periodIndex(grant);
         spentThisPeriod = period == grant.period ? grant.spentInPeriod : 0;
-        revoked = grant.revoked;
-        expiry = grant.expiry;
-        periodMax = grant.periodMax;
         if (!revoked && block.timestamp < expiry) leftThisPeriod = periodMax - spentThisPeriod;
-        periodSeconds = grant.periodSeconds;
         uint256 ends = uint256(grant.openedAt) + (uint256(period) + 1) * periodSeconds;
         periodEnds = ends > type(uint64).max ? type(uint64).max : uint64(ends);
-        return (grant.owner, grant.agent, grant.perJobMax, periodMax, periodSeconds, expiry, revoked,
-            spentThisPeriod, leftThisPeriod, periodEnds);
     }
 
     /// @notice The EIP-712 digest an agent signs to fund one job from a grant (same domain as receipts).
@@ -360,10 +361,10 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         private
         returns (uint256 grantId)
     {
-        if (agent == address(0) || perJobMax == 0 || periodMax == 0 || periodSeconds == 0 || expiry <= block.timestamp)
-        {
-            revert InvalidTerms();
-        }
+        if (
+            agent == address(0) || perJobMax == 0 || periodMax == 0 || periodSeconds == 0
+                || expiry <= block.timestamp
+        ) revert InvalidTerms();
         grantId = ++grantCount;
         _grants[grantId] = Grant({
             owner: msg.sender,
