@@ -124,7 +124,15 @@ EMPTY_CONFIG: dict[str, Any] = {
 }
 
 # Defaults no key of node.toml takes: they are used outside a loaded config.
-NOT_A_KEY = {"DEFAULT_DEVNET_PORT"}
+# Named defaults that are not node.toml keys: the devnet's port, and the requester side's (routing, budgets).
+NOT_A_KEY = {
+    "DEFAULT_DEVNET_PORT",
+    "DEFAULT_REQUESTER_WORKFLOW",
+    "DEFAULT_ROUTING_MAX_FAILURE_RATE",
+    "DEFAULT_ROUTING_MIN_SETTLED",
+    "DEFAULT_ROUTING_QUOTE_TIMEOUT_SECONDS",
+    "ROUTING_STRATEGIES",
+}
 
 
 def test_missing_file_means_defaults(tmp_path: Path) -> None:
