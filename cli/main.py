@@ -7,7 +7,8 @@
 - :mod:`cli.validator_run`: the validator service (``hearth validator run``);
 - :mod:`cli.devnet`: a local chain and the demo;
 - :mod:`cli.market` (with :mod:`cli.market_leave`): the provider market on chain (who sells what, each
-  provider's reputation) and ``hearth market leave`` (the node's wallet out of the registry).
+  provider's reputation) and ``hearth market leave`` (the node's wallet out of the registry);
+- :mod:`cli.grant`: an owner's spending grants for an agent key.
 
 :mod:`cli.common` holds the exit codes (0 done, 1 the node refused, 2 bad usage or local input, 3 the node
 could not be reached) and the output for people or for machines (``--json``).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import devnet, market, models, operator, requester, service, status, validator, validator_run
+from cli import devnet, grant, market, models, operator, requester, service, status, validator, validator_run
 from cli.common import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_parser(sub, [common, client])
     market_sub = market.add_parser(sub, [common])
     add_leave_parser(market_sub, [common, config])
+    grant.add_parser(sub, [common])
     return parser
 
 

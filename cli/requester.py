@@ -1,6 +1,7 @@
 """The requester's commands: ``hearth job sign|quote|submit|status|result|events|cancel``, ``blob put``.
 
-A paid submission (``job submit --wallet``) is :mod:`requester.paid`'s work; this module prints it.
+A paid submission (``job submit --wallet``, or ``--grant`` with ``--agent-key``) is
+:mod:`requester.paid`'s work; this module prints it.
 ``job submit --market`` (the node chosen among the registry's providers) is :mod:`cli.routing`'s.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,10 @@ from payments.receipts import usdc_str
 from requester.client import NodeClient, sign_request
 from requester.paid import (
     PaymentTermsRefused,
+    agent_key,
     funding_outcome,
     payer_wallet,
+    submit_granted,
     submit_paid,
     wait_for_funding,
 )
@@ -31,9 +35,10 @@ async def _request_token(args: argparse.Namespace, client: NodeClient, node_did:
     """The signed request to send: the --token file as it is, or a fresh JWT (new ``jti``) on each call."""
     if args.token:
         return str(Path(args.token).read_text().strip())
-    if not args.envelope or not args.key:
-        raise usage("give an ENVELOPE file and --key, or --token FILE")
-    signer = load_key(Path(args.key))
+    key = getattr(args, "agent_key", None) if getattr(args, "grant", None) is not None else args.key
+    if not args.envelope or not key:
+        raise usage("give an ENVELOPE file and --key (--agent-key with --grant), or --token FILE")
+    signer = load_key(Path(key))
     node_did = node_did or args.node_did or await client.node_did()
     return sign_request(signer, node_did, {"job": read_envelope(Path(args.envelope))}, ttl_seconds=args.ttl)
 
@@ -87,7 +92,9 @@ def _print_payment(payment: dict[str, Any]) -> None:
     state = funding["state"]
     if state == "awaiting":
         state += f" until {utc(funding['wait_until'])}"
-    if funding["gasless"]:
+    if funding.get("grant") is not None:
+        state += f", from grant {funding['grant']} (the node submits fundFromGrant)"
+    elif funding["gasless"]:
         state += ", gasless (the node submits fundWithAuthorization)"
     print(f"    funding     {state}")
     receipt = payment["settlement"]["receipt"]
@@ -107,7 +114,15 @@ def _print_accepted(body: dict[str, Any]) -> None:
 
 async def cmd_job_submit(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
     if args.market:
+        if args.grant is not None:
+            raise usage("--grant pays one node: give --node (or --home), not --market")
         return await cmd_market_submit(args, out)
+    if args.grant is not None:
+        try:
+            return await _submit_granted(args, out, client)
+        except PaymentTermsRefused as exc:
+            out.error(exc)
+            return EXIT_REFUSED
     if args.wallet:
         try:
             return await _submit_paid(args, out, client)
@@ -115,7 +130,7 @@ async def cmd_job_submit(args: argparse.Namespace, out: Out, client: NodeClient)
             out.error(exc)
             return EXIT_REFUSED
     if args.wait or args.valid_seconds is not None:
-        raise usage("--wait and --valid-seconds need --wallet")
+        raise usage("--wait and --valid-seconds need --wallet (--wait: or --grant)")
     token = await _request_token(args, client)
     quote = Path(args.quote).read_text().strip() if args.quote else None
     body = await client.submit(token, quote)
@@ -159,6 +174,60 @@ async def _submit_paid(args: argparse.Namespace, out: Out, client: NodeClient) -
         print(f"  valid     until {utc(auth.valid_before)}")
         print("  funding   gasless (the node submits fundWithAuthorization)")
 
+    return await _maybe_wait(args, out, client, body, doc, human)
+
+
+async def _submit_granted(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
+    """Quote, sign the agent's ``Spend`` from ``--grant`` for the quote's escrow terms, submit with it.
+
+    The request is signed by the agent's key too (``iss`` = its ``did:pkh``); the node submits
+    ``fundFromGrant`` and the grant's owner pays. Nothing is signed before the terms are checked.
+    """
+    if args.wallet:
+        raise usage("--grant and --wallet are two ways to pay: give one")
+    if args.valid_seconds is not None:
+        raise usage("--valid-seconds is for --wallet; a grant spend is valid until the escrow deadline")
+    if args.grant < 1:
+        raise usage("--grant takes a grant id (1, 2, ...; from `hearth grant open`)")
+    if not args.agent_key:
+        raise usage("--grant needs --agent-key: the grant's agent signs the spend and the request")
+    if args.token and not args.quote:
+        raise usage("a --token can be sent once; with --grant give --quote FILE too, or ENVELOPE")
+    env = _request_envelope(args)
+    agent = agent_key(Path(args.agent_key))
+    node_did = args.node_did or await client.node_did()
+    sub = await submit_granted(
+        client,
+        env=env,
+        agent=agent,
+        grant_id=args.grant,
+        node_did=node_did,
+        quote_jwt=Path(args.quote).read_text().strip() if args.quote else None,
+        request_token=lambda: _request_token(args, client, node_did),
+    )
+    body, terms = sub.body, sub.terms
+    doc = {**body, "funding_terms": terms.to_json(), "funding": sub.funding.to_json()}
+
+    def human() -> None:
+        _print_accepted(body)
+        t = terms.to_json()
+        print(f"  escrow    job {t['escrow_job_id']} (escrow {t['escrow']}, chain {t['chain_id']})")
+        print(f"  amount    {t['amount_usdc']} USDC from grant {args.grant} (owner {t['payer']})")
+        print(f"  agent     {agent.did}")
+        print("  funding   from the grant (the node submits fundFromGrant)")
+
+    return await _maybe_wait(args, out, client, body, doc, human)
+
+
+async def _maybe_wait(
+    args: argparse.Namespace,
+    out: Out,
+    client: NodeClient,
+    body: dict[str, Any],
+    doc: dict[str, Any],
+    human: Callable[[], None],
+) -> int:
+    """Print the submission; with ``--wait``, follow the funding to its outcome first."""
     if not args.wait:
         out.emit(doc, human)
         return EXIT_OK
@@ -253,7 +322,19 @@ def add_parser(
         help="with --wallet: the authorization lapses after this many seconds (default: the escrow deadline)",
     )
     p.add_argument(
-        "--wait", action="store_true", help="with --wallet: wait until the escrow is funded or funding fails"
+        "--grant",
+        type=int,
+        help="fund the job from this spending grant (`hearth grant open`): the agent signs a Spend for the "
+        "quote's escrow terms, the node submits fundFromGrant, the grant's owner pays",
+    )
+    p.add_argument(
+        "--agent-key",
+        help="with --grant: the grant's agent (an Ethereum key); it signs the request and the spend",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --wallet or --grant: wait until the escrow is funded or funding fails",
     )
     add_market_options(p)
     p.set_defaults(afunc=cmd_job_submit)

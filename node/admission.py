@@ -46,6 +46,7 @@ from provider.policy import screen
 from provider.pricing import Bid, Pricer, check_max_price
 
 if TYPE_CHECKING:  # web3 and eth-account take a second to import; a node without a chain never needs them
+    from payments.grants import GrantFunding
     from payments.receipts import Authorization, FundingTerms
     from payments.settlement import Settlement
 
@@ -363,8 +364,9 @@ class Admission:
     async def submit(self, token: str, quote_jwt: str | None, funding: Any = None) -> Submission:
         """POST /v1/jobs: accept against a quote, or bid and accept in one step for a bare request.
 
-        ``funding``: the payer's EIP-3009 authorization for the quote's escrow terms (gasless funding),
-        checked before the job is accepted; without it the payer funds the escrow itself.
+        ``funding``: the payer's EIP-3009 authorization for the quote's escrow terms (gasless funding), or
+        a grant's agent's signed spend (the request's ``iss`` must be that agent), checked before the job
+        is accepted; without it the payer funds the escrow itself.
         """
         async with self.journal.batched():
             with self.intake.job(token) as inc:
@@ -444,7 +446,7 @@ class Admission:
 
     async def _payment_terms(
         self, job: JobRecord, funding: Any
-    ) -> tuple[FundingTerms, Authorization | None] | None:
+    ) -> tuple[FundingTerms, Authorization | GrantFunding | None] | None:
         """The job's escrow terms and checked authorization (None when the node takes no payments)."""
         if self.settlement is None:
             return None
@@ -453,8 +455,9 @@ class Admission:
             raise FundingError(
                 "quote_without_terms", "the job's quote names no escrow terms; ask for a new quote"
             )
-        auth = None if funding is None else await self.settlement.check_authorization(terms, funding)
-        return terms, auth
+        if funding is None:
+            return terms, None
+        return terms, await self.settlement.check_funding(terms, funding, iss=job.iss)
 
     async def _open_payment(self, job: JobRecord, funding: Any) -> None:
         payment = await self._payment_terms(job, funding)

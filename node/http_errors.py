@@ -92,6 +92,11 @@ STATUS_BY_CODE: dict[str, int] = {
     "unsupported_key_type": 400,
     # 402/403
     "price_above_max": 402,
+    "grant_revoked": 402,
+    "grant_expired": 402,
+    "grant_exceeds_job_cap": 402,
+    "grant_exhausted": 402,
+    "grant_not_agent": 403,
     "did_denied": 403,
     "wrong_audience": 403,
     "not_job_owner": 403,

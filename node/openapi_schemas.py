@@ -287,18 +287,51 @@ BODY_SCHEMAS: dict[str, Any] = {
             "request": {"$ref": "#/components/schemas/Jwt"},
             "quote": {"$ref": "#/components/schemas/Jwt"},
             "funding": {
-                "type": "object",
-                "description": "the payer's EIP-3009 ReceiveWithAuthorization for the quote's "
-                "funding_terms: {type: eip3009, from, valid_after, valid_before, signature}; "
-                "the node submits fundWithAuthorization, the payer pays no gas",
-                "required": ["from", "valid_after", "valid_before", "signature"],
-                "properties": {
-                    "type": {"type": "string", "enum": ["eip3009"]},
-                    "from": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
-                    "valid_after": {"type": "string", "pattern": "^[0-9]{1,78}$"},
-                    "valid_before": {"type": "string", "pattern": "^[0-9]{1,78}$"},
-                    "signature": {"type": "string", "pattern": "^0x[0-9a-fA-F]{130}$"},
-                },
+                "description": "how the quote's funding_terms are funded, by the node: the payer's EIP-3009 "
+                "authorization (the node submits fundWithAuthorization, the payer pays no gas), or a "
+                "spending grant's agent's signed Spend (the node submits fundFromGrant, the grant's owner "
+                "pays; the request's iss must be the agent)",
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["from", "valid_after", "valid_before", "signature"],
+                        "properties": {
+                            "type": {"type": "string", "enum": ["eip3009"]},
+                            "from": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                            "valid_after": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                            "valid_before": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                            "signature": {"type": "string", "pattern": "^0x[0-9a-fA-F]{130}$"},
+                        },
+                    },
+                    {
+                        "type": "object",
+                        "required": ["grant", "spend", "signature"],
+                        "properties": {
+                            "type": {"type": "string", "enum": ["grant"]},
+                            "grant": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                            "spend": {
+                                "type": "object",
+                                "required": [
+                                    "grantId",
+                                    "jobId",
+                                    "provider",
+                                    "validator",
+                                    "amount",
+                                    "deadline",
+                                ],
+                                "properties": {
+                                    "grantId": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                                    "jobId": {"type": "string", "pattern": "^0x[0-9a-fA-F]{64}$"},
+                                    "provider": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                                    "validator": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                                    "amount": {"type": "string", "pattern": "^[0-9]{1,78}$"},
+                                    "deadline": {"type": "integer", "minimum": 0},
+                                },
+                            },
+                            "signature": {"type": "string", "pattern": "^0x[0-9a-fA-F]{130}$"},
+                        },
+                    },
+                ],
             },
         },
     },

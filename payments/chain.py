@@ -31,6 +31,7 @@ from web3.exceptions import (
     ContractCustomError,
     ContractLogicError,
     ContractPanicError,
+    TimeExhausted,
     TransactionNotFound,
     Web3Exception,
     Web3RPCError,
@@ -175,9 +176,43 @@ class Chain:
             amount=int(amount),
         )
 
+    async def grant_view(self, grant_id: int, block: BlockIdentifier = "latest") -> tuple[Any, ...]:
+        """``HearthEscrow.grantOf(grantId)`` as the escrow returns it (:class:`payments.grants.Grant`)."""
+        async with self._rpc("HearthEscrow.grantOf", domain="funding"):
+            return tuple(await self.escrow.functions.grantOf(grant_id).call(block_identifier=block))
+
     async def token_balance(self, address: str) -> int:
         async with self._rpc("balanceOf"):
             return int(await self.token.functions.balanceOf(to_checksum_address(address)).call())
+
+    async def token_allowance(self, owner: str, spender: str) -> int:
+        async with self._rpc("allowance"):
+            return int(
+                await self.token.functions.allowance(
+                    to_checksum_address(owner), to_checksum_address(spender)
+                ).call()
+            )
+
+    async def token_permit_nonce(self, owner: str) -> int:
+        """The token's EIP-2612 ``nonces(owner)``: the nonce the owner's next permit must carry."""
+        async with self._rpc("nonces"):
+            return int(await self.token.functions.nonces(to_checksum_address(owner)).call())
+
+    async def wait_receipt(self, tx_hash: str, wait_seconds: float) -> Any:
+        """``tx_hash``'s receipt (with its logs) once mined; ``chain_unavailable`` after ``wait_seconds``."""
+        async with self._rpc("eth_getTransactionReceipt"):
+            try:
+                return await self.w3.eth.wait_for_transaction_receipt(
+                    tx_hash,  # type: ignore[arg-type]
+                    timeout=wait_seconds,
+                    poll_latency=0.2,
+                )
+            except TimeExhausted:
+                raise ChainError(
+                    "chain_unavailable",
+                    f"{tx_hash} was not mined within {wait_seconds:.0f}s",
+                    details={"call": "eth_getTransactionReceipt", "tx": tx_hash},
+                ) from None
 
     async def nonce(self, block: str = "pending") -> int:
         """The wallet's transaction count at ``block`` (``pending`` counts what the mempool holds)."""
@@ -206,6 +241,9 @@ class Chain:
 
     def fund_with_authorization(self, args: tuple[Any, ...]) -> AsyncContractFunction:
         return self.escrow.functions.fundWithAuthorization(*args)
+
+    def fund_from_grant(self, args: tuple[Any, ...]) -> AsyncContractFunction:
+        return self.escrow.functions.fundFromGrant(*args)
 
     def release(self, job_id: bytes, amount: int, digest: bytes, signature: bytes) -> AsyncContractFunction:
         return self.escrow.functions.release(job_id, amount, digest, signature)

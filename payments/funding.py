@@ -5,9 +5,9 @@ payment still awaiting funding. An entry with exactly the quote's terms (or more
 marks the job funded and hands it to the scheduler (``on_funded``); an entry with other terms fails the job
 for good (``funding_mismatch``). A job that came with the payer's EIP-3009 authorization is funded by the
 node itself: the watcher sends ``fundWithAuthorization`` through the :class:`~payments.outbox.Outbox` (the
-payer pays no gas). A job that is not funded by its ``wait_until`` expires. Every job that stops being
-watched without running frees its capacity hold (``on_closed``). Part of
-:class:`payments.settlement.Settlement`.
+payer pays no gas); one that came with a grant's agent's signed spend, ``fundFromGrant``, the same way. A
+job that is not funded by its ``wait_until`` expires. Every job that stops being watched without running
+frees its capacity hold (``on_closed``). Part of :class:`payments.settlement.Settlement`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from core.errors import ConflictError, HearthError
 from core.journal import JobRecord, Journal, TxRecord
 from core.lifecycle import ENDED_WITHOUT_RESULT, RECEIPT_STATES
 from payments.chain import Chain, EscrowJob, EscrowStatus, is_reverted
+from payments.grant_terms import grant_fund_call
+from payments.grants import GrantFunding, is_grant_funding
 from payments.outbox import Outbox
 from payments.receipts import Authorization, FundingTerms
 from payments.terms import ACTOR, fund_call
@@ -92,7 +94,7 @@ class FundingWatcher:
                 continue
             fund_tx = self.outbox.live_or_done(job.id, "fund")
             if payment.authorization is not None and fund_tx is None and can_send:
-                await self._send_funding(job, terms, Authorization.from_json(payment.authorization))
+                await self._send_funding(job, self._fund_call(terms, payment.authorization))
                 continue
             if fund_tx is None and self._now() > payment.wait_until:
                 self._expire_unfunded(job)
@@ -168,15 +170,22 @@ class FundingWatcher:
             )
             self._on_closed(job.id)
 
-    async def _send_funding(self, job: JobRecord, terms: FundingTerms, auth: Authorization) -> None:
+    def _fund_call(self, terms: FundingTerms, doc: dict[str, Any]) -> Any:
+        """The funding transaction's call: ``fundFromGrant`` for a grant spend, else
+        ``fundWithAuthorization``."""
+        if is_grant_funding(doc):
+            return grant_fund_call(self.chain, GrantFunding.from_json(doc))
+        return fund_call(self.chain, terms, Authorization.from_json(doc))
+
+    async def _send_funding(self, job: JobRecord, call: Any) -> None:
         try:
-            await self.outbox.send(job.id, "fund", fund_call(self.chain, terms, auth), "funding")
+            await self.outbox.send(job.id, "fund", call, "funding")
         except HearthError as exc:
             if exc.code != "escrow_reverted":
                 raise
             if is_reverted(exc, "JobExists"):
                 return  # funded meanwhile by other means: the next round reads the entry
-            message = f"the escrow refuses the authorization: {exc.details.get('error')}"
+            message = f"the escrow refuses the funding: {exc.details.get('error')}"
             self._fail_funding(job, "funding_rejected", message, {"details": exc.details})
 
     def _expire_unfunded(self, job: JobRecord) -> None:

@@ -39,7 +39,7 @@ USDC_UNIT = 10**USDC_DECIMALS
 _ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _BYTES32_RE = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _SIGNATURE_RE = re.compile(r"^0x[0-9a-fA-F]{130}$")
-_UINT_RE = re.compile(r"^(0|[1-9][0-9]{0,76})$")
+_UINT_RE = re.compile(r"^(0|[1-9][0-9]{0,77})$")
 _MAX_UINT256 = 2**256 - 1
 _MAX_UINT64 = 2**64 - 1
 

@@ -9,8 +9,9 @@ The node's side of docs/protocol.md, driven by the journal (the only memory that
 - **Funding** (:mod:`payments.funding`). An accepted job runs only once the escrow holds at least the
   quote for exactly those terms, ``confirmations`` blocks deep. The payer funds it with ``fund`` (paying
   gas), or sends an EIP-3009 authorization with the job and the node submits ``fundWithAuthorization``
-  (the payer pays nothing). A job that is not funded by its ``wait_until`` expires; one whose escrow
-  entry has other terms fails.
+  (the payer pays nothing), or the agent of a spending grant sends its signed spend and the node submits
+  ``fundFromGrant`` (:mod:`payments.grant_terms`; the grant's owner pays). A job that is not funded by
+  its ``wait_until`` expires; one whose escrow entry has other terms fails.
 - **Receipts** (:mod:`payments.verdicts`). :meth:`Settlement.accept_receipt` verifies a validator's
   EIP-712 receipt, simulates the ``release`` (or, for a failing receipt, the ``refund``) with
   ``eth_call``, then records the verdict: ``completed -> validated | disputed``; the loop sends it.
@@ -41,6 +42,7 @@ from core.faults import NO_FAULTS, FaultPoints
 from core.journal import JobRecord, Journal, PaymentRecord, TxRecord
 from payments.chain import Chain
 from payments.funding import FundingWatcher
+from payments.grants import GrantFunding
 from payments.keys import EthSigner
 from payments.outbox import Outbox
 from payments.receipts import Authorization, FundingTerms
@@ -151,12 +153,14 @@ class Settlement:
         """The terms in the job's current quote (signed by this node and kept in the journal)."""
         return PaymentTerms.terms_of(job)
 
-    async def check_authorization(self, terms: FundingTerms, doc: Any) -> Authorization:
-        """A payer's EIP-3009 authorization, checked locally and, if the chain answers, in simulation."""
-        return await self.terms.check_authorization(terms, doc)
+    async def check_funding(self, terms: FundingTerms, doc: Any, *, iss: str) -> Authorization | GrantFunding:
+        """A job's ``funding`` (EIP-3009 authorization or grant spend), checked before it is accepted."""
+        return await self.terms.check_funding(terms, doc, iss=iss)
 
-    def open_payment(self, job: JobRecord, terms: FundingTerms, auth: Authorization | None) -> PaymentRecord:
-        """Record ``job``'s terms (and authorization) so the loop watches its funding; idempotent."""
+    def open_payment(
+        self, job: JobRecord, terms: FundingTerms, auth: Authorization | GrantFunding | None
+    ) -> PaymentRecord:
+        """Record ``job``'s terms (and funding) so the loop watches its funding; idempotent."""
         return self.terms.open_payment(job, terms, auth)
 
     def is_funded(self, job: str) -> bool:
@@ -234,12 +238,15 @@ class Settlement:
             return mine[-1].as_dict() if mine else None
 
         receipt = payment.receipt
+        auth = payment.authorization
+        grant = auth.get("grant") if auth is not None and auth.get("type") == "grant" else None
         return {
             "terms": payment.terms,
             "funding": {
                 "state": payment.funding,
                 "wait_until": payment.wait_until,
-                "gasless": payment.authorization is not None,
+                "gasless": auth is not None,
+                "grant": grant,
                 "tx": latest("fund"),
             },
             "settlement": {

@@ -24,6 +24,8 @@ from core.errors import ChainError, FundingError, HearthError
 from core.journal import JobRecord, Journal, PaymentRecord
 from payments.chain import Chain, is_reverted
 from payments.did import parse_did_pkh
+from payments.grant_terms import check_grant_funding
+from payments.grants import GrantFunding, is_grant_funding
 from payments.jwt import decode_unverified
 from payments.receipts import (
     Authorization,
@@ -163,6 +165,13 @@ class PaymentTerms:
         doc = (claims.get("quote") or {}).get("funding_terms")
         return None if doc is None else FundingTerms.from_json(doc)
 
+    async def check_funding(self, terms: FundingTerms, doc: Any, *, iss: str) -> Authorization | GrantFunding:
+        """A job's ``funding``: the payer's EIP-3009 authorization, or a grant's agent's signed spend
+        (:func:`~payments.grant_terms.check_grant_funding`; ``iss`` must be the grant's agent)."""
+        if is_grant_funding(doc):
+            return await check_grant_funding(self.cfg, self.chain, terms, doc, iss=iss, now=self._now())
+        return await self.check_authorization(terms, doc)
+
     async def check_authorization(self, terms: FundingTerms, doc: Any) -> Authorization:
         """A payer's EIP-3009 authorization, checked locally and, if the chain answers, in simulation."""
         auth = Authorization.from_json(doc)
@@ -201,8 +210,11 @@ class PaymentTerms:
                 ) from None
         return auth
 
-    def open_payment(self, job: JobRecord, terms: FundingTerms, auth: Authorization | None) -> PaymentRecord:
-        """Record ``job``'s terms (and authorization) so the loop watches its funding; idempotent."""
+    def open_payment(
+        self, job: JobRecord, terms: FundingTerms, auth: Authorization | GrantFunding | None
+    ) -> PaymentRecord:
+        """Record ``job``'s terms (and authorization or grant spend) so the loop watches its funding;
+        idempotent."""
         record = self.journal.open_payment(
             job.id,
             escrow_job_id=hex32(terms.job_id),

@@ -3,7 +3,9 @@ against the envelope's payment, an EIP-3009 authorization signed for them, and t
 be funded.
 
 Every check that can fail locally runs before anything is signed or sent; the node submits
-``fundWithAuthorization`` itself, so the payer's wallet needs USDC but no gas.
+``fundWithAuthorization`` itself, so the payer's wallet needs USDC but no gas. A job funded from a
+spending grant (:func:`submit_granted`) is paid by the grant's owner: its agent signs a ``Spend`` for the
+quoted terms and the node submits ``fundFromGrant``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from core.envelope import Envelope, envelope_hash
 from core.errors import AuthError, FundingError, RequestError
+from payments.grants import GrantFunding, Spend, sign_spend
 from payments.jwt import verify_node_token
 from payments.keys import EthSigner, load_key
 from payments.receipts import Authorization, FundingTerms, sign_authorization, terms_mismatches
@@ -44,6 +47,51 @@ class PaidSubmission:
     body: dict[str, Any]
     terms: FundingTerms
     authorization: Authorization
+
+
+@dataclass(frozen=True)
+class GrantSubmission:
+    """What the node answered to a grant-funded submission, the terms and the agent's signed spend."""
+
+    body: dict[str, Any]
+    terms: FundingTerms
+    funding: GrantFunding
+
+
+async def submit_granted(
+    client: NodeClient,
+    *,
+    env: Envelope,
+    agent: EthSigner,
+    grant_id: int,
+    node_did: str,
+    quote_jwt: str | None,
+    request_token: Callable[[], Awaitable[str]],
+) -> GrantSubmission:
+    """Quote (unless ``quote_jwt`` is given), check the terms, sign the agent's ``Spend`` from grant
+    ``grant_id`` for exactly them, submit with it. The node submits ``fundFromGrant``: the grant's owner
+    pays, the agent needs neither USDC nor gas. ``request_token`` must sign with the agent's key (the node
+    takes a grant-funded job only from the grant's agent)."""
+    if quote_jwt is None:
+        quote_jwt = str((await client.quote(await request_token()))["jwt"])
+    terms = quoted_terms(quote_jwt, node_did, env)
+    spend = Spend.for_terms(grant_id, terms)
+    funding = sign_spend(agent, chain_id=terms.chain_id, escrow=terms.escrow, spend=spend)
+    body = await client.submit(await request_token(), quote_jwt, funding.to_json())
+    return GrantSubmission(body=body, terms=terms, funding=funding)
+
+
+def agent_key(path: Path) -> EthSigner:
+    """The --agent-key: an Ethereum key (its ``did:pkh`` signs the request, its address the spend)."""
+    signer = load_key(path)
+    if not isinstance(signer, EthSigner):
+        raise FundingError(
+            "wallet_not_ethereum",
+            f"{path} holds a {signer.key_type} key; --agent-key takes an Ethereum key "
+            "(hearth keys new --type eth)",
+            details={"wallet": str(path), "did": signer.did},
+        )
+    return signer
 
 
 async def submit_paid(

@@ -162,3 +162,64 @@ async def wait_for(client: NodeClient, job: str, states: set[str], limit: float 
             return view
         assert time.monotonic() < deadline, f"job {job} stuck in {view['state']}: {view.get('payment')}"
         await asyncio.sleep(0.1)
+
+
+async def open_grant(
+    ph: PaidHome,
+    agent: EthSigner,
+    *,
+    per_job: int,
+    per_period: int,
+    period_seconds: int = 86_400,
+    expires_in: int = 30 * 86_400,
+    permit: bool = False,
+) -> int:
+    """The devnet payer opens a spending grant for ``agent`` (as ``hearth grant open`` does); its id."""
+    from payments.grant_owner import GrantOwner, GrantTerms
+
+    cfg = load_config(ph.home).chain
+    assert cfg is not None
+    owner = GrantOwner(cfg, ph.payer)
+    terms = GrantTerms(
+        agent=agent.address,
+        per_job_max=per_job,
+        period_max=per_period,
+        period_seconds=period_seconds,
+        expiry=int(time.time()) + expires_in,
+    )
+    try:
+        opened = await owner.open(terms, permit=permit)
+    finally:
+        await owner.close()
+    return int(opened["grant"]["grant"])
+
+
+async def quote_for_grant(
+    client: NodeClient, node_did: str, agent: EthSigner, env: dict[str, Any]
+) -> tuple[str, FundingTerms]:
+    """The agent asks for a quote; the quote JWT and its escrow terms."""
+    quote = await client.quote(sign_request(agent, node_did, {"job": env}))
+    return str(quote["jwt"]), FundingTerms.from_json(quote["quote"]["funding_terms"])
+
+
+def grant_spend(agent: EthSigner, grant_id: int, terms: FundingTerms) -> dict[str, Any]:
+    """``agent``'s signed spend from ``grant_id`` for exactly ``terms``, as a submission's ``funding``."""
+    from payments.grants import Spend, sign_spend
+
+    spend = Spend.for_terms(grant_id, terms)
+    return sign_spend(agent, chain_id=terms.chain_id, escrow=terms.escrow, spend=spend).to_json()
+
+
+def grant_events(ph: PaidHome, name: str, **filters: Any) -> list[Any]:
+    """The escrow's ``name`` events (GrantSpent, GrantRevoked, Funded ...) matching ``filters``."""
+    escrow = ph.w3.eth.contract(
+        address=Web3.to_checksum_address(ph.net.escrow), abi=load_artifact("HearthEscrow").abi
+    )
+    return list(getattr(escrow.events, name)().get_logs(from_block=0, argument_filters=filters))
+
+
+def grant_view(ph: PaidHome, grant_id: int) -> tuple[Any, ...]:
+    escrow = ph.w3.eth.contract(
+        address=Web3.to_checksum_address(ph.net.escrow), abi=load_artifact("HearthEscrow").abi
+    )
+    return tuple(escrow.functions.grantOf(grant_id).call())
