@@ -22,12 +22,16 @@ from core.errors import ConflictError, IllegalTransitionError
 from core.journal import SCHEMA_VERSION, TRANSITIONS, Journal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "journal"
-VERSIONS = (1, 2, 3, 4)
+VERSIONS = (1, 2, 3, 4, 5)
 TABLES = {
     1: {"meta", "transitions", "jobs", "events", "nonces"},
     2: {"meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs"},
     3: {"meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs", "webhooks"},
     4: {"meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs", "webhooks"},
+    5: {
+        *("meta", "transitions", "jobs", "events", "nonces", "payments", "chain_txs", "webhooks"),
+        "validation_notices",
+    },
 }
 """The tables each schema version had: what the fixture must show it was written by."""
 NODE_ADDRESS = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"  # the recording's sender of chain transactions
@@ -157,6 +161,9 @@ def test_every_recorded_row_reads_back(recorded: Recorded, journal: Journal) -> 
     webhooks = expected.get("webhooks", {})
     for name in recorded.names():
         assert journal.webhook(recorded.id(name)) == webhooks.get(name), name
+    notices = expected.get("notices", {})
+    for name in recorded.names():
+        assert journal.notice(recorded.id(name)) == notices.get(name), name
 
 
 def test_the_recorded_facts_mean_what_they_meant(recorded: Recorded, journal: Journal) -> None:
