@@ -114,8 +114,6 @@ def _print_accepted(body: dict[str, Any]) -> None:
 
 async def cmd_job_submit(args: argparse.Namespace, out: Out, client: NodeClient) -> int:
     if args.market:
-        if args.grant is not None:
-            raise usage("--grant pays one node: give --node (or --home), not --market")
         return await cmd_market_submit(args, out)
     if args.grant is not None:
         try:

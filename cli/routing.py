@@ -3,7 +3,9 @@ submit to the winner (:mod:`requester.market`, then :mod:`requester.routing`) an
 
 The registry and the RPC come from ``--registry``/``--rpc``, else from --home's node.toml (``[market]
 registry``, ``[chain] rpc_url``). With ``--wallet`` the job is paid for (an authorization signed for the
-node that accepted it, only); ``--wait`` then follows the escrow funding there.
+node that accepted it, only); with ``--grant ID --agent-key K`` it is paid from a spending grant (the agent
+requests the job and signs a Spend for the accepting node's terms, only); ``--wait`` then follows the escrow
+funding there.
 
 The requester home under --home (:mod:`requester.home`, budgets in ``HOME/requester/requester.toml``) makes
 it idempotent and bounded: ``--idempotency-key`` (default: the node's id of the job) returns the recorded job
@@ -124,22 +126,34 @@ async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
     from requester.home import default_path as home_path
     from requester.home_route import default_key, route_once
     from requester.market import Provider, discover
-    from requester.paid import funding_outcome, payer_wallet, wait_for_funding
+    from requester.paid import agent_key, funding_outcome, payer_wallet, wait_for_funding
+    from requester.routing import GrantFunder
     from requester.routing_decision import Strategy
 
     if args.token or args.quote or args.node or args.node_did:
         raise usage(
             "--market chooses the node and asks for its quote: give no --node, --node-did, --token, --quote"
         )
-    if not args.envelope or not args.key:
-        raise usage("--market needs an ENVELOPE file and --key")
+    grant_id = getattr(args, "grant", None)
+    if grant_id is not None:
+        if args.wallet:
+            raise usage("--grant and --wallet are two ways to pay: give one")
+        if args.valid_seconds is not None:
+            raise usage("--valid-seconds is for --wallet; a grant spend is valid until the escrow deadline")
+        if grant_id < 1:
+            raise usage("--grant takes a grant id (1, 2, ...; from `hearth grant open`)")
+        if not args.agent_key:
+            raise usage("--grant needs --agent-key: the grant's agent signs the spend and the request")
+    if not args.envelope or not (args.key or grant_id is not None):
+        raise usage("--market needs an ENVELOPE file and --key (--agent-key with --grant)")
     if args.valid_seconds is not None and args.valid_seconds <= 0:
         raise usage("--valid-seconds must be a positive number of seconds")
     env = parse_envelope(read_envelope(Path(args.envelope)))
-    signer = load_key(Path(args.key))
     wallet = payer_wallet(Path(args.wallet), env) if args.wallet else None
-    if wallet is None and (args.wait or args.valid_seconds is not None):
-        raise usage("--wait and --valid-seconds need --wallet")
+    grant = None if grant_id is None else GrantFunder(grant_id, agent_key(Path(args.agent_key)))
+    signer = grant.agent if grant is not None else load_key(Path(args.key))
+    if wallet is None and grant is None and (args.wait or args.valid_seconds is not None):
+        raise usage("--wait and --valid-seconds need --wallet (--wait: or --grant)")
     strategy = Strategy(args.strategy, args.min_settled, args.max_failure_rate)
     registry_address, rpc = _where(args)
     found: list[Discovery] = []
@@ -175,6 +189,7 @@ async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
                 workflow=args.workflow,
                 strategy=strategy,
                 wallet=wallet,
+                grant=grant,
                 quote_timeout=args.quote_timeout,
                 valid_seconds=args.valid_seconds,
             )
@@ -276,7 +291,12 @@ def _print(found: Discovery, decision: RoutingDecision) -> None:
             print(
                 f"  escrow    job {terms['escrow_job_id']}, {terms['amount_usdc']} USDC from {terms['payer']}"
             )
-            print("  funding   gasless (the node submits fundWithAuthorization)")
+            if "grant" in job.funding:
+                print(
+                    f"  funding   from grant {job.funding['grant']['grant']} (the node submits fundFromGrant)"
+                )
+            else:
+                print("  funding   gasless (the node submits fundWithAuthorization)")
     if decision.error is not None:
         err = decision.error
         print(f"error [{err.domain}/{err.code}]: {err.message}")

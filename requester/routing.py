@@ -33,6 +33,9 @@ every submission attempt and the job it gave.
    Paying (a payer ``wallet``), the job is first accepted without money, then the EIP-3009 authorization
    is signed for the node that accepted it, and only for it, and sent to it (retried as above with the
    same authorization). A node that refuses never held an authorization, so the next one can be asked.
+   Paying from a spending grant (a :class:`GrantFunder`: the grant and its agent's key, DESIGN §12) goes
+   the same two steps: the agent's ``Spend`` is signed for the accepting node's quoted terms only, and
+   the node submits ``fundFromGrant`` (the grant's owner pays; the agent signs the requests too).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from core import defaults as d
 from core.envelope import Envelope, envelope_dict, envelope_hash, node_job_id
 from core.errors import HearthError, PricingError, RequestError
 from core.untrusted import UntrustedJSONError, parse_json
+from payments.grants import Spend, sign_spend
 from payments.jwt import verify_node_token
 from payments.keys import EthSigner, Signer
 from payments.receipts import USDC_UNIT, FundingTerms, sign_authorization
@@ -80,6 +84,20 @@ DEFAULT_CONCURRENCY: Final = 32
 MAX_ANSWER_BYTES: Final = 1 << 20
 Guard = Callable[[Candidate, int], None]  # raises a HearthError to stop before the candidate is asked
 _ORDER: Final = {"quoted": 0, "refused": 1, "unreachable": 2, "ineligible": 3, "unfit": 4}
+
+
+@dataclass(frozen=True)
+class GrantFunder:
+    """Fund the routed job from spending grant ``grant_id``: ``agent`` (the grant's agent key) signs a
+    ``Spend`` for the accepting node's terms; the grant's owner (the envelope's payer) pays."""
+
+    grant_id: int
+    agent: EthSigner
+
+    def funding(self, terms: FundingTerms) -> dict[str, Any]:
+        spend = Spend.for_terms(self.grant_id, terms)
+        return sign_spend(self.agent, chain_id=terms.chain_id, escrow=terms.escrow, spend=spend).to_json()
+
 
 # -- one request, its outcome classified --------------------------------------------------------------
 
@@ -167,6 +185,7 @@ class _Router:
     env: Envelope
     signer: Signer
     wallet: EthSigner | None
+    grant: GrantFunder | None
     session: aiohttp.ClientSession
     quote_timeout: float
     submit_timeout: float
@@ -181,6 +200,10 @@ class _Router:
         self.doc = envelope_dict(self.env)
         self.hash = envelope_hash(self.env)
         self.job_key = node_job_id(self.signer.did, self.env.job_id)
+
+    @property
+    def paying(self) -> bool:
+        return self.wallet is not None or self.grant is not None
 
     def token(self, node_did: str) -> str:
         """A fresh signed request for ``node_did`` (a new ``jti`` each time; the same envelope)."""
@@ -243,7 +266,7 @@ class _Router:
                 details={"ask": str(ask), "max_price": self.env.payment.max_price},
             )
         terms = None
-        if self.wallet is not None:  # raises unless the terms are the envelope's payment
+        if self.paying:  # raises unless the terms are the envelope's payment
             terms = quoted_terms(jwt, provider.did, self.env)
         elif quote.get("funding_terms") is not None:
             terms = FundingTerms.from_json(quote["funding_terms"])
@@ -318,6 +341,7 @@ async def route(
     *,
     strategy: Strategy | None = None,
     wallet: EthSigner | None = None,
+    grant: GrantFunder | None = None,
     session: aiohttp.ClientSession | None = None,
     quote_timeout: float = DEFAULT_QUOTE_TIMEOUT_SECONDS,
     submit_timeout: float = DEFAULT_SUBMIT_TIMEOUT_SECONDS,
@@ -333,9 +357,19 @@ async def route(
     """Quote ``env`` with every fitting provider, choose by ``strategy``, submit to the winner (see the
     module's docstring). With ``wallet`` (the envelope's payer) the job is paid for by an EIP-3009
     authorization signed for the accepting node only (``valid_seconds``: it lapses sooner than the escrow
-    deadline). Raises only on a local mistake (a wallet that is not the payer); every node's answer, good
-    or bad, is in the decision."""
+    deadline). With ``grant`` it is paid from a spending grant: ``signer`` must be the grant's agent (the
+    node takes a grant-funded job only from it). Raises only on a local mistake (a wallet that is not the
+    payer, a wallet and a grant, a signer that is not the grant's agent); every node's answer, good or bad,
+    is in the decision."""
     strategy = strategy or Strategy()
+    if grant is not None and (wallet is not None or grant.agent.did != signer.did):
+        raise HearthError(
+            "grant_not_agent" if wallet is None else "two_funders",
+            f"a grant-funded job is requested by the grant's agent {grant.agent.did}, not {signer.did}"
+            if wallet is None
+            else "give a wallet or a grant, not both",
+            domain="funding",
+        )
     if wallet is not None and wallet.address.lower() != env.payment.payer.lower():
         raise HearthError(
             "wallet_not_payer",
@@ -347,7 +381,7 @@ async def route(
         connector=aiohttp.TCPConnector(limit=concurrency, force_close=True)
     )
     router = _Router(
-        env, signer, wallet, http, quote_timeout, submit_timeout, connect_timeout,
+        env, signer, wallet, grant, http, quote_timeout, submit_timeout, connect_timeout,
         max(retries, 0), backoff, ttl_seconds, valid_seconds,
     )  # fmt: skip
     try:
@@ -446,15 +480,21 @@ async def _accepted(
     )
     decision.winner, decision.job = cand.did, submitted
     decision.reason = explain(cand, ranked, passed, decision.strategy)
-    if router.wallet is None:
+    if not router.paying:
         decision.outcome = "submitted"
         return decision
     terms = cand.terms
     assert terms is not None  # a paid quote without terms was refused when quoted
-    valid_before = None if router.valid_seconds is None else int(time.time()) + router.valid_seconds
-    auth = sign_authorization(router.wallet, terms, valid_before=valid_before)  # once, for this node only
-    funding = {"terms": terms.to_json(), "authorization": auth.to_json()}
-    fans, maybe_sent = await router.until_known(cand, "fund", auth.to_json())
+    sent: dict[str, Any]
+    if router.grant is not None:  # the agent's spend, once, for this node's terms only
+        sent = router.grant.funding(terms)
+        funding = {"terms": terms.to_json(), "grant": sent}
+    else:
+        assert router.wallet is not None
+        valid_before = None if router.valid_seconds is None else int(time.time()) + router.valid_seconds
+        sent = sign_authorization(router.wallet, terms, valid_before=valid_before).to_json()  # this node only
+        funding = {"terms": terms.to_json(), "authorization": sent}
+    fans, maybe_sent = await router.until_known(cand, "fund", sent)
     if fans.heard == "ok":
         body_job = fans.body.get("job")
         state = body_job.get("state") if isinstance(body_job, dict) else None
@@ -506,4 +546,4 @@ def _unknown(
     return decision
 
 
-__all__ = ["Guard", "amount_of", "route"]
+__all__ = ["GrantFunder", "Guard", "amount_of", "route"]

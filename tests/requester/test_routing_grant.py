@@ -1,0 +1,171 @@
+"""Routing a job paid from a spending grant among real node daemons on a devnet (anvil, DESIGN §11, §12).
+
+Three daemons (``hearth run``) listed in the devnet's registry, each with a wallet of its own: two that quote
+0.012 and 0.015 USDC, and one that denies the agent by policy. The owner (the devnet payer) opens a grant for
+a fresh agent key (no USDC, no gas). Routing quotes everywhere as the agent, the cheapest accepts the job
+unfunded, and only then the agent's ``Spend`` is signed, for that node's terms: one ``GrantSpent``, one
+escrow entry (payer: the owner), nothing at the others. Then the command: ``hearth job submit --market
+--grant ID --agent-key K --wait``, and the same key again spends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from web3 import Web3
+
+from core.envelope import node_job_id, parse_envelope
+from payments import devnet
+from payments.keys import EthSigner, save_key
+from payments.receipts import escrow_job_id
+from requester.market import Provider
+from requester.routing import GrantFunder, route
+from tests.conftest import REPO, DaemonProcess
+from tests.payments.paid import PaidHome, grant_events, grant_view, open_grant, paid_envelope, paid_home
+from tests.requester.marketnet import Market, NodeHome
+from tests.requester.test_routing_market import LIMITS, ROOMY, _wait_ready, offer_of, pricing, wait_funded
+
+PRICED = {"a": "0.012", "b": "0.015"}
+INPUT = "ipfs://bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
+
+
+@dataclass
+class GrantNet:
+    ph: PaidHome
+    agent: EthSigner
+    grant: int
+    homes: dict[str, NodeHome]
+    dids: dict[str, str]
+
+
+async def _list(market: Market, homes: dict[str, NodeHome]) -> dict[str, str]:
+    """Each node's DID, once it is registered at its endpoint by its wallet."""
+    dids = {name: str((await offer_of(h.url))["node"]) for name, h in homes.items()}
+    for name, h in homes.items():
+        await market.register(h.wallet, dids[name], h.url)
+    await market.close()
+    return dids
+
+
+@pytest.fixture(scope="module")
+def gnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrantNet]:
+    root = tmp_path_factory.mktemp("routing-grant")
+    ph = paid_home(root / "devnet")
+    agent = EthSigner.generate(ph.net.chain_id)
+    daemons: list[DaemonProcess] = []
+    try:
+        market = Market(ph, root, address=ph.net.registry)
+        configs = {
+            **{name: {**pricing(price), "capacity": ROOMY} for name, price in PRICED.items()},
+            "deny": {**pricing("0.010", deny_dids=[agent.did]), "capacity": ROOMY},
+        }
+        homes = {name: market.node_home(config=cfg) for name, cfg in configs.items()}
+        daemons = [DaemonProcess(h.home, h.port) for h in homes.values()]
+        for d in daemons:
+            d.spawn()
+        _wait_ready(daemons)
+        dids = asyncio.run(_list(market, homes))
+        grant = asyncio.run(open_grant(ph, agent, per_job=20_000, per_period=30_000))
+        yield GrantNet(ph, agent, grant, homes, dids)
+    finally:
+        for d in daemons:
+            d.stop()
+        devnet.stop(ph.home)
+
+
+def _spent(g: GrantNet) -> list[tuple[str, int]]:
+    return [
+        ("0x" + bytes(e["args"]["jobId"]).hex(), int(e["args"]["amount"]))
+        for e in grant_events(g.ph, "GrantSpent", grantId=g.grant)
+    ]
+
+
+def _escrow_id(g: GrantNet, name: str, job_id: str) -> str:
+    return "0x" + escrow_job_id(g.dids[name], node_job_id(g.agent.did, job_id)).hex()
+
+
+async def test_routing_signs_the_agents_spend_for_the_accepting_node_only(gnet: GrantNet) -> None:
+    g = gnet
+    found = []
+    for name, h in g.homes.items():
+        offer = await offer_of(h.url)
+        found.append(Provider(h.wallet.address, g.dids[name], h.url, offer))
+    env = parse_envelope(paid_envelope(g.ph, "grant-route-1", INPUT, limits=LIMITS))
+    decision = await route(env, g.agent, found, grant=GrantFunder(g.grant, g.agent))
+    assert decision.outcome == "submitted", decision.to_json()
+    assert decision.winner == g.dids["a"]
+    by_did = {c.did: c for c in decision.candidates}
+    assert (by_did[g.dids["deny"]].status, by_did[g.dids["deny"]].code) == ("refused", "did_denied")
+    assert by_did[g.dids["b"]].status == "quoted"
+    assert [(a.node, a.step, a.outcome) for a in decision.attempts] == [
+        (g.dids["a"], "accept", "ok"),
+        (g.dids["a"], "fund", "ok"),
+    ]
+    assert decision.job is not None and decision.job.funding is not None
+    spend = decision.job.funding["grant"]
+    assert spend["grant"] == str(g.grant) and spend["spend"]["amount"] == "12000"
+    assert spend["spend"]["provider"].lower() == g.homes["a"].wallet.address.lower()
+    view = await wait_funded(g.homes["a"].url, decision.job.id)
+    funding = view["payment"]["funding"]
+    assert funding["state"] == "funded" and funding["grant"] == str(g.grant)
+    escrow_a = _escrow_id(g, "a", "grant-route-1")
+    assert _spent(g) == [(escrow_a, 12_000)]
+    assert g.ph.escrow_job(escrow_a)[0] == g.ph.payer.address  # the owner pays
+    assert g.ph.escrow_job(_escrow_id(g, "b", "grant-route-1"))[0] == "0x" + "0" * 40
+    assert grant_view(g.ph, g.grant)[7] == 12_000
+    assert g.ph.w3.eth.get_transaction_count(Web3.to_checksum_address(g.agent.address)) == 0
+    # the agent is the only one a grant-funded job may be requested by
+    with pytest.raises(Exception, match="grant's agent"):
+        await route(env, EthSigner.generate(g.ph.net.chain_id), found, grant=GrantFunder(g.grant, g.agent))
+
+
+def _submit(g: GrantNet, tmp: Path, job_id: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    path = tmp / f"{job_id}.json"
+    path.write_text(json.dumps(paid_envelope(g.ph, job_id, INPUT, limits=LIMITS)))
+    key = tmp / "agent.key"
+    if not key.exists():
+        save_key(g.agent, key)
+    argv = [
+        "job", "submit", str(path), "--market", "--home", str(g.ph.home), "--allow-private-endpoints",
+        "--grant", str(g.grant), "--agent-key", str(key), "--json",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *argv, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    return done.returncode, json.loads(done.stdout) if done.returncode != 2 else {
+        "out": done.stdout + done.stderr
+    }
+
+
+async def test_job_submit_market_with_a_grant_waits_for_funding_and_a_replay_spends_nothing(
+    gnet: GrantNet, tmp_path: Path
+) -> None:
+    g = gnet
+    before = len(_spent(g))
+    code, first = _submit(g, tmp_path, "grant-cli-1", "--idempotency-key", "G1", "--wait")
+    assert code == 0, first
+    assert first["decision"]["winner"] == g.dids["a"]
+    assert first["status"]["job"]["payment"]["funding"]["state"] == "funded"
+    assert first["status"]["job"]["payment"]["funding"]["grant"] == str(g.grant)
+    code, again = _submit(g, tmp_path, "grant-cli-1", "--idempotency-key", "G1")
+    assert code == 0 and again["idempotency"]["replayed"] is True, again
+    assert again["decision"] == first["decision"]
+    spent = _spent(g)
+    assert len(spent) == before + 1 and spent[-1] == (_escrow_id(g, "a", "grant-cli-1"), 12_000)
+    # a wallet beside the grant is a usage error, nothing sent
+    code, doc = _submit(g, tmp_path, "grant-cli-2", "--wallet", str(tmp_path / "agent.key"))
+    assert code == 2 and "two ways to pay" in doc["out"], doc
