@@ -8,7 +8,8 @@
 - :mod:`cli.devnet`: a local chain and the demo;
 - :mod:`cli.market` (with :mod:`cli.market_leave`): the provider market on chain (who sells what, each
   provider's reputation) and ``hearth market leave`` (the node's wallet out of the registry);
-- :mod:`cli.grant`: an owner's spending grants for an agent key.
+- :mod:`cli.grant`: an owner's spending grants for an agent key;
+- :mod:`cli.mcp`: an agent's tools over the Model Context Protocol (``hearth mcp``).
 
 :mod:`cli.common` holds the exit codes (0 done, 1 the node refused, 2 bad usage or local input, 3 the node
 could not be reached) and the output for people or for machines (``--json``).
@@ -20,6 +21,7 @@ import argparse
 import sys
 
 from cli import devnet, grant, market, models, operator, requester, service, status, validator, validator_run
+from cli import mcp as mcp_cli
 from cli.common import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     market_sub = market.add_parser(sub, [common])
     add_leave_parser(market_sub, [common, config])
     grant.add_parser(sub, [common])
+    mcp_cli.add_parser(sub, [common])
     return parser
 
 

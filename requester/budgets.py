@@ -10,6 +10,13 @@
     transcode = "1.50"
     nightly-batch = "20"
 
+    [agent]                   # what `hearth mcp` acts as (requester.agent_tools)
+    key_file = "agent.key"    # the agent's Ethereum key, relative to HOME/requester (it signs requests)
+    grant = 3                 # fund jobs from this spending grant (absent: jobs are submitted unfunded)
+    registry = "0x…"          # route through this HearthRegistry (default: node.toml's [market] registry)
+    rpc_url = "http://…"      # the chain's RPC (default: node.toml's [chain] rpc_url)
+    allow_private_endpoints = false   # accept providers on private addresses (a local devnet)
+
 Amounts are decimal USDC strings with at most 6 decimals; the home keeps them in base units. A file that is
 absent means no spending caps and the default number of attempts. :class:`requester.home.RequesterHome`
 enforces them: a spend is reserved atomically before anything is signed, or refused with what is left.
@@ -70,12 +77,25 @@ class BudgetsSection(BaseModel):
         return v
 
 
+class AgentSection(BaseModel):
+    """``[agent]`` of requester.toml: the key, grant and market an agent's tools (``hearth mcp``) use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_file: str | None = Field(default=None, min_length=1)
+    grant: int | None = Field(default=None, ge=1)
+    registry: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
+    rpc_url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    allow_private_endpoints: bool = False
+
+
 class RequesterConfig(BaseModel):
-    """requester.toml: only ``[budgets]`` for now."""
+    """requester.toml: ``[budgets]`` and ``[agent]``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     budgets: BudgetsSection = Field(default_factory=BudgetsSection)
+    agent: AgentSection = Field(default_factory=AgentSection)
 
 
 def check_workflow(name: str) -> str:
@@ -109,15 +129,20 @@ def load_budgets(home: Path) -> Budgets:
     Raises :class:`ConfigError` ``invalid_requester_config`` when the file is not valid TOML or names an
     unknown key or an inexact amount.
     """
+    return Budgets.from_config(load_requester_config(home))
+
+
+def load_requester_config(home: Path) -> RequesterConfig:
+    """``HOME/requester/requester.toml`` (all defaults when absent); errors as :func:`load_budgets`."""
     path = config_path(home)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return Budgets()
+        return RequesterConfig()
     except OSError as exc:
         raise ConfigError("invalid_requester_config", f"cannot read {path}: {exc}") from None
     try:
-        return Budgets.from_config(RequesterConfig.model_validate(tomllib.loads(text)))
+        return RequesterConfig.model_validate(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("invalid_requester_config", f"{path}: {exc}") from None
     except ValidationError as exc:
@@ -134,10 +159,12 @@ def load_budgets(home: Path) -> Budgets:
 __all__ = [
     "DEFAULT_ATTEMPTS_PER_KEY",
     "DEFAULT_WORKFLOW",
+    "AgentSection",
     "Budgets",
     "BudgetsSection",
     "RequesterConfig",
     "check_workflow",
     "config_path",
     "load_budgets",
+    "load_requester_config",
 ]
