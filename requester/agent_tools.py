@@ -35,6 +35,7 @@ from core.config import ChainSection, load_config, resolve_path
 from core.envelope import VllmBatchEnvelope, parse_envelope
 from core.errors import ConfigError, ConflictError, HearthError, NotFoundError
 from core.lifecycle import STREAM_END_STATES
+from payments.grants import Grant
 from payments.keys import EthSigner
 from requester.budgets import (
     DEFAULT_WORKFLOW,
@@ -313,6 +314,9 @@ class AgentTools:
             )
 
         home = self.requester_home
+        record = home.record(args.idempotency_key)
+        if grant is not None and (record is None or record.state != "submitted"):
+            await self._grant_open(grant)  # a revoked, expired or spent grant: refused before routing
         routed = await route_once(
             home, args.idempotency_key, env, self.agent, discover, workflow=args.workflow,
             grant=funder, strategy=Strategy("cheapest"),
@@ -419,22 +423,38 @@ class AgentTools:
         self.memo.keep(args.idempotency_key, "put_input", call, result)
         return result
 
+    async def _read_grant(self, grant_id: int) -> Grant | None:
+        """The grant as the chain reads it now (None without a chain in node.toml)."""
+        if self.chain is None:
+            return None
+        from payments.chain import Chain
+        from payments.grant_terms import read_grant
+
+        chain = Chain(self.chain, self.agent)
+        try:
+            return await read_grant(chain, grant_id)
+        finally:
+            await chain.close()
+
+    async def _grant_open(self, grant_id: int) -> None:
+        """Refuse (as the node would, with what is left) a grant that is revoked, expired or spent."""
+        from payments.grant_terms import check_grant_limits
+
+        grant = await self._read_grant(grant_id)
+        if grant is not None:
+            check_grant_limits(grant, 1, time.time())
+
     async def budget(self, args: BudgetQuery) -> dict[str, Any]:
         if args.workflow is not None:
             check_workflow(args.workflow)
         local = self.requester_home.left(args.workflow)
         grant_id = self.cfg.agent.grant
-        on_chain: dict[str, Any] | None = None
-        if grant_id is not None and self.chain is not None:
-            from payments.chain import Chain
-            from payments.grant_terms import read_grant
-
-            chain = Chain(self.chain, self.agent)
-            try:
-                on_chain = (await read_grant(chain, grant_id)).to_json()
-            finally:
-                await chain.close()
-        return {"agent": self.agent.address, "grant": on_chain, "local": local}
+        grant = None if grant_id is None else await self._read_grant(grant_id)
+        return {
+            "agent": self.agent.address,
+            "grant": None if grant is None else grant.to_json(),
+            "local": local,
+        }
 
 
 def _local_file(name: str) -> tuple[Path, str, int]:

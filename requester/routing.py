@@ -514,7 +514,12 @@ async def _accepted(
             else f"could not be reached with its funding: {fans.message}"
         )
         + "; no other node is asked (the job is this node's)",
-        details={"node": cand.did, "job": submitted.id, "code": fans.code},
+        details={
+            "node": cand.did,
+            "job": submitted.id,
+            "code": fans.code,
+            "refusal": fans.error.get("details") if isinstance(fans.error.get("details"), dict) else None,
+        },
         domain="funding",
     )
     return decision

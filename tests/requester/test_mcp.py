@@ -87,10 +87,11 @@ class Agent:
 
 
 @asynccontextmanager
-async def mcp_server(home: Path, node_url: str) -> AsyncIterator[Agent]:
+async def mcp_server(home: Path, *args: str) -> AsyncIterator[Agent]:
+    """``hearth mcp --home HOME ARGS`` over stdio, started by the SDK's client; its session."""
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "cli.main", "mcp", "--home", str(home), "--node", node_url],
+        args=["-m", "cli.main", "mcp", "--home", str(home), *args],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=str(REPO),
     )
@@ -123,7 +124,7 @@ async def test_an_agent_with_a_grant_submits_waits_hits_its_cap_and_a_restart_ke
     grant = await open_grant(ph, agent, per_job=price, per_period=10 * price)
     home = agent_home(ph, tmp_path / "agent", agent, grant, terms.to_json()["amount_usdc"])
 
-    async with mcp_server(home, node.url) as a:
+    async with mcp_server(home, "--node", node.url) as a:
         listed = await a.session.list_tools()
         assert {t.name for t in listed.tools} == set(TOOLS)
         assert all(t.inputSchema["type"] == "object" for t in listed.tools)
@@ -167,7 +168,7 @@ async def test_an_agent_with_a_grant_submits_waits_hits_its_cap_and_a_restart_ke
     spent = grant_events(ph, "GrantSpent", grantId=grant)
     assert len(spent) == 1 and int(spent[0]["args"]["amount"]) == price
 
-    async with mcp_server(home, node.url) as a:  # a restart keeps idempotency and budgets
+    async with mcp_server(home, "--node", node.url) as a:  # a restart keeps idempotency and budgets
         same = await a.ok("submit_job", envelope=env, workflow="clips", idempotency_key="job-1")
         assert same["job"] == job and same["replayed"] is True
         err = await a.refused("submit_job", envelope=env2, workflow="clips", idempotency_key="job-2")

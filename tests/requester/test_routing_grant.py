@@ -5,7 +5,9 @@ Three daemons (``hearth run``) listed in the devnet's registry, each with a wall
 a fresh agent key (no USDC, no gas). Routing quotes everywhere as the agent, the cheapest accepts the job
 unfunded, and only then the agent's ``Spend`` is signed, for that node's terms: one ``GrantSpent``, one
 escrow entry (payer: the owner), nothing at the others. Then the command: ``hearth job submit --market
---grant ID --agent-key K --wait``, and the same key again spends nothing.
+--grant ID --agent-key K --wait``, and the same key again spends nothing. Last, ``hearth mcp`` through the
+market (the SDK's client over stdio, then streamable HTTP): providers, uploads to each, quotes, submissions
+until the grant's period cap on chain refuses the next one with what is left.
 """
 
 from __future__ import annotations
@@ -13,25 +15,32 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 from web3 import Web3
 
+from core.config import load_config
 from core.envelope import node_job_id, parse_envelope
 from payments import devnet
 from payments.keys import EthSigner, save_key
 from payments.receipts import escrow_job_id
 from requester.market import Provider
 from requester.routing import GrantFunder, route
-from tests.conftest import REPO, DaemonProcess
+from tests.conftest import REPO, DaemonProcess, free_port
 from tests.payments.paid import PaidHome, grant_events, grant_view, open_grant, paid_envelope, paid_home
 from tests.requester.marketnet import Market, NodeHome
+from tests.requester.test_mcp import Agent, mcp_server
 from tests.requester.test_routing_market import LIMITS, ROOMY, _wait_ready, offer_of, pricing, wait_funded
 
 PRICED = {"a": "0.012", "b": "0.015"}
@@ -169,3 +178,79 @@ async def test_job_submit_market_with_a_grant_waits_for_funding_and_a_replay_spe
     # a wallet beside the grant is a usage error, nothing sent
     code, doc = _submit(g, tmp_path, "grant-cli-2", "--wallet", str(tmp_path / "agent.key"))
     assert code == 2 and "two ways to pay" in doc["out"], doc
+
+
+def _agent_home(g: GrantNet, root: Path) -> Path:
+    """A requester home for ``hearth mcp`` through the market: the agent's key and grant, the registry."""
+    (root / "requester").mkdir(parents=True)
+    save_key(g.agent, root / "requester" / "agent.key")
+    (root / "requester" / "requester.toml").write_text(
+        f'[agent]\nkey_file = "agent.key"\ngrant = {g.grant}\nregistry = "{g.ph.net.registry}"\n'
+        f'rpc_url = "{g.ph.net.rpc_url}"\nallow_private_endpoints = true\n'
+    )
+    chain = load_config(g.ph.home).chain
+    assert chain is not None
+    devnet.set_chain_config(root, chain)
+    return root
+
+
+async def test_hearth_mcp_routes_through_the_market_and_the_grant_cap_on_chain_refuses(
+    gnet: GrantNet, tmp_path: Path
+) -> None:
+    g = gnet
+    home = _agent_home(g, tmp_path / "agent")
+    blob = tmp_path / "input.bin"
+    blob.write_bytes(b"hearth input " * 100)
+    async with mcp_server(home) as a:
+        found = await a.ok("find_providers", kind="ffmpeg_transcode")
+        assert {p["did"] for p in found["providers"]} == set(g.dids.values())
+        put = await a.ok("put_input", path=str(blob), idempotency_key="blob-1")
+        assert {s["did"] for s in put["stored_at"]} == set(g.dids.values()) and put["failed"] == []
+        env = paid_envelope(g.ph, "mcp-market-1", INPUT, limits=LIMITS)
+        quotes = (await a.ok("quote_job", envelope=env))["quotes"]
+        asks = [(q["did"], Decimal(q["price"])) for q in quotes[:2]]
+        assert asks == [(g.dids["a"], Decimal("0.012")), (g.dids["b"], Decimal("0.015"))]
+        assert quotes[2]["did"] == g.dids["deny"] and quotes[2]["error"]["code"] == "did_denied"
+
+        n = 0
+        while 30_000 - int(grant_view(g.ph, g.grant)[7]) >= 12_000:  # spend what the period allows
+            n += 1
+            env = paid_envelope(g.ph, f"mcp-market-{n}", INPUT, limits=LIMITS)
+            sub = await a.ok("submit_job", envelope=env, idempotency_key=f"m{n}")
+            assert sub["node"] == g.dids["a"] and sub["grant"] == str(g.grant), sub
+            await wait_funded(g.homes["a"].url, sub["job"])
+        left = 30_000 - int(grant_view(g.ph, g.grant)[7])
+        assert int((await a.ok("budget"))["grant"]["left_this_period"]) == left
+        spent = len(_spent(g))
+        env = paid_envelope(g.ph, "mcp-market-over", INPUT, limits=LIMITS)
+        err = await a.refused("submit_job", envelope=env, idempotency_key="over")
+        assert (err["code"], err["details"]["code"]) == ("funding_refused", "grant_exhausted"), err
+        assert err["details"]["refusal"]["left_this_period"] == str(left)
+        assert len(_spent(g)) == spent  # the chain's cap held: nothing spent
+
+    port = free_port()  # the same tools over streamable HTTP
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "cli.main", "mcp", "--home", str(home), "--http", str(port)],
+        cwd=REPO,
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.returncode is None and time.monotonic() < deadline, "never listened"
+                await asyncio.sleep(0.2)
+        async with streamable_http_client(url) as (read, write, _), ClientSession(read, write) as session:
+            await session.initialize()
+            http = Agent(session)
+            assert int((await http.ok("budget"))["grant"]["left_this_period"]) == left
+            again = await http.ok("put_input", path=str(blob), idempotency_key="blob-1")
+            assert again["replayed"] is True and again["cid"] == put["cid"]
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
