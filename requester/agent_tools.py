@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import ChainSection, load_config, resolve_path
 from core.envelope import VllmBatchEnvelope, parse_envelope
-from core.errors import ConfigError, ConflictError, HearthError, NotFoundError
+from core.errors import ConfigError, ConflictError, HearthError, NotFoundError, RequestError
 from core.lifecycle import STREAM_END_STATES
 from payments.grants import Grant
 from payments.keys import EthSigner
@@ -266,7 +266,8 @@ class AgentTools:
                     "wallet": p.wallet,
                     "kinds": p.offer.get("kinds"),
                     "models": p.offer.get("models"),
-                    "pricing": p.offer.get("pricing"),
+                    "prices": p.offer.get("prices"),
+                    "resources": p.offer.get("resources"),
                     "reputation": None if p.reputation is None else p.reputation.to_json(),
                 }
                 for p in found
@@ -299,7 +300,7 @@ class AgentTools:
         from requester.home_route import route_once
         from requester.routing import GrantFunder
 
-        check_workflow(args.workflow)
+        _workflow(args.workflow)
         doc = dict(args.envelope)
         if args.max_price is not None:
             doc["payment"] = {**dict(doc.get("payment") or {}), "max_price": args.max_price}
@@ -324,6 +325,8 @@ class AgentTools:
         decision = routed.decision
         job = decision.get("job") if isinstance(decision.get("job"), dict) else None
         left = home.left(args.workflow)
+        if job is not None and job.get("endpoint"):  # where it went, even when its funding failed
+            self.memo.job_at(str(job["id"]), str(job["endpoint"]), str(job["node"]), args.idempotency_key)
         if routed.outcome != "submitted" or job is None:
             err = decision.get("error") or {
                 "code": routed.outcome,
@@ -335,7 +338,6 @@ class AgentTools:
                 str(err.get("code")), str(err.get("message")), details=details,
                 retryable=bool(err.get("retryable")), domain=err.get("domain", "request"),
             )  # fmt: skip
-        self.memo.job_at(str(job["id"]), str(job["endpoint"]), str(job["node"]), args.idempotency_key)
         funding = job.get("funding") or {}
         terms = funding.get("terms") or {}
         return {
@@ -446,7 +448,7 @@ class AgentTools:
 
     async def budget(self, args: BudgetQuery) -> dict[str, Any]:
         if args.workflow is not None:
-            check_workflow(args.workflow)
+            _workflow(args.workflow)
         local = self.requester_home.left(args.workflow)
         grant_id = self.cfg.agent.grant
         grant = None if grant_id is None else await self._read_grant(grant_id)
@@ -455,6 +457,13 @@ class AgentTools:
             "grant": None if grant is None else grant.to_json(),
             "local": local,
         }
+
+
+def _workflow(name: str) -> None:
+    try:
+        check_workflow(name)
+    except ValueError as exc:
+        raise RequestError("invalid_workflow", str(exc), details={"workflow": name}) from None
 
 
 def _local_file(name: str) -> tuple[Path, str, int]:

@@ -204,6 +204,10 @@ async def test_hearth_mcp_routes_through_the_market_and_the_grant_cap_on_chain_r
     async with mcp_server(home) as a:
         found = await a.ok("find_providers", kind="ffmpeg_transcode")
         assert {p["did"] for p in found["providers"]} == set(g.dids.values())
+        prices = {p["did"]: p["prices"]["minimum_per_job"] for p in found["providers"]}
+        assert Decimal(prices[g.dids["a"]]) == Decimal("0.012")
+        bad = await a.refused("budget", workflow="two words")
+        assert (bad["code"], bad["domain"]) == ("invalid_workflow", "request")
         put = await a.ok("put_input", path=str(blob), idempotency_key="blob-1")
         assert {s["did"] for s in put["stored_at"]} == set(g.dids.values()) and put["failed"] == []
         env = paid_envelope(g.ph, "mcp-market-1", INPUT, limits=LIMITS)
@@ -227,6 +231,14 @@ async def test_hearth_mcp_routes_through_the_market_and_the_grant_cap_on_chain_r
         assert (err["code"], err["details"]["code"]) == ("funding_refused", "grant_exhausted"), err
         assert err["details"]["refusal"]["left_this_period"] == str(left)
         assert len(_spent(g)) == spent  # the chain's cap held: nothing spent
+        over = err["details"]["job"]  # taken by the node, never funded: the agent cancels it
+        assert (await a.ok("job_status", job=over))["job"]["state"] == "accepted"
+        cancel = await a.ok("cancel_job", job=over, idempotency_key="cancel-1")
+        assert cancel["state"] == "cancelled" and cancel["replayed"] is False
+        again = await a.ok("cancel_job", job=over, idempotency_key="cancel-1")
+        assert again == {**cancel, "replayed": True}
+        clash = await a.refused("cancel_job", job="hj_other", idempotency_key="cancel-1")
+        assert clash["code"] == "idempotency_key_conflict"
 
     port = free_port()  # the same tools over streamable HTTP
     proc = await asyncio.create_subprocess_exec(
