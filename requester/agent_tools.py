@@ -169,7 +169,7 @@ class Where:
 
 
 class AgentTools:
-    """One requester home's tools. Use as ``async with AgentTools.open(home, node=...) as tools``."""
+    """One requester home's tools: ``AgentTools.open(home, node=...)``, a method a tool, then ``close()``."""
 
     def __init__(
         self,

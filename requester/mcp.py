@@ -14,6 +14,8 @@ on ``127.0.0.1:PORT/mcp`` with ``--http PORT``.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from core.errors import HearthError
 from requester.agent_tools import TOOLS, AgentTools
 
 SERVER_NAME = "hearth"
+log = logging.getLogger("hearth.mcp")
 
 
 def _error(exc: HearthError) -> types.CallToolResult:
@@ -72,7 +75,12 @@ async def call(tools: AgentTools, name: str, arguments: dict[str, Any]) -> types
         result: dict[str, Any] = await getattr(tools, name)(args)
     except HearthError as exc:
         return _error(exc)
-    except (OSError, ValueError) as exc:  # a local file, a malformed answer: refused, the server goes on
+    except sqlite3.Error as exc:
+        return _error(
+            HearthError("requester_home_failed", f"{name}: {exc}", domain="storage", retryable=True)
+        )
+    except Exception as exc:  # a local file, a malformed answer: refused, and the server goes on
+        log.exception("tool %s failed", name)
         return _error(HearthError("tool_failed", f"{name}: {exc}", domain="request", retryable=True))
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=json.dumps(result))],
