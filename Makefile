@@ -49,4 +49,4 @@ chaos: setup
 	$(PY) -m tests.chaos --json bench/results/chaos.json $(CHAOS_ARGS)
 
 clean:
-	rm -rf .stamps .demo .demo-market .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .stamps .demo .demo-market .demo-agent .mypy_cache .ruff_cache .pytest_cache

@@ -66,8 +66,9 @@ def _show_devnet(args: argparse.Namespace, out: Out, net: Devnet) -> None:
 
 def cmd_demo(args: argparse.Namespace, out: Out) -> int:
     """Run scripts/demo.sh: devnet, node, quote, funding, the job, validation and release, step by step;
-    with ``--market``, scripts/demo_market.sh: three nodes in the on-chain registry and routed jobs."""
-    name = "demo_market.sh" if args.market else "demo.sh"
+    with ``--market``, scripts/demo_market.sh: three nodes in the on-chain registry and routed jobs; with
+    ``--agent``, scripts/demo_agent.sh: an MCP client spends from a grant, a validator service releases."""
+    name = "demo_market.sh" if args.market else "demo_agent.sh" if args.agent else "demo.sh"
     script = Path(__file__).resolve().parent.parent / "scripts" / name
     if not script.is_file():
         raise ConfigError(
@@ -105,5 +106,10 @@ def add_parser(
         "--market",
         action="store_true",
         help="three nodes in the on-chain registry; jobs routed to the cheapest, then the next when it stops",
+    )
+    kind.add_argument(
+        "--agent",
+        action="store_true",
+        help="an agent (a scripted MCP client) pays from a spending grant; a validator service releases",
     )
     p.set_defaults(func=cmd_demo)
