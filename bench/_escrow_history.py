@@ -55,8 +55,10 @@ def _selector(signature: str) -> bytes:
 MINT = _selector("mint(address,uint256)")
 APPROVE = _selector("approve(address,uint256)")
 FUND = _selector("fund(bytes32,address,address,uint256,uint64)")
-RELEASE = _selector("release(bytes32,uint256,bytes32,bytes)")
-REFUND = _selector("refund(bytes32,bytes32,bytes)")
+# HearthEscrow.Terms: payer, provider, validator, amount, deadline
+TERMS = "(address,address,address,uint256,uint64)"
+RELEASE = _selector(f"release(bytes32,{TERMS},uint256,bytes32,bytes)")
+REFUND = _selector(f"refund(bytes32,{TERMS},bytes32,bytes)")
 RECEIPT_DIGEST = _selector("receiptDigest(bytes32,bytes32,bool,uint256,address)")
 RECEIPT_TYPEHASH = _selector("RECEIPT_TYPEHASH()")
 DOMAIN_SEPARATOR = _selector("domainSeparator()")
@@ -211,7 +213,9 @@ class History:
         if after:
             self.rpc.call("evm_increaseTime", max(max(j.deadline for j in after) - self.rpc.now() + 1, 1))
             data = [
-                REFUND + encode(["bytes32", "bytes32", "bytes"], [j.job_id, bytes(32), b""]) for j in after
+                REFUND
+                + encode(["bytes32", TERMS, "bytes32", "bytes"], [j.job_id, self._terms(j), bytes(32), b""])
+                for j in after
             ]
             self._mine([(self.relayer, self.escrow, d) for d in data], _settled(after))
 
@@ -235,15 +239,21 @@ class History:
         args = [j.job_id, j.provider, self.validator_addresses[j.validator], j.amount, j.deadline]
         return FUND + encode(["bytes32", "address", "address", "uint256", "uint64"], args)
 
+    def _terms(self, j: Job) -> tuple[str, str, str, int, int]:
+        """The job's terms as ``release`` and ``refund`` take them back."""
+        return (j.payer, j.provider, self.validator_addresses[j.validator], j.amount, j.deadline)
+
     def _settle_data(self, j: Job) -> bytes:
         digest = keccak(j.job_id)  # the result digest the receipt names
         passed = j.outcome == RELEASED
         signature = self.sign_receipt(j, digest, passed, j.paid)
+        terms = self._terms(j)
         if passed:
             return RELEASE + encode(
-                ["bytes32", "uint256", "bytes32", "bytes"], [j.job_id, j.paid, digest, signature]
+                ["bytes32", TERMS, "uint256", "bytes32", "bytes"],
+                [j.job_id, terms, j.paid, digest, signature],
             )
-        return REFUND + encode(["bytes32", "bytes32", "bytes"], [j.job_id, digest, signature])
+        return REFUND + encode(["bytes32", TERMS, "bytes32", "bytes"], [j.job_id, terms, digest, signature])
 
     def receipt_digest(self, job_id: bytes, digest: bytes, passed: bool, amount: int, provider: str) -> bytes:
         """The escrow's EIP-712 digest of a receipt (``receiptDigest``), computed here."""

@@ -58,16 +58,17 @@ class EscrowStatus(enum.IntEnum):
     REFUNDED = 3
 
 
+# The terms ``release`` and ``refund`` take back: (payer, provider, validator, amount, deadline).
+EscrowTerms = tuple[str, str, str, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class EscrowJob:
-    """One entry of ``HearthEscrow.jobs`` as read at some block."""
+    """One entry of the escrow (``HearthEscrow.jobState``) as read at some block: where the job stands and
+    the hash of the terms it was funded with (``HearthEscrow.termsHash``; zero when never funded)."""
 
-    payer: str
-    deadline: int
     status: EscrowStatus
-    provider: str
-    validator: str
-    amount: int
+    terms_hash: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,18 +164,9 @@ class Chain:
             return int(await self.w3.eth.chain_id)
 
     async def escrow_job(self, job_id: bytes, block: BlockIdentifier = "latest") -> EscrowJob:
-        async with self._rpc("HearthEscrow.jobs"):
-            payer, deadline, status, provider, validator, amount = await self.escrow.functions.jobs(
-                job_id
-            ).call(block_identifier=block)
-        return EscrowJob(
-            payer=to_checksum_address(payer),
-            deadline=int(deadline),
-            status=EscrowStatus(int(status)),
-            provider=to_checksum_address(provider),
-            validator=to_checksum_address(validator),
-            amount=int(amount),
-        )
+        async with self._rpc("HearthEscrow.jobState"):
+            status, terms_hash = await self.escrow.functions.jobState(job_id).call(block_identifier=block)
+        return EscrowJob(status=EscrowStatus(int(status)), terms_hash=bytes(terms_hash))
 
     async def grant_view(self, grant_id: int, block: BlockIdentifier = "latest") -> tuple[Any, ...]:
         """``HearthEscrow.grantOf(grantId)`` as the escrow returns it (:class:`payments.grants.Grant`)."""
@@ -245,11 +237,15 @@ class Chain:
     def fund_from_grant(self, args: tuple[Any, ...]) -> AsyncContractFunction:
         return self.escrow.functions.fundFromGrant(*args)
 
-    def release(self, job_id: bytes, amount: int, digest: bytes, signature: bytes) -> AsyncContractFunction:
-        return self.escrow.functions.release(job_id, amount, digest, signature)
+    def release(
+        self, job_id: bytes, terms: EscrowTerms, amount: int, digest: bytes, signature: bytes
+    ) -> AsyncContractFunction:
+        return self.escrow.functions.release(job_id, terms, amount, digest, signature)
 
-    def refund(self, job_id: bytes, digest: bytes, signature: bytes) -> AsyncContractFunction:
-        return self.escrow.functions.refund(job_id, digest, signature)
+    def refund(
+        self, job_id: bytes, terms: EscrowTerms, digest: bytes, signature: bytes
+    ) -> AsyncContractFunction:
+        return self.escrow.functions.refund(job_id, terms, digest, signature)
 
     async def simulate(self, call: AsyncContractFunction, *, domain: Domain) -> None:
         """``eth_call`` from the node's wallet at the latest block; ``escrow_reverted`` if it would revert."""

@@ -90,6 +90,18 @@ def authorization_nonce(job_id: bytes, provider: str, validator: str, amount: in
     )
 
 
+def terms_hash(payer: str, provider: str, validator: str, amount: int, deadline: int) -> bytes:
+    """The hash the escrow keeps of a job's terms (``HearthEscrow.termsHash``): keccak256 of their ABI
+    encoding with the last byte zeroed (the escrow's entry keeps the job's status there)."""
+    digest = keccak(
+        encode(
+            ["address", "address", "address", "uint256", "uint64"],
+            [payer, provider, validator, amount, deadline],
+        )
+    )
+    return digest[:31] + b"\x00"
+
+
 def receipt_typed_data(
     *,
     chain_id: int,

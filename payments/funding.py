@@ -100,29 +100,24 @@ class FundingWatcher:
                 self._expire_unfunded(job)
 
     def judge_entry(self, job: JobRecord, terms: FundingTerms, entry: EscrowJob) -> None:
-        """Mark ``job`` funded when the escrow ``entry`` meets ``terms``; fail it when it does not."""
+        """Mark ``job`` funded when the escrow ``entry`` holds exactly ``terms`` (by their hash, as the escrow
+        keeps them); fail it when it does not."""
         problems = []
         if entry.status != EscrowStatus.OPEN:
             problems.append(f"the escrow entry is {entry.status.name.lower()}")
-        for name, want, got in (
-            ("payer", terms.payer, entry.payer),
-            ("provider", terms.provider, entry.provider),
-            ("validator", terms.validator, entry.validator),
-        ):
-            if want != got:
-                problems.append(f"{name} is {got}, the quote's is {want}")
-        if entry.amount < terms.amount:
-            problems.append(f"amount {entry.amount} is below the quote's {terms.amount}")
-        if entry.deadline < terms.deadline:
-            problems.append(f"deadline {entry.deadline} is before the quote's {terms.deadline}")
+        if entry.terms_hash != terms.terms_hash:
+            problems.append(
+                f"the escrow entry holds other terms (hash 0x{entry.terms_hash.hex()}) than the quote's "
+                f"(0x{terms.terms_hash.hex()})"
+            )
         if not problems:
             self.journal.set_funding(
                 job.id,
                 "funded",
                 reason="escrow funded",
-                data={"amount": str(entry.amount), "deadline": entry.deadline},
+                data={"amount": str(terms.amount), "deadline": terms.deadline},
             )
-            log.info("job %s funded: %s base units in escrow", job.id, entry.amount, extra={"job": job.id})
+            log.info("job %s funded: %s base units in escrow", job.id, terms.amount, extra={"job": job.id})
             self._on_funded(job.id)
             return
         self._fail_funding(job, "funding_mismatch", "; ".join(problems), {"problems": problems})

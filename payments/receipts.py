@@ -31,7 +31,12 @@ from eth_utils.crypto import keccak
 from core.envelope import Payment, canonical_json
 from core.errors import Domain, FundingError, HearthError, SettlementError
 from payments.did import parse_did_pkh
-from payments.escrow_build import authorization_nonce, receipt_typed_data, receive_authorization_typed_data
+from payments.escrow_build import (
+    authorization_nonce,
+    receipt_typed_data,
+    receive_authorization_typed_data,
+    terms_hash,
+)
 from payments.keys import EthSigner
 
 USDC_DECIMALS = 6
@@ -239,6 +244,16 @@ class FundingTerms:
             amount=r.uint("amount"),
             deadline=r.uint("deadline", _MAX_UINT64),
         )
+
+    @property
+    def entry(self) -> tuple[str, str, str, int, int]:
+        """The terms as the escrow's ``release`` and ``refund`` take them back."""
+        return (self.payer, self.provider, self.validator, self.amount, self.deadline)
+
+    @property
+    def terms_hash(self) -> bytes:
+        """The hash the escrow's entry must hold for these terms (``HearthEscrow.termsHash``)."""
+        return terms_hash(*self.entry)
 
     @property
     def nonce(self) -> bytes:

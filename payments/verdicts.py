@@ -125,8 +125,10 @@ class Verdicts:
     ) -> Any:
         """The escrow call that carries out a receipt: ``release`` (it passed) or ``refund`` (it failed)."""
         if purpose == "release":
-            return self.chain.release(terms.job_id, receipt.amount, receipt.result_digest, signature)
-        return self.chain.refund(terms.job_id, receipt.result_digest, signature)
+            return self.chain.release(
+                terms.job_id, terms.entry, receipt.amount, receipt.result_digest, signature
+            )
+        return self.chain.refund(terms.job_id, terms.entry, receipt.result_digest, signature)
 
     # -- carrying out verdicts ------------------------------------------------------------------------
 

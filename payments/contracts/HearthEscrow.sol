@@ -20,6 +20,8 @@ import {IERC3009} from "./IERC3009.sol";
 /// job's terms and anyone submits `fundFromGrant`, which pulls the amount from the owner (who approved this
 /// contract, or opened the grant with an EIP-2612 permit) into a job whose payer is the owner.
 /// @dev A failing receipt (passed = false) carries amount = 0: nothing is payable to the provider.
+/// A job is one storage slot: the hash of its terms (`termsHash`) with the job's `Status` in the last byte. Who
+/// settles passes the terms back as calldata; they must hash to what was stored. Events carry every field.
 contract HearthEscrow is ReentrancyGuard, EIP712 {
     using SafeERC20 for IERC20;
 
@@ -31,14 +33,13 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         Refunded
     }
 
-    /// @notice The terms a job was funded with and its state.
-    struct Job {
+    /// @notice The terms a job was funded with: passed back to `release` and `refund`, checked by their hash.
+    struct Terms {
         address payer;
-        uint64 deadline;
-        Status status;
         address provider;
         address validator;
         uint256 amount;
+        uint64 deadline;
     }
 
     /// @notice A spending grant: who pays, who may spend, its caps and what the current period has spent.
@@ -66,11 +67,13 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         "Spend(uint256 grantId,bytes32 jobId,address provider,address validator,uint256 amount,uint64 deadline)"
     );
 
+    bytes32 private constant _HASH_MASK = ~bytes32(uint256(0xff));
+
     /// @notice The token every job is paid in (USDC or, on dev chains, TestUSDC).
     IERC20 public immutable token;
 
-    /// @notice Every job ever funded, by id.
-    mapping(bytes32 jobId => Job) public jobs;
+    /// @dev Every job ever funded, by id: `termsHash` of its terms with its `Status` in the last byte.
+    mapping(bytes32 jobId => bytes32 entry) private _jobs;
 
     /// @notice How many grants were ever opened; grant ids run from 1 to this number.
     uint256 public grantCount;
@@ -109,6 +112,8 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
     error JobExists(bytes32 jobId);
     /// @notice The job is not funded, or already settled.
     error JobNotOpen(bytes32 jobId);
+    /// @notice The terms passed are not those the job was funded with.
+    error TermsMismatch(bytes32 jobId);
     /// @notice A zero address, a zero amount or a deadline not in the future.
     error InvalidTerms();
     /// @notice The receipt asks to pay more than the job holds.
@@ -173,40 +178,44 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
 
     /// @notice Pays `amount` to the job's provider against the validator's passing receipt and returns the
     /// rest to the payer. Anyone may submit it: the receipt alone decides who gets what.
-    function release(bytes32 jobId, uint256 amount, bytes32 resultDigest, bytes calldata receiptSignature)
-        external
-        nonReentrant
-    {
-        Job storage job = _openJob(jobId);
+    /// `job` must be the terms the job was funded with.
+    function release(
+        bytes32 jobId,
+        Terms calldata job,
+        uint256 amount,
+        bytes32 resultDigest,
+        bytes calldata receiptSignature
+    ) external nonReentrant {
+        bytes32 hash = _openJob(jobId, job);
         uint256 funded = job.amount;
         if (amount > funded) revert AmountExceedsFunded(amount, funded);
         _checkReceipt(job, jobId, resultDigest, true, amount, receiptSignature);
 
-        job.status = Status.Released;
-        address provider = job.provider;
-        address payer = job.payer;
+        _jobs[jobId] = _entry(hash, Status.Released);
         uint256 remainder = funded - amount;
-        emit Released(jobId, provider, amount, remainder, resultDigest);
+        emit Released(jobId, job.provider, amount, remainder, resultDigest);
 
-        if (amount > 0) token.safeTransfer(provider, amount);
-        if (remainder > 0) token.safeTransfer(payer, remainder);
+        if (amount > 0) token.safeTransfer(job.provider, amount);
+        if (remainder > 0) token.safeTransfer(job.payer, remainder);
     }
 
     /// @notice Returns the whole amount to the payer: by anyone once the deadline has passed (the receipt
     /// arguments are then ignored), or before it against the validator's failing receipt (amount 0).
-    function refund(bytes32 jobId, bytes32 resultDigest, bytes calldata receiptSignature) external nonReentrant {
-        Job storage job = _openJob(jobId);
+    /// `job` must be the terms the job was funded with.
+    function refund(bytes32 jobId, Terms calldata job, bytes32 resultDigest, bytes calldata receiptSignature)
+        external
+        nonReentrant
+    {
+        bytes32 hash = _openJob(jobId, job);
         if (block.timestamp <= job.deadline) {
             if (receiptSignature.length == 0) revert DeadlineNotReached(job.deadline);
             _checkReceipt(job, jobId, resultDigest, false, 0, receiptSignature);
         }
 
-        job.status = Status.Refunded;
-        address payer = job.payer;
-        uint256 amount = job.amount;
-        emit Refunded(jobId, payer, amount, resultDigest);
+        _jobs[jobId] = _entry(hash, Status.Refunded);
+        emit Refunded(jobId, job.payer, job.amount, resultDigest);
 
-        token.safeTransfer(payer, amount);
+        token.safeTransfer(job.payer, job.amount);
     }
 
     /// @notice Opens a grant from the caller (its owner) to `agent`: each spend at most `perJobMax`, at most
@@ -316,6 +325,23 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         );
     }
 
+    /// @notice Where job `jobId` stands and the hash of the terms it was funded with (`termsHash`; zero and
+    /// `None` for an id never funded). A client checks a job holds its terms by comparing the hashes.
+    function jobState(bytes32 jobId) external view returns (Status status, bytes32 termsHash_) {
+        bytes32 entry = _jobs[jobId];
+        return (Status(uint8(uint256(entry))), entry & _HASH_MASK);
+    }
+
+    /// @notice The hash a job's entry keeps of its terms: keccak256 of their ABI encoding, last byte zeroed (the
+    /// entry keeps the job's `Status` there).
+    function termsHash(address payer, address provider, address validator, uint256 amount, uint64 deadline)
+        public
+        pure
+        returns (bytes32)
+    {
+        return keccak256(abi.encode(payer, provider, validator, amount, deadline)) & _HASH_MASK;
+    }
+
     /// @notice The EIP-3009 nonce that binds a payer's authorization to one job's terms.
     function authorizationNonce(
         bytes32 jobId,
@@ -349,11 +375,11 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         uint256 amount,
         uint64 deadline
     ) private {
-        if (jobs[jobId].status != Status.None) revert JobExists(jobId);
+        if (_jobs[jobId] != 0) revert JobExists(jobId);
         if (provider == address(0) || validator == address(0) || amount == 0 || deadline <= block.timestamp) {
             revert InvalidTerms();
         }
-        jobs[jobId] = Job(payer, deadline, Status.Open, provider, validator, amount);
+        _jobs[jobId] = _entry(termsHash(payer, provider, validator, amount, deadline), Status.Open);
         emit Funded(jobId, payer, provider, validator, amount, deadline);
     }
 
@@ -423,13 +449,22 @@ contract HearthEscrow is ReentrancyGuard, EIP712 {
         return uint64((block.timestamp - grant.openedAt) / grant.periodSeconds);
     }
 
-    function _openJob(bytes32 jobId) private view returns (Job storage job) {
-        job = jobs[jobId];
-        if (job.status != Status.Open) revert JobNotOpen(jobId);
+    /// @dev The hash of an open job's terms; reverts unless the job is open and `job` are its terms.
+    function _openJob(bytes32 jobId, Terms calldata job) private view returns (bytes32 hash) {
+        bytes32 entry = _jobs[jobId];
+        if (uint8(uint256(entry)) != uint8(Status.Open)) revert JobNotOpen(jobId);
+        hash = entry & _HASH_MASK;
+        if (termsHash(job.payer, job.provider, job.validator, job.amount, job.deadline) != hash) {
+            revert TermsMismatch(jobId);
+        }
+    }
+
+    function _entry(bytes32 hash, Status status) private pure returns (bytes32) {
+        return hash | bytes32(uint256(status));
     }
 
     function _checkReceipt(
-        Job storage job,
+        Terms calldata job,
         bytes32 jobId,
         bytes32 resultDigest,
         bool passed,

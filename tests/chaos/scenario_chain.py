@@ -122,7 +122,7 @@ class _World:
             await asyncio.sleep(MINE_EVERY_SECONDS)
 
     def escrow_status(self, terms: FundingTerms) -> int:
-        return int(self.ph.escrow_job(terms.to_json()["escrow_job_id"])[2])
+        return self.ph.escrow_job(terms.to_json()["escrow_job_id"])[0]
 
     # -- the node -------------------------------------------------------------------------------------
 
@@ -244,7 +244,7 @@ def _validator_releases(w: _World, terms: FundingTerms, body: dict[str, Any]) ->
     escrow = w.ph.w3.eth.contract(address=_addr(w.ph.net.escrow), abi=load_artifact("HearthEscrow").abi)
     receipt = Receipt.from_json(body["receipt"])
     call = escrow.functions.release(
-        terms.job_id, receipt.amount, receipt.result_digest, bytes.fromhex(body["signature"][2:])
+        terms.job_id, terms.entry, receipt.amount, receipt.result_digest, bytes.fromhex(body["signature"][2:])
     )
     nonce = w.ph.w3.eth.get_transaction_count(_addr(w.ph.validator.address))
     return [w.signed(w.ph.validator, call, nonce)]

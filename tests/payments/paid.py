@@ -53,9 +53,21 @@ class PaidHome:
             "escrow": self.token_balance(self.net.escrow),
         }
 
-    def escrow_job(self, escrow_job_id: str) -> tuple[Any, ...]:
+    def escrow_job(self, escrow_job_id: str) -> tuple[int, bytes]:
+        """``HearthEscrow.jobState``: the job's status and the hash of the terms it was funded with."""
         escrow = self.w3.eth.contract(address=self.net.escrow, abi=load_artifact("HearthEscrow").abi)
-        return tuple(escrow.functions.jobs(bytes.fromhex(escrow_job_id[2:])).call())
+        status, terms_hash = escrow.functions.jobState(bytes.fromhex(escrow_job_id[2:])).call()
+        return int(status), bytes(terms_hash)
+
+    def funded(self, escrow_job_id: str) -> dict[str, Any] | None:
+        """The terms of the job's ``Funded`` event (payer, provider, validator, amount, deadline); None if
+        the job was never funded."""
+        escrow = self.w3.eth.contract(address=self.net.escrow, abi=load_artifact("HearthEscrow").abi)
+        logs = escrow.events.Funded().get_logs(
+            from_block=0, argument_filters={"jobId": bytes.fromhex(escrow_job_id[2:])}
+        )
+        assert len(logs) <= 1, logs
+        return {k: v for k, v in logs[0]["args"].items() if k != "jobId"} if logs else None
 
     def released_events(self, escrow_job_id: str) -> int:
         escrow = self.w3.eth.contract(address=self.net.escrow, abi=load_artifact("HearthEscrow").abi)

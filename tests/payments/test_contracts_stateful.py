@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -64,6 +65,11 @@ class _Job:
     deadline: int
     paid: int = 0  # what the provider received
     settled: bool = False
+
+    @property
+    def entry(self) -> tuple[str, str, str, int, int]:
+        """The terms ``release`` and ``refund`` take back."""
+        return (self.payer, self.provider, self.validator.address, self.amount, self.deadline)
 
 
 @dataclass
@@ -139,7 +145,7 @@ def test_escrow_conserves_funds_and_pays_each_job_once(chain: Chain) -> None:
         def release(self, job: _Job, percent: int) -> None:
             amount = job.amount * percent // 100
             signature = self._receipt(job, passed=True, amount=amount)
-            call = self.escrow.functions.release(job.job_id, amount, job.job_id, signature)
+            call = self.escrow.functions.release(job.job_id, job.entry, amount, job.job_id, signature)
             if job.settled:
                 with reverts("JobNotOpen(bytes32)"):
                     call.transact({"from": chain.deployer})
@@ -150,7 +156,7 @@ def test_escrow_conserves_funds_and_pays_each_job_once(chain: Chain) -> None:
         @rule(job=jobs, with_failing_receipt=st.booleans())
         def refund(self, job: _Job, with_failing_receipt: bool) -> None:
             signature = self._receipt(job, passed=False, amount=0) if with_failing_receipt else b""
-            call = self.escrow.functions.refund(job.job_id, job.job_id, signature)
+            call = self.escrow.functions.refund(job.job_id, job.entry, job.job_id, signature)
             if job.settled:
                 with reverts("JobNotOpen(bytes32)"):
                     call.transact({"from": chain.deployer})
@@ -161,6 +167,21 @@ def test_escrow_conserves_funds_and_pays_each_job_once(chain: Chain) -> None:
                 return
             chain.transact(call, chain.deployer)
             job.settled = True
+
+        @rule(job=jobs, field=st.integers(0, 4), refund=st.booleans())
+        def settle_with_other_terms(self, job: _Job, field: int, refund: bool) -> None:
+            """Terms that differ in any one field settle nothing, with a valid receipt for the job."""
+            terms: list[Any] = list(job.entry)
+            terms[field] = new_account().address if field < 3 else terms[field] + 1
+            signature = self._receipt(job, passed=not refund, amount=0 if refund else job.amount)
+            if refund:
+                call = self.escrow.functions.refund(job.job_id, tuple(terms), job.job_id, signature)
+            else:
+                call = self.escrow.functions.release(
+                    job.job_id, tuple(terms), job.amount, job.job_id, signature
+                )
+            with reverts("JobNotOpen(bytes32)" if job.settled else "TermsMismatch(bytes32)"):
+                call.transact({"from": chain.deployer})
 
         @initialize(
             target=grants, per_job_max=PER_JOB_MAX, period_max=PERIOD_MAX, period_seconds=PERIOD_SECONDS

@@ -110,7 +110,9 @@ async def test_a_grant_funded_job_runs_and_is_released_the_owner_pays_the_agent_
     assert [(bytes(e["args"]["jobId"]).hex(), e["args"]["amount"]) for e in spent] == [
         (escrow_job[2:], terms.amount)
     ]
-    assert ph.escrow_job(escrow_job)[0] == ph.payer.address  # the entry's payer is the owner
+    assert ph.escrow_job(escrow_job) == (2, terms.terms_hash)  # released, and funded with the quote's terms
+    funded = ph.funded(escrow_job)
+    assert funded is not None and funded["payer"] == ph.payer.address  # the entry's payer is the owner
     assert ph.released_events(escrow_job) == 1
     assert grant_view(ph, grant)[7] == terms.amount  # spent this period: the quote, held when funded
     txs = node.node.journal.txs(job)

@@ -111,7 +111,8 @@ async def test_grant_open_with_a_usdc_permit_then_a_node_checks_and_sends_the_sp
         assert await node_chain.broadcast(raw) is None
         assert (await node_chain.wait_receipt(tx_hash, 30))["status"] == 1
         entry = await node_chain.escrow_job(terms.job_id)
-        assert entry.status == EscrowStatus.OPEN and entry.payer == owner.address and entry.amount == 2 * USDC
+        # open, with exactly the quote's terms: the owner pays 2 USDC
+        assert entry.status == EscrowStatus.OPEN and entry.terms_hash == terms.terms_hash
         assert usdc.functions.balanceOf(owner.address).call() == 8 * USDC
 
         more = _terms(cfg, owner.address, node.address, 2 * USDC, now + 3600)

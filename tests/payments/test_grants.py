@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from web3.contract import Contract
 
 from payments.devnet import TOKEN_NAME, USDC
+from payments.escrow_build import terms_hash
 from tests.payments.contracts.chain import Chain, anvil, events, new_account, reverts, sign_receipt
 from tests.payments.contracts.grants import (
     GrantTerms,
@@ -30,12 +31,11 @@ from tests.payments.contracts.grants import (
 DAY = 86_400
 JOB_SECONDS = 3600
 # Upper bounds that catch a gas regression (figures printed by test_gas_figures with -s). fundFromGrant
-# stores the job's five fields as fund does (four fresh slots, 88k gas); its 150k target needs a smaller job
-# entry, not a smaller grant.
+# writes one fresh slot for the job (the hash of its terms and its status), as fund does.
 MAX_GAS = {
     "openGrant": 135_000,
     "openGrantWithPermit": 195_000,
-    "fundFromGrant": 175_000,
+    "fundFromGrant": 105_000,
     "revokeGrant": 40_000,
 }
 
@@ -220,9 +220,8 @@ def test_a_spend_funds_a_job_the_owner_pays_and_gets_refunds(
         "amount": 3 * USDC,
         "spentThisPeriod": 3 * USDC,
     }
-    assert escrow.functions.jobs(spend.job_id).call() == [
-        owner.address, spend.deadline, 1, spend.provider, spend.validator.address, spend.amount,
-    ]  # fmt: skip
+    entry = (owner.address, spend.provider, spend.validator.address, spend.amount, spend.deadline)
+    assert escrow.functions.jobState(spend.job_id).call() == [1, terms_hash(*entry)]  # open, the owner pays
     assert usdc.functions.balanceOf(owner.address).call() == 97 * USDC
     assert usdc.functions.balanceOf(escrow.address).call() == held + 3 * USDC
     assert _grant(escrow, grant_id)["spent"] == 3 * USDC
@@ -233,7 +232,9 @@ def test_a_spend_funds_a_job_the_owner_pays_and_gets_refunds(
         spend.validator, escrow=escrow.address, job_id=spend.job_id, result_digest=bytes(32), passed=False,
         amount=0, provider=spend.provider,
     )  # fmt: skip
-    refund = chain.transact(escrow.functions.refund(spend.job_id, bytes(32), failing), chain.accounts[6])
+    refund = chain.transact(
+        escrow.functions.refund(spend.job_id, entry, bytes(32), failing), chain.accounts[6]
+    )
     (refunded,) = events(escrow, "Refunded", refund)
     assert refunded["payer"] == owner.address and refunded["amount"] == 3 * USDC
     assert usdc.functions.balanceOf(owner.address).call() == 100 * USDC
@@ -379,11 +380,12 @@ def test_revocation_racing_a_spend_in_one_block(
         assert spent["status"] == 0
         with reverts("GrantRevokedError(uint256)", grant_id):  # what it met: the grant revoked before it
             fund.call({"from": chain.accounts[5]})
-        assert escrow.functions.jobs(spend.job_id).call()[2] == 0
+        assert escrow.functions.jobState(spend.job_id).call() == [0, bytes(32)]
         assert usdc.functions.balanceOf(owner.address).call() == 100 * USDC
     else:
         assert spent["status"] == 1
-        assert escrow.functions.jobs(spend.job_id).call()[:3] == [owner.address, spend.deadline, 1]
+        entry = (owner.address, spend.provider, spend.validator.address, spend.amount, spend.deadline)
+        assert escrow.functions.jobState(spend.job_id).call() == [1, terms_hash(*entry)]
         assert usdc.functions.balanceOf(owner.address).call() == 96 * USDC
 
 
@@ -448,7 +450,8 @@ def test_a_spend_for_a_job_id_in_use_funds_nothing(chain: Chain, usdc: Contract,
     with reverts("JobExists(bytes32)", spend.job_id):
         spend.call(escrow, spend.signed(escrow, terms.agent)).transact({"from": chain.accounts[5]})
     assert _grant(escrow, grant_id)["spent"] == 0  # the whole spend reverted, its count included
-    assert escrow.functions.jobs(spend.job_id).call()[0] == payer
+    entry = (payer, spend.provider, spend.validator.address, USDC, spend.deadline)
+    assert escrow.functions.jobState(spend.job_id).call() == [1, terms_hash(*entry)]  # the payer's own
     assert usdc.functions.balanceOf(owner.address).call() == 100 * USDC
 
 

@@ -16,6 +16,7 @@ from eth_utils.crypto import keccak
 from web3.contract import Contract
 from web3.exceptions import ContractLogicError
 
+from payments.escrow_build import terms_hash
 from tests.payments.contracts.chain import CHAIN_ID, Chain, anvil, events, new_account, reverts, sign_receipt
 from tests.payments.contracts.fiat_token import USDC_DECIMALS, USDC_NAME, deploy_usdc, require_package
 from tests.payments.contracts.grants import GrantTerms, sign_permit, sign_spend
@@ -104,7 +105,8 @@ def test_a_grant_opened_with_a_usdc_permit_funds_jobs_from_the_owner(
     first_gas = receipt["gasUsed"]  # the escrow's USDC balance goes from zero: a fresh storage slot
     (spent,) = events(escrow, "GrantSpent", receipt)
     assert spent["spentThisPeriod"] == 5 * USDC
-    assert escrow.functions.jobs(job_id).call()[0] == owner.address
+    entry = (owner.address, provider, validator.address, 5 * USDC, job_deadline)
+    assert escrow.functions.jobState(job_id).call() == [1, terms_hash(*entry)]  # open, the owner pays
     assert usdc.functions.balanceOf(owner.address).call() == 35 * USDC
     assert usdc.functions.balanceOf(escrow.address).call() == 5 * USDC
     assert chain.w3.eth.get_balance(agent.address) == 0
@@ -113,7 +115,9 @@ def test_a_grant_opened_with_a_usdc_permit_funds_jobs_from_the_owner(
     result = secrets.token_bytes(32)
     receipt_signature = sign_receipt(validator, escrow=escrow.address, job_id=job_id, result_digest=result,
                                      passed=True, amount=paid, provider=provider)  # fmt: skip
-    chain.transact(escrow.functions.release(job_id, paid, result, receipt_signature), chain.accounts[5])
+    chain.transact(
+        escrow.functions.release(job_id, entry, paid, result, receipt_signature), chain.accounts[5]
+    )
     assert usdc.functions.balanceOf(provider).call() == paid
     assert usdc.functions.balanceOf(owner.address).call() == 35 * USDC + 5 * USDC - paid
 

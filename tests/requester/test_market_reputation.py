@@ -335,7 +335,7 @@ async def test_reputation_is_what_the_escrow_says_after_a_paid_a_refunded_and_an
     # no receipt ever comes: before the deadline nobody may refund, after it anybody may
     w3, escrow = net.ph.w3, net.escrow()
     stranger = w3.eth.accounts[STRANGER]
-    refund = escrow.functions.refund(terms.job_id, bytes(32), b"")
+    refund = escrow.functions.refund(terms.job_id, terms.entry, bytes(32), b"")
     with pytest.raises(ContractLogicError):
         refund.call({"from": stranger})
     now = int(w3.eth.get_block("latest")["timestamp"])
@@ -348,7 +348,7 @@ async def test_reputation_is_what_the_escrow_says_after_a_paid_a_refunded_and_an
             terms.job_id, net.wallet("b"), net.payer2.address, net.ph.validator.address, "refunded_expired"
         )
     )
-    assert net.ph.escrow_job("0x" + terms.job_id.hex())[2] == 3  # Status.Refunded
+    assert net.ph.escrow_job("0x" + terms.job_id.hex()) == (3, terms.terms_hash)  # Status.Refunded
     net.mine()
 
     with ReputationCache.open(tmp_path / "reputation.sqlite3") as cache:

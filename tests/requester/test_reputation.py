@@ -56,6 +56,11 @@ class Job:
     outcome: str | None = None
     paid: int = 0
 
+    @property
+    def entry(self) -> tuple[str, str, str, int, int]:
+        """The terms ``release`` and ``refund`` take back (the escrow keeps only their hash)."""
+        return (self.payer, self.provider, self.validator.address, self.amount, self.deadline)
+
 
 @dataclass
 class Market:
@@ -89,7 +94,7 @@ class Market:
         digest = job.job_id[::-1]
         sig = self._receipt(job, digest, passed=True, amount=paid)
         receipt = self.chain.transact(
-            self.escrow.functions.release(job.job_id, paid, digest, sig), self.chain.accounts[5]
+            self.escrow.functions.release(job.job_id, job.entry, paid, digest, sig), self.chain.accounts[5]
         )
         self._settled(job, receipt, "released", paid)
 
@@ -97,13 +102,15 @@ class Market:
         """A failing receipt's refund; after the deadline the contract ignores it and it counts as expired."""
         digest = job.job_id[::-1]
         sig = self._receipt(job, digest, passed=False, amount=0)
-        receipt = self.chain.transact(self.escrow.functions.refund(job.job_id, digest, sig), job.payer)
+        receipt = self.chain.transact(
+            self.escrow.functions.refund(job.job_id, job.entry, digest, sig), job.payer
+        )
         outcome = "refunded_expired" if self.chain.now() > job.deadline else "refunded_failed"
         self._settled(job, receipt, outcome, 0)
 
     def refund_expired(self, job: Job) -> None:
         receipt = self.chain.transact(
-            self.escrow.functions.refund(job.job_id, bytes(32), b""), self.chain.accounts[6]
+            self.escrow.functions.refund(job.job_id, job.entry, bytes(32), b""), self.chain.accounts[6]
         )
         assert self.chain.now() > job.deadline
         self._settled(job, receipt, "refunded_expired", 0)

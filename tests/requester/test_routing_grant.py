@@ -33,6 +33,7 @@ from web3 import Web3
 from core.config import load_config
 from core.envelope import node_job_id, parse_envelope
 from payments import devnet
+from payments.escrow_build import terms_hash
 from payments.keys import EthSigner, save_key
 from payments.receipts import escrow_job_id
 from requester.market import Provider
@@ -128,8 +129,11 @@ async def test_routing_signs_the_agents_spend_for_the_accepting_node_only(gnet: 
     assert funding["state"] == "funded" and funding["grant"] == str(g.grant)
     escrow_a = _escrow_id(g, "a", "grant-route-1")
     assert _spent(g) == [(escrow_a, 12_000)]
-    assert g.ph.escrow_job(escrow_a)[0] == g.ph.payer.address  # the owner pays
-    assert g.ph.escrow_job(_escrow_id(g, "b", "grant-route-1"))[0] == "0x" + "0" * 40
+    funded = g.ph.funded(escrow_a)
+    assert funded is not None and funded["payer"] == g.ph.payer.address  # the owner pays
+    fields = (funded[k] for k in ("payer", "provider", "validator", "amount", "deadline"))
+    assert g.ph.escrow_job(escrow_a)[1] == terms_hash(*fields)  # the hash of exactly the terms funded
+    assert g.ph.escrow_job(_escrow_id(g, "b", "grant-route-1")) == (0, bytes(32))  # never funded
     assert grant_view(g.ph, g.grant)[7] == 12_000
     assert g.ph.w3.eth.get_transaction_count(Web3.to_checksum_address(g.agent.address)) == 0
     # the agent is the only one a grant-funded job may be requested by

@@ -158,10 +158,11 @@ async def wait_funded(url: str, job: str, limit: float = 60.0) -> dict[str, Any]
             await asyncio.sleep(0.2)
 
 
-def escrow_entries(net: Net, job_id: str) -> dict[str, tuple[Any, ...]]:
-    """The escrow's entry, per priced node, for the escrow job id that node would fund for ``job_id``."""
+def escrow_entries(net: Net, job_id: str) -> dict[str, dict[str, Any] | None]:
+    """The terms each priced node's escrow job for ``job_id`` was funded with (its ``Funded`` event; None
+    when nothing funded it)."""
     key = node_job_id(net.requester.did, job_id)
-    return {name: net.ph.escrow_job("0x" + escrow_job_id(net.dids[name], key).hex()) for name in PRICED}
+    return {name: net.ph.funded("0x" + escrow_job_id(net.dids[name], key).hex()) for name in PRICED}
 
 
 def funded_events(net: Net, job_id: str) -> int:
@@ -199,8 +200,12 @@ async def test_the_cheapest_of_three_is_funded_and_every_other_provider_is_expla
     view = await wait_funded(net.homes["a"].url, decision.job.id)
     assert view["payment"]["funding"]["state"] == "funded" and view["payment"]["funding"]["gasless"]
     entries = escrow_entries(net, "market-1")
-    assert entries["a"][3] == net.homes["a"].wallet.address and entries["a"][5] == 12_000
-    assert entries["b"][0] == entries["c"][0] == "0x" + "0" * 40  # nothing for the others
+    funded = entries["a"]
+    assert funded is not None and (funded["provider"], funded["amount"]) == (
+        net.homes["a"].wallet.address,
+        12_000,
+    )
+    assert entries["b"] is entries["c"] is None  # nothing for the others
     assert funded_events(net, "market-1") == 1
     assert [await job_state(net, n, "market-1") for n in PRICED] == ["accepted", "priced", "priced"]
     assert await job_state(net, "over", "market-1") is None  # refused: nothing kept
@@ -233,8 +238,9 @@ async def test_a_lost_answer_is_retried_on_the_same_node_and_funds_one_escrow(ne
     assert view["payment"]["funding"]["state"] == "funded"
     assert funded_events(net, job_id) == 1
     entries = escrow_entries(net, job_id)
-    assert entries["a"][0] == net.ph.payer.address
-    assert entries["b"][0] == entries["c"][0] == "0x" + "0" * 40
+    funded = entries["a"]
+    assert funded is not None and funded["payer"] == net.ph.payer.address
+    assert entries["b"] is entries["c"] is None
     assert [await job_state(net, n, job_id) for n in PRICED] == ["accepted", "priced", "priced"]
 
 
@@ -366,7 +372,8 @@ async def test_a_home_budget_at_the_ask_funds_once_a_replay_spends_nothing_and_o
         assert exc.value.code == "idempotency_key_conflict"
         assert home.left()["per_day"]["left"] == 0
     assert funded_events(net, "home-1") == 1
-    assert escrow_entries(net, "home-1")["a"][5] == 12_000
+    funded = escrow_entries(net, "home-1")["a"]
+    assert funded is not None and funded["amount"] == 12_000
 
     env = parse_envelope(envelope(net, "home-2"))
     with RequesterHome.open(default_path(tmp_path / "under"), budgets=Budgets(per_day=11_999)) as home:
@@ -386,7 +393,7 @@ async def test_a_home_budget_at_the_ask_funds_once_a_replay_spends_nothing_and_o
         )  # nothing sent or signed
         assert refused.record.state == "failed" and home.reservation("agent-2") is None
     assert funded_events(net, "home-2") == 0
-    assert all(entry[0] == "0x" + "0" * 40 for entry in escrow_entries(net, "home-2").values())
+    assert all(entry is None for entry in escrow_entries(net, "home-2").values())
     # quoted everywhere (a quote is held until it lapses), taken nowhere
     assert [await job_state(net, n, "home-2") for n in PRICED] == ["priced", "priced", "priced"]
 
