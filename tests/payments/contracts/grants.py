@@ -7,37 +7,12 @@ from typing import Any
 
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3.contract import Contract
 
-from payments.escrow_build import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, USDC_DOMAIN_VERSION
+from payments import grants
+from payments.grants import Spend
 from tests.payments.contracts.chain import CHAIN_ID, Chain, events
-
-_SPEND_TYPE = [
-    {"name": "grantId", "type": "uint256"},
-    {"name": "jobId", "type": "bytes32"},
-    {"name": "provider", "type": "address"},
-    {"name": "validator", "type": "address"},
-    {"name": "amount", "type": "uint256"},
-    {"name": "deadline", "type": "uint64"},
-]
-_PERMIT_TYPE = [
-    {"name": "owner", "type": "address"},
-    {"name": "spender", "type": "address"},
-    {"name": "value", "type": "uint256"},
-    {"name": "nonce", "type": "uint256"},
-    {"name": "deadline", "type": "uint256"},
-]
-
-
-def _domain(name: str, version: str, contract: str, chain_id: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "version": version,
-        "chainId": chain_id,
-        "verifyingContract": to_checksum_address(contract),
-    }
 
 
 def spend_typed_data(
@@ -51,28 +26,17 @@ def spend_typed_data(
     deadline: int,
     chain_id: int = CHAIN_ID,
 ) -> dict[str, Any]:
-    """The EIP-712 ``Spend`` a grant's agent signs to fund one job (the escrow's own domain)."""
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Spend": _SPEND_TYPE,
-        },
-        "primaryType": "Spend",
-        "domain": _domain(ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, escrow, chain_id),
-        "message": {
-            "grantId": grant_id,
-            "jobId": job_id,
-            "provider": to_checksum_address(provider),
-            "validator": to_checksum_address(validator),
-            "amount": amount,
-            "deadline": deadline,
-        },
-    }
+    """The EIP-712 ``Spend`` a grant's agent signs to fund one job (the escrow's own domain), as the
+    node's :func:`payments.grants.spend_typed_data` builds it; the tests check it against ``spendDigest``."""
+    spend = Spend(
+        grant_id=grant_id,
+        job_id=job_id,
+        provider=provider,
+        validator=validator,
+        amount=amount,
+        deadline=deadline,
+    )
+    return grants.spend_typed_data(chain_id=chain_id, escrow=escrow, spend=spend)
 
 
 def sign_spend(agent: LocalAccount, **fields: Any) -> bytes:
@@ -97,12 +61,17 @@ def sign_permit(
     chain_id: int = CHAIN_ID,
 ) -> tuple[int, bytes, bytes]:
     """``owner``'s EIP-2612 permit for ``spender`` on ``token`` (USDC's domain version "2"), as (v, r, s)."""
-    nonce = token.functions.nonces(owner.address).call()
-    signed = owner.sign_typed_data(
-        _domain(token_name, USDC_DOMAIN_VERSION, token.address, chain_id),
-        {"Permit": _PERMIT_TYPE},
-        {"owner": owner.address, "spender": spender, "value": value, "nonce": nonce, "deadline": deadline},
+    typed = grants.permit_typed_data(
+        chain_id=chain_id,
+        token=token.address,
+        token_name=token_name,
+        owner=owner.address,
+        spender=spender,
+        value=value,
+        nonce=token.functions.nonces(owner.address).call(),
+        deadline=deadline,
     )
+    signed = owner.sign_typed_data(full_message=typed)
     return signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")
 
 
