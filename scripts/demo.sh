@@ -13,16 +13,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+source scripts/demo_common.sh
 DEMO="$PWD/.demo"
 KIND="${HEARTH_DEMO_KIND:-transcode}"
 [[ "$KIND" == transcode || "$KIND" == inference ]] || { echo "HEARTH_DEMO_KIND: transcode or inference" >&2; exit 2; }
 rm -rf "$DEMO"; mkdir -p "$DEMO"
 PORT="${HEARTH_DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 NODE="http://127.0.0.1:$PORT"
-step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
 N=0
 numbered() { N=$((N + 1)); step "$N. $*"; }  # the demo's numbered steps (their count depends on KIND)
-show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
 expect_refusal() {  # the command must fail with exit 1 (the node refused); show its structured error
   printf '\033[2m$ %s\033[0m\n' "$*"
   set +e; "$@"; rc=$?; set -e

@@ -11,12 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+source scripts/demo_common.sh
 DEMO="$PWD/.demo-agent"
 rm -rf "$DEMO"; mkdir -p "$DEMO"
 START=$SECONDS
-free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
-show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
 
 NAMES=(alpha beta)
 PRICES=(0.20 0.30)  # USDC per transcode (minimum_per_job, rates at zero): alpha is the cheaper
@@ -35,21 +33,6 @@ cleanup() {
   hearth devnet --home "$FIRST" --stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-
-toml_set() {  # toml_set HOME TABLE KEY VALUE: one key of node.toml (VALUE a TOML literal; TABLE may be dotted)
-  python - "$1/node.toml" "$2" "$3" "$4" <<'PY'
-import sys, tomlkit
-from core.config import parse_config
-path, table, key, value = sys.argv[1:]
-doc = tomlkit.parse(open(path).read())
-at = doc
-for part in table.split("."):
-    at = at.setdefault(part, tomlkit.table())
-at[key] = tomlkit.parse(f"v = {value}")["v"]
-parse_config(doc.unwrap(), source=path)  # refuse to write an invalid file
-open(path, "w").write(tomlkit.dumps(doc))
-PY
-}
 
 step "Two nodes on one devnet, each with its own identity, wallet and price"
 for i in "${!NAMES[@]}"; do
@@ -82,17 +65,6 @@ print(d["rpc_url"], d["registry"], d["escrow"], d["chain_id"], a["requester"]["a
 PY
 )
 echo "  devnet $RPC; registry $REGISTRY; escrow $ESCROW"
-
-wait_url() {  # wait_url URL: until it answers
-  python - "$1" <<'PY'
-import sys, time, urllib.request
-for _ in range(400):
-    try:
-        urllib.request.urlopen(sys.argv[1], timeout=1); break
-    except OSError: time.sleep(0.05)
-else: sys.exit(f"{sys.argv[1]} did not answer")
-PY
-}
 
 step "Start the nodes: each lists itself in the registry from its wallet"
 for name in "${NAMES[@]}"; do

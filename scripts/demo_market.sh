@@ -9,11 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+source scripts/demo_common.sh
 DEMO="$PWD/.demo-market"
 rm -rf "$DEMO"; mkdir -p "$DEMO"
-free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
-show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
 
 NAMES=(alpha beta gamma)
 PRICES=(0.01 0.02 0.04)  # USDC per CPU-second: alpha is the cheapest, gamma the dearest
@@ -29,18 +27,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-toml_set() {  # toml_set HOME TABLE KEY VALUE: one key of node.toml, the rest kept as written
-  python - "$1/node.toml" "$2" "$3" "$4" <<'PY'
-import sys, tomlkit
-from core.config import parse_config
-path, table, key, value = sys.argv[1:]
-doc = tomlkit.parse(open(path).read())
-doc.setdefault(table, tomlkit.table())[key] = value
-parse_config(doc.unwrap(), source=path)  # refuse to write an invalid file
-open(path, "w").write(tomlkit.dumps(doc))
-PY
-}
-
 step "Three nodes on one devnet, each with its own identity, wallet and price"
 for i in "${!NAMES[@]}"; do
   name=${NAMES[$i]}; home="$DEMO/$name"
@@ -50,8 +36,8 @@ for i in "${!NAMES[@]}"; do
   else
     hearth devnet --home "$home" --join "$FIRST" --detach --json >/dev/null
   fi
-  toml_set "$home" pricing cpu_second "${PRICES[$i]}"
-  toml_set "$home" market endpoint "${URL[$name]}"
+  toml_set "$home" pricing cpu_second "\"${PRICES[$i]}\""
+  toml_set "$home" market endpoint "\"${URL[$name]}\""
   echo "  $name  ${URL[$name]}  cpu_second ${PRICES[$i]} USDC  did $(hearth keys show "$home/node.key" --json | python -c 'import json,sys; print(json.load(sys.stdin)["did"])')"
 done
 read -r RPC REGISTRY ESCROW PAYER VALIDATOR PAYER_KEY VALIDATOR_KEY < <(python - "$DEMO/devnet.json" <<'PY'
@@ -65,23 +51,12 @@ echo "  devnet $RPC; registry $REGISTRY; escrow $ESCROW"
 MARKET=(--registry "$REGISTRY" --rpc "$RPC" --home "$DEMO/requester")
 LOCAL=(--allow-private-endpoints)  # the demo's nodes listen on 127.0.0.1
 
-wait_ready() {
-  python - "$1" <<'PY'
-import sys, time, urllib.request
-for _ in range(400):
-    try:
-        urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=1); break
-    except OSError: time.sleep(0.05)
-else: sys.exit(f"node {sys.argv[1]} did not become ready")
-PY
-}
-
 step "Start the nodes: each lists itself in the registry from its wallet ([market] endpoint), through its transaction outbox"
 for name in "${NAMES[@]}"; do
   hearth run --home "$DEMO/$name" >"$DEMO/$name.log" 2>&1 &
   PID[$name]=$!
 done
-for name in "${NAMES[@]}"; do wait_ready "${URL[$name]}"; done
+for name in "${NAMES[@]}"; do wait_url "${URL[$name]}/readyz"; done
 python - "$RPC" "$REGISTRY" <<'PY'
 import asyncio, sys, time
 from web3 import AsyncWeb3
