@@ -74,8 +74,9 @@ def _chain_opts(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _where(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
-    """node.toml, the registry address and the RPC URL the command reads, from flags or node.toml."""
+def where(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
+    """node.toml, the registry address and the RPC URL a market command reads: ``--registry`` and
+    ``--rpc`` (and ``--escrow`` where the command has it), else ``--home``'s node.toml."""
     cfg = load_config(args.home)
     registry = args.registry or cfg.market.registry
     rpc = args.rpc or (cfg.chain.rpc_url if cfg.chain is not None else None)
@@ -85,8 +86,9 @@ def _where(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         raise usage("no chain RPC: pass --rpc URL or set [chain] rpc_url in node.toml (hearth devnet)")
     if not is_address(registry):
         raise usage(f"--registry {registry[:60]!r} is not an address (0x and 40 hex digits)")
-    if args.escrow is not None and not is_address(args.escrow):
-        raise usage(f"--escrow {args.escrow[:60]!r} is not an address (0x and 40 hex digits)")
+    escrow = getattr(args, "escrow", None)
+    if escrow is not None and not is_address(escrow):
+        raise usage(f"--escrow {escrow[:60]!r} is not an address (0x and 40 hex digits)")
     return cfg, registry, rpc
 
 
@@ -97,7 +99,7 @@ def _escrow(args: argparse.Namespace, cfg: NodeConfig, chain_id: int) -> str | N
     return chain.escrow if chain is not None and chain.chain_id == chain_id else None
 
 
-def _connect(rpc: str) -> tuple[Any, Any]:
+def connect(rpc: str) -> tuple[Any, Any]:
     """``(provider, AsyncWeb3)`` over ``rpc`` with a bounded timeout and no retries."""
     import aiohttp
     from web3 import AsyncWeb3
@@ -112,7 +114,7 @@ def _connect(rpc: str) -> tuple[Any, Any]:
 
 
 def cmd_providers(args: argparse.Namespace, out: Out) -> int:
-    cfg, registry, rpc = _where(args)
+    cfg, registry, rpc = where(args)
     if args.timeout <= 0 or args.max_providers < 1:
         raise usage("--timeout must be > 0 and --max-providers >= 1")
     doc = asyncio.run(_discover(args, cfg, registry, rpc))
@@ -125,7 +127,7 @@ async def _discover(args: argparse.Namespace, cfg: NodeConfig, address: str, rpc
     from payments.registry_chain import RegistryChain
     from requester.market import discover
 
-    provider, w3 = _connect(rpc)
+    provider, w3 = connect(rpc)
     try:
         async with rpc_errors("eth_chainId", rpc):
             chain_id = int(await w3.eth.chain_id)
@@ -152,7 +154,7 @@ async def _discover(args: argparse.Namespace, cfg: NodeConfig, address: str, rpc
 
 def cmd_reputation(args: argparse.Namespace, out: Out) -> int:
     """Every registered provider's reputation, and every other wallet the escrow paid or refunded for."""
-    cfg, registry, rpc = _where(args)
+    cfg, registry, rpc = where(args)
     doc = asyncio.run(_reputation_table(args, cfg, registry, rpc))
     out.emit(doc, lambda: _print_reputation(doc))
     return EXIT_OK
@@ -165,7 +167,7 @@ async def _reputation_table(
     from payments.registry_chain import RegistryChain
     from requester.reputation import Reputation
 
-    provider, w3 = _connect(rpc)
+    provider, w3 = connect(rpc)
     try:
         async with rpc_errors("eth_chainId", rpc):
             chain_id = int(await w3.eth.chain_id)
@@ -376,4 +378,4 @@ def _reputation_cell(rep: dict[str, Any] | None) -> str:
     )
 
 
-__all__ = ["add_parser", "cmd_providers", "cmd_reputation", "printable", "short_did"]
+__all__ = ["add_parser", "cmd_providers", "cmd_reputation", "connect", "printable", "short_did", "where"]

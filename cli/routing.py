@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, Out, read_envelope, usage
+from cli.market import connect, where
 from core import defaults as d
-from core.config import load_config
 
 if TYPE_CHECKING:  # web3, eth-account and the market stack load only when --market is used (hearth run
     # builds this parser on every start: tests/node/test_startup_imports.py)
@@ -88,19 +88,6 @@ def add_market_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _where(args: argparse.Namespace) -> tuple[str, str]:
-    """The registry address and RPC URL: the flags, else --home's node.toml."""
-    cfg = load_config(args.home)
-    registry = args.registry or cfg.market.registry
-    rpc = args.rpc or (cfg.chain.rpc_url if cfg.chain is not None else None)
-    if not registry or not rpc:
-        raise usage(
-            "--market needs a registry and an RPC: give --registry and --rpc, or a --home whose node.toml "
-            "has [market] registry and [chain] rpc_url (hearth devnet writes both)"
-        )
-    return registry, rpc
-
-
 async def _reputation(args: argparse.Namespace, w3: AsyncWeb3[Any], env: Envelope) -> dict[str, Reputation]:
     """Every provider's record on the envelope's escrow, the cache under --home brought up to date."""
     from requester.reputation import ReputationCache, default_path
@@ -113,8 +100,6 @@ async def _reputation(args: argparse.Namespace, w3: AsyncWeb3[Any], env: Envelop
 
 
 async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
-    from web3 import AsyncWeb3
-    from web3.providers import AsyncHTTPProvider
 
     from core.envelope import VllmBatchEnvelope, parse_envelope
     from core.errors import HearthError
@@ -155,11 +140,11 @@ async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
     if wallet is None and grant is None and (args.wait or args.valid_seconds is not None):
         raise usage("--wait and --valid-seconds need --wallet (--wait: or --grant)")
     strategy = Strategy(args.strategy, args.min_settled, args.max_failure_rate)
-    registry_address, rpc = _where(args)
+    _, registry_address, rpc = where(args)
     found: list[Discovery] = []
 
     async def providers() -> list[Provider]:
-        w3: AsyncWeb3[Any] = AsyncWeb3(AsyncHTTPProvider(rpc))
+        provider, w3 = connect(rpc)  # bounded, no retries: the market commands' one RPC connection
         try:
             reputation = await _reputation(args, w3, env) if strategy.name == "reputation" else None
             found.append(
@@ -174,7 +159,7 @@ async def cmd_market_submit(args: argparse.Namespace, out: Out) -> int:
                 )
             )
         finally:
-            await w3.provider.disconnect()
+            await provider.disconnect()
         return found[0].providers
 
     key = args.idempotency_key or default_key(signer, env)
