@@ -18,4 +18,6 @@ Public face (import the module you need; nothing is loaded here):
 - :mod:`core.netpolicy` — the address policy for every URL a stranger names (https inputs, callbacks):
   :class:`~core.netpolicy.AddressPolicy` judges hosts as written and as resolved, and its connector
   connects only to the addresses it checked; refusals are :class:`~core.netpolicy.AddressNotAllowed`.
+- :mod:`core.sqlitefile` — :func:`~core.sqlitefile.open_wal`, how the side files beside the journal (the
+  requester home, the reputation cache, the validator's verdicts) open SQLite.
 """

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from core.errors import BudgetError, ConflictError, HearthError, RequestError
+from core.sqlitefile import open_wal
 from payments.receipts import usdc_str
 from requester.budgets import MAX_AMOUNT, Budgets, check_workflow
 
@@ -169,14 +170,7 @@ class RequesterHome:
         SQLite, no WAL, another schema version)."""
         conn: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn = open_wal(path, busy_timeout_ms=busy_timeout_ms)
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):

@@ -39,6 +39,7 @@ from web3.providers import AsyncHTTPProvider
 from web3.types import RPCEndpoint
 
 from core.errors import ChainError, HearthError, StorageError
+from core.sqlitefile import open_wal
 from payments.chain import rpc_errors
 from payments.receipts import usdc_str
 from requester.escrow_events import EscrowEvent, checksum, decode_log, escrow_events
@@ -246,14 +247,7 @@ class ReputationCache:
         """Open (or create) the cache at ``path``; ``reputation_cache_failed`` if it is not usable."""
         conn: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn = open_wal(path, busy_timeout_ms=busy_timeout_ms)
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from core.errors import JournalError
+from core.sqlitefile import open_wal
 
 __all__ = ["FILENAME", "NoticeRow", "NoticeState", "VerdictStore"]
 
@@ -106,15 +107,11 @@ class VerdictStore:
     @classmethod
     def open(cls, home: Path, *, now: Callable[[], float] = time.time) -> VerdictStore:
         """Open (creating) ``home/verdicts.sqlite`` in WAL mode with synchronous=FULL."""
-        home.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(home / FILENAME, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn = open_wal(home / FILENAME, synchronous="full", busy_timeout_ms=5000)
             for statement in _SCHEMA:
                 conn.execute(statement)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise JournalError("verdicts_unreadable", f"{home / FILENAME}: {exc}", retryable=False) from None
         return cls(conn, now=now)
 
