@@ -22,6 +22,7 @@ import sys
 
 from cli import devnet, grant, market, models, operator, requester, service, status, validator, validator_run
 from cli import mcp as mcp_cli
+from cli import worker as worker_cli
 from cli.common import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_leave_parser(market_sub, [common, config])
     grant.add_parser(sub, [common])
     mcp_cli.add_parser(sub, [common])
+    worker_cli.add_parser(sub, [common])
     return parser
 
 

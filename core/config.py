@@ -376,6 +376,45 @@ with warnings.catch_warnings():
             return v
 
 
+class ClusterSection(_Section):
+    """The machines attempts run on (docs/operating.md): without ``[cluster]`` every container runs on
+    this machine; with it, each run is a task on a worker of a Ray cluster, the node staying its head.
+
+    ``address`` is the Ray head's ``host:port``, or ``"local"`` to start a Ray instance on this machine
+    (development). ``head_url`` is where workers fetch inputs from (this node's gateway); without it, the
+    node's endpoint, else the address its API listens on.
+    """
+
+    engine: d.ClusterEngine = d.DEFAULT_CLUSTER_ENGINE
+    address: str = Field(default=d.DEFAULT_CLUSTER_ADDRESS, min_length=1, max_length=255)
+    head_url: str | None = d.DEFAULT_CLUSTER_HEAD_URL
+    connect_timeout_seconds: float = Field(default=d.DEFAULT_CLUSTER_CONNECT_TIMEOUT_SECONDS, gt=0, le=3600)
+    placement_timeout_seconds: float = Field(
+        default=d.DEFAULT_CLUSTER_PLACEMENT_TIMEOUT_SECONDS, gt=0, le=86_400
+    )
+    refresh_seconds: float = Field(default=d.DEFAULT_CLUSTER_REFRESH_SECONDS, ge=0.5, le=3600)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if v == "local":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in v:
+            raise ValueError(f'address {v[:80]!r} must be the Ray head\'s host:port, or "local"')
+        return v
+
+    @field_validator("head_url")
+    @classmethod
+    def _head_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or len(v.encode()) > 2048:
+            raise ValueError(f"head_url {v[:80]!r} must be an http(s):// URL with a host, at most 2048 bytes")
+        return v.rstrip("/")
+
+
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"  # the envelope's output_spec.model
 
 
@@ -417,6 +456,7 @@ class NodeConfig(_Section):
     chain: ChainSection | None = None
     registry: RegistrySection = Field(default_factory=RegistrySection)
     market: MarketSection = Field(default_factory=MarketSection)
+    cluster: ClusterSection | None = None
     models: list[ModelSection] = Field(default_factory=list, max_length=256)
 
     @field_validator("models")

@@ -167,6 +167,15 @@ DEFAULT_MARKET_REGISTRY: Final[str | None] = None  # the HearthRegistry address;
 DEFAULT_MARKET_ENDPOINT: Final[str | None] = None  # the public URL registered for this node
 DEFAULT_MARKET_REGISTER: Final = True  # register (or update the record) at start when both are set
 
+# [cluster]: the machines attempts run on; absent = this machine alone (the local executor).
+ClusterEngine = Literal["ray"]
+DEFAULT_CLUSTER_ENGINE: Final[ClusterEngine] = "ray"
+DEFAULT_CLUSTER_ADDRESS: Final = "local"  # "local" starts a one-machine Ray instance (development)
+DEFAULT_CLUSTER_HEAD_URL: Final[str | None] = None  # where workers fetch inputs; else the endpoint
+DEFAULT_CLUSTER_CONNECT_TIMEOUT_SECONDS: Final = 60.0  # joining the cluster at start
+DEFAULT_CLUSTER_PLACEMENT_TIMEOUT_SECONDS: Final = 600.0  # a run waiting for a worker that fits it
+DEFAULT_CLUSTER_REFRESH_SECONDS: Final = 5.0  # how often the workers and their resources are read again
+
 # Routing a job among the market's providers (requester side: `hearth job submit --market`).
 RoutingStrategy = Literal["cheapest", "reputation"]
 ROUTING_STRATEGIES: Final[tuple[RoutingStrategy, ...]] = ("cheapest", "reputation")

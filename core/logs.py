@@ -72,7 +72,8 @@ class JsonFormatter(logging.Formatter):
             doc["job"] = str(job)
             doc["trace_id"] = trace_id_for(str(job))
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and key not in doc:
+            # a private attribute is no ``extra`` (libraries stamp their own on every record)
+            if key not in _STANDARD and key not in doc and not key.startswith("_"):
                 doc[key] = value if isinstance(value, int | float | bool | type(None)) else str(value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)

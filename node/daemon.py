@@ -24,7 +24,7 @@ from core.config import (
     resolve_path,
 )
 from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
-from core.errors import ConfigError
+from core.errors import ConfigError, HearthError
 from core.faults import NO_FAULTS, FaultPoints
 from core.journal import Journal
 from core.logs import log_transition
@@ -40,10 +40,11 @@ from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe
 from provider.offers import OfferIssuer
 from provider.registry import OfferPusher
-from sandbox.runner import SandboxRunner
+from sandbox.runner import Runner, RunSpec, SandboxRunner
 from storage import Blockstore, open_blockstore
 
 if TYPE_CHECKING:
+    from cluster import RayCluster
     from payments.settlement import Settlement
     from provider.listing import MarketListing
 
@@ -81,19 +82,13 @@ class Node:
         self.faults: FaultPoints = NO_FAULTS if faults is None else faults
         self.metrics = Metrics()
         self.machine: MachineInfo = discover(cfg.capacity, disk_path=resolve_path(home, cfg.node.state_dir))
-        offered = self.machine.offered
-        self.ledger = CapacityLedger(
-            Resources(
-                cpus=offered.cpus * cfg.capacity.overcommit,
-                memory_mb=int(offered.memory_mb * cfg.capacity.overcommit),
-                gpus=offered.gpus,
-            ),
-            hold_policy(cfg.capacity),
-        )
+        self.ledger = CapacityLedger(self._sold(self.machine), hold_policy(cfg.capacity))
+        # the Ray cluster the node is the head of (``[cluster]``), joined at start; None: this machine alone
+        self.cluster: RayCluster | None = None
         self._journal: Journal | None = None
         self._admission: Admission | None = None
         self.store: Blockstore = open_blockstore(home, cfg.storage)
-        self.runner = SandboxRunner.from_config(
+        self.runner: Runner = SandboxRunner.from_config(
             cfg.sandbox, node=signer.did, on_start=lambda _spec: self.metrics.container_started()
         )
         self._executor: TranscodeExecutor | None = None
@@ -206,9 +201,77 @@ class Node:
         """The wallet the escrow pays this node's earnings to; None without ``[chain]`` (or before start)."""
         return None if self._settlement is None else self._settlement.provider
 
+    def _sold(self, machine: MachineInfo) -> Resources:
+        """What the ledger may hold: the offered resources, CPUs and memory overcommitted as configured."""
+        offered, overcommit = machine.offered, self.cfg.capacity.overcommit
+        return Resources(
+            cpus=offered.cpus * overcommit, memory_mb=int(offered.memory_mb * overcommit), gpus=offered.gpus
+        )
+
+    async def _join_cluster(self) -> None:
+        """With ``[cluster]``: join the Ray cluster; its workers' resources become what the node sells and
+        every container runs on them (cluster.RemoteRunner). Ray is loaded only here."""
+        section = self.cfg.cluster
+        if section is None:
+            return
+        from cluster import RayCluster, RemoteRunner
+
+        cluster = RayCluster(section)
+        await cluster.connect()
+        self.cluster = cluster
+        self.metrics.watch_cluster(cluster.workers, lambda: cluster.lost_total)
+        self._cluster_changed()
+        self.runner.close()
+        self.runner = RemoteRunner(
+            cluster,
+            node=self.did,
+            sandbox=self.cfg.sandbox,
+            storage=self.cfg.storage,
+            head_url=lambda: (
+                (self.cfg.cluster.head_url if self.cfg.cluster else None)
+                or self.cfg.endpoint
+                or self.listen_url
+            ),
+            on_placed=self._placed,
+            on_start=lambda _spec: self.metrics.container_started(),
+        )
+        log.info(
+            "joined the Ray cluster at %s: %d worker(s), offering %s",
+            section.address,
+            sum(1 for w in cluster.workers() if w.alive),
+            self.machine.offered.to_dict(),
+        )
+
+    def _cluster_changed(self) -> None:
+        """Take the cluster's current resources as what the node offers (the offer, the ledger, the queue)."""
+        if self.cluster is None:
+            return
+        machine = self.cluster.machine(self.machine)
+        if machine.offered == self.machine.offered and machine.workers == self.machine.workers:
+            return
+        self.machine = machine
+        self.ledger.resize(self._sold(machine))
+        if self._scheduler is not None:
+            self._scheduler.grow(machine.offered)
+
+    def _placed(self, spec: RunSpec, worker: str, node_id: str) -> None:
+        """The journal says which worker ran each container of an attempt (runs of quotes have no job)."""
+        journal = self._journal
+        if journal is None or journal.get(spec.job_id) is None:
+            return
+        with contextlib.suppress(HearthError):
+            journal.append_event(
+                spec.job_id,
+                "note",
+                f"attempt {spec.attempt + 1}: {spec.argv[0]} runs on worker {worker}",
+                {"worker": worker, "node_id": node_id, "attempt": spec.attempt + 1, "program": spec.argv[0]},
+                actor="cluster",
+            )
+
     async def start(self) -> None:
         t0 = time.perf_counter()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._join_cluster()
         # Before anything is offered: a model whose weights changed stops the start (ConfigError).
         self.models = await asyncio.to_thread(
             ModelCatalog.verify, self.home, self.cfg.models, gpu_memory_mb=self.machine.gpu_memory_mb
@@ -284,7 +347,9 @@ class Node:
                 self.ledger,
                 self.machine.offered,
                 retry_budget=self.cfg.policy.retry_budget,
-                gpu_ids=tuple(str(gpu.index) for gpu in self.machine.gpus),
+                gpu_ids=self.cluster.gpu_slots()
+                if self.cluster is not None
+                else tuple(str(gpu.index) for gpu in self.machine.gpus),
                 on_attempt=self.metrics.attempt_ended,
                 runnable=None if self._settlement is None else self._settlement.is_funded,
             )
@@ -381,6 +446,9 @@ class Node:
             await self._webhooks.stop()
             self._webhooks = None
         self.runner.close()
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -423,5 +491,6 @@ class Node:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_SECONDS)
             try:
                 self.admission.expire_quotes()
+                self._cluster_changed()
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("housekeeping failed")

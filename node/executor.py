@@ -48,7 +48,7 @@ from sandbox.ffmpeg import (
     sandboxed_probe_refusal,
     transcode_argv,
 )
-from sandbox.runner import Mount, RunSpec, SandboxRunner
+from sandbox.runner import Mount, Runner, RunResult, RunSpec
 from storage import CID, Blockstore, FetchedInput, fetch_input, import_path
 
 log = logging.getLogger("hearth.executor")
@@ -73,7 +73,7 @@ class Artifact:
 class Workspace:
     """What every executor works with: the sandbox, the blockstore, a folder for attempts, the node's DID."""
 
-    runner: SandboxRunner
+    runner: Runner  # this machine's sandbox, or the cluster's workers (cluster.RemoteRunner)
     store: Blockstore
     work_dir: Path
     node_did: str
@@ -233,7 +233,8 @@ class TranscodeExecutor(WorkloadExecutor):
             report({"stage": "probing", "percent": 0.0})
             info = await self._probe_cached(fetched, job_id=job.id, attempt=job.attempts)
             plan = transcode_argv(env.output_spec, info=info, threads=ffmpeg_threads(env.limits.cpus))
-            run = await self._transcode(job, env, plan, fetched, attempt / "out", report, gpu_ids)
+            ran = await self._transcode(job, env, plan, fetched, attempt / "out", report, gpu_ids)
+            run = ran.wall_seconds
             report({"stage": "checking", "percent": 100.0})
             checks, artifact = await self._check_and_publish(env, plan, attempt / "out", store=True)
             runtime = time.monotonic() - started
@@ -261,7 +262,8 @@ class TranscodeExecutor(WorkloadExecutor):
                     "input_sha256": fetched.sha256,
                     "input_size": fetched.size,
                     "attempt": job.attempts + 1,
-                },
+                }
+                | ({"worker": ran.worker} if ran.worker else {}),
             }
         finally:
             await asyncio.to_thread(shutil.rmtree, attempt, True)
@@ -282,7 +284,7 @@ class TranscodeExecutor(WorkloadExecutor):
             fetched = await fetch_input(
                 uri, attempt / "in" / "input", store=self._store, config=self._cfg.storage, sha256=None
             )
-            info = await self.probe(fetched.path, job_id=job.id, attempt=job.attempts)
+            info = await self.probe(fetched.path, job_id=job.id, attempt=job.attempts, cid=str(fetched.cid))
             threads = int(provenance.get("threads") or ffmpeg_threads(env.limits.cpus))
             plan = transcode_argv(env.output_spec, info=info, threads=threads)
             await self._transcode(job, env, plan, fetched, attempt / "out", lambda _: None, ())
@@ -301,12 +303,15 @@ class TranscodeExecutor(WorkloadExecutor):
 
     # -- steps ----------------------------------------------------------------------------------------
 
-    async def probe(self, path: Path, *, job_id: str, attempt: int = 0) -> MediaInfo:
-        """ffprobe ``path`` inside a sandbox (the file is untrusted) and parse what it says, or refuse it."""
+    async def probe(self, path: Path, *, job_id: str, attempt: int = 0, cid: str | None = None) -> MediaInfo:
+        """ffprobe ``path`` (content ``cid``) inside a sandbox (the file is untrusted) and parse what it
+        says, or refuse it."""
         lines: list[str] = []
         out = path.parent.parent / "probe"
         try:
-            await self._probe_run(path, out, job_id, attempt, lines)
+            await self._probe_run(
+                Mount(host=path, target=CONTAINER_INPUT_PATH, cid=cid), out, job_id, attempt, lines
+            )
         except ExecutionError as exc:
             # An input that fails, outgrows or outlasts its probe is refused (422), not a node failure (500).
             refusal = sandboxed_probe_refusal(exc)
@@ -315,7 +320,7 @@ class TranscodeExecutor(WorkloadExecutor):
             raise refusal from None
         return parse_probe("\n".join(lines))
 
-    async def _probe_run(self, path: Path, out: Path, job_id: str, attempt: int, lines: list[str]) -> None:
+    async def _probe_run(self, mount: Mount, out: Path, job_id: str, attempt: int, lines: list[str]) -> None:
         await self._runner.run(
             RunSpec(
                 image=await self._image_id(),
@@ -323,7 +328,7 @@ class TranscodeExecutor(WorkloadExecutor):
                 job_id=job_id,
                 attempt=attempt,
                 output_dir=out,
-                inputs=(Mount(host=path, target=CONTAINER_INPUT_PATH),),
+                inputs=(mount,),
                 cpus=1.0,
                 memory_mb=self._cfg.sandbox.probe_memory_mb,
                 timeout_seconds=self._cfg.sandbox.probe_timeout_seconds,
@@ -361,7 +366,7 @@ class TranscodeExecutor(WorkloadExecutor):
         if info is not None:
             self._probes.move_to_end(key)
             return info
-        info = await self.probe(fetched.path, job_id=job_id, attempt=attempt)
+        info = await self.probe(fetched.path, job_id=job_id, attempt=attempt, cid=str(fetched.cid))
         self._probes[key] = info
         if len(self._probes) > QUOTE_PROBE_CACHE_SIZE:
             self._probes.popitem(last=False)
@@ -387,7 +392,7 @@ class TranscodeExecutor(WorkloadExecutor):
         out: Path,
         report: ProgressReport,
         gpu_ids: tuple[str, ...],
-    ) -> float:
+    ) -> RunResult:
         parser = ProgressParser(plan.expected_duration_seconds)
 
         def on_line(line: str) -> None:
@@ -411,7 +416,7 @@ class TranscodeExecutor(WorkloadExecutor):
                 job_id=job.id,
                 attempt=job.attempts,
                 output_dir=out,
-                inputs=(Mount(host=fetched.path, target=CONTAINER_INPUT_PATH),),
+                inputs=(Mount(host=fetched.path, target=CONTAINER_INPUT_PATH, cid=str(fetched.cid)),),
                 cpus=env.limits.cpus,
                 memory_mb=env.limits.memory_mb,
                 timeout_seconds=env.limits.timeout_seconds,
@@ -424,7 +429,7 @@ class TranscodeExecutor(WorkloadExecutor):
             ),
             on_stdout=on_line,
         )
-        return result.wall_seconds
+        return result
 
     async def _check_and_publish(
         self, env: FfmpegTranscodeEnvelope, plan: Plan, out: Path, *, store: bool

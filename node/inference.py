@@ -29,7 +29,7 @@ from node.scheduler import ProgressReport
 from provider.catalog import CatalogModel, ModelCatalog
 from provider.estimate import MIB, InputProbe, WorkEstimate
 from provider.pricing import Pricer
-from sandbox.runner import Mount, RunSpec
+from sandbox.runner import Mount, RunResult, RunSpec
 from sandbox.vllm import (
     CONTAINER_BATCH_PATH,
     CONTAINER_MODEL_DIR,
@@ -85,10 +85,10 @@ class InferenceExecutor(WorkloadExecutor):
             )
             image = await self._image_id(plan)
             out = attempt / "out"
-            wall = await self._infer(job, env, model, plan, image, fetched, out, report, gpu_ids)
+            ran = await self._infer(job, env, model, plan, image, fetched, out, report, gpu_ids)
             report({"stage": "checking", "percent": 100.0})
             data = await asyncio.to_thread(_read_output, out)
-            return await self._result(job, env, model, batch, plan, image, fetched, data, started, wall)
+            return await self._result(job, env, model, batch, plan, image, fetched, data, started, ran)
         finally:
             await asyncio.to_thread(shutil.rmtree, attempt, True)
 
@@ -135,7 +135,7 @@ class InferenceExecutor(WorkloadExecutor):
         out: Path,
         report: ProgressReport,
         gpu_ids: tuple[str, ...],
-    ) -> float:
+    ) -> RunResult:
         progress = BatchProgress()
 
         def on_stderr(line: str) -> None:
@@ -161,8 +161,8 @@ class InferenceExecutor(WorkloadExecutor):
                 attempt=job.attempts,
                 output_dir=out,
                 inputs=(
-                    Mount(host=model.path, target=CONTAINER_MODEL_DIR),
-                    Mount(host=fetched.path, target=CONTAINER_BATCH_PATH),
+                    Mount(host=model.path, target=CONTAINER_MODEL_DIR, cid=model.entry.cid, model=True),
+                    Mount(host=fetched.path, target=CONTAINER_BATCH_PATH, cid=str(fetched.cid)),
                 ),
                 cpus=env.limits.cpus,
                 memory_mb=env.limits.memory_mb,
@@ -177,7 +177,7 @@ class InferenceExecutor(WorkloadExecutor):
             ),
             on_stderr=on_stderr,
         )
-        return result.wall_seconds
+        return result
 
     async def _result(
         self,
@@ -190,7 +190,7 @@ class InferenceExecutor(WorkloadExecutor):
         fetched: FetchedInput,
         data: bytes,
         started: float,
-        wall: float,
+        ran: RunResult,
     ) -> dict[str, Any]:
         digest = hashlib.sha256(data).hexdigest()
         outcome = await asyncio.to_thread(
@@ -216,7 +216,7 @@ class InferenceExecutor(WorkloadExecutor):
             "artifact_size": imported.size,
             "files": [{"name": CONTAINER_OUTPUT_NAME, "size": imported.size, "sha256": digest}],
             "runtime_seconds": round(time.monotonic() - started, 3),
-            "container_seconds": round(wall, 3),
+            "container_seconds": round(ran.wall_seconds, 3),
             "requests": len(batch.requests),
             "usage": outcome.usage(),
             "status_counts": outcome.status_counts,
@@ -235,7 +235,8 @@ class InferenceExecutor(WorkloadExecutor):
                 "input_sha256": fetched.sha256,
                 "input_size": fetched.size,
                 "attempt": job.attempts + 1,
-            },
+            }
+            | ({"worker": ran.worker} if ran.worker else {}),
         }
 
     async def _image_id(self, plan: BatchPlan) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11,7 +11,13 @@ from prometheus_client.registry import Collector
 
 from provider.listing import LISTING_STATES
 
+if TYPE_CHECKING:
+    from cluster import WorkerInfo
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_CLUSTER_WORKER_SERIES: Final = 256
+"""Workers given per-worker series (``worker`` label); past it only the alive/dead counts grow, so a
+cluster whose workers come and go under new names cannot grow a scrape without bound."""
 
 
 class _JobStates(Collector):
@@ -63,6 +69,66 @@ class _Payments(Collector):
         up = GaugeMetricFamily("hearth_chain_up", "1 while the settlement chain's RPC answers")
         up.add_metric([], 1 if self._chain_up() else 0)
         return [earned, gas, up]
+
+
+class _Cluster(Collector):
+    """The workers of the node's cluster, read at scrape time from the cluster's cached list.
+
+    Built afresh on every scrape, so a worker that left the list leaves the metrics with it: no label set
+    outlives its worker. Per-worker series are kept to :data:`MAX_CLUSTER_WORKER_SERIES` workers (alive
+    ones first, then by name); the counts by state always cover them all.
+    """
+
+    def __init__(self, workers: Callable[[], list[WorkerInfo]], lost_total: Callable[[], int]) -> None:
+        self._workers = workers
+        self._lost_total = lost_total
+
+    def collect(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        workers = self._workers()
+        states = GaugeMetricFamily(
+            "hearth_cluster_workers", "The cluster's workers, by state (alive, dead)", labels=["state"]
+        )
+        alive = sum(1 for w in workers if w.alive)
+        states.add_metric(["alive"], alive)
+        states.add_metric(["dead"], len(workers) - alive)
+        lost = CounterMetricFamily(
+            "hearth_cluster_workers_lost", "Runs lost to a worker that died under them (worker_lost)"
+        )
+        lost.add_metric([], self._lost_total())
+        per_worker = {
+            name: GaugeMetricFamily(f"hearth_cluster_worker_{name}", doc, labels=["worker"])
+            for name, doc in (
+                ("up", "1 while the worker is alive, 0 once the cluster has seen it die"),
+                ("running", "Containers this node runs on the worker now"),
+                ("cpus", "CPUs the worker offers the cluster"),
+                ("memory_mb", "Memory the worker offers the cluster, in MiB"),
+                ("gpus", "GPUs the worker offers the cluster"),
+            )
+        }
+        for label, w in _worker_labels(workers):
+            per_worker["up"].add_metric([label], 1 if w.alive else 0)
+            per_worker["running"].add_metric([label], w.running)
+            per_worker["cpus"].add_metric([label], w.cpus)
+            per_worker["memory_mb"].add_metric([label], w.memory_mb)
+            per_worker["gpus"].add_metric([label], w.gpus)
+        return [states, lost, *per_worker.values()]
+
+
+def _worker_labels(workers: Iterable[WorkerInfo]) -> list[tuple[str, WorkerInfo]]:
+    """The workers given series, each with a ``worker`` label of its own.
+
+    Names are chosen by the workers' operators, so two can share one; the one ranked later (dead after
+    alive, then by node id) is told apart by its node id, as a scrape with two samples of one label set
+    is refused whole.
+    """
+    ranked = sorted(workers, key=lambda w: (not w.alive, w.name, w.node_id))[:MAX_CLUSTER_WORKER_SERIES]
+    labelled: list[tuple[str, WorkerInfo]] = []
+    seen: set[str] = set()
+    for w in ranked:
+        label = w.name if w.name not in seen else f"{w.name}/{w.node_id[:8]}"
+        seen.add(label)
+        labelled.append((label, w))
+    return labelled
 
 
 class Metrics:
@@ -160,6 +226,10 @@ class Metrics:
 
     def watch_payments(self, totals: Callable[[], dict[str, int]], chain_up: Callable[[], bool]) -> None:
         self.registry.register(_Payments(totals, chain_up))
+
+    def watch_cluster(self, workers: Callable[[], list[WorkerInfo]], lost_total: Callable[[], int]) -> None:
+        """Report the cluster's workers (``RayCluster.workers``) and its lost runs at every scrape."""
+        self.registry.register(_Cluster(workers, lost_total))
 
     def http_request(self, route: str, status: int) -> None:
         """One answered HTTP request, by route (its canonical path) and status."""

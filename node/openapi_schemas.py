@@ -59,10 +59,56 @@ _RESOURCES = {
     "required": ["cpus", "memory_mb", "gpus"],
     "properties": {"cpus": {"type": "number"}, "memory_mb": {"type": "integer"}, "gpus": {"type": "integer"}},
 }
+_CLUSTER_SCHEMA = {
+    "type": ["object", "null"],
+    "description": "the cluster the node runs its jobs on ([cluster]); null when it runs them itself",
+    "required": ["engine", "address", "alive", "lost_runs", "workers"],
+    "properties": {
+        "engine": {"type": "string", "enum": ["ray"]},
+        "address": {"type": "string", "description": "the cluster's address the node joined"},
+        "alive": {"type": "integer", "minimum": 0, "description": "workers alive now"},
+        "lost_runs": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "runs lost to a worker that died under them since the node started (worker_lost)",
+        },
+        "workers": {
+            "type": "array",
+            "description": "every worker the cluster knows, alive or dead, by name",
+            "items": {
+                "type": "object",
+                "required": [
+                    "node_id",
+                    "name",
+                    "address",
+                    "alive",
+                    "cpus",
+                    "memory_mb",
+                    "gpus",
+                    "models",
+                    "running",
+                    "lost",
+                ],
+                "properties": {
+                    "node_id": {"type": "string"},
+                    "name": {"type": "string", "description": "its hearth-worker name, else address/node id"},
+                    "address": {"type": "string"},
+                    "alive": {"type": "boolean"},
+                    "cpus": {"type": "number", "minimum": 0},
+                    "memory_mb": {"type": "integer", "minimum": 0},
+                    "gpus": {"type": "integer", "minimum": 0},
+                    "models": {"type": "array", "items": {"type": "string"}, "description": "its model CIDs"},
+                    "running": {"type": "integer", "minimum": 0, "description": "containers run there now"},
+                    "lost": {"type": "integer", "minimum": 0, "description": "runs lost on it (worker_lost)"},
+                },
+            },
+        },
+    },
+}
 OVERVIEW_SCHEMA = {
     "type": "object",
     "description": "the operator's overview (GET /v1/overview): read-only, no keys or tokens",
-    "required": ["generated_at", "node", "capacity", "jobs", "failures", "earnings"],
+    "required": ["generated_at", "node", "capacity", "jobs", "failures", "earnings", "cluster"],
     "properties": {
         "generated_at": {"type": "number"},
         "node": {
@@ -221,6 +267,7 @@ OVERVIEW_SCHEMA = {
                 },
             },
         },
+        "cluster": _CLUSTER_SCHEMA,
     },
 }
 EVENT_SCHEMA = {

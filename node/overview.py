@@ -10,6 +10,9 @@ The document (see :meth:`Overview.document`)::
     jobs       by_state, queued, running [{id, kind, stage, percent, started_at, ...}], recent [...]
     failures   total, by_domain {domain: {count, codes}}, recent [...]
     earnings   currency, earned, earned_units, gas_wei, series {period, period_seconds, points [...]}
+    cluster    null on a node that runs its jobs itself; with a [cluster]: engine, address, alive,
+               lost_runs, workers [{node_id, name, address, alive, cpus, memory_mb, gpus, models,
+               running, lost}]
 
 It is read-only and holds nothing secret: no key, no envelope, no quote or receipt token. It is polled
 every second or two, so it is built from indexed reads of a few rows; the parts that read more (state
@@ -33,6 +36,7 @@ from core.errors import NotFoundError, RequestError
 from core.journal import Event, JobRecord, Journal
 
 if TYPE_CHECKING:
+    from cluster import RayCluster
     from node.daemon import Node
 
 __all__ = [
@@ -165,7 +169,26 @@ class Overview:
             },
             "failures": failures,
             "earnings": earnings,
+            "cluster": _cluster_view(node.cluster),
         }
+
+
+def _cluster_view(cluster: RayCluster | None) -> dict[str, Any] | None:
+    """The cluster the node runs its jobs on, its workers by name; None for a node that runs them itself.
+
+    The worker list is the cluster's cached one (refreshed in the background), so a poll costs no call
+    to the cluster.
+    """
+    if cluster is None:
+        return None
+    workers = sorted(cluster.workers(), key=lambda w: (w.name, w.node_id))
+    return {
+        "engine": "ray",
+        "address": cluster.address,
+        "alive": sum(1 for w in workers if w.alive),
+        "lost_runs": cluster.lost_total,
+        "workers": [w.to_dict() for w in workers],
+    }
 
 
 def _recent_view(job: JobRecord) -> dict[str, Any]:

@@ -149,6 +149,16 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._queued)
 
+    def grow(self, capacity: Resources) -> None:
+        """The node's capacity grew (a cluster worker joined): larger jobs may start. It never shrinks here:
+        a job waits for a lost worker's return (or its replacement) rather than failing as too large."""
+        self._capacity = Resources(
+            cpus=max(self._capacity.cpus, capacity.cpus),
+            memory_mb=max(self._capacity.memory_mb, capacity.memory_mb),
+            gpus=max(self._capacity.gpus, capacity.gpus),
+        )
+        self._wake.set()
+
     def used(self) -> Resources:
         total = Resources(cpus=0.0, memory_mb=0, gpus=0)
         for _, need in self._running.values():

@@ -106,6 +106,8 @@ class MachineInfo:
     driver_version: str | None
     cuda_version: str | None
     offered: Resources
+    # a cluster's machines (name, cpus, memory_mb, gpus, models), when the node is the head of one
+    workers: tuple[dict[str, Any], ...] = ()
 
     @property
     def gpu_model(self) -> str | None:
@@ -127,7 +129,7 @@ class MachineInfo:
             "driver_version": self.driver_version,
             "cuda_version": self.cuda_version,
             "offered": self.offered.to_dict(),
-        }
+        } | ({"workers": [dict(w) for w in self.workers]} if self.workers else {})
 
 
 class Nvml(Protocol):

@@ -168,6 +168,11 @@ class CapacityLedger:
     def total(self) -> Resources:
         return self._total
 
+    def resize(self, total: Resources) -> None:
+        """What the node offers changed (a cluster gained or lost a worker): holds stay as they are; what is
+        free follows the new total (none, while holds exceed it)."""
+        self._total = total
+
     def __contains__(self, key: object) -> bool:
         return key in self._holds
 

@@ -13,13 +13,26 @@ from __future__ import annotations
 from typing import Any
 
 from sandbox._engine import sdk
-from sandbox.spec import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_NODE, OUTPUT_MOUNT, TMP_MOUNT, RunSpec
+from sandbox.spec import (
+    LABEL_ATTEMPT,
+    LABEL_JOB_ID,
+    LABEL_NODE,
+    LABEL_WORKER,
+    OUTPUT_MOUNT,
+    TMP_MOUNT,
+    RunSpec,
+)
 
 NVIDIA_DRIVER = "nvidia"
 
 
-def create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[str, Any]:
-    """Everything ``containers.create`` is told: the controls of the README's Execution for this spec."""
+def create_kwargs(
+    spec: RunSpec, *, node: str, group_add: list[str], worker: str | None = None
+) -> dict[str, Any]:
+    """Everything ``containers.create`` is told: the controls of the README's Execution for this spec.
+
+    ``worker``: the cluster worker starting it, written in the ``hearth.worker`` label.
+    """
     mounts = [sdk().types.Mount(OUTPUT_MOUNT, str(spec.output_dir.resolve()), type="bind", read_only=False)]
     mounts += [
         sdk().types.Mount(m.target, str(m.host.resolve()), type="bind", read_only=True) for m in spec.inputs
@@ -30,7 +43,8 @@ def create_kwargs(spec: RunSpec, *, node: str, group_add: list[str]) -> dict[str
         "user": spec.user,
         "working_dir": spec.workdir,
         "environment": dict(spec.env),
-        "labels": {LABEL_JOB_ID: spec.job_id, LABEL_NODE: node, LABEL_ATTEMPT: str(spec.attempt)},
+        "labels": {LABEL_JOB_ID: spec.job_id, LABEL_NODE: node, LABEL_ATTEMPT: str(spec.attempt)}
+        | ({LABEL_WORKER: worker} if worker else {}),
         "read_only": True,
         "mounts": mounts,
         "tmpfs": {TMP_MOUNT: f"rw,noexec,nosuid,nodev,size={spec.tmpfs_mb}m"},

@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from core.config import SandboxSection
 from core.defaults import (
@@ -53,6 +53,7 @@ from sandbox._streams import LineSplitter, Tail
 from sandbox.spec import LABEL_ATTEMPT as LABEL_ATTEMPT
 from sandbox.spec import LABEL_JOB_ID as LABEL_JOB_ID
 from sandbox.spec import LABEL_NODE as LABEL_NODE
+from sandbox.spec import LABEL_WORKER as LABEL_WORKER
 from sandbox.spec import OUTPUT_MOUNT as OUTPUT_MOUNT
 from sandbox.spec import TMP_MOUNT as TMP_MOUNT
 from sandbox.spec import Mount as Mount
@@ -68,6 +69,29 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _StopReason = Literal["timeout", "output_cap_exceeded"]
+
+
+class Runner(Protocol):
+    """What runs a :class:`RunSpec`: :class:`SandboxRunner` on this machine, or a cluster's remote runner."""
+
+    @property
+    def node(self) -> str: ...
+
+    async def image_digest(self, ref: str) -> str: ...
+
+    async def run(
+        self,
+        spec: RunSpec,
+        *,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+    ) -> RunResult: ...
+
+    async def remove_containers(
+        self, *, job_id: str | None = None, attempt: int | None = None, any_node: bool = False
+    ) -> list[str]: ...
+
+    def close(self) -> None: ...
 
 
 class SandboxRunner:
@@ -88,8 +112,12 @@ class SandboxRunner:
         output_poll_seconds: float = DEFAULT_OUTPUT_POLL_SECONDS,
         stderr_tail_bytes: int = DEFAULT_STDERR_TAIL_BYTES,
         on_start: Callable[[RunSpec], None] | None = None,
+        worker: str | None = None,
     ) -> None:
+        """``worker``: the cluster worker this runner runs on (the ``hearth.worker`` label of its containers,
+        which then also bounds what :meth:`list_containers` and :meth:`remove_containers` see)."""
         self._node = node
+        self._worker = worker
         self._on_start = on_start
         self._url = docker_url
         self._api_timeout = api_timeout_seconds
@@ -99,13 +127,20 @@ class SandboxRunner:
 
     @classmethod
     def from_config(
-        cls, section: SandboxSection, *, node: str, on_start: Callable[[RunSpec], None] | None = None
+        cls,
+        section: SandboxSection,
+        *,
+        node: str,
+        on_start: Callable[[RunSpec], None] | None = None,
+        worker: str | None = None,
+        docker_url: str | None = None,
     ) -> SandboxRunner:
-        """A runner set up from ``[sandbox]`` of node.toml."""
+        """A runner set up from ``[sandbox]`` of node.toml (a cluster worker names itself and its engine)."""
         return cls(
             node=node,
             on_start=on_start,
-            docker_url=section.docker_url,
+            worker=worker,
+            docker_url=docker_url or section.docker_url,
             api_timeout_seconds=section.docker_timeout_seconds,
             output_poll_seconds=section.output_poll_seconds,
             stderr_tail_bytes=section.stderr_tail_bytes,
@@ -148,8 +183,9 @@ class SandboxRunner:
         """
         client = await self._docker()
         group_add = await asyncio.to_thread(prepare_output_dir, spec.output_dir, spec.user)
+        extra = {"worker": self._worker} if self._worker else {}
         container_id = await self._create(
-            client, spec, _create_kwargs(spec, node=self._node, group_add=group_add)
+            client, spec, _create_kwargs(spec, node=self._node, group_add=group_add, **extra)
         )
         try:
             return await self._supervise(client, container_id, spec, on_stdout, on_stderr)
@@ -157,22 +193,33 @@ class SandboxRunner:
             # Shielded: a cancelled run still waits for its container to be gone.
             await asyncio.shield(asyncio.to_thread(self._discard, client, container_id))
 
-    async def list_containers(self, *, job_id: str | None = None) -> list[SandboxContainer]:
-        """This node's containers on the engine, running or not, optionally only those of ``job_id``."""
+    async def list_containers(
+        self, *, job_id: str | None = None, attempt: int | None = None, any_node: bool = False
+    ) -> list[SandboxContainer]:
+        """This node's containers on the engine, running or not, optionally only those of ``job_id`` (and
+        ``attempt``). A worker's runner sees only its own; with ``any_node`` it sees its own of every node
+        (a worker joining again removes whatever it left, for whichever node)."""
         client = await self._docker()
-        labels = [f"{LABEL_NODE}={self._node}"]
+        labels = [] if any_node and self._worker else [f"{LABEL_NODE}={self._node}"]
+        if self._worker:
+            labels.append(f"{LABEL_WORKER}={self._worker}")
         if job_id is not None:
             labels.append(f"{LABEL_JOB_ID}={job_id}")
+        if attempt is not None:
+            labels.append(f"{LABEL_ATTEMPT}={attempt}")
         with self._errors():
             rows = await asyncio.to_thread(client.api.containers, all=True, filters={"label": labels})
         return [_container_from_row(row) for row in rows]
 
-    async def remove_containers(self, *, job_id: str | None = None) -> list[str]:
-        """Kill and remove this node's containers (only ``job_id``'s when given); returns their IDs.
+    async def remove_containers(
+        self, *, job_id: str | None = None, attempt: int | None = None, any_node: bool = False
+    ) -> list[str]:
+        """Kill and remove this node's containers (only ``job_id``'s, and ``attempt``'s, when given);
+        returns their IDs. ``any_node`` as for :meth:`list_containers`.
 
         For recovery after a crash, before new runs start: a container removed here is a run that is lost.
         """
-        found = await self.list_containers(job_id=job_id)
+        found = await self.list_containers(job_id=job_id, attempt=attempt, any_node=any_node)
         client = await self._docker()
         with self._errors():
             for container in found:

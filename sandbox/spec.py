@@ -20,6 +20,9 @@ TMP_MOUNT = "/tmp"
 LABEL_JOB_ID = "hearth.job_id"
 LABEL_NODE = "hearth.node"
 LABEL_ATTEMPT = "hearth.attempt"
+# the cluster worker that started the container (absent on a single machine): a worker that joins again
+# removes what it left, and only that
+LABEL_WORKER = "hearth.worker"
 
 _MIN_MEMORY_MB = 6  # the engine refuses a smaller memory limit
 # Input mounts may not hide or nest inside these (a mount point inside /out would land in the output).
@@ -28,10 +31,17 @@ _RESERVED_TARGETS = (OUTPUT_MOUNT, TMP_MOUNT, "/dev", "/proc", "/sys")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Mount:
-    """A host file or directory that the workload reads at ``target``; always mounted read-only."""
+    """A host file or directory that the workload reads at ``target``; always mounted read-only.
+
+    ``cid`` is the content's address when it has one (a job's input, a model's weights): a run placed on
+    another machine of a cluster fetches the input, or finds the model (``model``: weights a worker must
+    already hold), by it rather than by ``host``.
+    """
 
     host: Path
     target: str
+    cid: str | None = None
+    model: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -86,6 +96,8 @@ class RunResult:
     container_id: str
     image_id: str
     stderr_tail: str
+    # the cluster worker the run was placed on; "" when it ran on this machine
+    worker: str = ""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

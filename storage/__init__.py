@@ -9,6 +9,7 @@ gateway, inputs.
 - :func:`fetch_input` brings a job's input (``ipfs://``, ``https://`` with sha256, or a local blob CID)
   to a local file, verified; :func:`fetch_car` brings any DAG from one trustless gateway into a store
   (every block checked against its CID and the DAG's links, the size bounded).
+- :class:`CarImport` takes a CAR pushed piece by piece (a cluster worker's output), verified the same way.
 - :func:`export_file` writes one UnixFS file out of a store; :func:`export_tree` a whole file or
   directory DAG, under limits that hold against a hostile DAG.
 """
@@ -19,10 +20,10 @@ from pathlib import Path
 
 from core.config import StorageSection, resolve_path
 from storage._blockstore import BlockBatch, Blockstore, StoreStats
-from storage._car import CarReader, read_car, write_car
+from storage._car import CarReader, iter_car, read_car, write_car
 from storage._cid import CID, DAG_PB, RAW
 from storage._dag import ExportedFile, export_file, export_tree
-from storage._fetch import FetchedInput, fetch_car, fetch_input
+from storage._fetch import CarImport, FetchedInput, fetch_car, fetch_input
 from storage._gateway import Gateway, add_routes
 from storage._importer import ImportResult, import_bytes, import_path, import_stream
 
@@ -32,6 +33,7 @@ __all__ = [
     "RAW",
     "BlockBatch",
     "Blockstore",
+    "CarImport",
     "CarReader",
     "ExportedFile",
     "FetchedInput",
@@ -46,6 +48,7 @@ __all__ = [
     "import_bytes",
     "import_path",
     "import_stream",
+    "iter_car",
     "open_blockstore",
     "read_car",
     "write_car",

@@ -550,3 +550,46 @@ def _all_failed(root: CID, failures: list[tuple[str, StorageError]]) -> StorageE
         details={"cid": str(root), "attempts": attempts},
         retryable=True,
     )
+
+
+class CarImport:
+    """A CAR pushed to this node a piece at a time (a cluster worker's output), into ``store``, verified.
+
+    The checks of :func:`fetch_car`: every block hashes to its CID and is one the DAG of ``root`` links to
+    (parents first), the CAR's roots include ``root``, and at most ``max_bytes`` of content (plus the
+    framing allowance) arrive. :meth:`finish` then requires the DAG whole (``incomplete_dag``) before any
+    block becomes visible in ``store``; :meth:`abort` drops what came.
+    """
+
+    def __init__(self, root: CID, store: Blockstore, *, max_bytes: int) -> None:
+        self.root = root
+        self._store = store
+        self._batch = store.batch()
+        self._ingest = _CarIngest(root, self._batch, max_bytes)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._ingest.reader.bytes_read
+
+    def feed(self, piece: bytes) -> None:
+        """Take the next piece of the CAR (blocking: hashes and writes blocks)."""
+        if self._ingest.reader.bytes_read + len(piece) > self._ingest.byte_limit:
+            raise _too_large(f"the CAR for {self.root}", self._ingest.cap)
+        self._ingest.feed([piece])
+
+    def finish(self) -> None:
+        """The CAR ended: commit its blocks, and refuse a DAG that is not all there."""
+        self._ingest.finish()
+        self._batch.commit()
+        missing = first_missing(self._store, self.root)
+        if missing is not None:
+            raise StorageError(
+                "incomplete_dag",
+                f"the CAR for {self.root} lacks block {missing}",
+                details={"cid": str(self.root), "missing": str(missing)},
+                retryable=True,
+            )
+
+    def abort(self) -> None:
+        """Drop every block of an unfinished import (a no-op once finished)."""
+        self._batch.abort()

@@ -13,7 +13,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("cli", "node", "requester", "validator", "provider", "payments", "storage", "sandbox", "core")
+PACKAGES = (
+    "cli",
+    "node",
+    "requester",
+    "validator",
+    "cluster",
+    "provider",
+    "payments",
+    "storage",
+    "sandbox",
+    "core",
+)
 
 
 def _contracts() -> dict[str, dict[str, object]]:
@@ -32,16 +43,19 @@ def _lint(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+GUARDED = ("storage", "sandbox", "cluster")  # packages with private modules, each under a contract
+
+
 def test_every_private_module_is_in_a_contract() -> None:
     contracts = _contracts()
-    for package in ("storage", "sandbox"):
+    for package in GUARDED:
         private = {
             f"{package}.{p.stem}" for p in (REPO / package).glob("_*.py") if not p.stem.startswith("__")
         }
         listed = set(contracts[f"private-{package}"]["forbidden_modules"])  # type: ignore[arg-type]
         assert listed == private, f"pyproject.toml's private-{package} contract must list {sorted(private)}"
     for package in PACKAGES:
-        if package in ("storage", "sandbox"):
+        if package in GUARDED:
             continue
         underscored = [p.name for p in (REPO / package).rglob("_*.py") if not p.name.startswith("__")]
         assert not underscored, f"{package} has private modules no contract guards: {underscored}"

@@ -136,6 +136,40 @@ function drawCapacity(doc) {
   );
 }
 
+// Shown only for a node in front of a cluster ([cluster]); an older node's overview has no "cluster" at all.
+function drawWorkers(doc) {
+  const cluster = doc.cluster;
+  document.getElementById("workers-card").hidden = !cluster;
+  if (!cluster) return;
+  const dead = cluster.workers.length - cluster.alive;
+  document.getElementById("workers-summary").textContent =
+    `· ${cluster.engine} at ${cluster.address} · ${cluster.alive} alive` +
+    (dead ? `, ${dead} dead` : "") +
+    ` · ${cluster.lost_runs} run(s) lost`;
+  if (!cluster.workers.length) {
+    replace("workers", el("tr", {}, el("td", { class: "empty", text: "No worker has joined the cluster." })));
+    return;
+  }
+  replace(
+    "workers",
+    row(["name", "alive", "CPUs", "memory", "GPUs", "models", "running", "lost"].map((h) => el("th", { text: h }))),
+    ...cluster.workers.map((w) =>
+      el(
+        "tr",
+        { "data-worker": w.name, title: `${w.address} · node ${w.node_id}` },
+        cell(w.name),
+        cell(w.alive ? "alive" : "dead", w.alive ? "ok-text" : "bad-text"),
+        cell(fmtCpus(w.cpus), "num"),
+        cell(fmtMemory(w.memory_mb), "num"),
+        cell(w.gpus, "num"),
+        el("td", { class: "num", title: w.models.join("\n") }, String(w.models.length)),
+        cell(w.running, "num"),
+        cell(w.lost, w.lost ? "num bad-text" : "num")
+      )
+    )
+  );
+}
+
 function drawFailures(doc) {
   const domains = Object.entries(doc.failures.by_domain);
   if (!domains.length) {
@@ -249,6 +283,7 @@ function drawRecent(doc) {
 function draw(doc) {
   drawHeader(doc);
   drawRunning(doc);
+  drawWorkers(doc);
   drawCapacity(doc);
   drawFailures(doc);
   drawStates(doc);

@@ -120,6 +120,7 @@ EMPTY_CONFIG: dict[str, Any] = {
         "backoff_max_seconds": 300.0,
     },
     "market": {"registry": None, "endpoint": None, "register": True},
+    "cluster": None,
     "models": [],
 }
 

@@ -1,7 +1,8 @@
 """The daemon starts without importing what only some nodes use (restart-to-ready target: <= 1 s).
 
 eth-account (with py_ecc) and web3 take about half a second to import; a node without ``[chain]`` never
-needs them, and ``rich`` is only for ``hearth status``. A module-level import of any of them in the
+needs them, ``rich`` is only for ``hearth status``, and Ray (seconds and hundreds of MiB) only for a node
+with ``[cluster]``. A module-level import of any of them in the
 daemon's path would put that back on every start.
 """
 
@@ -18,12 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, sys
 import cli.main, node.server, node.daemon
-heavy = {"eth_account", "web3", "rich", "py_ecc"}
+heavy = {"eth_account", "web3", "rich", "py_ecc", "ray"}
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
 """
 
 
-def test_the_daemon_path_imports_no_payment_stack_and_no_rich() -> None:
+def test_the_daemon_path_imports_no_payment_stack_no_rich_and_no_ray() -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
     )
