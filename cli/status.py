@@ -19,11 +19,9 @@ from cli.common import Out
 from node.overview import DEFAULT_PERIOD, MAX_RECENT, PERIODS
 
 if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
-
     from requester.client import NodeClient
 
-__all__ = ["add_parser", "cmd_status", "render_status"]
+__all__ = ["add_parser", "cmd_status"]
 
 DEFAULT_STATUS_RECENT: Final = 10
 DEFAULT_WATCH_SECONDS: Final = 2.0
@@ -98,22 +96,24 @@ async def cmd_status(args: argparse.Namespace, out: Out, client: NodeClient) -> 
     from rich.live import Live
     from rich.text import Text
 
+    from cli.status_view import print_frame, render
+
     if args.watch is None:
         doc = await fetch()
         console = Console()
-        out.emit(doc, lambda: console.print(render_status(doc, console.width)))
+        out.emit(doc, lambda: console.print(render(doc, console.width)))
         return 0
     console = Console()
     try:
         if out.as_json:
             await _repeat(fetch, args.watch, args.count, lambda doc: print(json.dumps(doc), flush=True))
         elif not console.is_terminal:  # a pipe or a file: one frame after another, as they come
-            await _repeat(fetch, args.watch, args.count, lambda doc: _print_frame(console, doc))
+            await _repeat(fetch, args.watch, args.count, lambda doc: print_frame(console, doc))
         else:
             with Live(Text("fetching the overview ..."), console=console, auto_refresh=False) as live:
 
                 def redraw(doc: dict[str, Any]) -> None:
-                    live.update(render_status(doc, console.width), refresh=True)
+                    live.update(render(doc, console.width), refresh=True)
 
                 await _repeat(fetch, args.watch, args.count, redraw)
     except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task; stop quietly, exit 0
@@ -133,61 +133,3 @@ async def _repeat(
             await asyncio.sleep(seconds)
         show(await fetch())
         done += 1
-
-
-def render_status(doc: dict[str, Any], width: int) -> RenderableType:
-    """The overview as people see it: :func:`cli.status_view.render`, then the cluster's workers if any.
-
-    ``width``: the console's, in characters.
-    """
-    from rich.console import Group
-
-    from cli.status_view import render
-
-    cluster = doc.get("cluster")  # absent from the overview of an older node, null without [cluster]
-    if not cluster:
-        return render(doc, width)
-    return Group(render(doc, width), _workers(cluster))
-
-
-def _print_frame(console: Console, doc: dict[str, Any]) -> None:
-    console.print(render_status(doc, console.width))
-    console.print()
-    console.file.flush()
-
-
-def _workers(cluster: dict[str, Any]) -> RenderableType:
-    """The cluster's workers, one row each: alive or dead, what each offers, runs there now and lost."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from cli.status_view import _memory
-
-    workers = cluster["workers"]
-    dead = len(workers) - cluster["alive"]
-    title = (
-        f"Workers ({cluster['engine']} at {cluster['address']}: {cluster['alive']} alive"
-        + (f", {dead} dead" if dead else "")
-        + f"; {cluster['lost_runs']} runs lost)"
-    )
-    if not workers:
-        return Text(f"{title}: none has joined", style="bold")
-    table = Table(title=title, title_justify="left")
-    table.add_column("worker", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    for name in ("CPUs", "memory", "GPUs", "models", "running", "lost"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("address", style="dim")
-    for w in workers:
-        table.add_row(
-            w["name"],
-            Text("alive", style="green") if w["alive"] else Text("dead", style="bold red"),
-            f"{w['cpus']:g}",
-            _memory(w["memory_mb"]),
-            str(w["gpus"]),
-            str(len(w["models"])),
-            str(w["running"]),
-            Text(str(w["lost"]), style="red" if w["lost"] else ""),
-            w["address"],
-        )
-    return table

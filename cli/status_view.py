@@ -33,18 +33,16 @@ def print_frame(console: Console, doc: dict[str, Any]) -> None:
 
 
 def render(doc: dict[str, Any], width: int = DEFAULT_WIDTH) -> RenderableType:
-    """The overview as rich renderables (header, capacity, running, failures, earnings, recent jobs).
+    """The overview as rich renderables (header, capacity, running, failures, earnings, recent jobs and,
+    for a node in front of a cluster, its workers).
 
     ``width``: the console's, in characters; the progress bars are sized to fit it.
     """
-    return Group(
-        _header(doc),
-        _capacity(doc),
-        _running(doc, width),
-        _failures(doc),
-        _earnings(doc),
-        _recent(doc),
-    )
+    parts = [_header(doc), _capacity(doc), _running(doc, width), _failures(doc), _earnings(doc), _recent(doc)]
+    cluster = doc.get("cluster")  # absent from the overview of an older node, null without [cluster]
+    if cluster:
+        parts.append(_workers(cluster))
+    return Group(*parts)
 
 
 def _header(doc: dict[str, Any]) -> Text:
@@ -194,5 +192,37 @@ def _recent(doc: dict[str, Any]) -> RenderableType:
             job["price"] or "-",
             _elapsed(now - job["created_at"]),
             f"{failure['domain']}/{failure['code']}" if failure else "",
+        )
+    return table
+
+
+def _workers(cluster: dict[str, Any]) -> RenderableType:
+    """The cluster's workers, one row each: alive or dead, what each offers, runs there now and lost."""
+    workers = cluster["workers"]
+    dead = len(workers) - cluster["alive"]
+    title = (
+        f"Workers ({cluster['engine']} at {cluster['address']}: {cluster['alive']} alive"
+        + (f", {dead} dead" if dead else "")
+        + f"; {cluster['lost_runs']} runs lost)"
+    )
+    if not workers:
+        return Text(f"{title}: none has joined", style="bold")
+    table = Table(title=title, title_justify="left")
+    table.add_column("worker", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for name in ("CPUs", "memory", "GPUs", "models", "running", "lost"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("address", style="dim")
+    for w in workers:
+        table.add_row(
+            w["name"],
+            Text("alive", style="green") if w["alive"] else Text("dead", style="bold red"),
+            f"{w['cpus']:g}",
+            _memory(w["memory_mb"]),
+            str(w["gpus"]),
+            str(len(w["models"])),
+            str(w["running"]),
+            Text(str(w["lost"]), style="red" if w["lost"] else ""),
+            w["address"],
         )
     return table

@@ -72,6 +72,7 @@ class RayCluster:
         self._nodes: list[dict[str, Any]] = []
         self._running: Counter[str] = Counter()
         self._lost: Counter[str] = Counter()
+        self._seen: dict[str, dict[str, float]] = {}  # each node's resources when last seen alive
         self._refresher: asyncio.Task[None] | None = None
 
     # -- lifetime -------------------------------------------------------------------------------------
@@ -92,7 +93,10 @@ class RayCluster:
             "ignore_reinit_error": True,
         }
         if section.address == "local":
-            kwargs["include_dashboard"] = False
+            from cluster.worker import WorkerHome
+
+            # this machine is the one worker: its name and models as `hearth worker join` would give them
+            kwargs |= {"include_dashboard": False, "resources": WorkerHome.load().resources()}
         else:
             kwargs["address"] = section.address
         try:
@@ -159,10 +163,14 @@ class RayCluster:
         found = []
         for node in self._nodes:
             resources: Mapping[str, float] = node.get("Resources") or {}
+            node_id = str(node.get("NodeID", ""))
+            if node.get("Alive") and resources:
+                self._seen[node_id] = dict(resources)
+            else:  # Ray lists a dead node without its resources: show what it had
+                resources = self._seen.get(node_id, resources)
             cpus, gpus = float(resources.get("CPU", 0.0)), int(resources.get("GPU", 0.0))
             if cpus <= 0 and gpus <= 0:
                 continue
-            node_id = str(node.get("NodeID", ""))
             address = str(node.get("NodeManagerAddress", ""))
             names = [k[len(WORKER_PREFIX) :] for k in resources if k.startswith(WORKER_PREFIX)]
             found.append(

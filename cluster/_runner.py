@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cluster.names import model_resource
 from core.config import SandboxSection, StorageSection
 from core.errors import (
+    DOMAINS,
     ConfigError,
     ExecutionError,
     HearthError,
@@ -340,11 +341,11 @@ class _Run:
 def _rebuilt(item: Mapping[str, Any]) -> HearthError:
     """The error a worker reported, as the class it was raised as (its domain and retryability kept)."""
     cls = _ERRORS.get(str(item.get("class")), HearthError)
-    details = item.get("details")
+    details, domain = item.get("details"), item.get("domain")
     return cls(
         str(item.get("code") or "worker_failed"),
         str(item.get("message") or "the worker failed the run"),
         details=dict(details) if isinstance(details, Mapping) else {},
         retryable=bool(item.get("retryable")),
-        domain=item.get("domain") if isinstance(item.get("domain"), str) else None,
+        domain=domain if domain in DOMAINS else None,
     )

@@ -27,6 +27,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -55,14 +56,21 @@ EVENT_QUEUE = 16  # items waiting for the generator; a slow head holds the worke
 _END = object()
 
 # Waits for the task's process to end, then removes the run's container(s) and folder. Arguments: the pid,
-# the engine's address, the folder, then `docker ps` filters.
+# the engine's address, the folder, then `docker ps` filters. A zombie counts as ended: a task killed with
+# its raylet may wait a long while for someone to reap it.
 _REAPER = """
 pid=$1; host=$2; dir=$3; shift 3
-while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+while stat=$(cat /proc/"$pid"/stat 2>/dev/null); do
+  state=${stat##*) }; [ "${state%% *}" = Z ] && break
+  sleep 0.5
+done
 ids=$(docker -H "$host" ps -aq "$@" 2>/dev/null)
 [ -n "$ids" ] && docker -H "$host" rm -f -v $ids >/dev/null 2>&1
 rm -rf "$dir"
 """
+# Starts the reaper ($0, with its arguments) in the background and prints its pid: the reaper is then no
+# child of the task's process.
+_DETACH = 'sh -c "$0" hearth-reaper "$@" </dev/null >/dev/null 2>&1 & echo $!'
 
 
 def run(order: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -152,9 +160,7 @@ async def _work(
         try:
             result = await runner.run(spec, on_stdout=on("stdout"), on_stderr=on("stderr"))
         finally:
-            if reaper is not None:
-                reaper.kill()
-                await asyncio.to_thread(reaper.wait)
+            _stop_reaper(reaper)
             runner.close()
         imported = await asyncio.to_thread(import_path, spec.output_dir, store)
         await emit({"type": "root", "cid": str(imported.cid)})
@@ -221,10 +227,10 @@ def _car_pieces(store: Blockstore, root: Any) -> list[bytes]:
     return pieces
 
 
-def _start_reaper(
-    order: Mapping[str, Any], worker: str, docker_url: str, folder: Path
-) -> subprocess.Popen[bytes] | None:
-    """The process that cleans up after this task should it die; None where there is no docker CLI."""
+def _start_reaper(order: Mapping[str, Any], worker: str, docker_url: str, folder: Path) -> int | None:
+    """The pid of the process that cleans up after this task should it die; None where there is no
+    docker CLI. It is started detached (in a session of its own, and not this process's child): a Ray
+    worker that exits takes its children with it, and the reaper must outlive exactly that."""
     if shutil.which("docker") is None or shutil.which("sh") is None:
         log.warning(
             "no docker CLI on this worker: a run lost with its task is removed when the worker joins again"
@@ -239,13 +245,24 @@ def _start_reaper(
     args = [str(os.getpid()), docker_url, str(folder)]
     for label in filters:
         args += ["--filter", f"label={label}"]
-    return subprocess.Popen(
-        ["sh", "-c", _REAPER, "hearth-reaper", *args],
-        start_new_session=True,  # not in the task's process group: it must outlive the task
+    started = subprocess.run(
+        ["sh", "-c", _DETACH, _REAPER, *args],
+        start_new_session=True,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
     )
+    pid = started.stdout.strip()
+    return int(pid) if pid.isdigit() else None
+
+
+def _stop_reaper(pid: int | None) -> None:
+    """The task ended by itself: its reaper has nothing to do."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _error_item(exc: BaseException) -> dict[str, Any]:

@@ -11,6 +11,11 @@ alone and refuses to join another node's cluster. So the nodes run without it (i
 environment), listen on the machine's address and register there; :attr:`DevCluster.address` (127.0.0.1)
 still reaches the head, for workers and drivers alike.
 
+Authentication: every process of the cluster (nodes, and the driver through :meth:`DevCluster.env`) runs with
+Ray's token authentication on and a token of this cluster's own (``root/auth_token``), so a cluster here
+neither depends on nor is broken by the token a local ``ray.init()`` leaves in ``~/.ray``, and nothing
+without the token can use it.
+
 Each ``ray start`` runs in a session of its own: the daemons it leaves keep its process group, so a worker
 is killed (:meth:`DevCluster.stop_worker`) or made to vanish at the raylet (:meth:`DevCluster.kill_raylet`)
 by signalling that group alone, and :meth:`DevCluster.stop` ends every process of this cluster and no other
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +51,7 @@ from core.defaults import DEFAULT_DOCKER_URL
 
 # What a driver adds to its environment: nothing, since multi-node Ray refuses loopback (see the module).
 RAY_LOOPBACK_ENV: Final[dict[str, str]] = {}
+TOKEN_FILENAME: Final = "auth_token"
 _NOT_ON_NODES: Final = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",)  # a node with it cannot form a cluster
 # The head declares a silent node dead after ~3 s instead of Ray's default ~30 s.
 FAST_HEALTH_CHECK_ENV: Final = {
@@ -112,10 +119,10 @@ class DevCluster:
         self._ray = ray_bin or Path(sys.executable).parent / "ray"
         self._head_pgid: int | None = None
         self._workers: dict[str, DevWorker] = {}
-        self._stopped: list[int] = []  # groups already ended
         # Ray's Unix sockets live in its temp dir and AF_UNIX paths are short: a pytest tmp_path is too
         # long, so the temp dir is a short folder of our own, linked from root and removed with the cluster.
         self._temp_dir: Path | None = None
+        self.token_path = self.root / TOKEN_FILENAME
 
     @property
     def address(self) -> str:
@@ -126,9 +133,16 @@ class DevCluster:
     def workers(self) -> Mapping[str, DevWorker]:
         return dict(self._workers)
 
+    @property
+    def head_pgid(self) -> int | None:
+        """The head's process group; None before :meth:`start_head` and after :meth:`stop`."""
+        return self._head_pgid
+
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """``base`` (default: this process's environment) with what a driver of this cluster must run with."""
-        return {**(os.environ if base is None else base), **RAY_LOOPBACK_ENV}
+        """``base`` (default: this process's environment) with what a driver of this cluster must run with:
+        the cluster's token."""
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        return {**(os.environ if base is None else base), **RAY_LOOPBACK_ENV, **auth}
 
     def _node_env(self) -> dict[str, str]:
         """What a node's ``ray start`` runs with: the driver's environment less :data:`_NOT_ON_NODES`, and
@@ -145,6 +159,9 @@ class DevCluster:
         if self._head_pgid is not None:
             raise RuntimeError("the head is already started")
         self.root.mkdir(parents=True, exist_ok=True)
+        if not self.token_path.exists():
+            self.token_path.touch(mode=0o600)
+            self.token_path.write_text(secrets.token_hex(32))
         self._temp_dir = Path(tempfile.mkdtemp(prefix="hearth-ray-"))
         link = self.root / "ray"
         link.unlink(missing_ok=True)

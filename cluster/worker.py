@@ -44,6 +44,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,6 +112,11 @@ class WorkerHome:
         A missing ``worker.toml`` gives the defaults (the hostname as name, the local engine, ``work/``, no
         models), so a bare machine can join; anything present is checked, and a model folder must exist.
         """
+        return cls._load(path)
+
+    @classmethod
+    def _load(cls, path: Path | None, *, models: bool = True) -> WorkerHome:
+        """:meth:`load`; without ``models``, ``[models]`` is left out (``prepare`` replacing them)."""
         home = (path if path is not None else default_worker_home()).expanduser().absolute()
         config = home / WORKER_CONFIG_FILENAME
         try:
@@ -127,6 +133,8 @@ class WorkerHome:
             raise ConfigError(
                 "worker_config_invalid", f"{config} is not valid TOML: {exc}", details={"path": str(config)}
             ) from None
+        if not models:
+            data.pop("models", None)
         return cls._checked(home, data, config)
 
     @classmethod
@@ -264,7 +272,8 @@ def prepare(
     images to check (default: the node's defaults); the FFmpeg image is required, vLLM's are reported.
     Nothing is written unless every check passed.
     """
-    current = WorkerHome.load(home)
+    # New models replace the old, so an old folder that is gone does not stand in the way.
+    current = WorkerHome._load(home, models=not models)
     name = name or current.name
     docker_url = docker_url or current.docker_url
     section = sandbox or SandboxSection()
@@ -323,6 +332,7 @@ async def _image_ids(docker_url: str, refs: list[str]) -> dict[str, str | None]:
     from core.errors import ExecutionError
     from sandbox import SandboxRunner
 
+    _check_socket(docker_url)
     runner = SandboxRunner(
         node="-", docker_url=docker_url, api_timeout_seconds=DEFAULT_DOCKER_PING_TIMEOUT_SECONDS
     )
@@ -330,7 +340,7 @@ async def _image_ids(docker_url: str, refs: list[str]) -> dict[str, str | None]:
         try:
             await runner.ping()
         except ExecutionError as exc:
-            raise _docker_unavailable(docker_url, exc.message) from None
+            raise _docker_unavailable(docker_url, str(exc.__cause__ or exc.message)) from None
         found: dict[str, str | None] = {}
         for ref in refs:
             try:
@@ -342,6 +352,13 @@ async def _image_ids(docker_url: str, refs: list[str]) -> dict[str, str | None]:
         return found
     finally:
         runner.close()
+
+
+def _check_socket(docker_url: str) -> None:
+    """Refuse an engine socket that does not exist before the SDK tries it (clearer, and the SDK would leak
+    the socket it opened)."""
+    if docker_url.startswith("unix://") and not Path(docker_url.removeprefix("unix://")).exists():
+        raise _docker_unavailable(docker_url, "no socket there")
 
 
 def _docker_unavailable(docker_url: str, cause: str) -> ConfigError:
@@ -358,6 +375,7 @@ def _load_images(docker_url: str, archive: Path) -> list[dict[str, Any]]:
     """``docker load`` the archive; returns each loaded image's ID and tags."""
     import docker
 
+    _check_socket(docker_url)
     try:
         stream = archive.open("rb")
     except OSError as exc:
@@ -432,6 +450,8 @@ def join(
             details={"path": str(ray)},
         )
     removed = asyncio.run(_remove_orphans(worker))
+    # the attempt folders of those runs too (a reaper that died with the machine left them)
+    shutil.rmtree(worker.work_dir, ignore_errors=True)
     worker.work_dir.mkdir(parents=True, exist_ok=True)
     command = ray_start_command(
         worker,
@@ -540,12 +560,13 @@ async def _remove_orphans(worker: WorkerHome) -> list[str]:
     from core.errors import ExecutionError
     from sandbox import SandboxRunner
 
+    _check_socket(worker.docker_url)
     runner = SandboxRunner(node="-", worker=worker.name, docker_url=worker.docker_url)
     try:
         return await runner.remove_containers(any_node=True)
     except ExecutionError as exc:
         if exc.code == "docker_unavailable":
-            raise _docker_unavailable(worker.docker_url, exc.message) from None
+            raise _docker_unavailable(worker.docker_url, str(exc.__cause__ or exc.message)) from None
         raise
     finally:
         runner.close()

@@ -557,8 +557,9 @@ class CarImport:
 
     The checks of :func:`fetch_car`: every block hashes to its CID and is one the DAG of ``root`` links to
     (parents first), the CAR's roots include ``root``, and at most ``max_bytes`` of content (plus the
-    framing allowance) arrive. :meth:`finish` then requires the DAG whole (``incomplete_dag``) before any
-    block becomes visible in ``store``; :meth:`abort` drops what came.
+    framing allowance) arrive. A refused piece ends the import with nothing stored (:meth:`abort`);
+    :meth:`finish` stores what came and then requires the DAG whole (``incomplete_dag``). Blocks are
+    content-addressed, so what a refused import stored is never wrong, only unused.
     """
 
     def __init__(self, root: CID, store: Blockstore, *, max_bytes: int) -> None:

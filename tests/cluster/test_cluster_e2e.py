@@ -23,6 +23,7 @@ from sandbox.runner import LABEL_NODE, LABEL_WORKER
 from tests.conftest import DaemonProcess, TinyModel, free_port, labelled_containers, live, write_home
 from tests.node.test_execution import containers_of, events, submit, transcode, upload, wait_state
 from tests.node.test_inference import BATCH, batch_envelope, models_config
+from tests.promtext import sample
 
 FINISHED = {"completed", "failed", "cancelled"}
 WORKER_MEMORY_MB = {"w1": 3000, "w2": 6000}
@@ -218,6 +219,20 @@ async def test_a_worker_lost_mid_transcode_reruns_on_the_other_once(
         assert sum(1 for _, to in moves if to == "completed") == 1  # published once
         done = await result(head.url, job)
         assert done["provenance"]["worker"] == other and done["provenance"]["attempt"] == 2
+        # operators see it: the lost run counted, the worker shown dead in the overview
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{head.url}/metrics") as r:
+                assert sample(await r.text(), "hearth_cluster_workers_lost_total") == 1.0
+            deadline = time.monotonic() + 30
+            while True:
+                async with s.get(f"{head.url}/v1/overview") as r:
+                    view = (await r.json())["cluster"]
+                dead = [w for w in view["workers"] if w["name"] == lost and not w["alive"]]
+                if dead:
+                    break
+                assert time.monotonic() < deadline, view
+                await asyncio.sleep(0.5)
+            assert dead[0]["lost"] == 1 and view["lost_runs"] == 1 and view["alive"] == 1
         assert done["artifact_cid"] == await single_machine_cid(tmp_path, requester, clips["long"], env)
         # the lost worker's container did not outlive its task
         deadline = time.monotonic() + 30
@@ -308,5 +323,45 @@ def test_sigterm_drains_the_head_while_its_job_runs_on_a_worker(
         head.start(timeout=60, env=ray_cluster.env())
         view = asyncio.run(wait_state(head.url, job, FINISHED))
         assert view["state"] == "completed" and view["attempts"] == 0, view  # finished in the drain, once
+    finally:
+        head.stop()
+
+
+def test_a_local_cluster_runs_on_this_machine(
+    tmp_path: Path, requester: Signer, clips: dict[str, Path], sandbox_images: dict[str, str]
+) -> None:
+    """``address = "local"``: the node starts a one-machine Ray instance and runs its containers there."""
+    port = free_port()
+    home = write_home(
+        tmp_path / "local",
+        {
+            "scheduler": {"paused": False},
+            "cluster": {
+                "address": "local",
+                "head_url": f"http://127.0.0.1:{port}",
+                "connect_timeout_seconds": 60,
+            },
+        },
+        port=port,
+    )
+    head = DaemonProcess(home, port)
+    token = tmp_path / "auth_token"  # Ray's token of the local instance: here, not in ~/.ray
+    token.write_text("0" * 64)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    head.start(timeout=90, env={"HEARTH_WORKER_HOME": str(tmp_path / "worker"), **auth})
+    try:
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s, s.get(f"{head.url}/v1/capacity") as r:
+                offer = await r.json()
+            [worker] = offer["machine"]["workers"]
+            assert worker["cpus"] > 0
+            cid = await upload(head.url, clips["short"].read_bytes())
+            job = await submit(head.url, offer["node"], requester, transcode(cid, "local-1"))
+            view = await wait_state(head.url, job, FINISHED)
+            assert view["state"] == "completed", view
+            assert (await result(head.url, job))["provenance"]["worker"] == worker["name"]
+
+        asyncio.run(run())
     finally:
         head.stop()
