@@ -40,7 +40,8 @@ test: lint typecheck unit
 
 bench: setup
 	$(PY) bench/admission.py; a=$$?; $(PY) bench/cid.py; c=$$?; $(PY) bench/transcode.py; t=$$?; \
-	$(PY) bench/inference.py --repeat 3; i=$$?; $(PY) bench/market.py; m=$$?; exit $$((a || c || t || i || m))
+	$(PY) bench/inference.py --repeat 3; i=$$?; $(PY) bench/market.py; m=$$?; $(PY) bench/ray_cluster.py; k=$$?; \
+	exit $$((a || c || t || i || m || k))
 
 # The fault scoreboard at its stated counts (README, "Fault scoreboard"); about 20 minutes. Prints the table
 # and writes it as JSON; CHAOS_ARGS passes options (e.g. --only NAME, --short).
@@ -49,4 +50,4 @@ chaos: setup
 	$(PY) -m tests.chaos --json bench/results/chaos.json $(CHAOS_ARGS)
 
 clean:
-	rm -rf .stamps .demo .demo-market .demo-agent .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .stamps .demo .demo-market .demo-agent .demo-cluster .mypy_cache .ruff_cache .pytest_cache

@@ -67,8 +67,17 @@ def _show_devnet(args: argparse.Namespace, out: Out, net: Devnet) -> None:
 def cmd_demo(args: argparse.Namespace, out: Out) -> int:
     """Run scripts/demo.sh: devnet, node, quote, funding, the job, validation and release, step by step;
     with ``--market``, scripts/demo_market.sh: three nodes in the on-chain registry and routed jobs; with
-    ``--agent``, scripts/demo_agent.sh: an MCP client spends from a grant, a validator service releases."""
-    name = "demo_market.sh" if args.market else "demo_agent.sh" if args.agent else "demo.sh"
+    ``--agent``, scripts/demo_agent.sh: an MCP client spends from a grant, a validator service releases; with
+    ``--cluster``, scripts/demo_cluster.sh: a paid round on a local Ray cluster, a worker lost mid-job."""
+    name = (
+        "demo_market.sh"
+        if args.market
+        else "demo_agent.sh"
+        if args.agent
+        else "demo_cluster.sh"
+        if args.cluster
+        else "demo.sh"
+    )
     script = Path(__file__).resolve().parent.parent / "scripts" / name
     if not script.is_file():
         raise ConfigError(
@@ -111,5 +120,11 @@ def add_parser(
         "--agent",
         action="store_true",
         help="an agent (a scripted MCP client) pays from a spending grant; a validator service releases",
+    )
+    kind.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a paid round on a node in front of a local Ray cluster; a worker is lost mid-job and the "
+        "job reruns on the other",
     )
     p.set_defaults(func=cmd_demo)

@@ -161,7 +161,11 @@ class RemoteRunner:
         except asyncio.CancelledError:
             await asyncio.shield(self._cancelled(stream, run))
             raise
-        except HearthError:
+        except HearthError as exc:
+            if run.worker:
+                exc.details.setdefault("worker", run.worker)
+            if exc.code == "image_missing":  # that worker was not prepared; another may run it
+                exc.retryable = True
             raise
         except Exception as exc:
             raise self._cluster.failure(exc, run.worker, run.node_id) from None
@@ -267,6 +271,8 @@ class _Run:
         self._counted = False
 
     def placed(self, item: Mapping[str, Any] | None, observer: PlacedObserver | None) -> None:
+        if item is not None and item.get("type") == "error":  # it failed before it could say where it ran
+            raise _rebuilt(item)
         if item is None or item.get("type") != "placed":
             raise ExecutionError(
                 "worker_failed", "the worker's task ended before it started the run", retryable=True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -54,6 +55,8 @@ CAR_PIECE_BYTES = 1024 * 1024  # what one ``car`` item carries at most
 LINES_EVERY_SECONDS = 0.2  # lines are gathered this long into one ``lines`` item
 EVENT_QUEUE = 16  # items waiting for the generator; a slow head holds the worker back, not its memory
 _END = object()
+MAX_RUNNERS = 8  # runners kept per Ray worker process (one per node and sandbox settings, in practice one)
+_RUNNERS: dict[tuple[str, str, str, str], SandboxRunner] = {}
 
 # Waits for the task's process to end, then removes the run's container(s) and folder. Arguments: the pid,
 # the engine's address, the folder, then `docker ps` filters. A zombie counts as ended: a task killed with
@@ -137,12 +140,7 @@ async def _work(
         folder.mkdir(parents=True)
         store = await asyncio.to_thread(Blockstore.open, folder / "blocks", verify_reads=False)
         mounts = await _inputs(order, home.models, store, folder / "in")
-        runner = SandboxRunner.from_config(
-            SandboxSection.model_validate(order["sandbox"]),
-            node=order["node"],
-            worker=home.name,
-            docker_url=home.docker_url,
-        )
+        runner = _runner(order, home.name, home.docker_url)
         spec = RunSpec(
             **order["spec"],
             job_id=order["job_id"],
@@ -161,7 +159,6 @@ async def _work(
             result = await runner.run(spec, on_stdout=on("stdout"), on_stderr=on("stderr"))
         finally:
             _stop_reaper(reaper)
-            runner.close()
         imported = await asyncio.to_thread(import_path, spec.output_dir, store)
         await emit({"type": "root", "cid": str(imported.cid)})
         for piece in await asyncio.to_thread(_car_pieces, store, imported.cid):
@@ -211,6 +208,22 @@ async def _inputs(
             path = fetched.path
         mounts.append(Mount(host=path, target=target, cid=cid))
     return tuple(mounts)
+
+
+def _runner(order: Mapping[str, Any], worker: str, docker_url: str) -> SandboxRunner:
+    """The runner for ``order``'s node and sandbox settings on this worker, kept for the next run: a Ray
+    worker process runs task after task, and its engine connection (version negotiation included) is
+    worth keeping between them."""
+    key = (str(order["node"]), worker, docker_url, json.dumps(order["sandbox"], sort_keys=True))
+    runner = _RUNNERS.get(key)
+    if runner is None:
+        if len(_RUNNERS) >= MAX_RUNNERS:
+            _RUNNERS.pop(next(iter(_RUNNERS))).close()
+        runner = SandboxRunner.from_config(
+            SandboxSection.model_validate(order["sandbox"]), node=key[0], worker=worker, docker_url=docker_url
+        )
+        _RUNNERS[key] = runner
+    return runner
 
 
 def _car_pieces(store: Blockstore, root: Any) -> list[bytes]:

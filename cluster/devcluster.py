@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             args.state.unlink(missing_ok=True)
             raise
         workers = {w.name: w.node_id for w in cluster.workers.values()}
-        print(json.dumps({"address": cluster.address, "workers": workers}))
+        # env: what a driver of this cluster must run with (DevCluster.env), for the script to export
+        print(json.dumps({"address": cluster.address, "workers": workers, "env": cluster.env({})}))
         return 0
     if not args.state.is_file():  # nothing was started, or it is already down
         print(json.dumps({"stopped": False, "state": str(args.state)}))

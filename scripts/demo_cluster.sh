@@ -29,9 +29,15 @@ trap cleanup EXIT
 started=$(date +%s)
 
 step "1. A Ray cluster on this machine: a head with no CPUs of its own, two workers (1 CPU each) joined with 'hearth worker join'"
-show python -m cluster.devcluster up --root "$DEMO/ray" --state "$STATE" --worker demo-a --worker demo-b --cpus 1 --memory-mb 2048
+UP=(python -m cluster.devcluster up --root "$DEMO/ray" --state "$STATE" --worker demo-a --worker demo-b --cpus 1 --memory-mb 2048)
+printf '\033[2m$ %s\033[0m\n' "${UP[*]}"
+"${UP[@]}" >"$DEMO/cluster-up.json"
+cat "$DEMO/cluster-up.json"
 ADDRESS=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["address"])' "$STATE")
-echo "head $ADDRESS; worker homes and logs under $DEMO/ray"
+# what a driver of the cluster runs with (the cluster's own Ray token): the node is its driver
+EXPORTS=$(python -c 'import json, shlex, sys; [print(f"export {k}={shlex.quote(v)}") for k, v in json.load(open(sys.argv[1]))["env"].items()]' "$DEMO/cluster-up.json")
+eval "$EXPORTS"
+echo "head $ADDRESS (token authentication, the cluster's own token); worker homes and logs under $DEMO/ray"
 
 step "2. A node paid through a local chain, in front of the cluster ([cluster] in node.toml)"
 show hearth init --home "$HOME_DIR" --port "$PORT"

@@ -181,7 +181,7 @@ def test_extras_are_the_installed_distributions_the_lock_leaves_out(tmp_path: Pa
 
 def test_every_demo_script_parses_and_the_agents_client_starts() -> None:
     demos = sorted((REPO / "scripts").glob("demo*.sh"))
-    assert {p.name for p in demos} >= {"demo.sh", "demo_market.sh", "demo_agent.sh"}
+    assert {p.name for p in demos} >= {"demo.sh", "demo_market.sh", "demo_agent.sh", "demo_cluster.sh"}
     for script in demos:
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
         assert done.returncode == 0, (script.name, done.stderr)
@@ -193,9 +193,10 @@ def test_every_demo_script_parses_and_the_agents_client_starts() -> None:
     assert done.returncode == 0 and "--validator-url" in done.stdout, done.stderr
 
 
-def test_hearth_demo_takes_one_of_inference_market_and_agent() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "cli.main", "demo", "--agent", "--market"],
-        capture_output=True, text=True, check=False, timeout=SCRIPT_TIMEOUT_SECONDS, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 2 and "not allowed with argument" in done.stderr, done.stderr
+def test_hearth_demo_takes_one_of_inference_market_agent_and_cluster() -> None:
+    for pair in (["--agent", "--market"], ["--cluster", "--market"], ["--cluster", "--inference"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", "demo", *pair],
+            capture_output=True, text=True, check=False, timeout=SCRIPT_TIMEOUT_SECONDS, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 2 and "not allowed with argument" in done.stderr, (pair, done.stderr)

@@ -100,6 +100,11 @@ def test_a_task_that_ends_before_it_says_where_it_runs_is_a_worker_failure(tmp_p
         with pytest.raises(ExecutionError) as failed:
             run.placed(first, None)
         assert failed.value.code == "worker_failed" and failed.value.retryable
+    # a worker that failed before it could say where it runs says why
+    refusal = {"type": "error", "class": "ConfigError", "code": "worker_config_invalid", "message": "m"}
+    with pytest.raises(HearthError) as failed:
+        run.placed(refusal, None)
+    assert failed.value.code == "worker_config_invalid" and failed.value.domain == "config"
 
 
 @pytest.mark.parametrize(
