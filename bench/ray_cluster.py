@@ -23,8 +23,8 @@ fetched from the head's gateway, the output streamed back as a CAR and verified)
 A missed target is printed, not fatal: the exit code is 0 unless a run fails. Every process started (the
 cluster's, the daemons) is stopped however the run ends.
 
-    .venv/bin/python bench/ray_cluster.py [--part throughput|overhead|all] [--jobs 6] [--rounds 2] [--repeat 5]
-                                      [--clip-seconds 8] [--dir DIR] [--json]
+    .venv/bin/python bench/ray_cluster.py [--part throughput|overhead|all] [--jobs 6] [--rounds 2]
+                                          [--repeat 5] [--clip-seconds 8] [--dir DIR] [--json]
 """
 
 from __future__ import annotations
