@@ -437,6 +437,15 @@ class ModelSection(_Section):
     input_1k_tokens: Money | None = None
     # price; unset: [pricing] output_1k_tokens
     output_1k_tokens: Money | None = None
+    # a warm engine (DESIGN §15): one long-lived vLLM server for this model's batches
+    warm: bool = d.DEFAULT_MODEL_WARM
+    preload: bool = d.DEFAULT_MODEL_PRELOAD  # start it with the node (else at the first job)
+    max_idle_seconds: float = Field(default=d.DEFAULT_MODEL_MAX_IDLE_SECONDS, gt=0, le=31_536_000)
+    warm_cpus: float = Field(default=d.DEFAULT_MODEL_WARM_CPUS, gt=0, le=1024)
+    warm_memory_mb: int = Field(default=d.DEFAULT_MODEL_WARM_MEMORY_MB, ge=0, le=100_000_000)
+    warm_gpus: int = Field(default=d.DEFAULT_MODEL_WARM_GPUS, ge=0, le=64)
+    warm_concurrency: int = Field(default=d.DEFAULT_MODEL_WARM_CONCURRENCY, ge=1, le=1024)
+    warm_start_seconds: float = Field(default=d.DEFAULT_MODEL_WARM_START_SECONDS, gt=0, le=86_400)
 
 
 class NodeConfig(_Section):

@@ -187,3 +187,12 @@ DEFAULT_REQUESTER_WORKFLOW: Final = "default"  # the requester home's workflow w
 # [[models]]: the catalog is empty by default; these fill the keys an entry leaves out.
 DEFAULT_MODEL_GPU_MEMORY_MB: Final = 0  # 0: the model also runs on CPUs
 DEFAULT_MODEL_DTYPE: Final = "auto"  # vLLM picks from the model's own config
+# warm engines (DESIGN §15): a model with `warm = true` keeps one vLLM server running between jobs
+DEFAULT_MODEL_WARM: Final = False
+DEFAULT_MODEL_PRELOAD: Final = False  # start the engine when the node starts, not at the first job
+DEFAULT_MODEL_MAX_IDLE_SECONDS: Final = 900.0  # an engine unused this long is stopped (its capacity freed)
+DEFAULT_MODEL_WARM_CPUS: Final = 1.0  # what the engine holds while it runs
+DEFAULT_MODEL_WARM_MEMORY_MB: Final = 0  # 0: what a CPU run of the model needs (weights, runtime, cache)
+DEFAULT_MODEL_WARM_GPUS: Final = 0  # GPUs pinned to the engine (its model split over them)
+DEFAULT_MODEL_WARM_CONCURRENCY: Final = 8  # a job's requests in flight to the engine at once
+DEFAULT_MODEL_WARM_START_SECONDS: Final = 600.0  # the most an engine may take to load and answer

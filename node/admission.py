@@ -36,6 +36,7 @@ from core.lifecycle import CANCELLABLE_STATES, CLOSED_STATES, PAST_ACCEPTANCE_ST
 from core.logs import enter_job
 from node.intake import AnyEnvelope, Incoming, Intake
 from node.metrics import Metrics
+from node.warm import WARM_JOB_NEED
 from node.webhooks import check_callback, check_validator_url
 from payments.jwt import VerifiedRequest, decode_unverified, sign_jwt, verify_node_token
 from payments.keys import Signer
@@ -103,7 +104,11 @@ class _JobLock:
             self._locks.pop(self._job, None)
 
 
-def resources_of(env: AnyEnvelope) -> Resources:
+def resources_of(env: AnyEnvelope, models: ModelCatalog | None = None) -> Resources:
+    """What a job holds while it waits and runs: its envelope's limits, or, for a batch on a warm model's
+    engine (which holds its own), only the node's share of the work (:data:`node.warm.WARM_JOB_NEED`)."""
+    if isinstance(env, VllmBatchEnvelope) and models is not None and models.is_warm(env.output_spec.model):
+        return WARM_JOB_NEED
     return Resources(cpus=env.limits.cpus, memory_mb=env.limits.memory_mb, gpus=env.limits.gpus)
 
 
@@ -241,7 +246,7 @@ class Admission:
             check_callback(env.callback_url, self.cfg.webhooks)
         if env.validation.validator_url is not None:
             check_validator_url(env.validation.validator_url, self.cfg.webhooks)
-        need = resources_of(env)
+        need = resources_of(env, self.models)
         probe = await self._prober(env) if self._prober is not None else None
         estimator = estimator_for(env.kind, self.models)
         if probe is not None and probe.data is not None:
@@ -346,11 +351,7 @@ class Admission:
                     "output_tokens": estimate.output_tokens,
                     "basis": estimate.basis,
                 },
-                "reserved": {
-                    "cpus": env.limits.cpus,
-                    "memory_mb": env.limits.memory_mb,
-                    "gpus": env.limits.gpus,
-                },
+                "reserved": resources_of(env, self.models).to_dict(),
                 "held": held,
             },
         }
@@ -400,7 +401,7 @@ class Admission:
             self._check_price_within(job, env)
             payment = await self._payment_terms(job, funding)
             before = self.ledger.get(job.id)
-            self._hold_for_acceptance(job.id, request.iss, resources_of(env))
+            self._hold_for_acceptance(job.id, request.iss, resources_of(env, self.models))
             try:
                 accepted, _ = self.journal.transition(
                     job.id,

@@ -24,7 +24,7 @@ from core.config import (
     resolve_path,
 )
 from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
-from core.errors import ConfigError, HearthError
+from core.errors import CapacityError, ConfigError, HearthError
 from core.faults import NO_FAULTS, FaultPoints
 from core.journal import Journal
 from core.logs import log_transition
@@ -33,6 +33,7 @@ from node.executor import Executors, TranscodeExecutor, Workspace
 from node.inference import InferenceExecutor
 from node.metrics import Metrics
 from node.scheduler import Scheduler
+from node.warm import WarmEngines
 from node.webhooks import WebhookDispatcher
 from payments.keys import EthSigner, Signer, load_eth_key, load_key
 from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
@@ -93,6 +94,7 @@ class Node:
         )
         self._executor: TranscodeExecutor | None = None
         self._inference: InferenceExecutor | None = None
+        self.warm: WarmEngines | None = None  # the warm engines of `warm = true` models (node.warm)
         self.models = ModelCatalog([])
         self._scheduler: Scheduler | None = None
         self._settlement: Settlement | None = None
@@ -254,6 +256,26 @@ class Node:
         if self._scheduler is not None:
             self._scheduler.grow(machine.offered)
 
+    def _hold_engine(self, key: str, need: Resources) -> tuple[str, ...]:
+        """A warm engine starts: its capacity is held in the ledger (quotes see it) and by the scheduler
+        (jobs wait for it), with GPUs pinned; ``CapacityError`` when it does not fit now."""
+        if self._scheduler is None:
+            raise CapacityError(
+                "scheduler_paused", "the scheduler is paused: no engine starts", retryable=True
+            )
+        pinned = self._scheduler.reserve(key, need)
+        try:
+            self.ledger.reserve(key, need, None, now=self.now())
+        except CapacityError:
+            self._scheduler.unreserve(key)
+            raise
+        return pinned
+
+    def _unhold_engine(self, key: str) -> None:
+        if self._scheduler is not None:
+            self._scheduler.unreserve(key)
+        self.ledger.release(key)
+
     def _placed(self, spec: RunSpec, worker: str, node_id: str) -> None:
         """The journal says which worker ran each container of an attempt (runs of quotes have no job)."""
         journal = self._journal
@@ -339,7 +361,18 @@ class Node:
             node_did=self.did,
         )
         self._executor = TranscodeExecutor(self.cfg, self._admission.pricer, space)
-        self._inference = InferenceExecutor(self.cfg, self._admission.pricer, space, catalog=self.models)
+        self.warm = WarmEngines(
+            self.runner,
+            self.cfg.sandbox,
+            {name: self.models.get(name) for name in self.models.names},
+            folder=self.state_dir / "engines",
+            hold=self._hold_engine,
+            unhold=self._unhold_engine,
+            now=self.now,
+        )
+        self._inference = InferenceExecutor(
+            self.cfg, self._admission.pricer, space, catalog=self.models, warm=self.warm
+        )
         if not self.cfg.scheduler.paused:
             self._scheduler = Scheduler(
                 journal,
@@ -354,6 +387,7 @@ class Node:
                 runnable=None if self._settlement is None else self._settlement.is_funded,
             )
             await self._scheduler.start()
+            await self.warm.start()  # after recovery removed what engines of an earlier run left
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hearth-housekeeping")
         self.ready = True
         self.metrics.ready.set(1)
@@ -421,6 +455,8 @@ class Node:
             if running:
                 log.info("draining: %d running job(s) get up to %.0f s to finish", running, grace)
             await self._scheduler.stop(grace)
+            if self.warm is not None:
+                await self.warm.stop()
             self._scheduler = None
 
     def status_line(self) -> str:
@@ -492,5 +528,7 @@ class Node:
             try:
                 self.admission.expire_quotes()
                 self._cluster_changed()
+                if self.warm is not None:
+                    await self.warm.evict_idle()
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("housekeeping failed")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -22,10 +23,11 @@ from typing import Any
 
 from core.config import NodeConfig
 from core.envelope import VllmBatchEnvelope, parse_envelope
-from core.errors import ExecutionError, OutputValidationError
+from core.errors import CapacityError, ExecutionError, OutputValidationError
 from core.journal import JobRecord
 from node.executor import WorkloadExecutor, Workspace
 from node.scheduler import ProgressReport
+from node.warm import WarmEngines
 from provider.catalog import CatalogModel, ModelCatalog
 from provider.estimate import MIB, InputProbe, WorkEstimate
 from provider.pricing import Pricer
@@ -56,9 +58,19 @@ QUOTE_BATCH_MAX_BYTES = 64 * MIB
 class InferenceExecutor(WorkloadExecutor):
     """Runs ``vllm_batch`` attempts for the scheduler (see :class:`node.scheduler.Executor`)."""
 
-    def __init__(self, cfg: NodeConfig, pricer: Pricer, space: Workspace, *, catalog: ModelCatalog) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        pricer: Pricer,
+        space: Workspace,
+        *,
+        catalog: ModelCatalog,
+        warm: WarmEngines | None = None,
+    ) -> None:
+        """``warm``: the node's warm engines; a batch for a warm model runs on its engine."""
         super().__init__(cfg, pricer, space)
         self._catalog = catalog
+        self._warm = warm
         self._images: dict[str, str] = {}
 
     async def execute(
@@ -73,6 +85,15 @@ class InferenceExecutor(WorkloadExecutor):
             fetched = await self._fetch_for(env, attempt / "in" / "batch.jsonl")
             report({"stage": "validating", "percent": 0.0})
             batch = await asyncio.to_thread(self._parse, env, model, fetched)
+            out = attempt / "out"
+            warm = await self._on_warm_engine(env, model, batch, fetched, out, report)
+            if warm is not None:
+                ran, plan = warm
+                report({"stage": "checking", "percent": 100.0})
+                data = await asyncio.to_thread(_read_output, out)
+                return await self._result(
+                    job, env, model, batch, plan, ran.image_id, fetched, data, started, ran
+                )
             plan = batch_plan(
                 served_name=model.name,
                 max_context=model.entry.max_context,
@@ -84,13 +105,42 @@ class InferenceExecutor(WorkloadExecutor):
                 model_bytes=model.size_bytes,
             )
             image = await self._image_id(plan)
-            out = attempt / "out"
             ran = await self._infer(job, env, model, plan, image, fetched, out, report, gpu_ids)
             report({"stage": "checking", "percent": 100.0})
             data = await asyncio.to_thread(_read_output, out)
             return await self._result(job, env, model, batch, plan, image, fetched, data, started, ran)
         finally:
             await asyncio.to_thread(shutil.rmtree, attempt, True)
+
+    async def _on_warm_engine(
+        self,
+        env: VllmBatchEnvelope,
+        model: CatalogModel,
+        batch: Batch,
+        fetched: FetchedInput,
+        out: Path,
+        report: ProgressReport,
+    ) -> tuple[RunResult, BatchPlan] | None:
+        """The batch answered by the model's warm engine; None when the model is not warm.
+
+        A batch for a warm model holds only the node's share of the work (the engine holds the rest), so
+        it never runs cold: an engine that cannot start now (the capacity it needs is taken) fails the
+        attempt ``engine_unavailable``, retryable.
+        """
+        if self._warm is None or not self._warm.is_warm(model.name):
+            return None
+        lines = await asyncio.to_thread(_request_lines, fetched.path, batch)
+        try:
+            return await self._warm.run_batch(
+                model, lines, batch, out, report, limit_seconds=env.limits.timeout_seconds
+            )
+        except CapacityError as exc:
+            raise ExecutionError(
+                "engine_unavailable",
+                f"the warm engine for {model.name} cannot start now: {exc.message}",
+                details={"model": model.name},
+                retryable=True,
+            ) from None
 
     async def quote_probe(self, env: VllmBatchEnvelope) -> InputProbe | None:
         """The batch's bytes for its quote (every line is then counted), or None to price on the envelope.
@@ -270,6 +320,12 @@ def _read_output(out: Path) -> bytes:
             details={"found": found[:20]},
         )
     return path.read_bytes()
+
+
+def _request_lines(path: Path, batch: Batch) -> list[dict[str, Any]]:
+    """Each request's line of the batch file, in the batch's order (the lines were checked already)."""
+    raw = path.read_bytes().split(b"\n")
+    return [json.loads(raw[request.line - 1]) for request in batch.requests]
 
 
 def _vllm_version(output: bytes) -> str:

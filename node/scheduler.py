@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from core.errors import ConflictError, HearthError, IllegalTransitionError, JournalError
+from core.errors import CapacityError, ConflictError, HearthError, IllegalTransitionError, JournalError
 from core.journal import Event, JobRecord, Journal
 from core.logs import enter_job
 from provider.capacity import CapacityLedger, Resources
@@ -106,6 +106,8 @@ class Scheduler:
         self._queues: OrderedDict[str, deque[str]] = OrderedDict()
         self._queued: set[str] = set()
         self._running: dict[str, tuple[asyncio.Task[None], Resources]] = {}
+        # capacity held by what is not a job (a warm engine), with the GPUs pinned to it
+        self._reserved: dict[str, tuple[Resources, tuple[str, ...]]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -163,7 +165,31 @@ class Scheduler:
         total = Resources(cpus=0.0, memory_mb=0, gpus=0)
         for _, need in self._running.values():
             total = total + need
+        for need, _ in self._reserved.values():
+            total = total + need
         return total
+
+    def reserve(self, key: str, need: Resources) -> tuple[str, ...]:
+        """Hold ``need`` for something that is not a job (a warm engine) until :meth:`unreserve`; the GPUs
+        pinned to it. Refused (``CapacityError``) when it does not fit what running jobs leave free."""
+        self.unreserve(key)
+        if not need.fits(self._capacity - self.used()):
+            raise CapacityError(
+                "insufficient_capacity",
+                f"{key} needs {need.to_dict()}; running jobs leave less free",
+                details={"need": need.to_dict(), "free": (self._capacity - self.used()).to_dict()},
+                retryable=True,
+            )
+        pinned = tuple(self._free_gpus[: need.gpus])
+        del self._free_gpus[: need.gpus]
+        self._reserved[key] = (need, pinned)
+        return pinned
+
+    def unreserve(self, key: str) -> None:
+        held = self._reserved.pop(key, None)
+        if held is not None:
+            self._free_gpus.extend(held[1])
+            self._wake.set()
 
     # -- queue ----------------------------------------------------------------------------------------
 

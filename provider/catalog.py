@@ -59,6 +59,8 @@ class CatalogModel:
             "runs_on": "gpu" if e.gpu_memory_mb else "cpu_or_gpu",
             "min_memory_mb": self.min_memory_mb,
             "size_bytes": self.size_bytes,
+            # a warm model keeps an engine loaded between jobs (DESIGN §15): no load time per batch
+            "warm": e.warm,
             "price": {
                 "input_1k_tokens": e.input_1k_tokens or default_rates["input_1k_tokens"],
                 "output_1k_tokens": e.output_1k_tokens or default_rates["output_1k_tokens"],
@@ -237,6 +239,11 @@ class ModelCatalog:
     def declared_by(self, entries: Sequence[ModelSection]) -> bool:
         """Whether ``entries`` (a re-read ``[[models]]``) declare exactly this catalog."""
         return {e.name: e for e in entries} == {name: m.entry for name, m in self._models.items()}
+
+    def is_warm(self, name: str) -> bool:
+        """Whether ``name`` is a model of the catalog kept warm (``warm = true``)."""
+        model = self._models.get(name)
+        return model is not None and model.entry.warm
 
     def get(self, name: str) -> CatalogModel:
         """The model called ``name``; ``RequestError("unknown_model", 422)`` listing the known ones."""

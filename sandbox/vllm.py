@@ -45,6 +45,8 @@ __all__ = [
     "CONTAINER_MODEL_DIR",
     "CONTAINER_OUTPUT_NAME",
     "CONTAINER_OUTPUT_PATH",
+    "CONTAINER_SOCKET_NAME",
+    "CONTAINER_SOCKET_PATH",
     "MAX_BATCH_BYTES",
     "Batch",
     "BatchCheck",
@@ -60,12 +62,16 @@ __all__ = [
     "kv_cache_gib",
     "parse_batch",
     "raise_for_checks",
+    "server_plan",
 ]
 
 CONTAINER_MODEL_DIR: Final = "/model"
 CONTAINER_BATCH_PATH: Final = "/in/batch.jsonl"
 CONTAINER_OUTPUT_NAME: Final = "output.jsonl"
 CONTAINER_OUTPUT_PATH: Final = f"/out/{CONTAINER_OUTPUT_NAME}"
+# a warm engine's socket, in its own folder (the engine's only writable mount)
+CONTAINER_SOCKET_NAME: Final = "engine.sock"
+CONTAINER_SOCKET_PATH: Final = f"/out/{CONTAINER_SOCKET_NAME}"
 # Sampling is seeded, so a request without its own seed samples the same way on every run of this plan.
 DEFAULT_SEED: Final = 0
 # What a CPU run holds besides weights and KV cache: vLLM, torch, the engine, its worker and the page cache
@@ -124,7 +130,7 @@ def batch_plan(
     (no compile step: a batch pays start-up once) with a KV cache sized to the job's memory limit.
     """
     generation = json.dumps({"max_new_tokens": max_tokens}, separators=(",", ":"))
-    argv = [
+    head = [
         "python3",
         "-m",
         "vllm.entrypoints.openai.run_batch",
@@ -132,6 +138,43 @@ def batch_plan(
         CONTAINER_BATCH_PATH,
         "-o",
         CONTAINER_OUTPUT_PATH,
+    ]
+    tail = ["--override-generation-config", generation]
+    return _engine_plan(head, tail, served_name, max_context, dtype, cpus, memory_mb, gpus, model_bytes)
+
+
+def server_plan(
+    *,
+    served_name: str,
+    max_context: int,
+    dtype: str,
+    cpus: float,
+    memory_mb: int,
+    gpus: int,
+    model_bytes: int,
+) -> BatchPlan:
+    """A warm engine (DESIGN §15): vLLM's OpenAI server on a unix socket in its output folder, the engine
+    set up exactly as a cold run's (:func:`batch_plan`) but kept running between jobs. Prefix caching is
+    off, so one requester's prompts cannot be timed by another's; each request carries its own cap.
+    """
+    head = ["python3", "-m", "vllm.entrypoints.openai.api_server", "--uds", CONTAINER_SOCKET_PATH]
+    tail = ["--no-enable-prefix-caching", "--disable-uvicorn-access-log"]
+    return _engine_plan(head, tail, served_name, max_context, dtype, cpus, memory_mb, gpus, model_bytes)
+
+
+def _engine_plan(
+    head: list[str],
+    tail: list[str],
+    served_name: str,
+    max_context: int,
+    dtype: str,
+    cpus: float,
+    memory_mb: int,
+    gpus: int,
+    model_bytes: int,
+) -> BatchPlan:
+    argv = [
+        *head,
         "--model",
         CONTAINER_MODEL_DIR,
         "--served-model-name",
@@ -142,8 +185,7 @@ def batch_plan(
         dtype,
         "--seed",
         str(DEFAULT_SEED),
-        "--override-generation-config",
-        generation,
+        *tail,
         "--disable-log-stats",
     ]
     threads = max(1, math.ceil(cpus))
