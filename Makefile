@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lock images demo test lint typecheck unit bench chaos clean
+.PHONY: setup lock images demo test lint typecheck unit bench chaos gpu-check clean
 
 setup:
 	@scripts/setup.sh
@@ -48,6 +48,15 @@ bench: setup
 CHAOS_ARGS ?=
 chaos: setup
 	$(PY) -m tests.chaos --json bench/results/chaos.json $(CHAOS_ARGS)
+
+# On a machine with an NVIDIA GPU, PyTorch and nvidia-ml-py (no Docker, vLLM or network needed): NVML
+# discovery against nvidia-smi, the GPU self-test's kernels on each GPU, the health verdict and the GPUs a
+# node would offer (scripts/gpu_check.py; a few minutes at most). Runs the venv's Python where it has
+# PyTorch, else python3; GPU_CHECK_ARGS passes options (e.g. --json, --home DIR).
+GPU_CHECK_ARGS ?=
+GPU_CHECK_PY ?= $(shell $(PY) -c 'import torch' >/dev/null 2>&1 && echo $(PY) || echo python3)
+gpu-check:
+	timeout 600 $(GPU_CHECK_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .stamps .demo .demo-market .demo-agent .demo-cluster .mypy_cache .ruff_cache .pytest_cache

@@ -218,6 +218,31 @@ class SandboxSection(_Section):
     probe_memory_mb: int = Field(default=d.DEFAULT_PROBE_MEMORY_MB, ge=64, le=65_536)
 
 
+class GpuSection(_Section):
+    """The GPU self-test (DESIGN §15): measured figures for the offer, and health checks that withhold a GPU.
+
+    ``selftest`` runs, per GPU, a short matmul and a memory bandwidth run in the sandbox (the vLLM GPU image)
+    and reads NVML health, at start (in the background) and every ``selftest_hours`` (0: only at start). A
+    GPU hotter than ``max_temperature_c``, with more than ``max_ecc_uncorrected`` uncorrected ECC errors,
+    a failed or pending row remap, one of ``withhold_throttle_reasons``, or measured below ``min_tflops`` or
+    ``min_memory_bandwidth_gbs`` (0: not judged) is withheld from capacity until a later test passes.
+    """
+
+    selftest: bool = d.DEFAULT_GPU_SELFTEST
+    selftest_hours: float = Field(default=d.DEFAULT_GPU_SELFTEST_HOURS, ge=0, le=8760)
+    selftest_timeout_seconds: float = Field(default=d.DEFAULT_GPU_SELFTEST_TIMEOUT_SECONDS, gt=0, le=3600)
+    selftest_memory_mb: int = Field(default=d.DEFAULT_GPU_SELFTEST_MEMORY_MB, ge=512, le=1_000_000)
+    max_temperature_c: int = Field(default=d.DEFAULT_GPU_MAX_TEMPERATURE_C, ge=30, le=120)
+    max_ecc_uncorrected: int = Field(default=d.DEFAULT_GPU_MAX_ECC_UNCORRECTED, ge=0, le=1_000_000)
+    withhold_throttle_reasons: list[d.GpuThrottleReason] = Field(
+        default_factory=lambda: list(d.DEFAULT_GPU_WITHHOLD_THROTTLE_REASONS), max_length=8
+    )
+    min_tflops: float = Field(default=d.DEFAULT_GPU_MIN_TFLOPS, ge=0, le=1_000_000)
+    min_memory_bandwidth_gbs: float = Field(
+        default=d.DEFAULT_GPU_MIN_MEMORY_BANDWIDTH_GBS, ge=0, le=1_000_000
+    )
+
+
 class WebhooksSection(_Section):
     """Delivery of job status changes to an envelope's ``callback_url``: signed, retried with backoff.
 
@@ -460,6 +485,7 @@ class NodeConfig(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    gpu: GpuSection = Field(default_factory=GpuSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     webhooks: WebhooksSection = Field(default_factory=WebhooksSection)
     chain: ChainSection | None = None

@@ -120,6 +120,28 @@ DEFAULT_STDERR_TAIL_BYTES: Final = 8192  # the end of a run's stderr that is kep
 DEFAULT_PROBE_TIMEOUT_SECONDS: Final = 60.0
 DEFAULT_PROBE_MEMORY_MB: Final = 256
 
+# [gpu]: the GPU self-test (DESIGN §15): each GPU measured (a matmul and a memory bandwidth run in the
+# sandbox) and its NVML health read, at start and then every selftest_hours; a GPU failing a health check
+# is withheld from capacity.
+GpuThrottleReason = Literal[
+    "hw_slowdown", "hw_thermal_slowdown", "sw_thermal_slowdown", "hw_power_brake", "sw_power_cap"
+]
+DEFAULT_GPU_SELFTEST: Final = True
+DEFAULT_GPU_SELFTEST_HOURS: Final = 24.0  # 0: only at start
+DEFAULT_GPU_SELFTEST_TIMEOUT_SECONDS: Final = 180.0  # one GPU's sandboxed run, CUDA start-up included
+DEFAULT_GPU_SELFTEST_MEMORY_MB: Final = 8192  # host memory of that run (PyTorch and the CUDA context)
+DEFAULT_GPU_MAX_TEMPERATURE_C: Final = 85  # hotter than this at rest: withheld
+DEFAULT_GPU_MAX_ECC_UNCORRECTED: Final = 0  # volatile (since the driver loaded) uncorrected ECC errors
+# Clock throttle reasons that mean a fault (cooling, power delivery), not load: any of them withholds.
+DEFAULT_GPU_WITHHOLD_THROTTLE_REASONS: Final[tuple[GpuThrottleReason, ...]] = (
+    "hw_slowdown",
+    "hw_thermal_slowdown",
+    "sw_thermal_slowdown",
+    "hw_power_brake",
+)
+DEFAULT_GPU_MIN_TFLOPS: Final = 0.0  # 0: the matmul's TFLOP/s is reported, not judged
+DEFAULT_GPU_MIN_MEMORY_BANDWIDTH_GBS: Final = 0.0  # 0: the bandwidth is reported, not judged
+
 # [scheduler]: how accepted jobs are run.
 DEFAULT_SCHEDULER_PAUSED: Final = False
 DEFAULT_DRAIN_GRACE_SECONDS: Final = 30.0  # on SIGTERM: how long running jobs get to finish

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -47,6 +48,8 @@ from storage import Blockstore, open_blockstore
 if TYPE_CHECKING:
     from cluster import RayCluster
     from payments.settlement import Settlement
+    from provider.gpu_health import GpuReport
+    from provider.gpu_selftest import GpuSelfTest
     from provider.listing import MarketListing
 
 log = logging.getLogger("hearth.node")
@@ -107,6 +110,7 @@ class Node:
         self.offers = OfferIssuer(self, signer, now=now)
         self._registry: OfferPusher | None = None
         self._listing: MarketListing | None = None
+        self._gpu_selftest: GpuSelfTest | None = None
         self.ready = False
         self.draining = False
         self.started_at = 0.0
@@ -396,6 +400,7 @@ class Node:
         self._registry = OfferPusher(self.cfg.registry, self.offers, on_push=self.metrics.offer_pushed)
         await self._registry.start()
         await self._start_listing()
+        await self._start_gpu_selftest()
         log.info(
             "node ready",
             extra={"did": self.did, "startup_ms": round((time.perf_counter() - t0) * 1000, 1)},
@@ -417,6 +422,52 @@ class Node:
             self.cfg, self._settlement, self.did, on_state=self.metrics.market_listing, now=self.now
         )
         await self._listing.start()
+
+    async def _start_gpu_selftest(self) -> None:
+        """With GPUs on this machine and ``[gpu] selftest`` on: measure and check them in the background
+        (provider.gpu_selftest), now and every ``selftest_hours``. A node without GPUs imports nothing of it;
+        a cluster's GPUs are its workers', not this machine's, and are not tested from here."""
+        if not self.machine.gpus or not self.cfg.gpu.selftest or self.cluster is not None:
+            return
+        from provider.gpu_selftest import GpuSelfTest, SandboxBench
+
+        work_dir = resolve_path(self.state_dir, self.cfg.sandbox.work_dir)
+        self.metrics.watch_gpus(lambda: self.machine.gpu_selftest)
+        self._gpu_selftest = GpuSelfTest(
+            self.cfg,
+            self.machine.gpus,
+            SandboxBench(self.runner, self.cfg, work_dir),
+            on_report=self.gpus_tested,
+            claims=lambda: self._scheduler,
+        )
+        await self._gpu_selftest.start()
+
+    def gpus_tested(self, reports: tuple[GpuReport, ...]) -> None:
+        """A GPU self-test reported: its figures go into the offer; GPUs failing health are withheld.
+
+        What the node offers becomes the healthy GPUs (capped by ``[capacity] gpus``): the ledger, the
+        scheduler's devices and the offer follow, and registries hear of a change at once.
+        """
+        healthy = tuple(str(report.index) for report in reports if report.healthy)
+        cap = self.cfg.capacity.gpus
+        offered = healthy if cap == "auto" else healthy[:cap]
+        before = self.machine
+        self.machine = dataclasses.replace(
+            before, gpu_selftest=reports, offered=dataclasses.replace(before.offered, gpus=len(offered))
+        )
+        withheld = {r.index: r.reasons for r in reports if r.reasons}
+        if withheld != {r.index: r.reasons for r in before.gpu_selftest if r.reasons}:
+            for index, reasons in withheld.items():
+                log.warning(
+                    "GPU %d withheld from capacity: %s", index, "; ".join(reasons), extra={"gpu": index}
+                )
+        if self.machine.offered != before.offered:
+            log.info("GPUs offered: %d of %d", len(offered), len(self.machine.gpus))
+            self.ledger.resize(self._sold(self.machine))
+            if self._scheduler is not None:
+                self._scheduler.set_gpus(offered)
+        if self._registry is not None:
+            self._registry.changed()
 
     async def _probe_input(self, env: FfmpegTranscodeEnvelope | VllmBatchEnvelope) -> InputProbe | None:
         """Admission's prober: transcode inputs are probed, batches read and counted, when at hand."""
@@ -472,6 +523,9 @@ class Node:
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting work; running jobs get ``grace`` seconds, then stay ``running`` for recovery."""
         await self.drain(grace)
+        if self._gpu_selftest is not None:
+            await self._gpu_selftest.stop()
+            self._gpu_selftest = None
         if self._listing is not None:
             await self._listing.stop()
             self._listing = None

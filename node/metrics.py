@@ -13,6 +13,7 @@ from provider.listing import LISTING_STATES
 
 if TYPE_CHECKING:
     from cluster import WorkerInfo
+    from provider.gpu_health import GpuReport
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_CLUSTER_WORKER_SERIES: Final = 256
@@ -112,6 +113,47 @@ class _Cluster(Collector):
             per_worker["memory_mb"].add_metric([label], w.memory_mb)
             per_worker["gpus"].add_metric([label], w.gpus)
         return [states, lost, *per_worker.values()]
+
+
+class _Gpus(Collector):
+    """The last GPU self-test, per GPU (``gpu`` label: its index), read at scrape time from the node.
+
+    A figure the self-test has not measured (yet, or its run failed) has no series; ``hearth_gpu_healthy``
+    is there for every GPU from the first health reading on.
+    """
+
+    def __init__(self, reports: Callable[[], tuple[GpuReport, ...]]) -> None:
+        self._reports = reports
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        tflops = GaugeMetricFamily(
+            "hearth_gpu_tflops",
+            "Matmul throughput the GPU self-test measured (bf16, else fp16)",
+            labels=["gpu"],
+        )
+        bandwidth = GaugeMetricFamily(
+            "hearth_gpu_memory_bandwidth_gbs",
+            "Device memory bandwidth the GPU self-test measured, GB/s",
+            labels=["gpu"],
+        )
+        healthy = GaugeMetricFamily(
+            "hearth_gpu_healthy",
+            "1 while the GPU passes its health checks; 0: withheld from capacity",
+            labels=["gpu"],
+        )
+        temperature = GaugeMetricFamily(
+            "hearth_gpu_temperature_celsius", "GPU temperature at the last self-test", labels=["gpu"]
+        )
+        for report in self._reports():
+            label = [str(report.index)]
+            if report.figures.tflops is not None:
+                tflops.add_metric(label, report.figures.tflops)
+            if report.figures.memory_bandwidth_gbs is not None:
+                bandwidth.add_metric(label, report.figures.memory_bandwidth_gbs)
+            healthy.add_metric(label, 1 if report.healthy else 0)
+            if report.health is not None and report.health.temperature_c is not None:
+                temperature.add_metric(label, report.health.temperature_c)
+        return [tflops, bandwidth, healthy, temperature]
 
 
 def _worker_labels(workers: Iterable[WorkerInfo]) -> list[tuple[str, WorkerInfo]]:
@@ -230,6 +272,10 @@ class Metrics:
     def watch_cluster(self, workers: Callable[[], list[WorkerInfo]], lost_total: Callable[[], int]) -> None:
         """Report the cluster's workers (``RayCluster.workers``) and its lost runs at every scrape."""
         self.registry.register(_Cluster(workers, lost_total))
+
+    def watch_gpus(self, reports: Callable[[], tuple[GpuReport, ...]]) -> None:
+        """Report the last GPU self-test (figures and health per GPU) at every scrape."""
+        self.registry.register(_Gpus(reports))
 
     def http_request(self, route: str, status: int) -> None:
         """One answered HTTP request, by route (its canonical path) and status."""

@@ -100,8 +100,11 @@ class Scheduler:
         self._retry_budget = retry_budget
         self._progress_interval = progress_interval
         self._on_attempt = on_attempt
-        # devices not pinned to a running job; capacity.gpus may offer fewer than the machine has
-        self._free_gpus: list[str] = list(gpu_ids[: capacity.gpus])
+        # the devices jobs may be pinned to (capacity.gpus may offer fewer than the machine has), those
+        # pinned to a running job, and those the GPU self-test has borrowed
+        self._gpu_ids: tuple[str, ...] = gpu_ids[: capacity.gpus]
+        self._pinned_gpus: set[str] = set()
+        self._borrowed_gpus: set[str] = set()
         # requester DID -> its queued job ids; ordered by when the requester was last served
         self._queues: OrderedDict[str, deque[str]] = OrderedDict()
         self._queued: set[str] = set()
@@ -159,6 +162,29 @@ class Scheduler:
             memory_mb=max(self._capacity.memory_mb, capacity.memory_mb),
             gpus=max(self._capacity.gpus, capacity.gpus),
         )
+        self._wake.set()
+
+    def set_gpus(self, gpu_ids: tuple[str, ...]) -> None:
+        """The devices jobs may be pinned to from now on, and so the GPUs the node has: a GPU withheld by its
+        health check is left out, one that passes again comes back. A job running on a device left out
+        keeps it until it ends; a queued job that no longer fits fails as too large (admission already
+        refuses new ones, the ledger having shrunk with the offer)."""
+        self._gpu_ids = gpu_ids
+        self._capacity = Resources(
+            cpus=self._capacity.cpus, memory_mb=self._capacity.memory_mb, gpus=len(gpu_ids)
+        )
+        self._wake.set()
+
+    def claim_gpu(self, gpu: str) -> bool:
+        """Borrow ``gpu`` for the GPU self-test if no job is pinned to it; no job gets it until released."""
+        if gpu in self._pinned_gpus or gpu in self._borrowed_gpus:
+            return False
+        self._borrowed_gpus.add(gpu)
+        return True
+
+    def release_gpu(self, gpu: str) -> None:
+        """Give back a GPU borrowed with :meth:`claim_gpu`; a job waiting for it may start."""
+        self._borrowed_gpus.discard(gpu)
         self._wake.set()
 
     def used(self) -> Resources:
@@ -244,13 +270,17 @@ class Scheduler:
                 self._pop(iss)
                 self._fail_unrunnable(job, need)
                 continue
-            if not need.fits(self._capacity - self.used()):
-                return  # wait for a running job to end; nothing overtakes the head of the line
+            borrowed = Resources(cpus=0.0, memory_mb=0, gpus=len(self._borrowed_gpus & set(self._gpu_ids)))
+            if not need.fits(self._capacity - self.used() - borrowed):
+                # wait for a running job to end (or the self-test to give its GPU back); nothing overtakes
+                # the head of the line
+                return
             self._pop(iss)
             if iss in self._queues:
                 self._queues.move_to_end(iss)  # served now: the others go first next time
-            pinned = tuple(self._free_gpus[: need.gpus])
-            del self._free_gpus[: need.gpus]
+            busy = self._pinned_gpus | self._borrowed_gpus
+            pinned = tuple([gpu for gpu in self._gpu_ids if gpu not in busy][: need.gpus])
+            self._pinned_gpus.update(pinned)
             task = asyncio.create_task(self._run(job, pinned), name=f"hearth-job-{job.id}")
             self._running[job.id] = (task, need)
 
@@ -316,7 +346,7 @@ class Scheduler:
                 self._observe(job, "completed", "", started, result)
         finally:
             self._running.pop(job.id, None)
-            self._free_gpus.extend(gpu_ids)
+            self._pinned_gpus.difference_update(gpu_ids)
             self._wake.set()
 
     def _observe(

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psutil
 
@@ -30,6 +30,9 @@ from provider.ledger import CapacityLedger as CapacityLedger
 from provider.ledger import Hold as Hold
 from provider.ledger import HoldPolicy as HoldPolicy
 from provider.ledger import Resources as Resources
+
+if TYPE_CHECKING:  # provider.gpu_health reads NVML through this module's Nvml
+    from provider.gpu_health import GpuReport
 
 log = logging.getLogger("hearth.capacity")
 
@@ -108,6 +111,8 @@ class MachineInfo:
     offered: Resources
     # a cluster's machines (name, cpus, memory_mb, gpus, models), when the node is the head of one
     workers: tuple[dict[str, Any], ...] = ()
+    # the last GPU self-test (provider.gpu_selftest): figures, health and withheld reasons per GPU
+    gpu_selftest: tuple[GpuReport, ...] = ()
 
     @property
     def gpu_model(self) -> str | None:
@@ -120,20 +125,24 @@ class MachineInfo:
         return min((gpu.memory_total_mb for gpu in self.gpus), default=0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cpu_count": self.cpu_count,
-            "memory_total_mb": self.memory_total_mb,
-            "memory_available_mb": self.memory_available_mb,
-            "disk": self.disk.to_dict(),
-            "gpus": [g.to_dict() for g in self.gpus],
-            "driver_version": self.driver_version,
-            "cuda_version": self.cuda_version,
-            "offered": self.offered.to_dict(),
-        } | ({"workers": [dict(w) for w in self.workers]} if self.workers else {})
+        return (
+            {
+                "cpu_count": self.cpu_count,
+                "memory_total_mb": self.memory_total_mb,
+                "memory_available_mb": self.memory_available_mb,
+                "disk": self.disk.to_dict(),
+                "gpus": [g.to_dict() for g in self.gpus],
+                "driver_version": self.driver_version,
+                "cuda_version": self.cuda_version,
+                "offered": self.offered.to_dict(),
+            }
+            | ({"workers": [dict(w) for w in self.workers]} if self.workers else {})
+            | ({"gpu_selftest": [r.to_dict() for r in self.gpu_selftest]} if self.gpu_selftest else {})
+        )
 
 
 class Nvml(Protocol):
-    """The part of the ``pynvml`` module (nvidia-ml-py) that discovery uses.
+    """The part of the ``pynvml`` module (nvidia-ml-py) that discovery and the GPU health checks use.
 
     A recorded-answers fake only needs these names; the real module satisfies it as is.
     """
@@ -152,6 +161,13 @@ class Nvml(Protocol):
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any: ...
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]: ...
+    # health (provider.gpu_health): sensor, ECC error and counter types, clock types by NVML's values
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int: ...
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]: ...
+    def nvmlDeviceGetClockInfo(self, handle: Any, clock: int) -> int: ...
+    def nvmlDeviceGetMaxClockInfo(self, handle: Any, clock: int) -> int: ...
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int: ...
 
 
 NvmlLoader = Callable[[], Nvml | None]

@@ -100,6 +100,17 @@ EMPTY_CONFIG: dict[str, Any] = {
         "probe_memory_mb": 256,
     },
     "scheduler": {"paused": False, "drain_grace_seconds": 30.0},
+    "gpu": {
+        "selftest": True,
+        "selftest_hours": 24.0,
+        "selftest_timeout_seconds": 180.0,
+        "selftest_memory_mb": 8192,
+        "max_temperature_c": 85,
+        "max_ecc_uncorrected": 0,
+        "withhold_throttle_reasons": ["hw_slowdown", "hw_thermal_slowdown", "sw_thermal_slowdown", "hw_power_brake"],
+        "min_tflops": 0.0,
+        "min_memory_bandwidth_gbs": 0.0,
+    },
     "logging": {"format": "json", "level": "INFO", "repeat_burst": 10, "repeat_window_seconds": 60.0},
     "webhooks": {
         "timeout_seconds": 10.0,

@@ -2,7 +2,8 @@
 
 It satisfies :class:`provider.capacity.Nvml`, so :func:`provider.capacity.discover` takes it through its
 ``nvml=`` seam exactly as it takes the real module. A reading missing from the recording is answered the
-way a driver without that call answers: ``NVML_ERROR_FUNCTION_NOT_FOUND``.
+way a driver without that call answers: ``NVML_ERROR_FUNCTION_NOT_FOUND``; a health reading recorded as
+``"not_supported"`` (ECC on a card without it) as NVML answers it there: ``NVML_ERROR_NOT_SUPPORTED``.
 """
 
 from __future__ import annotations
@@ -102,3 +103,40 @@ class FakeNvml:
             raise self.NVMLError_FunctionNotFound("Function Not Found")
         major, minor = handle["cuda_compute_capability"]
         return int(major), int(minor)
+
+    # -- health (provider.gpu_health): the readings of a device's "health" object, by NVML's enum values
+
+    def _health(self, name: str, handle: dict[str, Any], key: str) -> Any:
+        self._call(name)
+        health = handle.get("health", {})
+        if key not in health:
+            raise self.NVMLError_FunctionNotFound("Function Not Found")
+        if health[key] == "not_supported":
+            raise self.NVMLError_NotSupported("Not Supported")
+        return health[key]
+
+    def nvmlDeviceGetTemperature(self, handle: dict[str, Any], sensor: int) -> int:
+        assert sensor == 0  # NVML_TEMPERATURE_GPU
+        return int(self._health("nvmlDeviceGetTemperature", handle, "temperature_gpu"))
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: dict[str, Any], error_type: int, counter_type: int) -> int:
+        assert counter_type == 0  # NVML_VOLATILE_ECC
+        key = {0: "ecc_volatile_corrected", 1: "ecc_volatile_uncorrected"}[error_type]
+        return int(self._health("nvmlDeviceGetTotalEccErrors", handle, key))
+
+    def nvmlDeviceGetRemappedRows(self, handle: dict[str, Any]) -> tuple[int, int, int, int]:
+        rows = self._health("nvmlDeviceGetRemappedRows", handle, "remapped_rows")
+        return int(rows[0]), int(rows[1]), int(rows[2]), int(rows[3])
+
+    def nvmlDeviceGetClockInfo(self, handle: dict[str, Any], clock: int) -> int:
+        key = {1: "clock_sm_mhz", 2: "clock_mem_mhz"}[clock]
+        return int(self._health("nvmlDeviceGetClockInfo", handle, key))
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: dict[str, Any], clock: int) -> int:
+        key = {1: "max_clock_sm_mhz", 2: "max_clock_mem_mhz"}[clock]
+        return int(self._health("nvmlDeviceGetMaxClockInfo", handle, key))
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: dict[str, Any]) -> int:
+        return int(
+            self._health("nvmlDeviceGetCurrentClocksThrottleReasons", handle, "clocks_throttle_reasons")
+        )
