@@ -37,7 +37,7 @@ from node.scheduler import Scheduler
 from node.warm import WarmEngines
 from node.webhooks import WebhookDispatcher
 from payments.keys import EthSigner, Signer, load_eth_key, load_key
-from provider.capacity import CapacityLedger, MachineInfo, Resources, discover
+from provider.capacity import CapacityLedger, MachineInfo, NvmlLoader, Resources, discover, load_nvml
 from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe
 from provider.offers import OfferIssuer
@@ -75,8 +75,10 @@ class Node:
         config_path: Path | None = None,
         credentials_dir: Path | None = None,
         faults: FaultPoints | None = None,
+        nvml: NvmlLoader = load_nvml,
     ) -> None:
-        """``faults``: the fault points settlement reaches (:mod:`core.faults`); none fire when omitted."""
+        """``faults``: the fault points settlement reaches (:mod:`core.faults`); none fire when omitted.
+        ``nvml``: where discovery and the GPU self-test reach NVML (recorded answers in tests)."""
         self.home = home
         self.cfg = cfg
         self.config_path = config_path
@@ -85,7 +87,10 @@ class Node:
         self.now = now
         self.faults: FaultPoints = NO_FAULTS if faults is None else faults
         self.metrics = Metrics()
-        self.machine: MachineInfo = discover(cfg.capacity, disk_path=resolve_path(home, cfg.node.state_dir))
+        self._nvml = nvml
+        self.machine: MachineInfo = discover(
+            cfg.capacity, disk_path=resolve_path(home, cfg.node.state_dir), nvml=nvml
+        )
         self.ledger = CapacityLedger(self._sold(self.machine), hold_policy(cfg.capacity))
         # the Ray cluster the node is the head of (``[cluster]``), joined at start; None: this machine alone
         self.cluster: RayCluster | None = None
@@ -439,6 +444,7 @@ class Node:
             SandboxBench(self.runner, self.cfg, work_dir),
             on_report=self.gpus_tested,
             claims=lambda: self._scheduler,
+            nvml=self._nvml,
         )
         await self._gpu_selftest.start()
 
@@ -560,6 +566,8 @@ class Node:
         self.inference.reconfigure(cfg, self.admission.pricer)
         if not self.models.declared_by(cfg.models):
             log.warning("[[models]] changed: the catalog is verified at start; restart the node to apply it")
+        if cfg.gpu != previous.gpu:
+            log.warning("[gpu] changed: restart the node to test its GPUs under the new settings")
         if cfg.registry != previous.registry:
             log.warning("[registry] changed: restart the node to push to the new registries")
         if cfg.market != previous.market or cfg.endpoint != previous.endpoint:

@@ -107,7 +107,12 @@ EMPTY_CONFIG: dict[str, Any] = {
         "selftest_memory_mb": 8192,
         "max_temperature_c": 85,
         "max_ecc_uncorrected": 0,
-        "withhold_throttle_reasons": ["hw_slowdown", "hw_thermal_slowdown", "sw_thermal_slowdown", "hw_power_brake"],
+        "withhold_throttle_reasons": [
+            "hw_slowdown",
+            "hw_thermal_slowdown",
+            "sw_thermal_slowdown",
+            "hw_power_brake",
+        ],
         "min_tflops": 0.0,
         "min_memory_bandwidth_gbs": 0.0,
     },

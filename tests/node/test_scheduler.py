@@ -373,6 +373,59 @@ async def test_stop_leaves_running_jobs_for_the_next_start(journal: Journal) -> 
         await sched2.stop()
 
 
+async def test_the_gpu_selftest_borrows_a_free_gpu_and_a_job_waits_for_it(journal: Journal) -> None:
+    ex = ScriptedExecutor()
+    ledger = CapacityLedger(Resources(cpus=100, memory_mb=100_000, gpus=8))
+    capacity = Resources(cpus=8, memory_mb=8192, gpus=2)
+    sched = Scheduler(journal, ex, ledger, capacity, retry_budget=0, gpu_ids=("0", "1"))
+    await sched.start()
+    try:
+        assert sched.claim_gpu("0") and not sched.claim_gpu("0")  # borrowed once, not twice
+        accept(journal, ledger, "g1", gpus=1)
+        await until(lambda: "g1" in ex.running_now())
+        assert ex.pinned["g1"] == ("1",)  # the borrowed GPU is not given to a job
+        assert not sched.claim_gpu("1")  # nor is a job's GPU lent to the self-test
+        accept(journal, ledger, "g2", gpus=1)
+        await settle()
+        assert (
+            "g2" not in ex.running_now()
+        )  # both GPUs busy: it waits (it fits the node, so it is not failed)
+        sched.release_gpu("0")
+        await until(lambda: "g2" in ex.running_now())
+        assert ex.pinned["g2"] == ("0",)
+        ex.finish("g1")
+        ex.finish("g2")
+        await until(lambda: not ex.running_now())
+        assert sched.claim_gpu("1")
+        sched.release_gpu("1")
+    finally:
+        await sched.stop()
+
+
+async def test_withheld_gpus_are_pinned_to_no_job_until_they_come_back(journal: Journal) -> None:
+    ex = ScriptedExecutor()
+    ledger = CapacityLedger(Resources(cpus=100, memory_mb=100_000, gpus=8))
+    capacity = Resources(cpus=8, memory_mb=8192, gpus=2)
+    sched = Scheduler(journal, ex, ledger, capacity, retry_budget=0, gpu_ids=("0", "1"))
+    await sched.start()
+    try:
+        sched.set_gpus(("1",))  # GPU 0 failed its health check
+        accept(journal, ledger, "g1", gpus=1)
+        await until(lambda: "g1" in ex.running_now())
+        assert ex.pinned["g1"] == ("1",)
+        too_big = accept(journal, ledger, "g2", gpus=2)  # more GPUs than the node has now
+        await until(lambda: journal.require(too_big).state == "failed")
+        assert journal.require(too_big).failure_code == "exceeds_capacity"
+        sched.set_gpus(("0", "1"))  # it passed again
+        accept(journal, ledger, "g3", gpus=1)
+        await until(lambda: "g3" in ex.running_now())
+        assert ex.pinned["g3"] == ("0",)
+        ex.finish("g1")
+        ex.finish("g3")
+    finally:
+        await sched.stop()
+
+
 async def test_gpu_jobs_are_pinned_to_distinct_devices_and_wait_for_a_free_one(journal: Journal) -> None:
     ex = ScriptedExecutor()
     ledger = CapacityLedger(Resources(cpus=100, memory_mb=100_000, gpus=8))

@@ -3,7 +3,7 @@
 eth-account (with py_ecc) and web3 take about half a second to import; a node without ``[chain]`` never
 needs them, ``rich`` is only for ``hearth status``, and Ray (seconds and hundreds of MiB) only for a node
 with ``[cluster]``. A module-level import of any of them in the
-daemon's path would put that back on every start.
+daemon's path would put that back on every start. Neither does a node without GPUs load the GPU self-test.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ PROBE = """
 import json, sys
 import cli.main, node.server, node.daemon
 heavy = {"eth_account", "web3", "rich", "py_ecc", "ray"}
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
+gpu = {"provider.gpu_selftest", "provider.gpu_health", "sandbox.gpu_bench", "numpy", "torch"}
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in gpu)))
 """
 
 
