@@ -51,10 +51,11 @@ chaos: setup
 
 # On a machine with an NVIDIA GPU, PyTorch and nvidia-ml-py (no Docker, vLLM or network needed): NVML
 # discovery against nvidia-smi, the GPU self-test's kernels on each GPU, the health verdict and the GPUs a
-# node would offer (scripts/gpu_check.py; a few minutes at most). Runs the venv's Python where it has
-# PyTorch, else python3; GPU_CHECK_ARGS passes options (e.g. --json, --home DIR).
+# node would offer (scripts/gpu_check.py; a few minutes at most). Runs under the venv's Python where there
+# is one, else python3; the kernels under whichever of the two has PyTorch. GPU_CHECK_ARGS passes options
+# (e.g. --json, --home DIR, --kernel-python PATH).
 GPU_CHECK_ARGS ?=
-GPU_CHECK_PY ?= $(shell $(PY) -c 'import torch' >/dev/null 2>&1 && echo $(PY) || echo python3)
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	timeout 600 $(GPU_CHECK_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 

@@ -108,7 +108,8 @@ class SandboxBench:
             tmpfs_mb=sandbox.tmpfs_mb,
             user=sandbox.user,
             gpu_ids=(str(gpu.index),) if self._device == "cuda" else (),
-            env={"PYTHONDONTWRITEBYTECODE": "1"},
+            # CPU threads as many as the run's CPUs (PyTorch would start one per host core, each a pid)
+            env={"PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": str(int(BENCH_CPUS))},
         )
 
 

@@ -22,6 +22,7 @@ on its health; 2 no NVIDIA GPU here (no NVML, or NVML sees none); 3 a package th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -110,8 +111,31 @@ def mismatches(gpus: tuple[GpuInfo, ...], smi: list[dict[str, Any]] | None) -> l
     return problems
 
 
-def direct_bench(seconds: float, timeout: float, deadline: float, device: str = "cuda") -> Bench:
-    """Runs :mod:`sandbox.gpu_bench` in a process of its own that sees only the GPU measured (by UUID)."""
+def torch_python(explicit: str | None) -> str:
+    """The interpreter the kernels run under: ``explicit``, else this one or ``python3``, whichever has
+    PyTorch (the check's own packages and PyTorch may live in different environments); else this one, and
+    the kernels then report that PyTorch is missing."""
+    if explicit:
+        return explicit
+    for candidate in (sys.executable, shutil.which("python3")):
+        if candidate is None:
+            continue
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import torch"], capture_output=True, timeout=120, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return candidate
+    return sys.executable
+
+
+def direct_bench(
+    seconds: float, timeout: float, deadline: float, *, device: str = "cuda", python: Callable[[], str]
+) -> Bench:
+    """Runs :mod:`sandbox.gpu_bench` under ``python()`` in a process of its own that sees only the GPU
+    measured (by UUID), as the sandbox pins it."""
 
     def run(gpu: GpuInfo) -> GpuFigures:
         left = min(timeout, deadline - time.monotonic())
@@ -120,7 +144,7 @@ def direct_bench(seconds: float, timeout: float, deadline: float, device: str = 
         env = dict(
             os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=gpu.uuid or str(gpu.index)
         )
-        argv = [sys.executable, gpu_bench.__file__, "--device", device, "--seconds", str(seconds)]
+        argv = [python(), gpu_bench.__file__, "--device", device, "--seconds", str(seconds)]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=left, env=env, check=False)
         except subprocess.TimeoutExpired:
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per kernel per GPU (default 2)")
     parser.add_argument("--timeout", type=float, default=180.0, help="one GPU's kernels, start-up included")
     parser.add_argument("--deadline", type=float, default=540.0, help="the whole check (default 540 s)")
+    parser.add_argument("--kernel-python", default=None, help="the interpreter with PyTorch (default: found)")
     args = parser.parse_args(argv)
     cfg = NodeConfig() if args.home is None else load_config(args.home)
     deadline = time.monotonic() + args.deadline
@@ -233,7 +258,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             nvml=load_nvml,
             smi=nvidia_smi,
-            bench=direct_bench(args.seconds, args.timeout, deadline),
+            bench=direct_bench(
+                args.seconds,
+                args.timeout,
+                deadline,
+                python=functools.cache(
+                    lambda: torch_python(args.kernel_python)
+                ),  # looked for once, if needed
+            ),
             disk_path=args.home or Path(scratch),
         )
     print(json.dumps(report, indent=2) if args.json else render(report), flush=True)

@@ -1,6 +1,7 @@
 """`make gpu-check` (scripts/gpu_check.py): run as the Makefile runs it on this machine (no GPU: a clean
-"no NVIDIA GPU" and its own exit status), its comparison and verdicts against recorded NVML answers with the
-kernels really run on the CPU, and, marked ``gpu``, the whole check on a machine that has an NVIDIA GPU.
+"no NVIDIA GPU" and its own exit status; a missing package: another), its comparison and verdicts against
+recorded NVML answers with the kernels really run on the CPU, and, marked ``gpu``, the whole check on a
+machine that has an NVIDIA GPU.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def run_check(
         cfg or NodeConfig(),
         nvml=lambda: fake,
         smi=lambda: smi,
-        bench=gpu_check.direct_bench(0.1, 60.0, time.monotonic() + 120, device="cpu"),
+        bench=gpu_check.direct_bench(
+            0.1, 60.0, time.monotonic() + 120, device="cpu", python=lambda: gpu_check.torch_python(None)
+        ),
         disk_path=tmp_path,
     )
     json.dumps(report)  # --json prints it as is
@@ -64,6 +67,20 @@ def test_without_a_gpu_it_says_so_and_exits_with_its_own_status() -> None:
         [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120, check=False
     )
     assert text.returncode == 2 and "no NVIDIA GPU" in text.stdout
+
+
+def test_a_missing_package_is_named_with_its_own_status() -> None:
+    # -S: no site-packages, as on a GPU machine with only PyTorch and nvidia-ml-py installed system-wide
+    done = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 3
+    report = json.loads(done.stderr)
+    assert report["ok"] is False and report["reason"].startswith("missing Python package: ")
 
 
 def test_it_compares_discovery_with_nvidia_smi_measures_and_judges(tmp_path: Path) -> None:
