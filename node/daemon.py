@@ -462,11 +462,14 @@ class Node:
             before, gpu_selftest=reports, offered=dataclasses.replace(before.offered, gpus=len(offered))
         )
         withheld = {r.index: r.reasons for r in reports if r.reasons}
-        if withheld != {r.index: r.reasons for r in before.gpu_selftest if r.reasons}:
-            for index, reasons in withheld.items():
+        was = {r.index: r.reasons for r in before.gpu_selftest if r.reasons}
+        for index, reasons in withheld.items():
+            if was.get(index) != reasons:  # said once, not at every report
                 log.warning(
                     "GPU %d withheld from capacity: %s", index, "; ".join(reasons), extra={"gpu": index}
                 )
+        for index in was.keys() - withheld.keys():
+            log.info("GPU %d passed its health checks again: offered", index, extra={"gpu": index})
         if self.machine.offered != before.offered:
             log.info("GPUs offered: %d of %d", len(offered), len(self.machine.gpus))
             self.ledger.resize(self._sold(self.machine))

@@ -165,10 +165,11 @@ class Scheduler:
         self._wake.set()
 
     def set_gpus(self, gpu_ids: tuple[str, ...]) -> None:
-        """The devices jobs may be pinned to from now on, and so the GPUs the node has: a GPU withheld by its
-        health check is left out, one that passes again comes back. A job running on a device left out
-        keeps it until it ends; a queued job that no longer fits fails as too large (admission already
-        refuses new ones, the ledger having shrunk with the offer)."""
+        """The devices jobs may be pinned to from now on, and so the GPUs the node has: a GPU withheld by
+        its health check is left out, one that passes again comes back. A job running on a device left out
+        keeps it until it ends (counting against the GPUs left until then); a queued job that no longer
+        fits fails as too large (admission already refuses new ones, the ledger having shrunk with the
+        offer)."""
         self._gpu_ids = gpu_ids
         self._capacity = Resources(
             cpus=self._capacity.cpus, memory_mb=self._capacity.memory_mb, gpus=len(gpu_ids)

@@ -9,6 +9,7 @@ without a GPU, so each measurement reports ``image_missing`` (an error of the ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -53,7 +54,7 @@ async def test_a_gpu_node_tests_its_gpus_and_withholds_the_sick_ones(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, sandbox_images: dict[str, str]
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with gpu_node(write_home(tmp_path / "home")) as ln:
+    async with gpu_node(write_home(tmp_path / "home", {"scheduler": {"paused": False}})) as ln:
         node = ln.node
         assert node.ready  # readiness did not wait for the self-test
         await until(lambda: node._gpu_selftest is not None and node._gpu_selftest.rounds == 1, limit=60)
@@ -78,6 +79,16 @@ async def test_a_gpu_node_tests_its_gpus_and_withholds_the_sick_ones(
         assert [sample(text, "hearth_gpu_healthy", gpu=str(i)) for i in range(4)] == [1, 0, 0, 0]
         assert sample(text, "hearth_gpu_temperature_celsius", gpu="1") == 91
         assert sample(text, "hearth_gpu_tflops", gpu="0") is None  # not measured: no series
+        scheduler = node.scheduler
+        assert scheduler is not None and list(scheduler._gpu_ids) == ["0"]  # jobs are pinned to GPU 0 only
+        assert scheduler.claim_gpu("0")  # the self-test gave it back after measuring
+        scheduler.release_gpu("0")
+
+        # a later round finds them well again: all four are sold
+        node.gpus_tested(tuple(dataclasses.replace(r, reasons=()) for r in node.machine.gpu_selftest))
+        assert node.machine.offered.gpus == 4 and node.ledger.total.gpus == 4
+        assert list(scheduler._gpu_ids) == ["0", "1", "2", "3"]
+        assert "GPU 2 passed its health checks again: offered" in caplog.text
 
     withheld = [r.getMessage() for r in caplog.records if "withheld from capacity" in r.getMessage()]
     assert withheld == [
