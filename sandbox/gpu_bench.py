@@ -11,8 +11,8 @@ fp16), PyTorch on the CPU (fp32), numpy on the CPU (fp32). ``--device cuda`` ins
 measured on a CPU would be a lie, so without CUDA it fails (exit 3) rather than fall back. The CPU paths are
 what the tests run on a machine without a GPU, so the code that times and reports is really exercised.
 
-Each kernel is timed for about ``--seconds`` after a warm-up: one timed call sizes the number of repeats, so
-a slow device does not run for minutes. The output is one line::
+Each kernel is timed for about ``--seconds`` after a warm-up, in doubling batches of calls, so a slow
+device does not run for minutes and a fast one is timed over many calls. The output is one line::
 
     {"backend": "torch", "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
      "matmul_n": 8192, "tflops": 712.4, "bandwidth_mb": 1024, "memory_bandwidth_gbs": 2861.0, "seconds": 3.1}
@@ -39,8 +39,7 @@ GPU_MATMUL_N = 8192
 GPU_BANDWIDTH_MB = 1024
 CPU_MATMUL_N = 512
 CPU_BANDWIDTH_MB = 64
-MIN_REPEATS = 3
-MAX_REPEATS = 10_000
+MAX_CALLS = 1_000_000  # of one kernel: a bound for a kernel far faster than expected
 
 
 def _module(name: str) -> Any:
@@ -51,26 +50,25 @@ def _module(name: str) -> Any:
         return None
 
 
-def _repeats(seconds: float, one_call: float) -> int:
-    """How many calls fill about ``seconds`` when one takes ``one_call``; bounded both ways."""
-    if one_call <= 0:
-        return MAX_REPEATS
-    return max(MIN_REPEATS, min(MAX_REPEATS, int(seconds / one_call)))
-
-
 def _timed(run: Callable[[], None], sync: Callable[[], None], seconds: float) -> tuple[int, float]:
-    """(calls, seconds they took): one warm-up call, one call to size the loop, then the timed loop."""
+    """(calls, seconds they took): after one warm-up call, batches of calls, doubling, until ``seconds``.
+
+    The clock is read only after a batch has synchronised, so a GPU's queue is timed whole; a batch is never
+    more calls than all before it, so the run ends within about twice ``seconds`` however the speed moves.
+    """
     run()
     sync()
+    calls, batch = 0, 1
     start = time.perf_counter()
-    run()
-    sync()
-    repeats = _repeats(seconds, time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    sync()
-    return repeats, time.perf_counter() - start
+    while True:
+        for _ in range(batch):
+            run()
+        sync()
+        calls += batch
+        took = time.perf_counter() - start
+        if took >= seconds or calls >= MAX_CALLS:
+            return calls, took
+        batch = min(batch * 2, MAX_CALLS - calls)
 
 
 def _torch_matmul_tflops(
