@@ -207,15 +207,16 @@ class Scheduler:
                 details={"need": need.to_dict(), "free": (self._capacity - self.used()).to_dict()},
                 retryable=True,
             )
-        pinned = tuple(self._free_gpus[: need.gpus])
-        del self._free_gpus[: need.gpus]
+        busy = self._pinned_gpus | self._borrowed_gpus
+        pinned = tuple([gpu for gpu in self._gpu_ids if gpu not in busy][: need.gpus])
+        self._pinned_gpus.update(pinned)
         self._reserved[key] = (need, pinned)
         return pinned
 
     def unreserve(self, key: str) -> None:
         held = self._reserved.pop(key, None)
         if held is not None:
-            self._free_gpus.extend(held[1])
+            self._pinned_gpus.difference_update(held[1])
             self._wake.set()
 
     # -- queue ----------------------------------------------------------------------------------------

@@ -323,6 +323,7 @@ def test_offers_advertise_each_model_with_its_prices(tiny_model: TinyModel) -> N
         "runs_on": "gpu",
         "min_memory_mb": cpu_memory_needed_mb(size),
         "size_bytes": size,
+        "warm": False,
         "price": RATES,
     }
     assert zeta["runs_on"] == "cpu_or_gpu"
