@@ -594,6 +594,6 @@ class Node:
                 self.admission.expire_quotes()
                 self._cluster_changed()
                 if self.warm is not None:
-                    await self.warm.evict_idle()
+                    await self.warm.housekeep()
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("housekeeping failed")

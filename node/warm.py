@@ -23,7 +23,6 @@ requester's prompts cannot be timed by another's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -63,6 +62,7 @@ ENGINE_LIFETIME_SECONDS = 365 * 24 * 3600.0
 ENGINE_FOLDER_BYTES = 16 * 1024 * 1024
 HEALTH_POLL_SECONDS = 0.5
 HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5)
+HEALTH_CHECK_SECONDS = 30.0  # a ready engine's /health is asked this often (and at every batch's start)
 # Each answer is read whole; a completion is at most max_tokens, well under this.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # The socket is made group- and world-writable inside the engine's folder; the folder's parents are the
@@ -92,6 +92,7 @@ class _Engine:
     last_used: float = 0.0
     starts: int = 0
     error: str = ""
+    checked: float = 0.0  # when /health was last asked
 
     @property
     def key(self) -> str:
@@ -166,6 +167,37 @@ class WarmEngines:
             task.cancel()
         await asyncio.gather(*self._preloads, return_exceptions=True)
         await asyncio.gather(*(self._stop(e) for e in self._engines.values()))
+
+    async def housekeep(self) -> None:
+        """The node's housekeeping round: stop the engines that died or stopped answering (their capacity
+        is freed; the next batch starts a new one), check the others' ``/health`` every
+        :data:`HEALTH_CHECK_SECONDS`, and evict the idle."""
+        now = self._now()
+        for name, engine in self._engines.items():
+            if self._locks[name].locked():
+                continue  # a batch is starting it
+            if engine.task is not None and engine.task.done():
+                log.warning("warm engine for %s is gone (%s): stopped", name, engine.error or "exited")
+                engine.state = "failed"
+                await self._stop(engine)
+            elif (
+                engine.state == "ready" and engine.users == 0 and now - engine.checked >= HEALTH_CHECK_SECONDS
+            ):
+                engine.checked = now
+                if not await self._healthy(engine):
+                    engine.state, engine.error = "failed", "its /health did not answer"
+                    log.warning("warm engine for %s does not answer /health: stopped", name)
+                    await self._stop(engine)
+        await self.evict_idle()
+
+    async def _healthy(self, engine: _Engine) -> bool:
+        if engine.session is None:
+            return False
+        try:
+            async with engine.session.get("http://engine/health", timeout=HEALTH_TIMEOUT) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
 
     async def evict_idle(self) -> list[str]:
         """Stop the engines unused for their ``max_idle_seconds``; their names."""
@@ -265,10 +297,9 @@ class WarmEngines:
                     details={"model": engine.model.name},
                     retryable=True,
                 )
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with engine.session.get("http://engine/health", timeout=HEALTH_TIMEOUT) as r:
-                    if r.status == 200:
-                        return
+            if await self._healthy(engine):
+                engine.checked = self._now()
+                return
             if asyncio.get_running_loop().time() >= deadline:
                 raise ExecutionError(
                     "engine_start_timeout",

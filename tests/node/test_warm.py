@@ -3,8 +3,9 @@
 One node serves the same weights twice: ``tiny-llama`` cold (vLLM's run_batch per job) and
 ``tiny-warm`` warm (one long-lived OpenAI server on a unix socket). The tests run in order on that node:
 the same seeded batch answered alike cold and warm, the second warm batch without the model load; a job
-cancelled beside another on the same engine; the engine killed mid-batch (the attempt retried on a new
-engine, completed once); the idle engine evicted and its capacity freed.
+cancelled beside another on the same engine; the idle engine evicted and its capacity freed; the engine
+killed mid-batch (the attempt retried on a new engine, completed once); and killed while idle (stopped by
+the next housekeeping round, its capacity freed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from payments.keys import Signer
-from sandbox.runner import LABEL_JOB_ID
+from sandbox.runner import LABEL_JOB_ID, LABEL_NODE
 from tests.conftest import LiveNode, TinyModel, labelled_containers, live, sign_request, write_home
 from tests.node.test_execution import events, submit, upload, wait_state
 from tests.node.test_inference import PRICES, batch_envelope, jsonl
@@ -114,7 +115,7 @@ async def test_warm_answers_as_cold_and_the_second_batch_skips_the_load(
     # one engine served both: the second batch paid no model load
     assert node.node.warm is not None and node.node.warm.states()[WARM]["starts"] == 1
     assert second_seconds < first_seconds / 3, (first_seconds, second_seconds)
-    assert len(labelled_containers(LABEL_JOB_ID, ENGINE_LABEL)) == 1
+    assert len(engine_containers(node)) == 1
 
 
 async def test_a_cancelled_job_leaves_the_other_on_the_same_engine(node: LiveNode, requester: Signer) -> None:
@@ -140,30 +141,6 @@ async def test_a_cancelled_job_leaves_the_other_on_the_same_engine(node: LiveNod
     assert node.node.warm is not None and node.node.warm.states()[WARM]["starts"] == 1  # the engine went on
 
 
-async def test_an_engine_killed_mid_batch_fails_the_attempt_and_it_completes_once(
-    node: LiveNode, requester: Signer
-) -> None:
-    import docker
-
-    cid = await upload(node.url, seeded_batch(WARM, requests=64, max_tokens=64))
-    env = batch_envelope(cid, "killed-1", output_spec={**SPEC_OF, "model": WARM})
-    env["limits"] |= {"cpus": 1, "memory_mb": 4096}
-    job = await submit(node.url, node.did, requester, env)
-    await _until_inferring(node, job)
-    client = docker.from_env()
-    for container_id in labelled_containers(LABEL_JOB_ID, ENGINE_LABEL):
-        client.containers.get(container_id).kill()
-    view = await wait_state(node.url, job, FINISHED, limit=420)
-    assert view["state"] == "completed", view
-    seen = await events(node.url, job)
-    failed = [e for e in seen if e["type"] == "transition" and e["to"] == "failed"]
-    assert len(failed) == 1 and failed[0]["reason"].startswith("engine_crashed") and failed[0]["retryable"]
-    assert sum(1 for e in seen if e["type"] == "transition" and e["to"] == "completed") == 1
-    assert (
-        node.node.warm is not None and node.node.warm.states()[WARM]["starts"] == 2
-    )  # a new engine took over
-
-
 async def test_an_idle_engine_is_evicted_and_its_capacity_freed(node: LiveNode) -> None:
     warm = node.node.warm
     assert warm is not None and warm.states()[WARM]["state"] == "ready"
@@ -175,7 +152,54 @@ async def test_an_idle_engine_is_evicted_and_its_capacity_freed(node: LiveNode) 
     assert warm.states()[WARM]["state"] == "stopped"
     assert node.node.ledger.get(f"engine:{WARM}") is None
     assert node.node.ledger.free().memory_mb == free_before.memory_mb + held.need.memory_mb
-    assert labelled_containers(LABEL_JOB_ID, ENGINE_LABEL) == set()
+    assert engine_containers(node) == set()
+    warm._now = time.time
+
+
+async def test_an_engine_killed_mid_batch_fails_the_attempt_and_it_completes_once(
+    node: LiveNode, requester: Signer
+) -> None:
+    import docker
+
+    cid = await upload(node.url, seeded_batch(WARM, requests=64, max_tokens=64))
+    env = batch_envelope(cid, "killed-1", output_spec={**SPEC_OF, "model": WARM})
+    env["limits"] |= {"cpus": 1, "memory_mb": 4096}
+    job = await submit(node.url, node.did, requester, env)
+    await _until_inferring(node, job)
+    client = docker.from_env()
+    for container_id in engine_containers(node):
+        client.containers.get(container_id).kill()
+    view = await wait_state(node.url, job, FINISHED, limit=420)
+    assert view["state"] == "completed", view
+    seen = await events(node.url, job)
+    failed = [e for e in seen if e["type"] == "transition" and e["to"] == "failed"]
+    assert len(failed) == 1 and failed[0]["reason"].startswith("engine_crashed") and failed[0]["retryable"]
+    assert sum(1 for e in seen if e["type"] == "transition" and e["to"] == "completed") == 1
+    assert (
+        node.node.warm is not None and node.node.warm.states()[WARM]["starts"] == 3
+    )  # a new engine took over
+
+
+async def test_an_engine_dead_while_idle_is_stopped_and_its_capacity_freed(node: LiveNode) -> None:
+    import docker
+
+    warm = node.node.warm
+    assert warm is not None and warm.states()[WARM]["state"] == "ready"
+    assert node.node.ledger.get(f"engine:{WARM}") is not None
+    for container_id in engine_containers(node):
+        docker.from_env().containers.get(container_id).kill()
+    deadline = time.monotonic() + 60
+    while warm.states()[WARM]["state"] != "failed":  # the node's housekeeping round, as it runs each second
+        assert time.monotonic() < deadline, warm.states()
+        await warm.housekeep()
+        await asyncio.sleep(0.5)
+    assert node.node.ledger.get(f"engine:{WARM}") is None  # the next batch starts a new engine
+    assert engine_containers(node) == set()
+
+
+def engine_containers(node: LiveNode) -> set[str]:
+    """This node's engine containers (other nodes on the machine may run engines of the same name)."""
+    return labelled_containers(LABEL_JOB_ID, ENGINE_LABEL) & labelled_containers(LABEL_NODE, node.did)
 
 
 async def _until_inferring(node: LiveNode, job: str) -> None:
