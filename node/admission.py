@@ -104,10 +104,11 @@ class _JobLock:
             self._locks.pop(self._job, None)
 
 
-def resources_of(env: AnyEnvelope, models: ModelCatalog | None = None) -> Resources:
+def resources_of(env: AnyEnvelope, warm: Callable[[str], bool] | None = None) -> Resources:
     """What a job holds while it waits and runs: its envelope's limits, or, for a batch on a warm model's
-    engine (which holds its own), only the node's share of the work (:data:`node.warm.WARM_JOB_NEED`)."""
-    if isinstance(env, VllmBatchEnvelope) and models is not None and models.is_warm(env.output_spec.model):
+    engine (``warm(model)``; the engine holds its own), only the node's share of the work
+    (:data:`node.warm.WARM_JOB_NEED`)."""
+    if isinstance(env, VllmBatchEnvelope) and warm is not None and warm(env.output_spec.model):
         return WARM_JOB_NEED
     return Resources(cpus=env.limits.cpus, memory_mb=env.limits.memory_mb, gpus=env.limits.gpus)
 
@@ -138,9 +139,11 @@ class Admission:
         prober: Prober | None = None,
         settlement: Settlement | None = None,
         models: ModelCatalog | None = None,
+        warm: Callable[[str], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.models = models if models is not None else ModelCatalog([])
+        self._warm = warm  # whether a model's batches run on its warm engine (node.warm)
         self.settlement = settlement
         self.signer = signer
         self.journal = journal
@@ -246,7 +249,7 @@ class Admission:
             check_callback(env.callback_url, self.cfg.webhooks)
         if env.validation.validator_url is not None:
             check_validator_url(env.validation.validator_url, self.cfg.webhooks)
-        need = resources_of(env, self.models)
+        need = resources_of(env, self._warm)
         probe = await self._prober(env) if self._prober is not None else None
         estimator = estimator_for(env.kind, self.models)
         if probe is not None and probe.data is not None:
@@ -351,7 +354,7 @@ class Admission:
                     "output_tokens": estimate.output_tokens,
                     "basis": estimate.basis,
                 },
-                "reserved": resources_of(env, self.models).to_dict(),
+                "reserved": resources_of(env, self._warm).to_dict(),
                 "held": held,
             },
         }
@@ -401,7 +404,7 @@ class Admission:
             self._check_price_within(job, env)
             payment = await self._payment_terms(job, funding)
             before = self.ledger.get(job.id)
-            self._hold_for_acceptance(job.id, request.iss, resources_of(env, self.models))
+            self._hold_for_acceptance(job.id, request.iss, resources_of(env, self._warm))
             try:
                 accepted, _ = self.journal.transition(
                     job.id,

@@ -350,6 +350,22 @@ class Node:
             await settlement.start()
         else:
             log.warning("no [chain] in node.toml: jobs run unpaid (run `hearth devnet` to take payments)")
+        warm_models = {name: self.models.get(name) for name in self.models.names}
+        if self.cluster is not None and any(m.entry.warm for m in warm_models.values()):
+            # an engine's socket would be on a worker, out of the head's reach: its batches run cold there
+            log.warning(
+                "warm models are served cold on a cluster: engines run only on a node without [cluster]"
+            )
+            warm_models = {}
+        self.warm = WarmEngines(
+            self.runner,
+            self.cfg.sandbox,
+            warm_models,
+            folder=self.state_dir / "engines",
+            hold=self._hold_engine,
+            unhold=self._unhold_engine,
+            now=self.now,
+        )
         self._admission = Admission(
             self.cfg,
             self.signer,
@@ -362,6 +378,7 @@ class Node:
             prober=self._probe_input,
             settlement=self._settlement,
             models=self.models,
+            warm=self.warm.is_warm,
         )
         space = Workspace(
             runner=self.runner,
@@ -370,15 +387,6 @@ class Node:
             node_did=self.did,
         )
         self._executor = TranscodeExecutor(self.cfg, self._admission.pricer, space)
-        self.warm = WarmEngines(
-            self.runner,
-            self.cfg.sandbox,
-            {name: self.models.get(name) for name in self.models.names},
-            folder=self.state_dir / "engines",
-            hold=self._hold_engine,
-            unhold=self._unhold_engine,
-            now=self.now,
-        )
         self._inference = InferenceExecutor(
             self.cfg, self._admission.pricer, space, catalog=self.models, warm=self.warm
         )

@@ -240,11 +240,6 @@ class ModelCatalog:
         """Whether ``entries`` (a re-read ``[[models]]``) declare exactly this catalog."""
         return {e.name: e for e in entries} == {name: m.entry for name, m in self._models.items()}
 
-    def is_warm(self, name: str) -> bool:
-        """Whether ``name`` is a model of the catalog kept warm (``warm = true``)."""
-        model = self._models.get(name)
-        return model is not None and model.entry.warm
-
     def get(self, name: str) -> CatalogModel:
         """The model called ``name``; ``RequestError("unknown_model", 422)`` listing the known ones."""
         model = self._models.get(name)

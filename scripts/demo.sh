@@ -8,7 +8,10 @@
 # receipt and the release. USDC balances before and after and every transaction hash are printed.
 # HEARTH_DEMO_KIND=inference (`hearth demo --inference`) runs a vLLM batch job instead: a tiny Llama model
 # is built locally and registered in the catalog, a batch is uploaded, a bad batch is refused at quote
-# time, and the batch runs in the CPU build of vLLM, is validated by its answers and settled the same way.
+# time, and the batch runs in the CPU build of vLLM, is validated by its answers and settled the same way;
+# then the same weights, registered again as a warm model (`warm = true`), answer the batch twice more: the
+# first warm batch starts the model's engine (vLLM's OpenAI server in its own container) and is answered
+# there, the second finds the engine running and only answers; the three times are printed side by side.
 # Everything lives in .demo/; the node and the devnet stop at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +46,17 @@ if [[ "$KIND" == inference ]]; then
   step "A model for the catalog: a tiny Llama built here (random weights, no download), hashed and registered"
   python -m provider.testmodel "$DEMO/models/tiny-llama" >/dev/null
   show hearth models add "$DEMO/models/tiny-llama" --name tiny-llama --input-1k-tokens 0.5 --output-1k-tokens 2 --home "$DEMO/node"
+  step "The same weights again as tiny-llama-warm, marked warm = true: one engine kept running between its batches"
+  show hearth models add "$DEMO/models/tiny-llama" --name tiny-llama-warm --input-1k-tokens 0.5 --output-1k-tokens 2 --home "$DEMO/node"
+  python - "$DEMO/node/node.toml" <<'PY'
+import sys, tomlkit
+path = sys.argv[1]
+doc = tomlkit.parse(open(path).read())
+warm = next(m for m in doc["models"] if m["name"] == "tiny-llama-warm")
+warm["warm"] = True  # started by its first batch (no preload), stopped after max_idle_seconds unused
+open(path, "w").write(tomlkit.dumps(doc))
+print(f"{path}: tiny-llama-warm gets warm = true (engine: warm_cpus, warm_memory_mb and warm_concurrency at their defaults)")
+PY
 fi
 hearth devnet --home "$DEMO/node" --port "$CHAIN_PORT" --detach --json >"$DEMO/devnet.json"
 read -r ESCROW PAYER VALIDATOR PAYER_KEY VALIDATOR_KEY < <(python - "$DEMO/devnet.json" <<'PY'
@@ -111,26 +125,28 @@ YAML
 }
 else
 step "An OpenAI batch (chat completions JSONL), uploaded to the node: its CID is the job's input"
-python - "$DEMO/batch.jsonl" "$DEMO/bad-batch.jsonl" <<'PY'
+python - "$DEMO/batch.jsonl" "$DEMO/bad-batch.jsonl" "$DEMO/warm-batch.jsonl" <<'PY'
 import json, sys
-def line(cid, text, **body):
+def line(cid, text, model="tiny-llama", **body):
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-                       "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": text}], **body}})
+                       "body": {"model": model, "messages": [{"role": "user", "content": text}], **body}})
 prompts = ["hello world", "Summarise this paragraph in one sentence, please.", "The quick brown fox", "Name three primes."]
 open(sys.argv[1], "w").write("\n".join(line(f"q{i}", p, max_tokens=16) for i, p in enumerate(prompts, 1)) + "\n")
 open(sys.argv[2], "w").write(line("ok", "hello") + "\n" + line("too-long", "word " * 2100) + "\n")
+open(sys.argv[3], "w").write("\n".join(line(f"q{i}", p, "tiny-llama-warm", max_tokens=16) for i, p in enumerate(prompts, 1)) + "\n")
 PY
 head -n 2 "$DEMO/batch.jsonl"; echo "... ($(wc -l <"$DEMO/batch.jsonl") requests)"
 show hearth blob put "$DEMO/batch.jsonl" --node "$NODE"
 INPUT=$(hearth blob put "$DEMO/batch.jsonl" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
 BAD_INPUT=$(hearth blob put "$DEMO/bad-batch.jsonl" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
+WARM_INPUT=$(hearth blob put "$DEMO/warm-batch.jsonl" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
 
-envelope() {  # envelope FILE JOB_ID MAX_PRICE [INPUT]
+envelope() {  # envelope FILE JOB_ID MAX_PRICE [INPUT [MODEL]]
   cat >"$1" <<YAML
 job_id: $2
 kind: vllm_batch
 input_uri: ${4:-$INPUT}
-output_spec: {format: openai_batch_jsonl, model: tiny-llama, max_tokens: 16, max_requests: 100}
+output_spec: {format: openai_batch_jsonl, model: ${5:-tiny-llama}, max_tokens: 16, max_requests: 100}
 limits: {timeout_seconds: 600, max_output_mb: 20, cpus: 2, memory_mb: 4096, gpus: 0}
 validation: {all_answered: true}
 YAML
@@ -251,6 +267,43 @@ for tx in pay["txs"]:
 if job["state"] != "settled":
     sys.exit("the job was not settled")
 PY
+
+if [[ "$KIND" == inference ]]; then
+numbered "The same batch on a warm engine (tiny-llama-warm): twice, each job quoted, funded and run as before"
+echo "   (the first batch starts the model's engine, vLLM's OpenAI server in a hardened container of its own on"
+echo "   a unix socket, then streams its requests there; the second finds the engine running: answers only)"
+for i in 1 2; do
+  envelope "$DEMO/warm-$i.yaml" "demo-warm-$i" 2.50 "$WARM_INPUT" tiny-llama-warm
+  show hearth job submit "$DEMO/warm-$i.yaml" --key "$DEMO/requester.key" --wallet "$PAYER_KEY" --node "$NODE" --wait
+  WJOB=$(python -c 'import sys; from core.envelope import node_job_id; print(node_job_id(sys.argv[1], sys.argv[2]))' "$REQUESTER_DID" "demo-warm-$i")
+  show hearth job events "$WJOB" --node "$NODE" --follow
+  hearth job result "$WJOB" --node "$NODE" --json >"$DEMO/warm-$i.json"
+  hearth job events "$WJOB" --node "$NODE" --json >"$DEMO/warm-$i.events.json"
+done
+hearth job events "$JOB" --node "$NODE" --json >"$DEMO/result.events.json"
+python - "$DEMO" <<'PY'
+import json, sys
+demo = sys.argv[1]
+def times(name):
+    result = json.load(open(f"{demo}/{name}.json"))["result"]
+    if result["status"] != "completed" or not result["checks"]["passed"]:
+        sys.exit(f"{name} did not complete cleanly: {json.dumps(result, indent=2)}")
+    at = {}  # each state's first entry (a retried attempt runs again)
+    for raw in open(f"{demo}/{name}.events.json"):
+        event = json.loads(raw)
+        if event["type"] == "transition":
+            at.setdefault(event["to"], event["at"])
+    return float(result["runtime_seconds"]), at["completed"] - at["running"], result
+rows = [("cold batch   tiny-llama", "result", "vLLM started for this job: load + answers"),
+        ("warm batch 1 tiny-llama-warm", "warm-1", "the engine's start + answers"),
+        ("warm batch 2 tiny-llama-warm", "warm-2", "answers only: the engine was running, no load")]
+for label, name, what in rows:
+    runtime, running, result = times(name)
+    print(f"{label:29} running -> completed {running:7.2f} s  (runtime_seconds {runtime:6.2f}; {what})")
+billed = ", ".join(f"{u['prompt_tokens']} + {u['completion_tokens']}" for u in (times(n)[2]["usage"] for n in ("result", "warm-1", "warm-2")))
+print(f"tokens billed (prompt + completion), cold, warm 1, warm 2: {billed}; charged alike, by the tokens")
+PY
+fi
 
 step "Demo complete"
 echo "node log: $DEMO/node.log"
