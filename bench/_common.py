@@ -351,7 +351,20 @@ async def run_job(
     submitted = time.perf_counter() - t0
     if r.status != 201:
         raise RuntimeError(f"submit refused ({r.status}): {body}")
-    job = str(body["job"]["id"])
+    return await completed(session, daemon, str(body["job"]["id"]), origin=origin, t0=t0, submitted=submitted)
+
+
+async def completed(
+    session: aiohttp.ClientSession,
+    daemon: Daemon,
+    job: str,
+    *,
+    origin: float,
+    t0: float,
+    submitted: float = 0.0,
+) -> JobRun:
+    """Follow a submitted ``job`` to its end (it must complete) and fetch its result; timed from ``t0``
+    (``time.perf_counter``), stages from ``origin`` (``time.time``)."""
     events = await follow(session, daemon.url, job)
     seconds = time.perf_counter() - t0
     if events[-1]["to"] != "completed":

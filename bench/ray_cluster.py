@@ -50,12 +50,11 @@ from _common import (  # first: importing it puts the repository on sys.path for
     RUN_TIMEOUT_SECONDS,
     Daemon,
     JobRun,
+    completed,
     ensure_images,
-    follow,
     http_session,
     job_envelope,
     median,
-    stage_offsets,
     unique,
     upload,
 )
@@ -164,15 +163,7 @@ async def _one(
     async with slots:
         origin, t0 = time.time(), time.perf_counter()
         job = await _submit(session, daemon, requester, env)
-        events = await follow(session, daemon.url, job)
-        seconds = time.perf_counter() - t0
-    if events[-1]["to"] != "completed":
-        raise RuntimeError(f"job {job} ended {events[-1]['to']}: {events[-1]}\n{daemon.tail()}")
-    async with session.get(f"{daemon.url}/v1/jobs/{job}/result") as r:
-        result: dict[str, Any] = (await r.json())["result"]
-    return JobRun(
-        job=job, seconds=seconds, submit_seconds=0.0, result=result, stages=stage_offsets(events, origin)
-    )
+        return await completed(session, daemon, job, origin=origin, t0=t0)
 
 
 async def _all(

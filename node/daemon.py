@@ -366,6 +366,7 @@ class Node:
             unhold=self._unhold_engine,
             now=self.now,
         )
+        self.metrics.watch_engines(self.warm.states)
         self._admission = Admission(
             self.cfg,
             self.signer,

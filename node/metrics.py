@@ -115,6 +115,31 @@ class _Cluster(Collector):
         return [states, lost, *per_worker.values()]
 
 
+class _Engines(Collector):
+    """The warm engines (node.warm), read at scrape time: 1 for the state each model's engine is in, and
+    how often each was started (a count that climbs: engines dying and coming back)."""
+
+    STATES = ("stopped", "starting", "ready", "failed")
+
+    def __init__(self, states: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._states = states
+
+    def collect(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
+        state = GaugeMetricFamily(
+            "hearth_warm_engine", "1 for the state each warm model's engine is in", labels=["model", "state"]
+        )
+        starts = CounterMetricFamily(
+            "hearth_warm_engine_starts",
+            "Engines started per warm model since the node started",
+            labels=["model"],
+        )
+        for model, engine in sorted(self._states().items()):
+            for name in self.STATES:
+                state.add_metric([model, name], 1.0 if engine["state"] == name else 0.0)
+            starts.add_metric([model], float(engine["starts"]))
+        return [state, starts]
+
+
 class _Gpus(Collector):
     """The last GPU self-test, per GPU (``gpu`` label: its index), read at scrape time from the node.
 
@@ -272,6 +297,10 @@ class Metrics:
     def watch_cluster(self, workers: Callable[[], list[WorkerInfo]], lost_total: Callable[[], int]) -> None:
         """Report the cluster's workers (``RayCluster.workers``) and its lost runs at every scrape."""
         self.registry.register(_Cluster(workers, lost_total))
+
+    def watch_engines(self, states: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Report the warm engines' states (``WarmEngines.states``) at every scrape."""
+        self.registry.register(_Engines(states))
 
     def watch_gpus(self, reports: Callable[[], tuple[GpuReport, ...]]) -> None:
         """Report the last GPU self-test (figures and health per GPU) at every scrape."""

@@ -73,19 +73,6 @@ print(f"node ready at {sys.argv[1]}; it offers the sum of its workers: {machine[
 for w in workers:
     print(f"  worker {w['name']:4} {w['cpus']:g} CPU, {w['memory_mb']} MB, alive")
 PY
-balances() {  # USDC of the payer, the provider (node wallet) and the escrow
-  python - "$DEMO/devnet.json" <<'PY'
-import json, sys
-from web3 import Web3
-from payments.escrow_build import load_artifact
-d = json.load(open(sys.argv[1]))
-w3 = Web3(Web3.HTTPProvider(d["rpc_url"]))
-token = w3.eth.contract(address=d["token"], abi=load_artifact("TestUSDC").abi)
-for name, address in (("payer (requester)", d["accounts"]["requester"]["address"]),
-                      ("provider (node)", d["accounts"]["node"]["address"]), ("escrow", d["escrow"])):
-    print(f"  {name:18} {address}  {token.functions.balanceOf(address).call() / 1e6:>12.6f} USDC")
-PY
-}
 
 step "3. A requester (did:key) paying from the devnet's funded wallet; a 10 s 720p test clip uploaded to the node"
 hearth keys new --out "$DEMO/requester.key" >/dev/null
@@ -93,24 +80,10 @@ echo "payer wallet $PAYER; validator $VALIDATOR"
 python -c 'import sys; from sandbox.ffmpeg import make_test_clip; make_test_clip(__import__("pathlib").Path(sys.argv[1]), seconds=10, width=1280, height=720, fps=30)' "$DEMO/clip.mp4"
 INPUT=$(hearth blob put "$DEMO/clip.mp4" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
 echo "input $INPUT"
-cat >"$DEMO/job.yaml" <<YAML
-job_id: cluster-job-1
-kind: ffmpeg_transcode
-input_uri: $INPUT
-output_spec: {format: mp4, resolution: 480p, codec: h264, audio_codec: aac, clip: {start_seconds: 1, duration_seconds: 8}}
-limits: {timeout_seconds: 600, max_output_mb: 200, cpus: 1, memory_mb: 1024, gpus: 0}
-validation: {min_duration_seconds: 7.5, max_duration_seconds: 8.5, required_streams: [video, audio]}
-payment:
-  max_price: "2.50"
-  currency: usdc
-  chain_id: 31337
-  escrow: "$ESCROW"
-  payer: "$PAYER"
-  validator: $VALIDATOR
-YAML
+paid_transcode "$DEMO/job.yaml" cluster-job-1
 
 step "USDC balances before the round"
-balances
+usdc_balances "$DEMO/devnet.json"
 
 step "4. Quote, then submit with gasless funding (an EIP-3009 authorization the node sends)"
 show hearth job quote "$DEMO/job.yaml" --key "$DEMO/requester.key" --node "$NODE" --save-quote "$DEMO/quote.jwt"
@@ -193,7 +166,7 @@ if job["state"] != "settled":
 PY
 
 step "USDC balances after the round"
-balances
+usdc_balances "$DEMO/devnet.json"
 
 step "Demo complete in $(( $(date +%s) - started )) s"
 echo "node log: $DEMO/node.log; cluster logs: $DEMO/ray"

@@ -108,23 +108,6 @@ for name in "${NAMES[@]}"; do
   INPUT=$(hearth blob put "$DEMO/clip.mp4" --node "${URL[$name]}" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
 done
 echo "  input $INPUT"
-envelope() {  # envelope FILE JOB_ID
-  cat >"$1" <<YAML
-job_id: $2
-kind: ffmpeg_transcode
-input_uri: $INPUT
-output_spec: {format: mp4, resolution: 480p, codec: h264, audio_codec: aac, clip: {start_seconds: 1, duration_seconds: 8}}
-limits: {timeout_seconds: 600, max_output_mb: 200, cpus: 1, memory_mb: 1024, gpus: 0}
-validation: {min_duration_seconds: 7.5, max_duration_seconds: 8.5, required_streams: [video, audio]}
-payment:
-  max_price: "2.50"
-  currency: usdc
-  chain_id: 31337
-  escrow: "$ESCROW"
-  payer: "$PAYER"
-  validator: $VALIDATOR
-YAML
-}
 
 wait_job() {  # wait_job NODE JOB SECONDS STATE...: until the job is in one of the states; print it
   python - "$@" <<'PY'
@@ -145,7 +128,7 @@ PY
 }
 
 route_and_settle() {  # route_and_settle JOB_ID: route through the market, then validate and settle
-  envelope "$DEMO/$1.yaml" "$1"
+  paid_transcode "$DEMO/$1.yaml" "$1"
   show hearth job submit "$DEMO/$1.yaml" --market --strategy cheapest --key "$DEMO/requester.key" \
     --wallet "$PAYER_KEY" --wait "${MARKET[@]}" "${LOCAL[@]}"
   REQUESTER_DID=$(hearth keys show "$DEMO/requester.key" --json | python -c 'import json,sys; print(json.load(sys.stdin)["did"])')

@@ -256,6 +256,20 @@ SANDBOX_SETUP_TIMEOUT_SECONDS = 1800  # a fresh machine runs debootstrap and an 
 
 
 @pytest.fixture(scope="session")
+def docker_client(sandbox_images: dict[str, str]) -> Iterator[Any]:
+    """A plain docker SDK client, for tests that act on the engine behind the runner's back."""
+    import docker
+
+    from core.defaults import DEFAULT_DOCKER_URL
+
+    client = docker.DockerClient(base_url=DEFAULT_DOCKER_URL)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
 def sandbox_images() -> dict[str, str]:
     """Tag -> image ID of every image ``scripts/docker.sh`` provides, after making sure they exist.
 

@@ -21,7 +21,6 @@ import pytest
 
 from cluster.devcluster import DevCluster
 from cluster.names import MODEL_RESOURCE_UNITS, model_resource, worker_resource
-from core.defaults import DEFAULT_DOCKER_URL
 from sandbox.runner import LABEL_NODE, LABEL_WORKER
 from tests.conftest import TinyModel
 
@@ -38,15 +37,6 @@ def _live(pgid: int) -> list[int]:
         except (psutil.Error, ProcessLookupError):
             continue
     return found
-
-
-@pytest.fixture(scope="module")
-def docker_client(sandbox_images: dict[str, str]) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=DEFAULT_DOCKER_URL)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")

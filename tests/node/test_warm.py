@@ -25,6 +25,7 @@ from sandbox.runner import LABEL_JOB_ID, LABEL_NODE
 from tests.conftest import LiveNode, TinyModel, labelled_containers, live, sign_request, write_home
 from tests.node.test_execution import events, submit, upload, wait_state
 from tests.node.test_inference import PRICES, batch_envelope, jsonl
+from tests.promtext import sample
 
 COLD, WARM = "tiny-llama", "tiny-warm"
 ENGINE_LABEL = f"engine-{WARM}"
@@ -116,6 +117,10 @@ async def test_warm_answers_as_cold_and_the_second_batch_skips_the_load(
     assert node.node.warm is not None and node.node.warm.states()[WARM]["starts"] == 1
     assert second_seconds < first_seconds / 3, (first_seconds, second_seconds)
     assert len(engine_containers(node)) == 1
+    async with aiohttp.ClientSession() as s, s.get(f"{node.url}/metrics") as r:
+        text = await r.text()
+    assert sample(text, "hearth_warm_engine", model=WARM, state="ready") == 1.0
+    assert sample(text, "hearth_warm_engine_starts_total", model=WARM) == 1.0
 
 
 async def test_a_cancelled_job_leaves_the_other_on_the_same_engine(node: LiveNode, requester: Signer) -> None:

@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 
-from core.defaults import DEFAULT_DOCKER_URL
 from sandbox.runner import LABEL_NODE, SandboxRunner
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,16 +23,6 @@ FFMPEG_TAG = "hearth/ffmpeg:latest"
 def ffmpeg_image_id(sandbox_images: dict[str, str]) -> str:
     """The image ID (sha256:...) of hearth/ffmpeg:latest."""
     return sandbox_images[FFMPEG_TAG]
-
-
-@pytest.fixture(scope="session")
-def docker_client(sandbox_images: dict[str, str]) -> Iterator[Any]:
-    """A plain docker SDK client, for tests that act on the engine behind the runner's back."""
-    client = docker.DockerClient(base_url=DEFAULT_DOCKER_URL)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="session")
