@@ -36,7 +36,7 @@ from core.errors import (
     RequestError,
     StorageError,
 )
-from sandbox.runner import RunResult, RunSpec, SandboxContainer
+from sandbox.runner import RunResult, RunSpec
 from storage import CID, Blockstore, CarImport, export_tree
 
 if TYPE_CHECKING:
@@ -233,12 +233,6 @@ class RemoteRunner:
                 "user": spec.user,
             },
         }
-
-    async def list_containers(
-        self, *, job_id: str | None = None, attempt: int | None = None, any_node: bool = False
-    ) -> list[SandboxContainer]:
-        """Not asked of a cluster: its containers are found and removed worker by worker."""
-        raise ExecutionError("not_supported", "listing containers is done on each worker (hearth worker)")
 
     async def remove_containers(
         self, *, job_id: str | None = None, attempt: int | None = None, any_node: bool = False
