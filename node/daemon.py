@@ -25,12 +25,13 @@ from core.config import (
     resolve_path,
 )
 from core.envelope import FfmpegTranscodeEnvelope, VllmBatchEnvelope
-from core.errors import CapacityError, ConfigError, HearthError
+from core.errors import CapacityError, ConfigError
 from core.faults import NO_FAULTS, FaultPoints
 from core.journal import Journal
 from core.logs import log_transition
 from node.admission import Admission, hold_policy
 from node.executor import Executors, TranscodeExecutor, Workspace
+from node.headship import follow_cluster, join_cluster
 from node.inference import InferenceExecutor
 from node.metrics import Metrics
 from node.scheduler import Scheduler
@@ -42,7 +43,7 @@ from provider.catalog import ModelCatalog
 from provider.estimate import InputProbe
 from provider.offers import OfferIssuer
 from provider.registry import OfferPusher
-from sandbox.runner import Runner, RunSpec, SandboxRunner
+from sandbox.runner import Runner, SandboxRunner
 from storage import Blockstore, open_blockstore
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class Node:
         self.machine: MachineInfo = discover(
             cfg.capacity, disk_path=resolve_path(home, cfg.node.state_dir), nvml=nvml
         )
-        self.ledger = CapacityLedger(self._sold(self.machine), hold_policy(cfg.capacity))
+        self.ledger = CapacityLedger(self.sold(self.machine), hold_policy(cfg.capacity))
         # the Ray cluster the node is the head of (``[cluster]``), joined at start; None: this machine alone
         self.cluster: RayCluster | None = None
         self._journal: Journal | None = None
@@ -212,66 +213,18 @@ class Node:
         """The wallet the escrow pays this node's earnings to; None without ``[chain]`` (or before start)."""
         return None if self._settlement is None else self._settlement.provider
 
-    def _sold(self, machine: MachineInfo) -> Resources:
+    def sold(self, machine: MachineInfo) -> Resources:
         """What the ledger may hold: the offered resources, CPUs and memory overcommitted as configured."""
         offered, overcommit = machine.offered, self.cfg.capacity.overcommit
         return Resources(
             cpus=offered.cpus * overcommit, memory_mb=int(offered.memory_mb * overcommit), gpus=offered.gpus
         )
 
-    async def _join_cluster(self) -> None:
-        """With ``[cluster]``: join the Ray cluster; its workers' resources become what the node sells and
-        every container runs on them (cluster.RemoteRunner). Ray is loaded only here."""
-        section = self.cfg.cluster
-        if section is None:
-            return
-        from cluster import RayCluster, RemoteRunner
-
-        cluster = RayCluster(section)
-        await cluster.connect()
-        self.cluster = cluster
-        self.metrics.watch_cluster(cluster.workers, lambda: cluster.lost_total)
-        self._cluster_changed()
-        self.runner.close()
-        self.runner = RemoteRunner(
-            cluster,
-            node=self.did,
-            sandbox=self.cfg.sandbox,
-            storage=self.cfg.storage,
-            head_url=lambda: (
-                (self.cfg.cluster.head_url if self.cfg.cluster else None)
-                or self.cfg.endpoint
-                or self.listen_url
-            ),
-            on_placed=self._placed,
-            on_start=lambda _spec: self.metrics.container_started(),
-        )
-        log.info(
-            "joined the Ray cluster at %s: %d worker(s), offering %s",
-            section.address,
-            sum(1 for w in cluster.workers() if w.alive),
-            self.machine.offered.to_dict(),
-        )
-
-    def _cluster_changed(self) -> None:
-        """Take the cluster's current resources as what the node offers (the offer, the ledger, the queue)."""
-        if self.cluster is None:
-            return
-        machine = self.cluster.machine(self.machine)
-        if machine.offered == self.machine.offered and machine.workers == self.machine.workers:
-            return
-        self.machine = machine
-        self.ledger.resize(self._sold(machine))
-        if self._scheduler is not None:
-            self._scheduler.grow(machine.offered)
-
     def _hold_engine(self, key: str, need: Resources) -> tuple[str, ...]:
         """A warm engine starts: its capacity is held in the ledger (quotes see it) and by the scheduler
         (jobs wait for it), with GPUs pinned; ``CapacityError`` when it does not fit now."""
         if self._scheduler is None:
-            raise CapacityError(
-                "scheduler_paused", "the scheduler is paused: no engine starts", retryable=True
-            )
+            raise CapacityError("scheduler_paused", "the scheduler is paused: no engine starts")
         pinned = self._scheduler.reserve(key, need)
         try:
             self.ledger.reserve(key, need, None, now=self.now())
@@ -285,24 +238,10 @@ class Node:
             self._scheduler.unreserve(key)
         self.ledger.release(key)
 
-    def _placed(self, spec: RunSpec, worker: str, node_id: str) -> None:
-        """The journal says which worker ran each container of an attempt (runs of quotes have no job)."""
-        journal = self._journal
-        if journal is None or journal.get(spec.job_id) is None:
-            return
-        with contextlib.suppress(HearthError):
-            journal.append_event(
-                spec.job_id,
-                "note",
-                f"attempt {spec.attempt + 1}: {spec.argv[0]} runs on worker {worker}",
-                {"worker": worker, "node_id": node_id, "attempt": spec.attempt + 1, "program": spec.argv[0]},
-                actor="cluster",
-            )
-
     async def start(self) -> None:
         t0 = time.perf_counter()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self._join_cluster()
+        await join_cluster(self)
         # Before anything is offered: a model whose weights changed stops the start (ConfigError).
         self.models = await asyncio.to_thread(
             ModelCatalog.verify, self.home, self.cfg.models, gpu_memory_mb=self.machine.gpu_memory_mb
@@ -481,7 +420,7 @@ class Node:
             log.info("GPU %d passed its health checks again: offered", index, extra={"gpu": index})
         if self.machine.offered != before.offered:
             log.info("GPUs offered: %d of %d", len(offered), len(self.machine.gpus))
-            self.ledger.resize(self._sold(self.machine))
+            self.ledger.resize(self.sold(self.machine))
             if self._scheduler is not None:
                 self._scheduler.set_gpus(offered)
         if self._registry is not None:
@@ -601,7 +540,7 @@ class Node:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_SECONDS)
             try:
                 self.admission.expire_quotes()
-                self._cluster_changed()
+                follow_cluster(self)
                 if self.warm is not None:
                     await self.warm.housekeep()
             except Exception:  # keep the loop alive; the next round retries
