@@ -28,6 +28,9 @@ from pydantic import (
 from core import defaults as d
 from core.errors import ConfigError
 from core.netpolicy import parse_networks
+from core.paths import default_home as default_home
+from core.paths import key_path as key_path
+from core.paths import resolve_path as resolve_path
 
 CONFIG_FILENAME = "node.toml"
 # The systemd credentials (LoadCredential= IDs) that replace [node] key_file and [chain] wallet_key_file.
@@ -532,16 +535,6 @@ class NodeConfig(_Section):
         return v
 
 
-def default_home() -> Path:
-    """``$HEARTH_HOME``, else ``/var/lib/hearth`` as root under systemd, else ``~/.hearth``."""
-    env = os.environ.get("HEARTH_HOME")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0 and os.environ.get("INVOCATION_ID"):
-        return Path("/var/lib/hearth")
-    return Path.home() / ".hearth"
-
-
 def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith("HEARTH_") or "__" not in key:
@@ -594,26 +587,3 @@ def load_config(home: Path, *, environ: dict[str, str] | None = None, path: Path
             raise ConfigError("invalid_toml", f"{path}: {exc}", details={"source": str(path)}) from None
     data = _apply_env(data, dict(os.environ if environ is None else environ))
     return parse_config(data, source=str(path))
-
-
-def resolve_path(home: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else home / p
-
-
-def key_path(home: Path, configured: str, *, credential: str, credentials_dir: Path | None) -> Path:
-    """Where to read a key: the systemd credential ``credential`` if the service manager passed one that is
-    not blank, else ``configured`` (relative: under ``home``).
-
-    Under the unit in ``systemd/``, LoadCredential= hands the keys over in ``$CREDENTIALS_DIRECTORY``, so
-    the service user never reads root's key files; a blank credential is the unit's SetCredential=
-    fallback for a key file that does not exist (a node without a wallet).
-    """
-    if credentials_dir is not None:
-        candidate = credentials_dir / credential
-        try:
-            if candidate.read_bytes().strip():
-                return candidate
-        except FileNotFoundError:
-            pass
-    return resolve_path(home, configured)
