@@ -68,9 +68,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,24 +78,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from _common import (  # first: importing it puts the repository on sys.path for the project imports
     DOCKER_BASELINE,
-    HTTP_TIMEOUT_SECONDS,
-    JWT_HEADERS,
-    LOG_TAIL_CHARS,
-    RUN_TIMEOUT_SECONDS,
     Daemon,
-    JobRun,
     add_run_options,
     argv_hash_equals,
-    bind,
-    docker_run_argv,
     ensure_images,
     finish,
-    http_session,
     interleave,
-    job_envelope,
     median,
     node_summary,
     overhead_ms,
@@ -106,442 +94,63 @@ from _common import (  # first: importing it puts the repository on sys.path for
     print_overhead,
     print_stages,
     print_walls,
-    run_job,
     sandbox_output_dir,
     unique,
     upload,
 )
+from _inference_batch import (
+    DAEMON_READY_TIMEOUT_SECONDS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MEMORY_MB,
+    DEFAULT_REQUESTS,
+    DEFAULT_WARM_REPEAT,
+    IMAGE_TAG,
+    MODEL_DTYPE,
+    MODEL_NAME,
+    TARGET_NODE_OVER_DOCKER,
+    TARGET_WARM_OVERHEAD_SECONDS,
+    TARGET_WARM_TOKENS_RATIO,
+    WARM_MODEL_NAME,
+    WARMUP_PROMPT,
+    DockerRun,
+    Model,
+    NodeRun,
+    batch_lines,
+    chat_line,
+    docker_argv,
+    envelope,
+    jsonl,
+    make_batch,
+    plan_for,
+    read_answers,
+    time_docker,
+    tokens,
+    warm_image,
+)
+from _inference_node import (
+    Setup,
+    WarmEntry,
+    WarmRuns,
+    met,
+    model_config,
+    node_job,
+    report_warm,
+    summarize_warm,
+    warm_node,
+)
 
 from core.defaults import (
     DEFAULT_MODEL_WARM_CONCURRENCY,
-    DEFAULT_NODE_STATE_DIR,
-    DEFAULT_SANDBOX_USER,
-    DEFAULT_VLLM_SHM_MB,
 )
 from node.warm import WARM_JOB_NEED
-from payments.keys import Signer, new_ed25519
+from payments.keys import new_ed25519
 from provider.catalog import hash_model_dir
 from provider.testmodel import MAX_CONTEXT, build_test_model
-from requester.client import sign_request
-from sandbox.spec import LABEL_JOB_ID, LABEL_NODE
 from sandbox.vllm import (
-    BATCH_URL,
-    CONTAINER_BATCH_PATH,
-    CONTAINER_MODEL_DIR,
-    CONTAINER_OUTPUT_NAME,
-    CONTAINER_SOCKET_NAME,
-    BatchPlan,
-    batch_plan,
     server_plan,
 )
 
-TARGET_NODE_OVER_DOCKER = 1.10
-TARGET_WARM_OVERHEAD_SECONDS = 1.5  # warm job wall - the same requests sent to the engine directly
-TARGET_WARM_TOKENS_RATIO = 0.95  # completion tokens/s through the node over the engine driven directly
-IMAGE_TAG = "hearth/vllm-cpu:latest"
-MODEL_NAME = "bench-llama"
-WARM_MODEL_NAME = "bench-llama-warm"  # the same weights, a second catalog entry with warm = true
-WARM_START_SECONDS = 300.0  # the engine's warm_start_seconds: its start is bounded
-WARM_MAX_IDLE_SECONDS = 3600.0  # never evicted during the bench
-DEFAULT_WARM_REPEAT = 10
-MODEL_DTYPE = "auto"  # the [[models]] default, written out so both ways plan with the same value
-MODEL_PRICES = {"input_1k_tokens": "0.5", "output_1k_tokens": "2"}
-MAX_PRICE = "100.00"
-CONTAINER_OUTPUT_DIR = "/out"  # the runner's output mount and working directory
-DEFAULT_REQUESTS = 16
-DEFAULT_MAX_TOKENS = 32
-DEFAULT_MEMORY_MB = 4096
-MAX_OUTPUT_MB = 10
-PROMPTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Summarise this paragraph in one sentence, please.",
-    "Hearth runs batch inference jobs in hardened containers.",
-    "hello world",
-    "Name three primes and say why they are prime.",
-    "Write a short line about a lazy dog in the sun.",
-)
-WARMUP_PROMPT = "word " * 2100  # over the model's context: the quote counts it, then refuses it
-WARMUP_REFUSAL = "context_length_exceeded"
-DAEMON_READY_TIMEOUT_SECONDS = 60.0  # the daemon hashes the model before it answers
-
-
-@dataclass(frozen=True, slots=True)
-class Model:
-    """The weights both ways serve: where they are, their CID and size."""
-
-    path: Path
-    cid: str
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Answers:
-    """What one output JSONL says: who was answered, with what status, tokens and text."""
-
-    custom_ids: tuple[str, ...]
-    statuses: dict[str, int]
-    prompt_tokens: int
-    completion_tokens: int
-    texts: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class NodeRun:
-    """One job through the daemon (submit-to-completed wall time, the result, stage starts) and its output."""
-
-    run: JobRun
-    answers: Answers
-
-
-@dataclass(frozen=True, slots=True)
-class DockerRun:
-    seconds: float
-    answers: Answers
-
-
-# -- setup ---------------------------------------------------------------------------------------------
-
-
-def chat_line(custom_id: str, text: str, *, max_tokens: int, model: str = MODEL_NAME) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": BATCH_URL,
-        "body": {
-            "model": model,
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens,
-        },
-    }
-
-
-def jsonl(lines: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-
-
-def batch_lines(requests: int, max_tokens: int, model: str = MODEL_NAME) -> list[dict[str, Any]]:
-    """``requests`` chat completion lines on ``model``, prompts cycling through :data:`PROMPTS`, numbered."""
-    return [
-        chat_line(f"r{n:04d}", f"{PROMPTS[n % len(PROMPTS)]} ({n})", max_tokens=max_tokens, model=model)
-        for n in range(requests)
-    ]
-
-
-def make_batch(requests: int, max_tokens: int, model: str = MODEL_NAME) -> bytes:
-    """:func:`batch_lines` as JSONL."""
-    return jsonl(batch_lines(requests, max_tokens, model))
-
-
-def envelope(
-    job_id: str,
-    cid: str,
-    *,
-    requests: int,
-    max_tokens: int,
-    cpus: float,
-    memory_mb: int,
-    model: str = MODEL_NAME,
-) -> dict[str, Any]:
-    """The measured job as a requester sends it: the batch on the model, every line to be answered."""
-    return job_envelope(
-        job_id,
-        "vllm_batch",
-        cid,
-        output_spec={
-            "format": "openai_batch_jsonl",
-            "model": model,
-            "max_tokens": max_tokens,
-            "max_requests": requests,
-        },
-        validation={"all_answered": True},
-        cpus=cpus,
-        memory_mb=memory_mb,
-        max_output_mb=MAX_OUTPUT_MB,
-        max_price=MAX_PRICE,
-    )
-
-
-def plan_for(model: Model, *, max_tokens: int, cpus: float, memory_mb: int) -> BatchPlan:
-    """The plan the node's inference executor compiles for this job and model entry (CPU, no GPU)."""
-    return batch_plan(
-        served_name=MODEL_NAME,
-        max_context=MAX_CONTEXT,
-        max_tokens=max_tokens,
-        dtype=MODEL_DTYPE,
-        cpus=cpus,
-        memory_mb=memory_mb,
-        gpus=0,
-        model_bytes=model.size,
-    )
-
-
-def read_answers(data: bytes) -> Answers:
-    """The answers in an OpenAI batch output JSONL (as vLLM's run_batch writes it)."""
-    statuses: dict[str, int] = {}
-    texts: dict[str, str] = {}
-    prompt = completion = 0
-    for raw in data.splitlines():
-        if not raw.strip():
-            continue
-        line = json.loads(raw)
-        custom_id = str(line["custom_id"])
-        response = line.get("response") or {}
-        body = response.get("body") or {}
-        usage = body.get("usage") or {}
-        statuses[custom_id] = int(response.get("status_code") or 0)
-        prompt += int(usage.get("prompt_tokens") or 0)
-        completion += int(usage.get("completion_tokens") or 0)
-        choices = body.get("choices") or [{}]
-        texts[custom_id] = str((choices[0].get("message") or {}).get("content") or "")
-    return Answers(
-        custom_ids=tuple(sorted(statuses)),
-        statuses=statuses,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        texts=texts,
-    )
-
-
-# -- docker ----------------------------------------------------------------------------------------------
-
-
-def docker_argv(
-    plan: BatchPlan, image: str, model: Model, batch: Path, out: Path, *, cpus: float, memory_mb: int
-) -> list[str]:
-    """``docker run`` of the plan under the same controls the node's runner applies to a vLLM job."""
-    return docker_run_argv(
-        plan.argv,
-        image,
-        cpus=cpus,
-        memory_mb=memory_mb,
-        ipc=("--ipc", "private", "--shm-size", f"{DEFAULT_VLLM_SHM_MB}m"),
-        mounts=(
-            bind(out, CONTAINER_OUTPUT_DIR),
-            bind(model.path, CONTAINER_MODEL_DIR, readonly=True),
-            bind(batch, CONTAINER_BATCH_PATH, readonly=True),
-        ),
-        workdir=CONTAINER_OUTPUT_DIR,
-        env=plan.env,
-    )
-
-
-def warm_image(image: str) -> float:
-    """A throwaway container that imports vLLM: the page cache then holds the image for both ways."""
-    t0 = time.perf_counter()
-    subprocess.run(
-        [
-            *("docker", "run", "--rm", "--network", "none", "--user", DEFAULT_SANDBOX_USER),
-            *("--entrypoint", "python3", image, "-c", "import vllm"),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=RUN_TIMEOUT_SECONDS,
-        check=True,
-    )
-    return time.perf_counter() - t0
-
-
-def time_docker(argv: list[str], out: Path) -> DockerRun:
-    # stdout and stderr (vLLM's log and progress bar) are read, as the node reads them; nobody parses them.
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT_SECONDS, check=False
-    )
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace")[-LOG_TAIL_CHARS:]
-        raise RuntimeError(f"docker run failed ({proc.returncode}):\n{tail}")
-    return DockerRun(seconds=seconds, answers=read_answers((out / CONTAINER_OUTPUT_NAME).read_bytes()))
-
-
-# -- the node --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WarmEntry:
-    """The warm catalog entry's engine settings (``warm_*``)."""
-
-    cpus: float
-    memory_mb: int
-    concurrency: int
-
-
-def model_config(model: Model, warm: WarmEntry) -> str:
-    """``node.toml`` lines for the model in the daemon's catalog, cold and (the same weights) warm, and no
-    per-job minimum price. The warm engine starts with its first batch (no ``preload``) and is not evicted.
-
-    JSON strings, booleans and numbers of plain text are TOML too, so ``[[models]]`` is written with
-    ``json.dumps``.
-    """
-    entry = {
-        "path": str(model.path.resolve()),
-        "cid": model.cid,
-        "max_context": MAX_CONTEXT,
-        "dtype": MODEL_DTYPE,
-        **MODEL_PRICES,
-    }
-    warm_entry = {
-        **entry,
-        "warm": True,
-        "warm_cpus": warm.cpus,
-        "warm_memory_mb": warm.memory_mb,
-        "warm_concurrency": warm.concurrency,
-        "warm_start_seconds": WARM_START_SECONDS,
-        "max_idle_seconds": WARM_MAX_IDLE_SECONDS,
-    }
-    tables = "".join(
-        "[[models]]\n"
-        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in {"name": name, **e}.items())
-        for name, e in ((MODEL_NAME, entry), (WARM_MODEL_NAME, warm_entry))
-    )
-    return '[pricing]\nminimum_per_job = "0"\n' + tables
-
-
-async def warm_node(daemon: Daemon, requester: Signer, env: dict[str, Any]) -> float:
-    """Quote the warm-up batch: the node loads the tokenizer, counts the line, refuses it, holds nothing."""
-    token = sign_request(requester, daemon.did, {"job": env})
-    async with http_session() as session:
-        t0 = time.perf_counter()
-        async with session.post(f"{daemon.url}/v1/quotes", data=token, headers=JWT_HEADERS) as r:
-            body = await r.json()
-        seconds = time.perf_counter() - t0
-    code = (body.get("error") or {}).get("code")
-    if r.status != 422 or code != WARMUP_REFUSAL:
-        raise RuntimeError(f"the warm-up quote was not refused with {WARMUP_REFUSAL} ({r.status}): {body}")
-    return seconds
-
-
-async def node_job(daemon: Daemon, requester: Signer, env: dict[str, Any]) -> NodeRun:
-    """Submit ``env`` (its input an uploaded blob), follow the job to its end and fetch its output."""
-    async with http_session() as session:
-        done = await run_job(session, daemon, requester, env)
-        async with session.get(f"{daemon.url}/ipfs/{done.result['artifact_cid']}") as r:
-            if r.status != 200:
-                raise RuntimeError(f"the artifact of {done.job} is not served ({r.status})")
-            output = await r.read()
-    return NodeRun(run=done, answers=read_answers(output))
-
-
-# -- warm ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DirectRun:
-    """The batch's requests posted straight to the engine: the wall from the first send to the last answer."""
-
-    seconds: float
-    answers: Answers
-
-
-def engine_socket(daemon: Daemon, model: str) -> Path:
-    """Where the node's engine for ``model`` listens: ``<state_dir>/engines/<model>/engine.sock``."""
-    return daemon.home / DEFAULT_NODE_STATE_DIR / "engines" / model / CONTAINER_SOCKET_NAME
-
-
-def engine_containers(daemon: Daemon, model: str) -> set[str]:
-    """IDs of this daemon's engine containers for ``model`` (by the runner's labels), running or not."""
-    proc = subprocess.run(
-        [
-            *("docker", "ps", "--all", "--quiet", "--no-trunc"),
-            *("--filter", f"label={LABEL_NODE}={daemon.did}"),
-            *("--filter", f"label={LABEL_JOB_ID}=engine-{model}"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=HTTP_TIMEOUT_SECONDS,
-        check=True,
-    )
-    return set(proc.stdout.split())
-
-
-async def drive_engine(socket: Path, lines: list[dict[str, Any]], concurrency: int) -> DirectRun:
-    """Post each line's body to the engine at ``socket``, ``concurrency`` in flight, in input order, as the
-    node's warm batch sends them; the answers as batch output lines (so :func:`read_answers` reads them)."""
-    limit = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=RUN_TIMEOUT_SECONDS)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.UnixConnector(path=str(socket)), timeout=timeout
-    ) as session:
-
-        async def answer(line: dict[str, Any]) -> dict[str, Any]:
-            async with limit, session.post(f"http://engine{BATCH_URL}", json=line["body"]) as r:
-                body = await r.json(content_type=None)
-                return {"custom_id": line["custom_id"], "response": {"status_code": r.status, "body": body}}
-
-        t0 = time.perf_counter()
-        out = await asyncio.gather(*(answer(line) for line in lines))
-        seconds = time.perf_counter() - t0
-    return DirectRun(seconds=seconds, answers=read_answers(jsonl(out)))
-
-
-@dataclass(slots=True)
-class WarmRuns:
-    """What the warm phase measured: the first batch (engine start + answers), then the repeats."""
-
-    first: list[NodeRun] = field(default_factory=list)
-    node: list[NodeRun] = field(default_factory=list)
-    direct: list[DirectRun] = field(default_factory=list)
-    warmups: list[float] = field(default_factory=list)
-    containers: set[str] = field(default_factory=set)  # every engine container seen while the daemon ran
-    left: set[str] = field(default_factory=set)  # engine containers still there once it stopped (removed)
-
-    def run(self, s: Setup, repeat: int) -> None:
-        """One daemon: the warm-up quote, the first batch (it starts the engine), then ``repeat`` rounds of
-        a job through the node and the same requests sent to the engine directly, interleaved."""
-        try:
-            with s.daemon.running():
-                self.warmups.append(asyncio.run(warm_node(s.daemon, s.requester, unique(s.warm_warmup))))
-                os.sync()
-                self.first.append(asyncio.run(node_job(s.daemon, s.requester, unique(s.warm_envelope))))
-                self.containers |= engine_containers(s.daemon, WARM_MODEL_NAME)
-                socket = engine_socket(s.daemon, WARM_MODEL_NAME)
-                ways: list[Callable[[], None]] = [
-                    partial(self.run_node, s),
-                    partial(self.run_direct, socket, s.warm_lines, s.warm.concurrency),
-                ]
-                interleave(ways, repeat)
-                self.containers |= engine_containers(s.daemon, WARM_MODEL_NAME)
-        finally:
-            # The daemon stops its engines as it drains; whatever is left is reported and removed.
-            self.left = engine_containers(s.daemon, WARM_MODEL_NAME)
-            if self.left:
-                subprocess.run(
-                    ["docker", "rm", "--force", *sorted(self.left)],
-                    capture_output=True,
-                    timeout=HTTP_TIMEOUT_SECONDS,
-                    check=False,
-                )
-
-    def run_node(self, s: Setup) -> None:
-        self.node.append(asyncio.run(node_job(s.daemon, s.requester, unique(s.warm_envelope))))
-        self.containers |= engine_containers(s.daemon, WARM_MODEL_NAME)
-
-    def run_direct(self, socket: Path, lines: list[dict[str, Any]], concurrency: int) -> None:
-        self.direct.append(asyncio.run(drive_engine(socket, lines, concurrency)))
-
-
 # -- the bench -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    """What every repeat shares: the model, the batch, the job, the plan, the image and the node's home."""
-
-    model: Model
-    batch: Path
-    custom_ids: tuple[str, ...]
-    envelope: dict[str, Any]
-    warmup: dict[str, Any]
-    plan: BatchPlan
-    image: str
-    docker_out: Path
-    daemon: Daemon
-    requester: Signer
-    warm: WarmEntry
-    warm_envelope: dict[str, Any]
-    warm_warmup: dict[str, Any]
-    warm_lines: list[dict[str, Any]]
-    warm_plan: BatchPlan  # the engine's: what a warm job's provenance records
 
 
 @dataclass(slots=True)
@@ -658,73 +267,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarize(args, setup, facts, runs, warm)
 
 
-def tokens(answers: list[Answers], seconds: list[float]) -> dict[str, Any]:
-    """Token counts of each run and the median rates (completion tokens, and all tokens, per wall second)."""
-    return {
-        "prompt": [a.prompt_tokens for a in answers],
-        "completion": [a.completion_tokens for a in answers],
-        "completion_per_second": median(
-            [a.completion_tokens / s for a, s in zip(answers, seconds, strict=True)]
-        ),
-        "total_per_second": median(
-            [(a.prompt_tokens + a.completion_tokens) / s for a, s in zip(answers, seconds, strict=True)]
-        ),
-    }
-
-
-def summarize_warm(setup: Setup, cold_seconds: float, w: WarmRuns) -> dict[str, Any]:
-    """The warm part of the result document: walls, the node's overhead over generation, tokens/s."""
-    first, job_runs = w.first[0].run, [r.run for r in w.node]
-    walls, direct_walls = [r.seconds for r in job_runs], [d.seconds for d in w.direct]
-    warm_s, generation_s = median(walls), median(direct_walls)
-    node_rates = [r.result["usage"]["completion_tokens"] / r.seconds for r in job_runs]
-    direct_rates = [d.answers.completion_tokens / d.seconds for d in w.direct]
-    node_tps, direct_tps = median(node_rates), median(direct_rates)
-    usage = [r.result["usage"] for r in [first, *job_runs]]
-    answers = [r.answers for r in [*w.first, *w.node]]
-    return {
-        "model": WARM_MODEL_NAME,
-        "engine": {"cpus": setup.warm.cpus, "memory_mb": setup.warm.memory_mb},
-        "concurrency": setup.warm.concurrency,
-        "repeat": len(job_runs),
-        "warmup_quote_seconds": [round(x, 3) for x in w.warmups],
-        "first_job_seconds": first.seconds,  # the engine's start + the answers
-        "first_job_stages": first.stages,
-        "cold_job_seconds": cold_seconds,
-        "job": {
-            "seconds": warm_s,
-            "runs": walls,
-            "runtime_seconds": [float(r.result["runtime_seconds"]) for r in job_runs],
-            "stages": [r.stages for r in job_runs],
-            "completion_tokens": [u["completion_tokens"] for u in usage[1:]],
-            "completion_per_second": node_tps,
-        },
-        "direct": {
-            "seconds": generation_s,
-            "runs": direct_walls,
-            "completion_tokens": [d.answers.completion_tokens for d in w.direct],
-            "completion_per_second": direct_tps,
-        },
-        "cold/warm": cold_seconds / warm_s,
-        "overhead_seconds": warm_s - generation_s,
-        "tokens_ratio": node_tps / direct_tps,
-        # the best run of each way: what is left when other work on the machine did not slow either run
-        "best": {
-            "job_seconds": min(walls),
-            "direct_seconds": min(direct_walls),
-            "overhead_seconds": min(walls) - min(direct_walls),
-            "tokens_ratio": max(node_rates) / max(direct_rates),
-        },
-        "engine_containers": len(w.containers),  # 1: one engine served every warm batch
-        "engine_left_after_stop": len(w.left),  # 0: the daemon stopped it as it drained
-        "argv_hash_equals_engine": argv_hash_equals([first, *job_runs], setup.warm_plan.argv_hash),
-        "usage_matches_output": all(
-            (u["prompt_tokens"], u["completion_tokens"]) == (a.prompt_tokens, a.completion_tokens)
-            for u, a in zip(usage, answers, strict=True)
-        ),
-    }
-
-
 def summarize(
     args: argparse.Namespace, setup: Setup, facts: dict[str, Any], runs: Runs, warm_runs: WarmRuns
 ) -> dict[str, Any]:
@@ -833,58 +375,6 @@ def report(r: dict[str, Any]) -> None:
     print(f"usage == output: {str(out['node_usage_matches_output']).lower()}  (the node's billed tokens)")
     print_argv_hash(r)
     report_warm(r["warm"], targets)
-
-
-def met(ok: bool) -> str:
-    return "met" if ok else "not met"
-
-
-def report_warm(w: dict[str, Any], targets: dict[str, bool]) -> None:
-    job, direct = w["job"], w["direct"]
-    engine = w["engine"]
-    quotes = ", ".join(f"{x:.2f}" for x in w["warmup_quote_seconds"])
-    print(
-        f"warm engine    : {w['model']} (same weights, warm = true): cpus {engine['cpus']:g}, memory "
-        f"{engine['memory_mb']} MB, {w['concurrency']} requests in flight; warm-up quote {quotes} s"
-    )
-    print(
-        f"cold job       : {w['cold_job_seconds']:8.3f} s  (the node's cold run above: vLLM start-up inside)"
-    )
-    print(f"warm, 1st job  : {w['first_job_seconds']:8.3f} s  (the engine's start + the answers)")
-    print(
-        f"warm job       : {job['seconds']:8.3f} s  (median of {w['repeat']}, signed submit -> completed, "
-        f"engine running; cold/warm {w['cold/warm']:.1f}x)"
-    )
-    print(
-        f"direct         : {direct['seconds']:8.3f} s  (median of {w['repeat']}: the same requests straight "
-        "to the engine's socket, the generation time)"
-    )
-    overhead_key = f"warm_overhead<={TARGET_WARM_OVERHEAD_SECONDS}s"
-    print(
-        f"warm overhead  : {w['overhead_seconds']:8.3f} s  warm job - direct "
-        f"(target <= {TARGET_WARM_OVERHEAD_SECONDS} s: {met(targets[overhead_key])})"
-    )
-    tokens_key = f"warm/direct_tokens>={TARGET_WARM_TOKENS_RATIO:.2f}"
-    print(
-        f"warm tokens/s  : node {job['completion_per_second']:.1f}, "
-        f"direct {direct['completion_per_second']:.1f} "
-        f"completion tok/s; ratio {w['tokens_ratio']:.3f} "
-        f"(target >= {TARGET_WARM_TOKENS_RATIO:.2f}: {met(targets[tokens_key])})"
-    )
-    best = w["best"]
-    print(
-        f"warm, best run : job {best['job_seconds']:.3f} s, direct {best['direct_seconds']:.3f} s: overhead "
-        f"{best['overhead_seconds']:.3f} s, tokens/s ratio {best['tokens_ratio']:.3f}  "
-        "(each way's fastest run; not the targets' basis)"
-    )
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in job["stages"][0].items())
-    print(f"warm stages    : {stages}  (s after the submit, first repeat)")
-    print(
-        f"warm engine    : {w['engine_containers']} container(s) served every warm batch; "
-        f"argv == engine's {str(w['argv_hash_equals_engine']).lower()}; "
-        f"usage == output {str(w['usage_matches_output']).lower()}; "
-        f"left after the daemon stopped: {w['engine_left_after_stop']}"
-    )
 
 
 def main() -> int:

@@ -69,6 +69,7 @@ class RayCluster:
         self._section = section
         self._ray: Any = None
         self._remote_run: Any = None
+        self._questions: dict[str, Any] = {}  # clean / image_id of cluster._task, as Ray remote functions
         self._nodes: list[dict[str, Any]] = []
         self._running: Counter[str] = Counter()
         self._lost: Counter[str] = Counter()
@@ -244,7 +245,11 @@ class RayCluster:
         """Ask one worker (``clean`` or ``image_id`` of :mod:`cluster._task`); its plain answer."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        remote = self._ray.remote(max_retries=0, num_cpus=0)(getattr(_task, question))
+        remote = self._questions.get(question)
+        if remote is None:
+            remote = self._questions[question] = self._ray.remote(max_retries=0, num_cpus=0)(
+                getattr(_task, question)
+            )
         ref = remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
             *args
         )

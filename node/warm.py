@@ -30,7 +30,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +62,7 @@ ENGINE_LIFETIME_SECONDS = 365 * 24 * 3600.0
 ENGINE_FOLDER_BYTES = 16 * 1024 * 1024
 HEALTH_POLL_SECONDS = 0.5
 HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5)
-HEALTH_CHECK_SECONDS = 30.0  # a ready engine's /health is asked this often (and at every batch's start)
+HEALTH_CHECK_SECONDS = 30.0  # an idle ready engine's /health is asked this often
 # Each answer is read whole; a completion is at most max_tokens, well under this.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # The socket is made group- and world-writable inside the engine's folder; the folder's parents are the
@@ -84,7 +84,6 @@ class _Engine:
     folder: Path
     state: EngineState = "stopped"
     task: asyncio.Task[None] | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
     session: aiohttp.ClientSession | None = None
     plan: BatchPlan | None = None
     image: str = ""
@@ -261,7 +260,6 @@ class WarmEngines:
             )
             engine.starts += 1
             engine.state, engine.error = "starting", ""
-            engine.ready = asyncio.Event()
             engine.task = asyncio.create_task(self._serve(engine, spec), name=f"hearth-engine-{model.name}")
             engine.session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=str(engine.folder / CONTAINER_SOCKET_NAME)),
