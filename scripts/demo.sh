@@ -67,19 +67,6 @@ PY
 )
 hearth run --home "$DEMO/node" >"$DEMO/node.log" 2>&1 &
 NODE_PID=$!
-balances() {  # USDC of the payer, the provider (node wallet) and the escrow
-  python - "$DEMO/devnet.json" <<'PY'
-import json, sys
-from web3 import Web3
-from payments.escrow_build import load_artifact
-d = json.load(open(sys.argv[1]))
-w3 = Web3(Web3.HTTPProvider(d["rpc_url"]))
-token = w3.eth.contract(address=d["token"], abi=load_artifact("TestUSDC").abi)
-for name, address in (("payer (requester)", d["accounts"]["requester"]["address"]),
-                      ("provider (node)", d["accounts"]["node"]["address"]), ("escrow", d["escrow"])):
-    print(f"  {name:18} {address}  {token.functions.balanceOf(address).call() / 1e6:>12.6f} USDC")
-PY
-}
 python - "$NODE" <<'PY'
 import sys, time, urllib.request
 for _ in range(200):
@@ -186,7 +173,7 @@ expect_refusal hearth job quote "$DEMO/bad.yaml" --key "$DEMO/requester.key" --n
 fi
 
 step "USDC balances before the round"
-balances | tee "$DEMO/balances.before"
+usdc_balances "$DEMO/devnet.json" | tee "$DEMO/balances.before"
 
 if [[ "$KIND" == transcode ]]; then BASIS="the input probed with ffprobe"; ENGINE=ffmpeg; else BASIS="every prompt token counted"; ENGINE="vLLM, CPU build"; fi
 numbered "Quote within max_price: priced on $BASIS, with the escrow terms to fund"
@@ -256,7 +243,7 @@ PY
 show hearth job status "$JOB" --node "$NODE"
 
 step "USDC balances after the round"
-balances | tee "$DEMO/balances.after"
+usdc_balances "$DEMO/devnet.json" | tee "$DEMO/balances.after"
 python - "$NODE" "$JOB" <<'PY'
 import json, sys, urllib.request
 job = json.load(urllib.request.urlopen(f"{sys.argv[1]}/v1/jobs/{sys.argv[2]}"))["job"]
