@@ -33,6 +33,9 @@ def add_parser(
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--input-1k-tokens", help="price per 1k prompt tokens (default: [pricing]'s)")
     p.add_argument("--output-1k-tokens", help="price per 1k completion tokens (default: [pricing]'s)")
+    p.add_argument(
+        "--warm", action="store_true", help="keep one engine of it running between jobs (warm = true)"
+    )
     p.add_argument("--replace", action="store_true", help="replace an entry of the same name")
     p.set_defaults(func=cmd_models_add)
     p = sub.add_parser("list", parents=parents, help="the catalog in node.toml")
@@ -75,6 +78,8 @@ def cmd_models_add(args: argparse.Namespace, out: Out) -> int:
     for key in ("input_1k_tokens", "output_1k_tokens"):
         if getattr(args, key) is not None:
             entry[key] = getattr(args, key)
+    if args.warm:
+        entry["warm"] = True
     path = _write_entry(args.config or args.home / CONFIG_FILENAME, entry, replace=args.replace)
     report = {"model": entry, "size_bytes": size, "config": str(path)}
 

@@ -62,12 +62,15 @@ def test_add_writes_an_entry_the_node_reads(
     code, report = hearth("models", "add", str(weights), "--name", "tiny", "--home", str(home))
     assert code == 0, report
     expected = ModelSection(name="tiny", path=str(weights.resolve()), cid=tiny_model.cid, max_context=2048)
-    assert report["model"] == expected.model_dump(exclude_none=True)
+    assert ModelSection(**report["model"]) == expected  # what it wrote; the keys left out at their defaults
     assert report["size_bytes"] == sum(p.stat().st_size for p in weights.iterdir())
     assert report["config"] == str(home / "node.toml")
     assert load_config(home).models == [expected]
     after = (home / "node.toml").read_text()
     assert after.startswith(before)  # every line of the operator's file kept, comments included
+    code, report = hearth("models", "add", str(weights), "--name", "tiny-warm", "--warm", "--home", str(home))
+    assert code == 0 and report["model"]["warm"] is True, report
+    assert [m.warm for m in load_config(home).models] == [False, True]
     assert OPERATOR_NOTE in after and "[[models]]" in after[len(before) :]
 
 
