@@ -100,15 +100,7 @@ show hearth blob put "$DEMO/clip.mp4" --node "$NODE"
 INPUT=$(hearth blob put "$DEMO/clip.mp4" --node "$NODE" --json | python -c 'import json,sys; print(json.load(sys.stdin)["cid"])')
 
 envelope() {  # envelope FILE JOB_ID MAX_PRICE
-  cat >"$1" <<YAML
-job_id: $2
-kind: ffmpeg_transcode
-input_uri: $INPUT
-output_spec: {format: mp4, resolution: 480p, codec: h264, audio_codec: aac, clip: {start_seconds: 1, duration_seconds: 8}}
-limits: {timeout_seconds: 600, max_output_mb: 200, cpus: 1, memory_mb: 1024, gpus: 0}
-validation: {min_duration_seconds: 7.5, max_duration_seconds: 8.5, required_streams: [video, audio]}
-YAML
-  payment_yaml "$3" >>"$1"
+  paid_transcode "$1" "$2" "$3"
 }
 else
 step "An OpenAI batch (chat completions JSONL), uploaded to the node: its CID is the job's input"

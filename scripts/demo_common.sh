@@ -46,7 +46,7 @@ for name, address in (("payer (requester)", d["accounts"]["requester"]["address"
 PY
 }
 
-paid_transcode() {  # paid_transcode FILE JOB_ID: an 8 s 480p cut of $INPUT, paid from $PAYER through $ESCROW
+paid_transcode() {  # paid_transcode FILE JOB_ID [MAX_PRICE]: an 8 s 480p cut of $INPUT, paid from $PAYER through $ESCROW
   cat >"$1" <<YAML
 job_id: $2
 kind: ffmpeg_transcode
@@ -55,7 +55,7 @@ output_spec: {format: mp4, resolution: 480p, codec: h264, audio_codec: aac, clip
 limits: {timeout_seconds: 600, max_output_mb: 200, cpus: 1, memory_mb: 1024, gpus: 0}
 validation: {min_duration_seconds: 7.5, max_duration_seconds: 8.5, required_streams: [video, audio]}
 payment:
-  max_price: "2.50"
+  max_price: "${3:-2.50}"
   currency: usdc
   chain_id: 31337
   escrow: "$ESCROW"
